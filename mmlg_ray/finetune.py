@@ -1,0 +1,145 @@
+"""Descendant fine-tuning and scoring, one task per modality:
+
+  image       image classification (local: MNIST digits, a task the ancestor never saw): top-1 after
+              fine-tuning, plus a linear probe of the initialized (not yet fine-tuned) features
+  text        text classification (local: Tux Paint caption -> stamp category): accuracy, plus a
+              linear probe of the initialized features
+  image_text  image-text retrieval (local: Tux Paint stamps and captions): R@1/5/10 both ways, and
+              zero-shot classification (local: Fashion-MNIST test images)
+
+Every task reports a primary metric under "score" so sweeps and schedulers compare like with like.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config, FinetuneConfig, ModelSpec
+from .data import Pairs, load_dataset, to_input, tokenize_captions
+from .evaluate import (accuracy, embed_images, embed_texts, linear_probe, retrieval_metrics,
+                       zeroshot_top1)
+from .models import image_features, text_features
+from .train import TorchEngine, clip_loss, run_loop
+
+TASK_NAMES = {"image": "image_classification", "text": "text_classification", "image_text": "retrieval"}
+SCORE_KEY = {"image": "top1", "text": "accuracy", "image_text": "mean_recall"}
+
+
+@dataclass
+class TaskData:
+    train: Pairs
+    test: Pairs
+    zeroshot: Pairs | None = None
+
+
+def load_task_data(cfg: Config, modality: str, image_size: int) -> TaskData:
+    section = TASK_NAMES[modality]
+    dcfg = getattr(cfg.data, section)
+    kw = dict(image_size=image_size, cache_dir=cfg.cache_path, field_name=f"data.{section}")
+    train, test = load_dataset(dcfg, "train", **kw), load_dataset(dcfg, "test", **kw)
+    if modality != "image_text" and train.labels is None:
+        from .errors import UserError
+        raise UserError(f"data.{section}.kind", f"{dcfg.kind} has no class labels; a classification task needs them")
+    zs = None
+    if modality == "image_text" and cfg.data.zeroshot is not None:
+        zs = load_dataset(cfg.data.zeroshot, "test", image_size=image_size, cache_dir=cfg.cache_path,
+                          field_name="data.zeroshot")
+    return TaskData(train, test, zs)
+
+
+class Classifier(nn.Module):
+    def __init__(self, backbone: nn.Module, modality: str, embed_dim: int, num_classes: int):
+        super().__init__()
+        self.backbone, self.modality = backbone, modality
+        self.head = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, x):
+        feats = image_features(self.backbone, x, False) if self.modality == "image" else text_features(
+            self.backbone, x, False)
+        return self.head(feats)
+
+
+def _init_probe(model, modality, data: TaskData, spec: ModelSpec, device, seed) -> float:
+    if modality == "image":
+        tr, te = (embed_images(model, d, spec.image_size, device) for d in (data.train, data.test))
+    else:
+        tr, te = (embed_texts(model, d.captions, spec.context_length, device) for d in (data.train, data.test))
+    return linear_probe(tr, data.train.labels, te, data.test.labels, len(data.train.classnames), seed=seed)
+
+
+def evaluate(model, modality: str, data: TaskData, spec: ModelSpec, device) -> dict:
+    model.eval()
+    with torch.no_grad():
+        if modality == "image_text":
+            img = embed_images(model, data.test, spec.image_size, device)
+            txt = embed_texts(model, data.test.captions, spec.context_length, device)
+            m = retrieval_metrics(img, txt, data.test.captions)
+            if data.zeroshot is not None:
+                m["zeroshot_top1"] = zeroshot_top1(model, data.zeroshot, spec.image_size, spec.context_length, device)
+        else:
+            if modality == "image":
+                x = to_input(data.test.images, spec.image_size)
+            else:
+                x = tokenize_captions(data.test.captions, spec.context_length)
+            logits = torch.cat([model(x[i:i + 512].to(device)).float().cpu() for i in range(0, len(x), 512)])
+            m = {SCORE_KEY[modality]: accuracy(logits, data.test.labels)}
+    m["score"] = m[SCORE_KEY[modality]]
+    model.train()
+    return m
+
+
+def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConfig, spec: ModelSpec,
+             device, seed: int = 0, on_eval: Callable[[int, dict], None] | None = None,
+             linear_probe_init: bool | None = None) -> dict:
+    """Fine-tune without constraints, evaluating every `eval_every` steps. Returns a summary dict:
+    final metrics, best metrics, history (one dict per evaluation), steps, samples, seconds."""
+    torch.manual_seed(seed)
+    model = model.to(device)
+    summary: dict = {}
+    if (fcfg.linear_probe if linear_probe_init is None else linear_probe_init) and modality != "image_text":
+        summary["linear_probe_init"] = _init_probe(model, modality, data, spec, device, seed)
+    if modality != "image_text":
+        model = Classifier(model, modality, spec.embed_dim, len(data.train.classnames)).to(device)
+    model.train()
+    engine = TorchEngine(model, fcfg)
+    batches = data.train.batches(fcfg.batch_size, spec.image_size, spec.context_length, seed=seed)
+
+    if modality == "image_text":
+        def loss_fn(batch):
+            images, tokens, _ = batch
+            img, txt, scale = model(images, tokens)
+            loss = clip_loss(img, txt, scale, tokens)
+            return loss, {"loss": loss.detach()}
+    else:
+        def loss_fn(batch):
+            images, tokens, labels = batch
+            logits = model(images if modality == "image" else tokens)
+            loss = F.cross_entropy(logits, labels)
+            return loss, {"loss": loss.detach()}
+
+    history: list[dict] = []
+    best: dict = {}
+    t0 = time.perf_counter()
+    samples = 0
+    step = 0
+    while step < fcfg.steps:
+        chunk = min(fcfg.eval_every, fcfg.steps - step)
+        res = run_loop(engine, batches, loss_fn, step + chunk, start_step=step, log_every=max(chunk, 1),
+                       name=f"finetune/{modality}", device=device)
+        samples += res.samples
+        step = res.steps
+        metrics = evaluate(model, modality, data, spec, device)
+        metrics.update(step=step, epoch=len(history) + 1, train_loss=res.last.get("loss", float("nan")))
+        history.append(metrics)
+        if not best or metrics["score"] > best["score"]:
+            best = dict(metrics)
+        if on_eval is not None:
+            on_eval(step, metrics)
+    summary.update(final=history[-1], best=best, history=history, steps=step, samples=samples,
+                   seconds=time.perf_counter() - t0)
+    return summary

@@ -1,0 +1,369 @@
+"""The multimodal learngene (MM-LG): tensors, expansion rule, schedules, file format, auxiliary CLIP.
+
+A learngene holds, for every residual-block tensor p (see models.LAYER_PARAMS):
+
+* mmlg:  one multimodal block M[p] shared by both towers (stored at the wider tower's width) and
+         one unimodal block U_m[p] per tower m (at that tower's width);
+* tleg:  per tower a base block A_m[p] and a growth block B_m[p] (TLEG, no shared block).
+
+Expansion of tower m to depth L and width d, layer l = 0..L-1:
+
+    W[m, l, p] = a(l, L) * sel_d(M[p]) + b(l, L) * sel_d(U_m[p])      (mmlg; A_m replaces M for tleg)
+
+with the schedule (a, b) one of: tleg (a=1, b=l/L), convex (a=1-l/L, b=l/L), constant (a=b=1:
+every layer identical) or learned (per-tower scalars at K knots over t=l/L, linearly interpolated).
+`sel_d` is the uniform weight selection of select.py. This rule is our reconstruction of MM-LG from
+its abstract and TLEG's published code; the schedule is a config choice so that it can be ablated.
+
+File: one safetensors file, tensors `multimodal.<p>`, `unimodal.<tower>.<p>` (mmlg) or
+`base.<tower>.<p>`, `unimodal.<tower>.<p>` (tleg), `coeff.<tower>.a|b` (learned schedule),
+`inherited.<open_clip name>` (non-layer tensors); metadata key "mmlg_ray" holds JSON (see README).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .atomic import atomic_path
+from .config import ModelSpec
+from .errors import UserError
+from .models import LAYER_PARAMS, build_model, layer_name, parse_layer_name
+from .select import select_inherited, select_layer_tensor
+
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------- schedules
+def coefficients(schedule: str, layer: int, depth: int, knots_a=None, knots_b=None):
+    """(a, b) for layer `layer` of `depth`; tensors when the schedule is learned."""
+    t = layer / depth
+    if schedule == "tleg":
+        return 1.0, t
+    if schedule == "convex":
+        return 1.0 - t, t
+    if schedule == "constant":
+        return 1.0, 1.0
+    if schedule == "learned":
+        return _interp(knots_a, t), _interp(knots_b, t)
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def _interp(knots: torch.Tensor, t: float):
+    k = knots.shape[0]
+    x = t * (k - 1)
+    i = min(int(x), k - 2)
+    w = x - i
+    return knots[i] * (1 - w) + knots[i + 1] * w
+
+
+def block_shapes(width: int, mlp_ratio: float) -> dict[str, tuple[int, ...]]:
+    h = int(round(width * mlp_ratio))
+    d = width
+    return {
+        "ln_1.weight": (d,), "ln_1.bias": (d,),
+        "attn.in_proj_weight": (3 * d, d), "attn.in_proj_bias": (3 * d,),
+        "attn.out_proj.weight": (d, d), "attn.out_proj.bias": (d,),
+        "ln_2.weight": (d,), "ln_2.bias": (d,),
+        "mlp.c_fc.weight": (h, d), "mlp.c_fc.bias": (h,),
+        "mlp.c_proj.weight": (d, h), "mlp.c_proj.bias": (d,),
+    }
+
+
+@dataclass
+class LearngeneMeta:
+    method: str  # mmlg | tleg
+    schedule: str
+    spec: dict  # the auxiliary model's ModelSpec (ancestor widths, aux depths)
+    knots: int = 4
+    format_version: int = FORMAT_VERSION
+    ancestor_fingerprint: str = ""
+    extraction: dict = field(default_factory=dict)
+    cost: dict = field(default_factory=dict)
+    tensors_sha256: str = ""
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(**self.spec)
+
+    def width(self, tower: str) -> int:
+        return self.model_spec.width(tower)
+
+    @property
+    def shared_width(self) -> int:
+        s = self.model_spec
+        return max(s.image_width, s.text_width)
+
+    def base_block(self, tower: str) -> tuple[str, int]:
+        """(block name, its width) of the block that multiplies a(l, L) for this tower."""
+        if self.method == "mmlg":
+            return "multimodal", self.shared_width
+        return f"base.{tower}", self.width(tower)
+
+
+def expand_tower(get, meta: LearngeneMeta, tower: str, depth: int, width: int | None = None,
+                 prefix: bool = True) -> dict[str, torch.Tensor]:
+    """Every residual-block tensor of `tower` at `depth` x `width` from learngene tensors `get(name)`."""
+    spec = meta.model_spec
+    width = width or spec.width(tower)
+    base, base_w = meta.base_block(tower)
+    uni_w = spec.width(tower)
+    knots_a = get(f"coeff.{tower}.a") if meta.schedule == "learned" else None
+    knots_b = get(f"coeff.{tower}.b") if meta.schedule == "learned" else None
+    sel_base = {p: select_layer_tensor(p, get(f"{base}.{p}"), base_w, width, spec.head_width) for p in LAYER_PARAMS}
+    sel_uni = {p: select_layer_tensor(p, get(f"unimodal.{tower}.{p}"), uni_w, width, spec.head_width)
+               for p in LAYER_PARAMS}
+    out = {}
+    for layer in range(depth):
+        a, b = coefficients(meta.schedule, layer, depth, knots_a, knots_b)
+        for p in LAYER_PARAMS:
+            name = layer_name(tower, layer, p) if prefix else f"{layer}.{p}"
+            out[name] = a * sel_base[p] + b * sel_uni[p]
+    return out
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def _unkey(key: str) -> str:
+    return key.replace("__", ".")
+
+
+class Learngene(nn.Module):
+    """Trainable learngene tensors. forward(tower, depth, width) returns that tower's layer tensors.
+
+    Expansion runs inside forward so that DeepSpeed ZeRO-3 gathers the partitioned tensors first.
+    """
+
+    def __init__(self, meta: LearngeneMeta):
+        super().__init__()
+        self.meta = meta
+        self.tensors = nn.ParameterDict()
+        for name, shape in self.tensor_shapes(meta).items():
+            self.tensors[_key(name)] = nn.Parameter(torch.zeros(shape))
+        self.reset_parameters()
+
+    @staticmethod
+    def tensor_shapes(meta: LearngeneMeta) -> dict[str, tuple]:
+        spec = meta.model_spec
+        shapes = {}
+        blocks = {"multimodal": meta.shared_width} if meta.method == "mmlg" else {
+            f"base.{t}": spec.width(t) for t in ("image", "text")}
+        blocks.update({f"unimodal.{t}": spec.width(t) for t in ("image", "text")})
+        for block, w in blocks.items():
+            for p, shape in block_shapes(w, spec.mlp_ratio).items():
+                shapes[f"{block}.{p}"] = shape
+        if meta.schedule == "learned":
+            for t in ("image", "text"):
+                shapes[f"coeff.{t}.a"] = (meta.knots,)
+                shapes[f"coeff.{t}.b"] = (meta.knots,)
+        return shapes
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """open_clip-like random init; schedule-aware so that every expanded LayerNorm starts at 1."""
+        for key, p in self.tensors.items():
+            name = _unkey(key)
+            if name.startswith("coeff."):
+                t = torch.linspace(0, 1, p.shape[0])
+                p.copy_(torch.ones_like(t) if name.endswith(".a") else t)
+            elif name.endswith(("ln_1.weight", "ln_2.weight")):
+                # base/multimodal LN = 1; unimodal LN = 1 only where a(l)+b(l) == 1 (convex)
+                p.fill_(1.0 if not name.startswith("unimodal") or self.meta.schedule == "convex" else 0.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                nn.init.normal_(p, std=0.02)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[_key(name)]
+
+    def forward(self, tower: str, depth: int, width: int | None = None, prefix: bool = True):
+        return expand_tower(self.get, self.meta, tower, depth, width, prefix=prefix)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {_unkey(k): v.detach() for k, v in self.tensors.items()}
+
+    @torch.no_grad()
+    def fit_to(self, ancestor_state: dict[str, torch.Tensor], ancestor_spec: ModelSpec,
+               steps: int = 150, lr: float = 0.01) -> float:
+        """Warm start: least-squares fit of the expansion to the ancestor's layers (depth-resampled).
+
+        Returns the final relative error. Extraction (distillation) then trains from here.
+        """
+        spec = self.meta.model_spec
+        targets = {}
+        for tower in ("image", "text"):
+            la, lx = ancestor_spec.depth(tower), spec.depth(tower)
+            for layer in range(lx):
+                src = round(layer * (la - 1) / max(lx - 1, 1)) if lx > 1 else la - 1
+                for p in LAYER_PARAMS:
+                    w = ancestor_state[layer_name(tower, src, p)].float()
+                    targets[layer_name(tower, layer, p)] = select_layer_tensor(
+                        p, w, ancestor_spec.width(tower), spec.width(tower), spec.head_width)
+        params = [p for k, p in self.tensors.items()]
+        with torch.enable_grad():
+            opt = torch.optim.Adam(params, lr=lr)
+            norm = sum(float(t.pow(2).sum()) for t in targets.values())
+            for step in range(steps):
+                opt.zero_grad()
+                loss = 0.0
+                for tower in ("image", "text"):
+                    out = self(tower, spec.depth(tower))
+                    loss = loss + sum((out[n] - targets[n]).pow(2).sum() for n in out)
+                (loss / norm).backward()
+                opt.step()
+        return float(loss / norm) ** 0.5
+
+
+# --------------------------------------------------------------------------- inherited tensors
+def split_state(state: dict[str, torch.Tensor]):
+    """(layer tensors, non-layer tensors) of an open_clip state dict."""
+    layers, rest = {}, {}
+    for k, v in state.items():
+        (layers if parse_layer_name(k) else rest)[k] = v
+    return layers, rest
+
+
+def inherited_for(inherited: dict[str, torch.Tensor], spec_from: ModelSpec, spec_to: ModelSpec,
+                  towers) -> dict[str, torch.Tensor]:
+    """Width-select inherited non-layer tensors for a descendant of shape spec_to."""
+    from .models import tower_of_name
+    out = {}
+    for name, t in inherited.items():
+        tower = tower_of_name(name)
+        if tower is not None and tower not in towers:
+            continue
+        if tower is None:
+            out[name] = t
+            continue
+        out[name] = select_inherited(name, t, spec_from.width(tower), spec_to.width(tower),
+                                     spec_to.context_length if tower == "text" else None)
+    return out
+
+
+# --------------------------------------------------------------------------- the auxiliary CLIP
+class AuxCLIP(nn.Module):
+    """A CLIP whose every residual-block tensor is computed from the learngene on each forward.
+
+    The learngene tensors and the inherited non-layer tensors are the only trainable parameters.
+    """
+
+    def __init__(self, learngene: Learngene, inherited: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        self.learngene = learngene
+        spec = learngene.meta.model_spec
+        clip = build_model(spec, "image_text")
+        for name, _ in list(clip.named_parameters()):
+            if parse_layer_name(name):
+                mod_name, attr = name.rsplit(".", 1)
+                del clip.get_submodule(mod_name)._parameters[attr]
+        if inherited:
+            missing, unexpected = clip.load_state_dict(inherited, strict=False)
+            unexpected = [u for u in unexpected]
+            if unexpected:
+                raise ValueError(f"inherited tensors not in the auxiliary CLIP: {unexpected[:5]}")
+        self.clip = clip
+
+    def layer_tensors(self):
+        spec = self.learngene.meta.model_spec
+        return {**self.learngene("image", spec.image_depth), **self.learngene("text", spec.text_depth)}
+
+    def forward(self, images=None, texts=None):
+        """(image features, text features, logit scale), features L2-normalized, as open_clip.CLIP."""
+        return functional_call(self.clip, self.layer_tensors(), (images, texts), strict=False)
+
+    def inherited_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.clip.state_dict().items() if k != "attn_mask"}
+
+    def materialize(self) -> nn.Module:
+        """A plain open_clip.CLIP holding the expanded weights (for evaluation or export)."""
+        spec = self.learngene.meta.model_spec
+        clip = build_model(spec, "image_text")
+        with torch.no_grad():
+            state = {**self.inherited_state(), **{k: v.detach() for k, v in self.layer_tensors().items()}}
+        clip.load_state_dict(state)
+        return clip
+
+
+# --------------------------------------------------------------------------- file format
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a model's weights (the ancestor's fingerprint)."""
+    return tensors_digest({k: v.float() for k, v in state.items()})
+
+
+def save_learngene(path, learngene: Learngene, inherited: dict[str, torch.Tensor]) -> LearngeneMeta:
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().cpu().float().contiguous() for k, v in learngene.state_tensors().items()}
+    tensors.update({f"inherited.{k}": v.detach().cpu().float().contiguous() for k, v in inherited.items()})
+    meta = learngene.meta
+    meta.tensors_sha256 = tensors_digest(tensors)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"mmlg_ray": json.dumps(meta.__dict__, default=str)})
+    return meta
+
+
+@dataclass
+class LoadedLearngene:
+    meta: LearngeneMeta
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def inherited(self) -> dict[str, torch.Tensor]:
+        return {k[len("inherited."):]: v for k, v in self.tensors.items() if k.startswith("inherited.")}
+
+    def get(self, name):
+        return self.tensors[name]
+
+    def expand(self, tower: str, depth: int, width: int | None = None) -> dict[str, torch.Tensor]:
+        return expand_tower(self.get, self.meta, tower, depth, width)
+
+    def module(self) -> Learngene:
+        lg = Learngene(self.meta)
+        with torch.no_grad():
+            for k, p in lg.tensors.items():
+                p.copy_(self.tensors[_unkey(k)])
+        return lg
+
+
+def load_learngene(path) -> LoadedLearngene:
+    from safetensors import safe_open
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_file():
+        raise UserError("--learngene", f"file {str(p)!r} does not exist", "run jobs/extract.py first")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            raw = (f.metadata() or {}).get("mmlg_ray")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for corrupt files
+        raise UserError("--learngene", f"{p} is not a readable safetensors file ({type(e).__name__})",
+                        "re-run the extraction") from None
+    if raw is None:
+        raise UserError("--learngene", f"{p} has no mmlg_ray metadata; not a learngene file")
+    meta = LearngeneMeta(**json.loads(raw))
+    if meta.format_version != FORMAT_VERSION:
+        raise UserError("--learngene", f"format version {meta.format_version} is not supported "
+                        f"(this build reads {FORMAT_VERSION})")
+    digest = tensors_digest(tensors)
+    if digest != meta.tensors_sha256:
+        raise UserError("--learngene", f"{p} is corrupt: tensor checksum {digest[:12]} does not match "
+                        f"the recorded {meta.tensors_sha256[:12]}", "re-run the extraction")
+    return LoadedLearngene(meta, tensors)

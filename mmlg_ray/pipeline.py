@@ -1,0 +1,290 @@
+"""The pipeline's stages as plain functions (no Ray): ancestor, extraction, descendant pre-training
+(pt_ft / csm), and a trial (initialize + fine-tune + score). `run_local` chains them in one process;
+the Ray layer (mmlg_ray.distributed) runs the same stages on Ray Train and Ray Tune."""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import cost as costmod
+from .config import Config, ModelSpec, TrainConfig
+from .data import load_dataset
+from .descend import descendant_spec, init_descendant
+from .learngene import AuxCLIP, Learngene, LearngeneMeta, load_learngene, save_learngene, split_state
+from .models import build_model, towers_of
+from .train import (TorchEngine, contrastive_step, csm_step, extraction_step, resolve_device, run_loop)
+
+log = logging.getLogger("mmlg_ray")
+
+
+def setup_runtime(cfg: Config | None = None, level=logging.INFO):
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.getLogger("mmlg_ray").setLevel(level)
+    if cfg is not None and cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+
+def corpus(cfg: Config):
+    return load_dataset(cfg.data.corpus, "train", image_size=cfg.ancestor.spec.image_size,
+                        cache_dir=cfg.cache_path, field_name="data.corpus")
+
+
+# --------------------------------------------------------------------------- pre-training (CLIP loss)
+def pretrain_clip(cfg: Config, spec: ModelSpec, tcfg: TrainConfig, seed: int = 0, name: str = "pretrain",
+                  device=None, data=None) -> tuple[dict, dict]:
+    """Contrastive pre-training of a CLIP of `spec` on the corpus. Returns (state dict, cost)."""
+    device = device or resolve_device(cfg.device)
+    torch.manual_seed(seed)
+    model = build_model(spec, "image_text").to(device)
+    data = data or corpus(cfg)
+    engine = TorchEngine(model, tcfg)
+    batches = data.batches(tcfg.batch_size, spec.image_size, spec.context_length, seed=seed)
+    res = run_loop(engine, batches, contrastive_step(model), tcfg.steps, log_every=tcfg.log_every,
+                   name=name, device=device)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "attn_mask"}
+    c = {"steps": res.steps, "samples": res.samples, "wall_s": res.seconds, "device_s": res.seconds,
+         "flops": costmod.train_flops(spec, "image_text", res.samples), "final_loss": res.last.get("loss")}
+    return state, c
+
+
+# --------------------------------------------------------------------------- extraction
+def aux_spec(cfg: Config, ancestor_spec: ModelSpec) -> ModelSpec:
+    lg = cfg.learngene
+    return ancestor_spec.model_copy(update=dict(
+        image_depth=lg.aux_image_depth or ancestor_spec.image_depth,
+        text_depth=lg.aux_text_depth or ancestor_spec.text_depth))
+
+
+def build_aux(cfg: Config, ancestor, method: str | None = None, fit: bool = True) -> AuxCLIP:
+    """The auxiliary CLIP: learngene (warm-started by a least-squares fit to the ancestor's layers)
+    plus the ancestor's non-layer tensors."""
+    method = method or cfg.learngene.method
+    schedule = cfg.learngene.schedule if method == "mmlg" else "tleg"
+    meta = LearngeneMeta(method=method, schedule=schedule, spec=aux_spec(cfg, ancestor.spec).model_dump(),
+                         knots=cfg.learngene.learned_knots, ancestor_fingerprint=ancestor.fingerprint,
+                         extraction=cfg.learngene.extraction.model_dump())
+    lg = Learngene(meta)
+    if fit:
+        err = lg.fit_to(ancestor.state, ancestor.spec)
+        log.info("learngene %s: warm start fits the ancestor's layers to %.3f relative error", method, err)
+    _, inherited = split_state(ancestor.state)
+    return AuxCLIP(lg, inherited)
+
+
+def learngene_path(cfg: Config, out_dir: Path, method: str) -> Path:
+    fp = cfg.fingerprint("ancestor", "data.corpus", "learngene", "seed")
+    return Path(out_dir) / "learngenes" / f"{method}-{fp}.safetensors"
+
+
+def extract(cfg: Config, ancestor, out_path, method: str | None = None, device=None, data=None) -> dict:
+    """Stage 1 in one process: train the learngene through the auxiliary CLIP, write the file."""
+    device = device or resolve_device(cfg.device)
+    ecfg = cfg.learngene.extraction
+    torch.manual_seed(cfg.seed)
+    aux = build_aux(cfg, ancestor, method).to(device)
+    teacher = ancestor.model(device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    data = data or corpus(cfg)
+    spec = aux.learngene.meta.model_spec
+    engine = TorchEngine(aux, ecfg)
+    batches = data.batches(ecfg.batch_size, spec.image_size, spec.context_length, seed=cfg.seed)
+    step_fn = extraction_step(aux, teacher, ecfg.distill_weight, ecfg.distill_temperature, ecfg.feature_weight)
+    res = run_loop(engine, batches, step_fn, ecfg.steps, log_every=ecfg.log_every,
+                   name=f"extract/{aux.learngene.meta.method}", device=device)
+    cost = extraction_cost(spec, ancestor.spec, res.steps, res.samples, res.seconds, 1, res.last)
+    finish_extraction(aux, out_path, cost)
+    return cost
+
+
+def extraction_cost(aux_spec_: ModelSpec, teacher_spec: ModelSpec, steps, samples, seconds, n_devices, last):
+    return {"steps": steps, "samples": samples, "wall_s": seconds, "device_s": seconds * n_devices,
+            "devices": n_devices, "flops": costmod.extraction_flops(aux_spec_, teacher_spec, samples),
+            "final_loss": (last or {}).get("loss")}
+
+
+def finish_extraction(aux: AuxCLIP, out_path, cost: dict):
+    aux = aux.cpu()
+    aux.learngene.meta.cost = cost
+    return save_learngene(out_path, aux.learngene, aux.inherited_state())
+
+
+# --------------------------------------------------------------------------- descendant pre-training
+def pretrain_descendant(cfg: Config, ancestor, method: str, spec: ModelSpec, device=None, data=None):
+    """pt_ft: contrastive pre-training of this descendant shape; csm: cross-modal similarity
+    matching against the ancestor. Same corpus and budget (steps x batch) as the extraction."""
+    device = device or resolve_device(cfg.device)
+    ecfg = cfg.learngene.extraction
+    steps = cfg.descendants.pretrain_steps or ecfg.steps
+    tcfg = TrainConfig(steps=steps, batch_size=ecfg.batch_size, lr=ecfg.lr, weight_decay=ecfg.weight_decay,
+                       warmup_steps=ecfg.warmup_steps, log_every=ecfg.log_every)
+    data = data or corpus(cfg)
+    name = f"pretrain/{method}/d{spec.image_depth}w{spec.image_width}"
+    if method == "pt_ft":
+        return pretrain_clip(cfg, spec, tcfg, seed=cfg.seed, name=name, device=device, data=data)
+    torch.manual_seed(cfg.seed)
+    model = build_model(spec, "image_text").to(device)
+    teacher = ancestor.model(device)
+    anchors_img, anchors_txt = csm_anchors(cfg, teacher, data, device)
+    engine = TorchEngine(model, tcfg)
+    batches = data.batches(tcfg.batch_size, spec.image_size, spec.context_length, seed=cfg.seed)
+    res = run_loop(engine, batches, csm_step(model, teacher, "image_text", anchors_img, anchors_txt), steps,
+                   log_every=tcfg.log_every, name=name, device=device)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "attn_mask"}
+    flops = costmod.train_flops(spec, "image_text", res.samples) + costmod.forward_flops(ancestor.spec) * res.samples
+    return state, {"steps": res.steps, "samples": res.samples, "wall_s": res.seconds, "device_s": res.seconds,
+                   "flops": flops, "final_loss": res.last.get("loss")}
+
+
+@torch.no_grad()
+def csm_anchors(cfg: Config, teacher, data, device, n_images: int = 256):
+    """The fixed anchor sets: teacher text embeddings of the corpus's class prompts (or its first
+    distinct captions) and teacher image embeddings of a fixed sample of corpus images."""
+    from .data import to_input, tokenize_captions
+    spec = cfg.ancestor.spec
+    if getattr(data, "classnames", None):
+        prompts = [t.format(c) for c in data.classnames for t in data.templates]
+    else:
+        prompts = list(dict.fromkeys(data.captions))[:1024]
+    txt = teacher.encode_text(tokenize_captions(prompts, spec.context_length).to(device), normalize=True)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(data), generator=g)[:n_images]
+    img = teacher.encode_image(to_input(data.images[idx], spec.image_size).to(device), normalize=True)
+    return img, txt
+
+
+# --------------------------------------------------------------------------- cells and trials
+@dataclass(frozen=True)
+class Cell:
+    modality: str
+    depth: int
+    width: int
+    method: str
+
+    @property
+    def tag(self) -> str:
+        return f"{self.method}-{self.modality}-d{self.depth}-w{self.width}"
+
+
+def cells(cfg: Config) -> list[Cell]:
+    g = cfg.descendants.grid
+    return [Cell(m, d, w, meth) for m, d, w, meth in itertools.product(g.modality, g.depth, g.width, g.method)]
+
+
+def shape_key(spec: ModelSpec) -> str:
+    return f"i{spec.image_depth}x{spec.image_width}-t{spec.text_depth}x{spec.text_width}"
+
+
+def run_trial(cfg: Config, cell: Cell, seed: int, *, lr: float | None = None, weight_decay: float | None = None,
+              ancestor=None, learngenes: dict | None = None, pretrained: dict | None = None,
+              task_data=None, device=None, on_eval=None) -> dict:
+    """Initialize one descendant by its method, fine-tune it, score it. Returns one results row."""
+    from .finetune import SCORE_KEY, TASK_NAMES, finetune, load_task_data
+    device = device or resolve_device(cfg.device)
+    fcfg = cfg.descendants.finetune.model_copy(update={
+        k: v for k, v in (("lr", lr), ("weight_decay", weight_decay)) if v is not None})
+    spec = descendant_spec(ancestor.spec, cell.depth, cell.width)
+    pre = (pretrained or {}).get((cell.method, shape_key(spec)))
+    model = init_descendant(
+        cell.method, cell.modality, spec, seed=seed,
+        learngene=(learngenes or {}).get(cell.method), ancestor_state=ancestor.state, ancestor_spec=ancestor.spec,
+        pretrained_state=pre[0] if pre else None, heur_lg_layers=cfg.descendants.heur_lg_layers)
+    n_params = sum(p.numel() for p in model.parameters())
+    data = task_data or load_task_data(cfg, cell.modality, spec.image_size)
+    summary = finetune(model, cell.modality, data, fcfg, spec, device, seed=seed, on_eval=on_eval)
+    towers = towers_of(cell.modality)
+    row = {
+        "trial": f"{cell.tag}-s{seed}", "method": cell.method, "modality": cell.modality,
+        "task": TASK_NAMES[cell.modality], "dataset": data.test.name,
+        "depth": cell.depth, "width": cell.width,
+        "image_depth": spec.image_depth if "image" in towers else 0,
+        "text_depth": spec.text_depth if "text" in towers else 0,
+        "image_width": spec.image_width if "image" in towers else 0,
+        "text_width": spec.text_width if "text" in towers else 0,
+        "heads": spec.heads("image" if "image" in towers else "text"),
+        "params": n_params, "seed": seed, "lr": fcfg.lr, "weight_decay": fcfg.weight_decay,
+        "score_metric": SCORE_KEY[cell.modality],
+        "epochs": len(summary["history"]), "steps": summary["steps"], "stopped_early": False,
+        "finetune_wall_s": summary["seconds"], "finetune_device_s": summary["seconds"],
+        "finetune_flops": costmod.train_flops(spec, cell.modality, summary["samples"]),
+        "pretrain_wall_s": pre[1]["wall_s"] if pre else 0.0,
+        "pretrain_device_s": pre[1]["device_s"] if pre else 0.0,
+        "pretrain_flops": pre[1]["flops"] if pre else 0,
+        "linear_probe_init": summary.get("linear_probe_init", float("nan")),
+    }
+    for k, v in summary["final"].items():
+        if k not in ("step", "epoch"):
+            row[f"final_{k}"] = float(v)
+    for k, v in summary["best"].items():
+        if k not in ("step", "epoch", "train_loss"):
+            row[f"best_{k}"] = float(v)
+    row["history"] = summary["history"]
+    return row
+
+
+def needs_pretraining(cfg: Config, ancestor_spec: ModelSpec) -> list[tuple[str, ModelSpec]]:
+    out = {}
+    g = cfg.descendants.grid
+    for method in ("pt_ft", "csm"):
+        if method in g.method:
+            for d, w in itertools.product(g.depth, g.width):
+                spec = descendant_spec(ancestor_spec, d, w)
+                out[(method, shape_key(spec))] = (method, spec)
+    return list(out.values())
+
+
+def run_local(cfg: Config, out_dir: str | os.PathLike | None = None) -> Path:
+    """The whole pipeline in this process (no Ray): ancestor, learngenes, descendant pre-training,
+    every trial of the grid x seeds at the configured fine-tuning hyper-parameters; Parquet tables."""
+    from .results import write_tables
+    setup_runtime(cfg)
+    out = Path(out_dir or cfg.output_dir)
+    device = resolve_device(cfg.device)
+    anc = _ancestor_stage(cfg, device)
+    stages = [{"stage": "ancestor", "name": anc.source, **_cost_cols(anc.cost)}]
+    learngenes = {}
+    for method in {"mmlg", "tleg"} & set(cfg.descendants.grid.method):
+        path = learngene_path(cfg, out, method)
+        if not path.is_file():
+            extract(cfg, anc, path, method=method, device=device)
+        lg = load_learngene(path)
+        learngenes[method] = lg
+        stages.append({"stage": "extraction", "name": method, "artifact": str(path), **_cost_cols(lg.meta.cost)})
+    pretrained = {}
+    for method, spec in needs_pretraining(cfg, anc.spec):
+        state, c = pretrain_descendant(cfg, anc, method, spec, device)
+        pretrained[(method, shape_key(spec))] = (state, c)
+        stages.append({"stage": "pretrain", "name": f"{method}/{shape_key(spec)}", **_cost_cols(c)})
+    rows = []
+    from .finetune import load_task_data
+    data_cache = {}
+    for cell in cells(cfg):
+        spec = descendant_spec(anc.spec, cell.depth, cell.width)
+        if cell.modality not in data_cache:
+            data_cache[cell.modality] = load_task_data(cfg, cell.modality, spec.image_size)
+        for seed in cfg.descendants.seeds:
+            log.info("trial %s seed %d", cell.tag, seed)
+            rows.append(run_trial(cfg, cell, seed, ancestor=anc, learngenes=learngenes, pretrained=pretrained,
+                                  task_data=data_cache[cell.modality], device=device))
+    write_tables(out, rows, stages)
+    return out
+
+
+def _ancestor_stage(cfg, device):
+    from .ancestor import get_ancestor
+    return get_ancestor(cfg, device)
+
+
+def _cost_cols(c: dict) -> dict:
+    c = c or {}
+    return {"steps": int(c.get("steps", 0) or 0), "samples": int(c.get("samples", 0) or 0),
+            "wall_s": float(c.get("wall_s", 0.0) or 0.0), "device_s": float(c.get("device_s", 0.0) or 0.0),
+            "flops": float(c.get("flops", 0) or 0)}

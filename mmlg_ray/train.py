@@ -1,0 +1,230 @@
+"""Training loops in plain PyTorch, device-agnostic: CLIP pre-training, learngene extraction,
+descendant pre-training by cross-modal similarity matching (csm), and the shared step loop.
+
+A loop drives an "engine" with .backward(loss) and .step(): `TorchEngine` here, a DeepSpeed engine
+in the Ray Train layer. Progress is logged every `log_every` steps and handed to `on_log`, the
+hook the distributed layer uses to report metrics and save checkpoints.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig
+
+log = logging.getLogger("mmlg_ray")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from .errors import UserError
+        raise UserError("device", "cuda requested but no CUDA device is visible", "use device=auto or cpu")
+    return torch.device(name)
+
+
+def param_groups(model: nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "embedding" in n or "logit_scale" in n or n.startswith("coeff")
+         or "coeff__" in n else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(tcfg: TrainConfig, total: int | None = None):
+    total = total or tcfg.steps
+    warm = min(tcfg.warmup_steps, max(total - 1, 0))
+
+    def f(step):
+        if step < warm:
+            return (step + 1) / warm
+        prog = (step - warm) / max(1, total - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(prog, 1.0))) * 0.95 + 0.05
+    return f
+
+
+class TorchEngine:
+    """AdamW + warm-up/cosine schedule with the DeepSpeed engine's backward/step interface."""
+
+    def __init__(self, model: nn.Module, tcfg: TrainConfig, total_steps: int | None = None, clip_grad: float = 1.0):
+        self.module = model
+        self.optimizer = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tcfg, total_steps))
+        self.clip_grad = clip_grad
+
+    def __call__(self, *args, **kw):
+        return self.module(*args, **kw)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        if self.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self):
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, s):
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scheduler.load_state_dict(s["scheduler"])
+
+
+@dataclass
+class LoopResult:
+    steps: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+    last: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+
+
+class Progress:
+    """One log line every `every` steps: loss, throughput and time left."""
+
+    def __init__(self, name: str, total: int, start: int = 0, printer: Callable[[str], None] | None = None):
+        self.name, self.total, self.start = name, total, start
+        self.t0 = time.perf_counter()
+        self.printer = printer or log.info
+
+    def __call__(self, step: int, metrics: dict):
+        done = step - self.start
+        el = time.perf_counter() - self.t0
+        rate = done / el if el > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        vals = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+        self.printer(f"[{self.name}] step {step}/{self.total} {vals} ({rate:.2f} step/s, eta {eta:.0f}s)")
+
+
+def run_loop(engine, batches: Iterator, loss_fn: Callable, steps: int, *, start_step: int = 0,
+             log_every: int = 25, on_log: Callable[[int, dict], None] | None = None,
+             name: str = "train", device=None) -> LoopResult:
+    """Generic step loop: loss_fn(batch) -> (loss, metrics dict)."""
+    res = LoopResult(steps=start_step)
+    progress = Progress(name, steps, start_step)
+    t0 = time.perf_counter()
+    acc: dict = {}
+    n_acc = 0
+    for step in range(start_step, steps):
+        batch = next(batches)
+        if device is not None:
+            batch = tuple(b.to(device, non_blocking=True) if torch.is_tensor(b) else b for b in batch)
+        loss, metrics = loss_fn(batch)
+        engine.backward(loss)
+        engine.step()
+        res.samples += int(batch[0].shape[0])
+        for k, v in metrics.items():
+            acc[k] = acc.get(k, 0.0) + float(v)
+        n_acc += 1
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            m = {k: v / n_acc for k, v in acc.items()}
+            m["step"] = step + 1
+            res.last = m
+            res.history.append(m)
+            progress(step + 1, m)
+            if on_log is not None:
+                on_log(step + 1, m)
+            acc, n_acc = {}, 0
+        res.steps = step + 1
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+# --------------------------------------------------------------------------- losses
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, tokens: torch.Tensor | None = None):
+    """Symmetric InfoNCE. Identical captions in a batch are all counted as positives."""
+    logits = scale * img @ txt.t()
+    if tokens is None:
+        target = torch.arange(len(img), device=img.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    same = (tokens[:, None, :] == tokens[None, :, :]).all(-1).float()
+    target = same / same.sum(1, keepdim=True)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+def distill_loss(s_img, s_txt, s_scale, t_img, t_txt, t_scale, temperature: float = 1.0):
+    """KL(teacher || student) of the softmaxed image-text similarity, both directions."""
+    s = s_scale * s_img @ s_txt.t() / temperature
+    t = t_scale * t_img @ t_txt.t() / temperature
+    kl_i2t = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
+    kl_t2i = F.kl_div(F.log_softmax(s.t(), 1), F.log_softmax(t.t(), 1), log_target=True, reduction="batchmean")
+    return (kl_i2t + kl_t2i) / 2 * temperature ** 2
+
+
+def csm_loss(student_feat, teacher_feat, anchors, scale: float = 100.0, temperature: float = 1.0):
+    """BeamCLIP's cross-modal similarity matching: match the teacher's softmaxed similarity of each
+    sample to a fixed set of anchor embeddings from the other modality (both L2-normalized)."""
+    s = scale * student_feat @ anchors.t() / temperature
+    t = scale * teacher_feat @ anchors.t() / temperature
+    return F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
+
+
+# --------------------------------------------------------------------------- loss functions for loops
+def contrastive_step(model):
+    def fn(batch):
+        images, tokens, _ = batch
+        img, txt, scale = model(images, tokens)
+        loss = clip_loss(img, txt, scale, tokens)
+        return loss, {"loss": loss.detach()}
+    return fn
+
+
+def extraction_step(aux, teacher, distill_weight: float, temperature: float, feature_weight: float):
+    def fn(batch):
+        images, tokens, _ = batch
+        with torch.no_grad():
+            t_img, t_txt, t_scale = teacher(images, tokens)
+        s_img, s_txt, s_scale = aux(images, tokens)
+        l_clip = clip_loss(s_img, s_txt, s_scale, tokens)
+        l_kd = distill_loss(s_img, s_txt, s_scale, t_img, t_txt, t_scale, temperature)
+        loss = l_clip + distill_weight * l_kd
+        metrics = {"loss": loss.detach(), "clip": l_clip.detach(), "distill": l_kd.detach()}
+        if feature_weight > 0:
+            l_feat = (2 - (s_img * t_img).sum(-1).mean() - (s_txt * t_txt).sum(-1).mean())
+            loss = loss + feature_weight * l_feat
+            metrics["feature"] = l_feat.detach()
+        return loss, metrics
+    return fn
+
+
+def csm_step(model, teacher, modality: str, image_anchors, text_anchors, temperature: float = 1.0):
+    """Descendant pre-training signal for the csm baseline (towers per modality)."""
+    from .models import image_features, text_features
+
+    def fn(batch):
+        images, tokens, _ = batch
+        with torch.no_grad():
+            t_img, t_txt, _ = teacher(images, tokens)
+        loss = 0.0
+        metrics = {}
+        s_img = s_txt = None
+        if modality in ("image", "image_text"):
+            s_img = image_features(model, images)
+            li = csm_loss(s_img, t_img, text_anchors, temperature=temperature)
+            loss = loss + li
+            metrics["csm_image"] = li.detach()
+        if modality in ("text", "image_text"):
+            s_txt = text_features(model, tokens)
+            lt = csm_loss(s_txt, t_txt, image_anchors, temperature=temperature)
+            loss = loss + lt
+            metrics["csm_text"] = lt.detach()
+        if modality == "image_text":
+            lc = clip_loss(s_img, s_txt, model.logit_scale.exp(), tokens)
+            loss = loss + lc
+            metrics["clip"] = lc.detach()
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+    return fn
