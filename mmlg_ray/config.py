@@ -7,7 +7,9 @@ ignored setting. Validation problems become `UserError` (one line, exit code 2 i
 """
 from __future__ import annotations
 
+import copy
 import hashlib
+import re
 import json
 import os
 from pathlib import Path
@@ -78,7 +80,8 @@ class TrainConfig(_Strict):
 
 
 class AncestorPretrain(TrainConfig):
-    steps: int = 600
+    steps: int = 400
+    log_every: int = 50
 
 
 class AncestorConfig(_Strict):
@@ -99,12 +102,12 @@ class AncestorConfig(_Strict):
     @model_validator(mode="after")
     def _check(self):
         if self.source == "open_clip" and not (self.arch and self.pretrained):
-            raise ValueError("source=open_clip needs both ancestor.arch and ancestor.pretrained")
+            raise ValueError("ancestor.arch: source=open_clip needs both ancestor.arch and ancestor.pretrained")
         if self.source == "checkpoint":
             if not self.checkpoint:
-                raise ValueError("source=checkpoint needs ancestor.checkpoint=/path/to/file")
+                raise ValueError("ancestor.checkpoint: source=checkpoint needs ancestor.checkpoint=/path/to/file")
             if "://" not in self.checkpoint and not os.path.exists(os.path.expanduser(self.checkpoint)):
-                raise ValueError(f"ancestor.checkpoint {self.checkpoint!r} does not exist")
+                raise ValueError(f"ancestor.checkpoint: {self.checkpoint!r} does not exist")
         return self
 
 
@@ -119,6 +122,13 @@ class DatasetConfig(_Strict):
     max_samples: Optional[int] = Field(None, ge=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
 
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v):
+        if v and "://" not in v and not any(c in v for c in "*?{[") and not os.path.exists(os.path.expanduser(v)):
+            raise ValueError(f"path {v!r} does not exist; give an existing folder/file or an fsspec URI")
+        return v
+
 
 class DataConfig(_Strict):
     corpus: DatasetConfig = DatasetConfig(kind="fashion_mnist")
@@ -129,11 +139,14 @@ class DataConfig(_Strict):
 
 
 class ExtractionConfig(TrainConfig):
-    steps: int = 300
+    steps: int = 200
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 10
     distill_weight: float = Field(1.0, ge=0)
     distill_temperature: float = Field(1.0, gt=0)
     feature_weight: float = Field(0.0, ge=0)
-    checkpoint_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
 
 
 class LearngeneConfig(_Strict):
@@ -147,10 +160,9 @@ class LearngeneConfig(_Strict):
 
 class GridConfig(_Strict):
     modality: list[Literal["image", "text", "image_text"]] = ["image", "text", "image_text"]
-    depth: list[int] = [2, 4]
+    depth: list[int] = [2]
     width: list[int] = [64, 128]
-    method: list[Literal["mmlg", "tleg", "weight_selection", "heur_lg", "scratch", "pt_ft", "csm"]] = [
-        "mmlg", "tleg", "weight_selection", "scratch", "pt_ft"]
+    method: list[Literal["mmlg", "tleg", "weight_selection", "heur_lg", "scratch", "pt_ft", "csm"]] = list(METHODS)
 
     @field_validator("depth")
     @classmethod
@@ -168,12 +180,12 @@ class GridConfig(_Strict):
 
 
 class FinetuneConfig(TrainConfig):
-    steps: int = 150
+    steps: int = 120
     batch_size: int = 64
     lr: float = 5e-4
     weight_decay: float = 0.05
     warmup_steps: int = 10
-    eval_every: int = Field(50, ge=1)
+    eval_every: int = Field(40, ge=1)
     linear_probe: bool = True
 
 
@@ -255,6 +267,9 @@ def _format_validation_error(err: ValidationError) -> UserError:
     e = err.errors()[0]
     field = ".".join(str(x) for x in e["loc"]) or "config"
     msg = e["msg"].removeprefix("Value error, ")
+    m = re.match(r"^([a-z_][\w.]*): (.*)$", msg)
+    if m and "." in m.group(1):  # model-level validators name the full dotted field themselves
+        return UserError(m.group(1), m.group(2))
     if e["type"] == "literal_error":
         allowed = e.get("ctx", {}).get("expected", "")
         return UserError(field, f"{e.get('input')!r} is not allowed", f"use one of {allowed}")
@@ -271,8 +286,15 @@ def config_from_dict(data: dict) -> Config:
         raise _format_validation_error(err) from None
 
 
+def _merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Load YAML (or the built-in defaults when path is None) and apply dotted overrides."""
+    """Defaults, then the YAML file, then dotted overrides, each merged key by key."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -284,6 +306,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise UserError("--config", f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise UserError("--config", f"{p} must hold a mapping at top level")
+    data = _merge(Config.model_construct().model_dump(mode="json", warnings=False), data)
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(data, key, value)

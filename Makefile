@@ -1,0 +1,42 @@
+# Two commands on a fresh machine:   make run    (the main job on its embedded default)
+#                                    make test   (the test suite)
+# Each installs what it needs: Debian data packages, a venv with pinned wheels.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DATA_PKGS := dataset-fashion-mnist tuxpaint-stamps-default
+
+.PHONY: setup data venv run run-local test bench clean
+setup: data venv
+
+data:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -d /usr/share/tuxpaint/stamps ]; then \
+	  echo "installing Debian data packages: $(DATA_PKGS)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DATA_PKGS) >/dev/null; \
+	fi
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip >/dev/null
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m mmlg_ray.prebuild || true
+	@touch $@
+
+run: setup
+	./scripts/run_local_job.sh
+
+run-local: setup
+	$(PY) jobs/sweep.py --config configs/local.yaml --backend local
+
+test: setup
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/extraction_throughput.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,48 @@
+"""The main job: ancestor -> learngene extraction(s) -> descendant sweep -> Parquet tables -> report.
+
+    ray job submit --working-dir . -- python jobs/sweep.py --config configs/local.yaml
+    python jobs/sweep.py --config configs/local.yaml [--set k=v ...] [--output DIR] [--resume] [--dry-run]
+
+--backend ray (default) runs extraction on Ray Train + DeepSpeed ZeRO and the sweep on Ray Tune
+(connecting to the cluster it was submitted to, or starting a local Ray instance);
+--backend local runs every stage in this process, one trial after another.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmlg_ray.cli import add_config_args, config_from_args  # noqa: E402
+from mmlg_ray.errors import exits_cleanly  # noqa: E402
+
+
+@exits_cleanly
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--output", default=None, help="output folder or URI (default: output_dir from the config)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep from the output folder")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and its predicted cost; train nothing")
+    p.add_argument("--backend", choices=["ray", "local"], default="ray")
+    a = p.parse_args(argv)
+    cfg = config_from_args(a)
+    out = a.output or cfg.output_dir
+    if a.dry_run:
+        from mmlg_ray.plan import format_plan, make_plan
+        print(format_plan(make_plan(cfg)))
+        return 0
+    if a.backend == "local":
+        from mmlg_ray.pipeline import run_local
+        path = run_local(cfg, out)
+    else:
+        from mmlg_ray.distributed.sweep import run_sweep
+        path = run_sweep(cfg, out, resume=a.resume)
+    print(f"results in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+import subprocess
+import sys
+
+import pytest
+
+from mmlg_ray.config import load_config
+from mmlg_ray.errors import UserError
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_local_yaml_is_the_embedded_default():
+    assert load_config(ROOT / "configs/local.yaml").model_dump() == load_config(None).model_dump()
+
+
+def test_paper_preset_loads_and_describes_vitb16():
+    cfg = load_config(ROOT / "configs/paper_vitb16.yaml")
+    assert cfg.ancestor.source == "open_clip" and cfg.ancestor.arch == "ViT-B-16"
+    assert (cfg.ancestor.spec.image_width, cfg.ancestor.spec.text_width) == (768, 512)
+    assert cfg.data.retrieval.kind == "flickr30k" and cfg.data.image_classification.kind == "oxford_pets"
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(None, ["learngene.schedule=convex", "descendants.grid.depth=[1, 3]", "seed=7"])
+    assert cfg.learngene.schedule == "convex"
+    assert cfg.descendants.grid.depth == [1, 3]
+    assert cfg.seed == 7
+
+
+@pytest.mark.parametrize("override, field", [
+    ("descendants.grid.depth=[0]", "descendants.grid.depth"),
+    ("ancestor.spec.image_width=100", "ancestor.spec"),
+    ("descendants.grid.width=[96]", "descendants.grid.width"),
+    ("descendants.grid.method=[magic]", "descendants.grid.method"),
+    ("descendants.grid.modality=[audio]", "descendants.grid.modality"),
+    ("learngene.schedule=cubic", "learngene.schedule"),
+    ("data.retrieval.path=/does/not/exist", "data.retrieval.path"),
+    ("learngene.extraction.stpes=3", "learngene.extraction.stpes"),
+])
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(UserError) as e:
+        load_config(None, [override])
+    assert str(e.value).startswith(field)
+    assert "\n" not in str(e.value)
+
+
+def test_job_exits_2_with_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "jobs/sweep.py"), "--set", "learngene.schedule=cubic",
+                        "--backend", "local", "--output", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: learngene.schedule")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_config_file():
+    with pytest.raises(UserError, match="--config"):
+        load_config("nope.yaml")
