@@ -198,6 +198,50 @@ class DescendantsConfig(_Strict):
     heur_lg_layers: Optional[int] = Field(None, ge=1, description="heur_lg inherits this many last layers")
 
 
+class ExtractionRayConfig(_Strict):
+    zero_stage: Literal[1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    bf16: bool = False
+
+
+class SearchSpace(_Strict):
+    lr: tuple[float, float] = (1e-4, 3e-3)  # log-uniform
+    weight_decay: tuple[float, float] = (0.0, 0.2)  # uniform
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not 0 < self.lr[0] <= self.lr[1]:
+            raise ValueError("ray.tune.search_space.lr: need 0 < low <= high")
+        if not 0 <= self.weight_decay[0] <= self.weight_decay[1]:
+            raise ValueError("ray.tune.search_space.weight_decay: need 0 <= low <= high")
+        return self
+
+
+class TuneSettings(_Strict):
+    num_samples: int = Field(2, ge=1, description="Optuna trials per grid cell (search phase, first seed)")
+    max_concurrent: int = Field(2, ge=1)
+    search_space: SearchSpace = SearchSpace()
+    grace_period: int = Field(1, ge=1, description="ASHA: evaluations before a trial can be stopped")
+    reduction_factor: int = Field(2, ge=2)
+    trial_cpus: float = Field(1.0, gt=0)
+    trial_gpus: float = Field(0.0, ge=0)
+    trial_workers: int = Field(1, ge=1, description=">1: a TorchTrainer inside each trial")
+
+
+class RayConfig(_Strict):
+    """The distribution layer's settings (plain data here; only mmlg_ray.distributed imports Ray)."""
+
+    address: Optional[str] = Field(None, description="Ray address; default: the job's cluster, else a local one")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers for extraction")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(1, ge=0)
+    storage_path: Optional[str] = Field(None, description="Ray storage (local folder or URI); default OUTPUT/ray")
+    extraction: ExtractionRayConfig = ExtractionRayConfig()
+    tune: TuneSettings = TuneSettings()
+
+
 class Config(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -208,9 +252,7 @@ class Config(_Strict):
     data: DataConfig = DataConfig()
     learngene: LearngeneConfig = LearngeneConfig()
     descendants: DescendantsConfig = DescendantsConfig()
-    # The Ray layer's section; kept as plain data here so that the core stays free of Ray.
-    ray: dict = Field(default_factory=dict)
-    report: dict = Field(default_factory=dict)
+    ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
     def _check(self):

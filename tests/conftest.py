@@ -53,3 +53,13 @@ def tiny_learngene_path(tiny_cfg, tiny_ancestor, tmp_path_factory):
     path = tmp_path_factory.mktemp("lg") / "mmlg.safetensors"
     extract(tiny_cfg, tiny_ancestor, path, device=torch.device("cpu"))
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """One local Ray instance for the whole test session (2 CPUs, as on a laptop / CI box)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

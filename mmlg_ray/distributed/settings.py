@@ -1,0 +1,44 @@
+"""Connecting to Ray and resolving storage paths."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from ..config import Config, RayConfig
+
+log = logging.getLogger("mmlg_ray")
+RaySettings = RayConfig
+
+
+def ray_settings(cfg: Config) -> RayConfig:
+    return cfg.ray
+
+
+def storage_uri(cfg: Config, out: str | os.PathLike) -> str:
+    """Ray storage path: ray.storage_path, else OUTPUT/ray (absolute, or a URI as given)."""
+    if cfg.ray.storage_path:
+        s = cfg.ray.storage_path
+    else:
+        s = str(out).rstrip("/") + "/ray" if "://" in str(out) else str(Path(out) / "ray")
+    return s if "://" in s else str(Path(os.path.expanduser(s)).resolve())
+
+
+def ensure_ray(cfg: Config) -> None:
+    """Connect to the cluster this job runs in (ray job submit / RAY_ADDRESS / ray.address), or
+    start a local Ray instance when there is none."""
+    import ray
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        try:
+            ray.init(address="auto", runtime_env=env, log_to_driver=True)
+            log.info("ray: connected to the running cluster")
+        except ConnectionError:
+            ray.init(runtime_env=env, include_dashboard=False, log_to_driver=True)
+            log.info("ray: started a local Ray instance")

@@ -1,0 +1,92 @@
+"""Ray end-to-end tests (tiny sizes, one Ray instance per session): ZeRO-2 extraction on Ray Train
+with a crash and resume; the Tune sweep interrupted mid-way and resumed."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from mmlg_ray.learngene import load_learngene
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_zero2_extraction_crashes_resumes_and_yields_a_learngene(tiny_cfg, tiny_ancestor, ray_address, tmp_path,
+                                                                   monkeypatch):
+    from mmlg_ray.descend import descendant_spec, init_descendant
+    from mmlg_ray.distributed.extract import extract_on_ray
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.ray.extraction.zero_stage = 2
+    cfg.ray.num_workers = 2
+    cfg.ray.max_failures = 1
+    # one worker crash right after the first checkpoint (step 6 of 12); Ray Train restarts the
+    # workers, which must resume from that checkpoint, not from step 0
+    monkeypatch.setenv("MMLG_FAIL_AT_STEP", "6")
+    out = tmp_path / "lg.safetensors"
+    cost = extract_on_ray(cfg, tiny_ancestor, out, storage=str(tmp_path / "ray"))
+    assert cost["resumed_from_step"] == 6
+    assert cost["steps"] == 12 and cost["devices"] == 2 and cost["zero_stage"] == 2
+    lg = load_learngene(out)
+    assert lg.meta.cost["backend"] == "ray_train+deepspeed"
+    spec = descendant_spec(lg.meta.model_spec, 2, 64)
+    model = init_descendant("mmlg", "image_text", spec, learngene=lg)
+    img, txt, _ = model(torch.randn(2, 3, spec.image_size, spec.image_size),
+                        torch.randint(1, 999, (2, spec.context_length)))
+    assert torch.isfinite(img).all() and img.shape == (2, spec.embed_dim)
+
+
+def _finished_trials(run_dir: Path) -> dict[str, int]:
+    done = {}
+    for rj in run_dir.glob("ray/search-*/*/result.json"):
+        lines = [ln for ln in rj.read_text().splitlines() if ln.strip()]
+        if any(json.loads(ln).get("final_report") for ln in lines):
+            done[rj.parent.name] = len(lines)
+    return done
+
+
+def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_address, tmp_path):
+    out = tmp_path / "sweep"
+    sets = tiny_overrides + [
+        f"ray.address={ray_address}", "descendants.grid.method=[mmlg,scratch,pt_ft]", "descendants.seeds=[0,1]",
+        "ray.tune.num_samples=2", "descendants.finetune.steps=30", "descendants.finetune.eval_every=10"]
+    argv = [sys.executable, str(ROOT / "jobs/sweep.py"), "--output", str(out)] + sum((["--set", s] for s in sets), [])
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline and proc.poll() is None and not _finished_trials(out):
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep
+        proc.wait()
+    before = _finished_trials(out)
+    assert before, (tmp_path / "first.log").read_text()[-3000:]
+    assert not (out / "trials.parquet").exists()
+
+    from jobs import sweep as sweep_job
+    assert sweep_job.main(["--output", str(out), "--resume"] + sum((["--set", s] for s in sets), [])) == 0
+
+    trials = pd.read_parquet(out / "trials.parquet")
+    cells = 3
+    assert len(trials) == cells * 2 + cells * 1  # search: 2 Optuna samples per cell; seeds: 1 more seed per cell
+    assert trials.trial_id.is_unique
+    assert set(trials.phase) == {"search", "seeds"}
+    # finished before the interruption: kept, not run again
+    after = _finished_trials(out)
+    for name, n_lines in before.items():
+        assert after[name] == n_lines
+    documented = ["trial", "method", "modality", "depth", "width", "image_depth", "text_depth", "heads", "params",
+                  "seed", "lr", "weight_decay", "task", "final_score", "best_score", "epochs", "stopped_early",
+                  "finetune_wall_s", "finetune_device_s", "finetune_flops", "pretrain_wall_s", "pretrain_flops"]
+    assert set(documented) <= set(trials.columns)
+    assert (trials[trials.method == "pt_ft"].pretrain_flops > 0).all()
+    hist = pd.read_parquet(out / "history.parquet")
+    assert set(hist.trial) == set(trials.trial)
+    stages = pd.read_parquet(out / "stages.parquet")
+    assert {"ancestor", "extraction", "pretrain"} <= set(stages.stage)
