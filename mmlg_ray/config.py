@@ -160,8 +160,8 @@ class LearngeneConfig(_Strict):
 
 class GridConfig(_Strict):
     modality: list[Literal["image", "text", "image_text"]] = ["image", "text", "image_text"]
-    depth: list[int] = [2]
-    width: list[int] = [64, 128]
+    depth: list[int] = [1, 2]
+    width: list[int] = [64]
     method: list[Literal["mmlg", "tleg", "weight_selection", "heur_lg", "scratch", "pt_ft", "csm"]] = list(METHODS)
 
     @field_validator("depth")
@@ -191,7 +191,7 @@ class FinetuneConfig(TrainConfig):
 
 class DescendantsConfig(_Strict):
     grid: GridConfig = GridConfig()
-    seeds: list[int] = [0, 1, 2]
+    seeds: list[int] = [0, 1]
     finetune: FinetuneConfig = FinetuneConfig()
     pretrain_steps: Optional[int] = Field(
         None, ge=1, description="pt_ft / csm pre-training steps; default = learngene.extraction.steps")
@@ -242,6 +242,14 @@ class RayConfig(_Strict):
     tune: TuneSettings = TuneSettings()
 
 
+class ReportConfig(_Strict):
+    device: str = Field("cpu-2core", description="device type for predicted device-hours and money")
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    pricing: Literal["on_demand", "spot"] = "on_demand"
+    prices_file: Optional[str] = Field(None, description="YAML price table replacing mmlg_ray/prices.yaml")
+    prices: dict = Field(default_factory=dict, description="per-device overrides merged over the table")
+
+
 class Config(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -253,6 +261,7 @@ class Config(_Strict):
     learngene: LearngeneConfig = LearngeneConfig()
     descendants: DescendantsConfig = DescendantsConfig()
     ray: RayConfig = RayConfig()
+    report: ReportConfig = ReportConfig()
 
     @model_validator(mode="after")
     def _check(self):

@@ -60,3 +60,30 @@ def train_flops(spec: ModelSpec, modality: str, samples: int) -> int:
 def extraction_flops(aux_spec: ModelSpec, teacher_spec: ModelSpec, samples: int) -> int:
     """Student forward+backward plus the frozen teacher's forward, per the cost accounting."""
     return train_flops(aux_spec, "image_text", samples) + forward_flops(teacher_spec, "image_text") * samples
+
+
+# --------------------------------------------------------------------------- money
+def price_table(report_cfg=None) -> dict:
+    """Device -> {on_demand, spot, peak_tflops{dtype}, utilization}; shipped table + overrides."""
+    import importlib.resources
+    import yaml
+    path = getattr(report_cfg, "prices_file", None)
+    text = open(path).read() if path else importlib.resources.files("mmlg_ray").joinpath("prices.yaml").read_text()
+    table = yaml.safe_load(text)["devices"]
+    for dev, over in (getattr(report_cfg, "prices", None) or {}).items():
+        table[dev] = {**table.get(dev, {}), **over}
+    return table
+
+
+def device_hours(flops: float, device: str, dtype: str = "fp32", table: dict | None = None) -> float:
+    table = table or price_table()
+    if device not in table:
+        from .errors import UserError
+        raise UserError("report.device", f"{device!r} is not in the price table", f"one of {sorted(table)}")
+    d = table[device]
+    return flops / (d["peak_tflops"][dtype] * 1e12 * d["utilization"]) / 3600
+
+
+def money(hours: float, device: str, pricing: str = "on_demand", table: dict | None = None) -> float:
+    table = table or price_table()
+    return hours * table[device][pricing]
