@@ -244,14 +244,16 @@ def needs_pretraining(cfg: Config, ancestor_spec: ModelSpec) -> list[tuple[str, 
 def run_local(cfg: Config, out_dir: str | os.PathLike | None = None) -> Path:
     """The whole pipeline in this process (no Ray): ancestor, learngenes, descendant pre-training,
     every trial of the grid x seeds at the configured fine-tuning hyper-parameters; Parquet tables."""
-    from .results import write_tables
+    from .report import build_report
+    from .results import write_run_files, write_tables
     setup_runtime(cfg)
     out = Path(out_dir or cfg.output_dir)
     device = resolve_device(cfg.device)
     anc = _ancestor_stage(cfg, device)
+    write_run_files(out, cfg, anc)
     stages = [{"stage": "ancestor", "name": anc.source, **_cost_cols(anc.cost)}]
     learngenes = {}
-    for method in {"mmlg", "tleg"} & set(cfg.descendants.grid.method):
+    for method in [m for m in ("mmlg", "tleg") if m in cfg.descendants.grid.method]:
         path = learngene_path(cfg, out, method)
         if not path.is_file():
             extract(cfg, anc, path, method=method, device=device)
@@ -275,6 +277,7 @@ def run_local(cfg: Config, out_dir: str | os.PathLike | None = None) -> Path:
             rows.append(run_trial(cfg, cell, seed, ancestor=anc, learngenes=learngenes, pretrained=pretrained,
                                   task_data=data_cache[cell.modality], device=device))
     write_tables(out, rows, stages)
+    build_report(out)
     return out
 
 

@@ -39,3 +39,16 @@ def write_tables(out: Path, rows: list[dict], stages: list[dict]) -> dict[str, P
         "history": write_parquet(history_frame(rows), out / "history.parquet"),
         "stages": write_parquet(pd.DataFrame(stages), out / "stages.parquet"),
     }
+
+
+def write_run_files(out: Path, cfg, ancestor=None) -> None:
+    """config.yaml (the exact config of the run) and ancestor.json, for the report's provenance."""
+    from .atomic import atomic_path, write_json
+    from .config import dump_config
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "config.yaml") as tmp:
+        tmp.write_text(dump_config(cfg))
+    if ancestor is not None:
+        write_json(out / "ancestor.json", {"source": ancestor.source, "fingerprint": ancestor.fingerprint,
+                                           "spec": ancestor.spec.model_dump(), "cost": ancestor.cost})

@@ -249,7 +249,8 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
     from ..ancestor import get_ancestor
     from ..learngene import load_learngene
     from ..pipeline import setup_runtime
-    from ..results import write_tables
+    from ..report import build_report
+    from ..results import write_run_files, write_tables
     from .extract import extract_on_ray
 
     setup_runtime(cfg)
@@ -262,8 +263,7 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
     # ancestor
     anc = get_ancestor(cfg)
     stages = [{"stage": "ancestor", "name": anc.source, **_cost_cols(anc.cost)}]
-    (out / "ancestor.json").write_text(json.dumps({"source": anc.source, "fingerprint": anc.fingerprint,
-                                                   "spec": anc.spec.model_dump(), "cost": anc.cost}, indent=2))
+    write_run_files(out, cfg, anc)
     # learngenes
     learngenes = {}
     for method in [m for m in ("mmlg", "tleg") if m in cfg.descendants.grid.method]:
@@ -332,7 +332,9 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
         r.pop("score_for_selection", None)
         r.pop("cell", None)
     write_tables(out, rows, stages)
-    log.info("sweep: %d trials in %.0f s; tables in %s", len(rows), time.perf_counter() - t_job, out)
+    report = build_report(out)
+    log.info("sweep: %d trials in %.0f s; tables in %s; report %s", len(rows), time.perf_counter() - t_job, out,
+             report / "report.html")
     return out
 
 

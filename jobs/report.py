@@ -1,0 +1,30 @@
+"""Build (or rebuild) the report of a finished sweep: OUTPUT/report/{report.html, report.md, cost.parquet}.
+
+    python jobs/report.py OUTPUT
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmlg_ray.errors import UserError, exits_cleanly  # noqa: E402
+
+
+@exits_cleanly
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("output", help="output folder of a finished sweep (holds trials.parquet)")
+    a = p.parse_args(argv)
+    if not Path(a.output).is_dir():
+        raise UserError("OUTPUT", f"{a.output!r} is not a folder", "pass the --output folder of a sweep")
+    from mmlg_ray.report import build_report
+    path = build_report(Path(a.output))
+    print(f"wrote {path}/report.html, report.md, cost.parquet")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
