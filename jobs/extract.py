@@ -2,7 +2,7 @@
 
     python jobs/extract.py --config configs/local.yaml --out runs/lg.safetensors [--set k=v ...]
 
-With --backend ray (the default when Ray is installed) the extraction runs on Ray Train with
+With --backend ray (the default) the extraction runs on Ray Train with
 DeepSpeed ZeRO (workers, stage, offload from the `ray:` config section); --backend local runs it
 in this process.
 """
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     add_config_args(p)
     p.add_argument("--out", required=True, help="learngene file to write (.safetensors)")
     p.add_argument("--method", choices=["mmlg", "tleg"], default=None, help="default: learngene.method")
-    p.add_argument("--backend", choices=["local", "ray"], default="local")
+    p.add_argument("--backend", choices=["local", "ray"], default="ray")
     a = p.parse_args(argv)
     cfg = config_from_args(a)
     from mmlg_ray.ancestor import get_ancestor
