@@ -161,8 +161,9 @@ class LearngeneConfig(_Strict):
 class GridConfig(_Strict):
     modality: list[Literal["image", "text", "image_text"]] = ["image", "text", "image_text"]
     depth: list[int] = [1, 2]
-    width: list[int] = [64]
-    method: list[Literal["mmlg", "tleg", "weight_selection", "heur_lg", "scratch", "pt_ft", "csm"]] = list(METHODS)
+    width: list[int] = [128]
+    method: list[Literal["mmlg", "tleg", "weight_selection", "heur_lg", "scratch", "pt_ft", "csm"]] = [
+        m for m in METHODS if m != "csm"]
 
     @field_validator("depth")
     @classmethod
@@ -180,12 +181,12 @@ class GridConfig(_Strict):
 
 
 class FinetuneConfig(TrainConfig):
-    steps: int = 120
+    steps: int = 60
     batch_size: int = 64
     lr: float = 5e-4
     weight_decay: float = 0.05
-    warmup_steps: int = 10
-    eval_every: int = Field(40, ge=1)
+    warmup_steps: int = 5
+    eval_every: int = Field(20, ge=1)
     linear_probe: bool = True
 
 

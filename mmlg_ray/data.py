@@ -98,11 +98,12 @@ class Pairs:
 
     def batches(self, batch_size: int, image_size: int, context_length: int, seed: int = 0,
                 rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """Endless shuffled (images, tokens, labels) batches; rank r of `world` sees its own slice."""
+        """Endless shuffled (images, tokens, labels) batches. `batch_size` is the global batch: rank r
+        of `world` gets batch_size / world samples of each step, disjoint from the other ranks'."""
         tokens = tokenize_captions(self.captions, context_length)
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)  # same permutation on every rank; each takes its slice
         n = len(self)
-        bs = min(batch_size, n // world) if n >= world else n
+        bs = max(1, min(batch_size // world, n // world)) if n >= world else n
         while True:
             perm = torch.randperm(n, generator=g)[rank::world]
             for i in range(0, len(perm) - bs + 1, bs):
@@ -149,7 +150,9 @@ class StreamingPairs:
                         count += 1
 
     def batches(self, batch_size, image_size, context_length, seed=0, rank=0, world=1):
+        """Endless batches of batch_size / world samples from this rank's shards."""
         from .models import tokenize
+        batch_size = max(1, batch_size // world)
         rng = random.Random(seed)
         while True:
             shards = self.shards[:]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Pairs, to_input, tokenize_captions
-from .models import image_features, text_features, tokenize
+from .models import image_features, text_features
 
 
 @torch.no_grad()
@@ -81,8 +81,3 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, epochs: int
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(1) == labels).float().mean() * 100)
-
-
-@torch.no_grad()
-def class_prompt_tokens(classnames, templates, context_length):
-    return tokenize([t.format(c) for c in classnames for t in templates], context_length)

@@ -95,9 +95,13 @@ def evaluate(model, modality: str, data: TaskData, spec: ModelSpec, device) -> d
 
 def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConfig, spec: ModelSpec,
              device, seed: int = 0, on_eval: Callable[[int, dict], None] | None = None,
-             linear_probe_init: bool | None = None) -> dict:
+             linear_probe_init: bool | None = None, rank: int = 0, world: int = 1,
+             wrap: Callable[[nn.Module], nn.Module] | None = None) -> dict:
     """Fine-tune without constraints, evaluating every `eval_every` steps. Returns a summary dict:
-    final metrics, best metrics, history (one dict per evaluation), steps, samples, seconds."""
+    final metrics, best metrics, history (one dict per evaluation), steps, samples, seconds.
+
+    Data-parallel use: `wrap` (e.g. DistributedDataParallel) wraps the trained module, each of
+    `world` ranks takes its own slice of every batch (batch_size / world)."""
     torch.manual_seed(seed)
     model = model.to(device)
     summary: dict = {}
@@ -106,19 +110,21 @@ def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConf
     if modality != "image_text":
         model = Classifier(model, modality, spec.embed_dim, len(data.train.classnames)).to(device)
     model.train()
-    engine = TorchEngine(model, fcfg)
-    batches = data.train.batches(fcfg.batch_size, spec.image_size, spec.context_length, seed=seed)
+    trained = wrap(model) if wrap is not None else model
+    engine = TorchEngine(trained, fcfg)
+    batches = data.train.batches(max(1, fcfg.batch_size // world) * world, spec.image_size, spec.context_length,
+                                 seed=seed, rank=rank, world=world)
 
     if modality == "image_text":
         def loss_fn(batch):
             images, tokens, _ = batch
-            img, txt, scale = model(images, tokens)
+            img, txt, scale = trained(images, tokens)
             loss = clip_loss(img, txt, scale, tokens)
             return loss, {"loss": loss.detach()}
     else:
         def loss_fn(batch):
             images, tokens, labels = batch
-            logits = model(images if modality == "image" else tokens)
+            logits = trained(images if modality == "image" else tokens)
             loss = F.cross_entropy(logits, labels)
             return loss, {"loss": loss.detach()}
 
@@ -131,7 +137,7 @@ def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConf
         chunk = min(fcfg.eval_every, fcfg.steps - step)
         res = run_loop(engine, batches, loss_fn, step + chunk, start_step=step, log_every=max(chunk, 1),
                        name=f"finetune/{modality}", device=device)
-        samples += res.samples
+        samples += res.samples * world
         step = res.steps
         metrics = evaluate(model, modality, data, spec, device)
         metrics.update(step=step, epoch=len(history) + 1, train_loss=res.last.get("loss", float("nan")))

@@ -185,7 +185,7 @@ def shape_key(spec: ModelSpec) -> str:
 
 def run_trial(cfg: Config, cell: Cell, seed: int, *, lr: float | None = None, weight_decay: float | None = None,
               ancestor=None, learngenes: dict | None = None, pretrained: dict | None = None,
-              task_data=None, device=None, on_eval=None) -> dict:
+              task_data=None, device=None, on_eval=None, rank: int = 0, world: int = 1, wrap=None) -> dict:
     """Initialize one descendant by its method, fine-tune it, score it. Returns one results row."""
     from .finetune import SCORE_KEY, TASK_NAMES, finetune, load_task_data
     device = device or resolve_device(cfg.device)
@@ -199,7 +199,8 @@ def run_trial(cfg: Config, cell: Cell, seed: int, *, lr: float | None = None, we
         pretrained_state=pre[0] if pre else None, heur_lg_layers=cfg.descendants.heur_lg_layers)
     n_params = sum(p.numel() for p in model.parameters())
     data = task_data or load_task_data(cfg, cell.modality, spec.image_size)
-    summary = finetune(model, cell.modality, data, fcfg, spec, device, seed=seed, on_eval=on_eval)
+    summary = finetune(model, cell.modality, data, fcfg, spec, device, seed=seed, on_eval=on_eval,
+                       rank=rank, world=world, wrap=wrap)
     towers = towers_of(cell.modality)
     row = {
         "trial": f"{cell.tag}-s{seed}", "method": cell.method, "modality": cell.modality,
@@ -213,7 +214,7 @@ def run_trial(cfg: Config, cell: Cell, seed: int, *, lr: float | None = None, we
         "params": n_params, "seed": seed, "lr": fcfg.lr, "weight_decay": fcfg.weight_decay,
         "score_metric": SCORE_KEY[cell.modality],
         "epochs": len(summary["history"]), "steps": summary["steps"], "stopped_early": False,
-        "finetune_wall_s": summary["seconds"], "finetune_device_s": summary["seconds"],
+        "finetune_wall_s": summary["seconds"], "finetune_device_s": summary["seconds"] * world, "workers": world,
         "finetune_flops": costmod.train_flops(spec, cell.modality, summary["samples"]),
         "pretrain_wall_s": pre[1]["wall_s"] if pre else 0.0,
         "pretrain_device_s": pre[1]["device_s"] if pre else 0.0,

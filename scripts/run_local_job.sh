@@ -14,8 +14,11 @@ started=0
 cleanup() { if [ "$started" = 1 ]; then echo "stopping the local Ray cluster"; ray stop --force >/dev/null 2>&1 || true; fi; }
 trap cleanup EXIT INT TERM
 echo "starting a local Ray cluster (head on port $PORT, dashboard on 127.0.0.1:$DASH)"
-ray start --head --port="$PORT" --dashboard-host=127.0.0.1 --dashboard-port="$DASH" --disable-usage-stats >/dev/null
+start_head() { ray start --head --port="$PORT" --dashboard-host=127.0.0.1 --dashboard-port="$DASH" --disable-usage-stats >/dev/null; }
 started=1
+if ! start_head; then   # a cluster stopped a moment ago can hold its ports briefly: retry once
+  sleep 10; ray stop --force >/dev/null 2>&1 || true; start_head
+fi
 t0=$(date +%s)
 ray job submit --address "http://127.0.0.1:$DASH" --working-dir . \
   --runtime-env-json '{"excludes": ["runs/", ".venv/", ".git/", "**/__pycache__/"], "env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}}' \

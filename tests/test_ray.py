@@ -90,3 +90,19 @@ def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_a
     assert set(hist.trial) == set(trials.trial)
     stages = pd.read_parquet(out / "stages.parquet")
     assert {"ancestor", "extraction", "pretrain"} <= set(stages.stage)
+
+
+def test_trial_with_a_two_worker_torchtrainer_reaches_tune(tiny_overrides, ray_address, tmp_path):
+    """ray.tune.trial_workers=2: the fine-tuning runs data-parallel in a TorchTrainer inside the trial."""
+    from jobs import sweep as sweep_job
+    out = tmp_path / "ddp"
+    sets = tiny_overrides + [f"ray.address={ray_address}", "descendants.grid.method=[scratch]",
+                             "descendants.seeds=[0]", "ray.tune.num_samples=1", "ray.tune.trial_workers=2",
+                             "ray.tune.trial_cpus=0.5", "descendants.finetune.steps=20"]
+    assert sweep_job.main(["--output", str(out)] + sum((["--set", s] for s in sets), [])) == 0
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == 1
+    row = trials.iloc[0]
+    assert row.workers == 2 and not row.stopped_early and row.epochs == 2
+    assert row.finetune_device_s == pytest.approx(2 * row.finetune_wall_s)
+    assert 0 <= row.final_score <= 100

@@ -61,7 +61,7 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
     assert sweep_job.main(["--dry-run", "--output", str(out)]) == 0
     text = capsys.readouterr().out
     cfg = load_config(None)
-    n_cells = 3 * len(cfg.descendants.grid.depth) * len(cfg.descendants.grid.width) * 7
+    n_cells = 3 * len(cfg.descendants.grid.depth) * len(cfg.descendants.grid.width) * len(cfg.descendants.grid.method)
     n_trials = n_cells * (cfg.ray.tune.num_samples + len(cfg.descendants.seeds) - 1)
     assert f"{n_cells} grid cells, {n_trials} trials" in text
     assert "device-hours" in text and "extraction" in text and "FLOPs" in text

@@ -91,8 +91,8 @@ def _train_worker(config: dict):
     data = corpus(cfg)
     spec = aux.learngene.meta.model_spec
     bs = ds_cfg["train_micro_batch_size_per_gpu"]
-    batches = data.batches(bs, spec.image_size, spec.context_length, seed=cfg.seed + 7919 * start,
-                           rank=rank, world=world)
+    batches = data.batches(bs * world, spec.image_size, spec.context_length, seed=cfg.seed + 7919 * start,
+                           rank=rank, world=world)  # global batch; each rank takes its slice
     dtype = torch.bfloat16 if rs.extraction.bf16 else None
     step_fn = extraction_step(engine, teacher, ecfg.distill_weight, ecfg.distill_temperature, ecfg.feature_weight)
     if dtype is not None:

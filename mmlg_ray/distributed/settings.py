@@ -32,13 +32,13 @@ def ensure_ray(cfg: Config) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}}
-    if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
-    else:
-        try:
-            ray.init(address="auto", runtime_env=env, log_to_driver=True)
-            log.info("ray: connected to the running cluster")
-        except ConnectionError:
-            ray.init(runtime_env=env, include_dashboard=False, log_to_driver=True)
-            log.info("ray: started a local Ray instance")
+    if address:  # a submitted job (its runtime env is the job's) or an explicit cluster
+        ray.init(address=address, log_to_driver=True)
+        return
+    try:
+        ray.init(address="auto", log_to_driver=True)
+        log.info("ray: connected to the running cluster")
+    except ConnectionError:
+        ray.init(runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}},
+                 include_dashboard=False, log_to_driver=True)
+        log.info("ray: started a local Ray instance")

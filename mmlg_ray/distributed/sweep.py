@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from ..config import Config
+from ..errors import UserError
 from ..pipeline import Cell, cells, learngene_path, needs_pretraining, shape_key
 from .settings import ensure_ray, storage_uri
 
@@ -153,18 +154,16 @@ def make_cell_scheduler(cfg: Config, max_t: int):
 
 
 # --------------------------------------------------------------------------- the trial
-def trial_fn(config: dict, ctx=None):
-    """One Tune trial: initialize a descendant by its method, fine-tune it, report each evaluation."""
+def _run_cell_trial(config: dict, ctx: dict, report, rank: int = 0, world: int = 1, wrap=None):
+    """Initialize, fine-tune and score one descendant; `report` gets every evaluation but the last,
+    then the final row (every rank calls it equally often)."""
     import torch
-    from ray import tune
 
     from ..config import config_from_dict
+    from ..descend import descendant_spec
     from ..finetune import load_task_data
     from ..pipeline import Cell, run_trial, setup_runtime
-    from ..descend import descendant_spec
 
-    if "job" in config:  # seeds phase: the grid value is the whole trial spec
-        config = {**config, **config["job"]}
     cfg = config_from_dict(ctx["cfg"])
     setup_runtime(cfg)
     torch.set_num_threads(max(1, int(cfg.ray.tune.trial_cpus)))
@@ -175,18 +174,60 @@ def trial_fn(config: dict, ctx=None):
 
     def on_eval(step, metrics):
         if step < total:
-            tune.report({k: float(v) for k, v in metrics.items()})
+            report({k: float(v) for k, v in metrics.items()})
 
     spec = descendant_spec(anc.spec, cell.depth, cell.width)
     data = load_task_data(cfg, cell.modality, spec.image_size)
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.ray.tune.trial_gpus > 0 and \
+        torch.cuda.is_available() else torch.device("cpu")
     row = run_trial(cfg, cell, int(config["seed"]), lr=config["lr"], weight_decay=config["weight_decay"],
                     ancestor=anc, learngenes=ctx["learngenes"], pretrained=ctx["pretrained"], task_data=data,
-                    on_eval=on_eval)
+                    on_eval=on_eval, device=device, rank=rank, world=world, wrap=wrap)
     hist = row.pop("history")
     final = {k: float(v) for k, v in hist[-1].items()}
     final.update({k: v for k, v in row.items() if not isinstance(v, (list, dict))})
     final.update(final_report=True, phase=config["phase"], history_json=json.dumps(hist))
-    tune.report(final)
+    report(final)
+
+
+def _ddp_worker(loop_config: dict):
+    """A fine-tuning worker of a multi-worker trial (TorchTrainer inside the Tune trial)."""
+    import ray.train
+    import ray.train.torch
+    ctx = loop_config["ctx"]
+    if not isinstance(ctx, dict):
+        import ray
+        ctx = ray.get(ctx)
+    tc = ray.train.get_context()
+    _run_cell_trial(loop_config["config"], ctx, lambda m: ray.train.report(m), rank=tc.get_world_rank(),
+                    world=tc.get_world_size(), wrap=ray.train.torch.prepare_model)
+
+
+def trial_fn(config: dict, ctx=None):
+    """One Tune trial: initialize a descendant by its method, fine-tune it, report each evaluation.
+    With ray.tune.trial_workers > 1 the fine-tuning runs data-parallel in a TorchTrainer whose rank-0
+    metrics reach Tune (and its scheduler) through TuneReportCallback."""
+    from ray import tune
+    if "job" in config:  # seeds phase: the grid value is the whole trial spec
+        config = {**config, **config["job"]}
+    tcfg = ctx["cfg"]["ray"]["tune"]
+    if tcfg["trial_workers"] <= 1:
+        _run_cell_trial(config, ctx, tune.report)
+        return
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+    res = {"CPU": tcfg["trial_cpus"]}
+    if tcfg["trial_gpus"] > 0:
+        res["GPU"] = tcfg["trial_gpus"]
+    trainer = TorchTrainer(
+        _ddp_worker, train_loop_config={"config": config, "ctx": ray.put(ctx)},
+        scaling_config=ScalingConfig(num_workers=tcfg["trial_workers"], use_gpu=tcfg["trial_gpus"] > 0,
+                                     resources_per_worker=res),
+        run_config=RunConfig(name=f"ft-{tune.get_context().get_trial_id()}",
+                             storage_path=ctx.get("storage"), callbacks=[TuneReportCallback()]))
+    trainer.fit()
 
 
 def cell_tag(c: Cell) -> str:
@@ -254,10 +295,25 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
     from .extract import extract_on_ray
 
     setup_runtime(cfg)
+    import torch
+    # the driver's own stages (local ancestor pre-training, consolidation) may use every core here;
+    # a job's driver inherits OMP_NUM_THREADS=1 from Ray otherwise
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     out = Path(out_dir)
+    from ..config import dump_config
+    done = out / "trials.parquet"
+    same_cfg = (out / "config.yaml").is_file() and (out / "config.yaml").read_text() == dump_config(cfg)
+    if done.is_file() and same_cfg and not resume:
+        log.info("sweep: %s already holds the results of this config; rebuilding the report only", out)
+        build_report(out)
+        return out
+    storage = storage_uri(cfg, out)
+    fp = cfg.fingerprint()
+    if not resume and "://" not in storage and (Path(storage) / f"search-{fp}").exists():
+        raise UserError("--resume", f"an interrupted sweep of this config exists under {storage}",
+                        "add --resume to continue it, or remove that folder to start over")
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray(cfg)
-    storage = storage_uri(cfg, out)
     t_job = time.perf_counter()
 
     # ancestor
@@ -278,15 +334,16 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
     # descendant pre-training (pt_ft, csm)
     pretrained = _stage_pretrain(cfg, anc, out, stages)
 
-    ctx = {"cfg": cfg.model_dump(mode="json"), "ancestor": anc, "learngenes": learngenes, "pretrained": pretrained}
+    ctx = {"cfg": cfg.model_dump(mode="json"), "ancestor": anc, "learngenes": learngenes, "pretrained": pretrained,
+           "storage": storage}
     tcfg = cfg.ray.tune
-    resources = {"cpu": tcfg.trial_cpus, "gpu": tcfg.trial_gpus}
+    # a multi-worker trial only drives its TorchTrainer: a sliver of CPU, its workers hold the rest
+    resources = {"cpu": tcfg.trial_cpus, "gpu": tcfg.trial_gpus} if tcfg.trial_workers <= 1 else {"cpu": 0.01}
     trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), resources)
     grid = cells(cfg)
     tags = [cell_tag(c) for c in grid]
     fcfg = cfg.descendants.finetune
     max_t = -(-fcfg.steps // fcfg.eval_every)
-    fp = cfg.fingerprint()
 
     # search phase: Optuna per cell + ASHA per cell, first seed
     search_name = f"search-{fp}"

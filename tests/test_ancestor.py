@@ -1,0 +1,51 @@
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mmlg_ray.ancestor import get_ancestor
+from mmlg_ray.config import load_config
+from mmlg_ray.errors import UserError
+
+
+def test_pretrained_tag_fails_fast_without_network(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine that cannot reach the hub
+    cfg = load_config(None, ["ancestor.source=open_clip", "ancestor.arch=ViT-B-16",
+                             "ancestor.pretrained=laion2b_s34b_b88k", f"cache_dir={tmp_path}"])
+    t0 = time.time()
+    with pytest.raises(UserError) as e:
+        get_ancestor(cfg)
+    assert time.time() - t0 < 10
+    assert "cannot be downloaded" in str(e.value) and "ancestor.checkpoint" in str(e.value)
+
+
+def test_unknown_tag_and_arch_are_named(tmp_path):
+    cfg = load_config(None, ["ancestor.source=open_clip", "ancestor.arch=ViT-B-16", "ancestor.pretrained=nope"])
+    with pytest.raises(UserError, match="ancestor.pretrained"):
+        get_ancestor(cfg)
+    cfg = load_config(None, ["ancestor.source=open_clip", "ancestor.arch=ViT-Q-99", "ancestor.pretrained=x"])
+    with pytest.raises(UserError, match="ancestor.arch"):
+        get_ancestor(cfg)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_local_checkpoint_ancestor(tiny_cfg, tiny_ancestor, tmp_path, fmt):
+    path = tmp_path / f"anc.{fmt}"
+    if fmt == "safetensors":
+        save_file({k: v.contiguous() for k, v in tiny_ancestor.state.items()}, str(path))
+    else:
+        torch.save({"state_dict": tiny_ancestor.state}, path)
+    spec_sets = [f"ancestor.spec.{k}={v}" for k, v in tiny_ancestor.spec.model_dump().items()]
+    cfg = load_config(None, spec_sets + ["ancestor.source=checkpoint", f"ancestor.checkpoint={path}"])
+    anc = get_ancestor(cfg)
+    assert anc.fingerprint == tiny_ancestor.fingerprint
+    bad = load_config(None, ["ancestor.source=checkpoint", f"ancestor.checkpoint={path}"])  # wrong spec
+    with pytest.raises(UserError, match="does not match"):
+        get_ancestor(bad)
+
+
+def test_local_ancestor_is_cached_by_config(tiny_cfg, tiny_ancestor):
+    again = get_ancestor(tiny_cfg)  # same config: read back from the cache, not re-trained
+    assert again.fingerprint == tiny_ancestor.fingerprint
+    assert again.cost["steps"] == tiny_cfg.ancestor.pretrain.steps
