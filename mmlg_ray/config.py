@@ -80,7 +80,7 @@ class TrainConfig(_Strict):
 
 
 class AncestorPretrain(TrainConfig):
-    steps: int = 400
+    steps: int = 300
     log_every: int = 50
 
 
@@ -139,14 +139,14 @@ class DataConfig(_Strict):
 
 
 class ExtractionConfig(TrainConfig):
-    steps: int = 200
+    steps: int = 120
     lr: float = 5e-4
     weight_decay: float = 0.05
     warmup_steps: int = 10
     distill_weight: float = Field(1.0, ge=0)
     distill_temperature: float = Field(1.0, gt=0)
     feature_weight: float = Field(0.0, ge=0)
-    checkpoint_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(40, ge=1)
 
 
 class LearngeneConfig(_Strict):
@@ -163,7 +163,7 @@ class GridConfig(_Strict):
     depth: list[int] = [1, 2]
     width: list[int] = [128]
     method: list[Literal["mmlg", "tleg", "weight_selection", "heur_lg", "scratch", "pt_ft", "csm"]] = [
-        m for m in METHODS if m != "csm"]
+        m for m in METHODS if m not in ("heur_lg", "csm")]
 
     @field_validator("depth")
     @classmethod
@@ -181,7 +181,7 @@ class GridConfig(_Strict):
 
 
 class FinetuneConfig(TrainConfig):
-    steps: int = 60
+    steps: int = 40
     batch_size: int = 64
     lr: float = 5e-4
     weight_decay: float = 0.05

@@ -141,6 +141,8 @@ def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConf
         step = res.steps
         metrics = evaluate(model, modality, data, spec, device)
         metrics.update(step=step, epoch=len(history) + 1, train_loss=res.last.get("loss", float("nan")))
+        if "linear_probe_init" in summary:
+            metrics["linear_probe_init"] = summary["linear_probe_init"]
         history.append(metrics)
         if not best or metrics["score"] > best["score"]:
             best = dict(metrics)

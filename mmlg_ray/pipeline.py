@@ -199,8 +199,6 @@ def run_trial(cfg: Config, cell: Cell, seed: int, *, lr: float | None = None, we
         pretrained_state=pre[0] if pre else None, heur_lg_layers=cfg.descendants.heur_lg_layers)
     n_params = sum(p.numel() for p in model.parameters())
     data = task_data or load_task_data(cfg, cell.modality, spec.image_size)
-    summary = finetune(model, cell.modality, data, fcfg, spec, device, seed=seed, on_eval=on_eval,
-                       rank=rank, world=world, wrap=wrap)
     towers = towers_of(cell.modality)
     row = {
         "trial": f"{cell.tag}-s{seed}", "method": cell.method, "modality": cell.modality,
@@ -212,15 +210,28 @@ def run_trial(cfg: Config, cell: Cell, seed: int, *, lr: float | None = None, we
         "text_width": spec.text_width if "text" in towers else 0,
         "heads": spec.heads("image" if "image" in towers else "text"),
         "params": n_params, "seed": seed, "lr": fcfg.lr, "weight_decay": fcfg.weight_decay,
-        "score_metric": SCORE_KEY[cell.modality],
-        "epochs": len(summary["history"]), "steps": summary["steps"], "stopped_early": False,
-        "finetune_wall_s": summary["seconds"], "finetune_device_s": summary["seconds"] * world, "workers": world,
-        "finetune_flops": costmod.train_flops(spec, cell.modality, summary["samples"]),
+        "score_metric": SCORE_KEY[cell.modality], "workers": world, "stopped_early": False,
         "pretrain_wall_s": pre[1]["wall_s"] if pre else 0.0,
         "pretrain_device_s": pre[1]["device_s"] if pre else 0.0,
         "pretrain_flops": pre[1]["flops"] if pre else 0,
-        "linear_probe_init": summary.get("linear_probe_init", float("nan")),
     }
+    t0 = time.perf_counter()
+
+    def running(step, metrics):  # every evaluation carries the trial's description and cost so far
+        if on_eval is not None:
+            el = time.perf_counter() - t0
+            on_eval(step, {**row, "steps": step, "finetune_wall_s": el, "finetune_device_s": el * world,
+                           "finetune_flops": costmod.train_flops(spec, cell.modality, step * fcfg.batch_size),
+                           **metrics})
+
+    summary = finetune(model, cell.modality, data, fcfg, spec, device, seed=seed, on_eval=running,
+                       rank=rank, world=world, wrap=wrap)
+    row.update({
+        "epochs": len(summary["history"]), "steps": summary["steps"],
+        "finetune_wall_s": summary["seconds"], "finetune_device_s": summary["seconds"] * world,
+        "finetune_flops": costmod.train_flops(spec, cell.modality, summary["samples"]),
+        "linear_probe_init": summary.get("linear_probe_init", float("nan")),
+    })
     for k, v in summary["final"].items():
         if k not in ("step", "epoch"):
             row[f"final_{k}"] = float(v)

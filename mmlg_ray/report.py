@@ -297,7 +297,7 @@ def build_report(out_dir) -> Path:
     if trials.empty:
         raise UserError("OUTPUT", f"{out}/trials.parquet holds no trials", "run the sweep first")
     anc_spec = ModelSpec(**anc_meta["spec"]) if "spec" in anc_meta else cfg.ancestor.spec
-    ft = final_trials(trials).copy()
+    ft = final_trials(trials[trials.task.notna()]).copy()
     ft["total_flops"] = total_cost_per_trial(ft, stages)
     sections: list[Section] = []
     figures: dict[str, bytes] = {}

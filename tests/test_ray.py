@@ -65,6 +65,7 @@ def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_a
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep
         proc.wait()
+        log.close()
     before = _finished_trials(out)
     assert before, (tmp_path / "first.log").read_text()[-3000:]
     assert not (out / "trials.parquet").exists()
@@ -76,6 +77,8 @@ def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_a
     cells = 3
     assert len(trials) == cells * 2 + cells * 1  # search: 2 Optuna samples per cell; seeds: 1 more seed per cell
     assert trials.trial_id.is_unique
+    # every row is complete, trials cut by ASHA included
+    assert trials.task.notna().all() and (trials.params > 0).all() and trials.final_score.notna().all()
     assert set(trials.phase) == {"search", "seeds"}
     # finished before the interruption: kept, not run again
     after = _finished_trials(out)

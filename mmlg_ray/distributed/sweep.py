@@ -154,6 +154,9 @@ def make_cell_scheduler(cfg: Config, max_t: int):
 
 
 # --------------------------------------------------------------------------- the trial
+_TASK_DATA: dict = {}
+
+
 def _run_cell_trial(config: dict, ctx: dict, report, rank: int = 0, world: int = 1, wrap=None):
     """Initialize, fine-tune and score one descendant; `report` gets every evaluation but the last,
     then the final row (every rank calls it equally often)."""
@@ -174,10 +177,13 @@ def _run_cell_trial(config: dict, ctx: dict, report, rank: int = 0, world: int =
 
     def on_eval(step, metrics):
         if step < total:
-            report({k: float(v) for k, v in metrics.items()})
+            report(dict(metrics))
 
     spec = descendant_spec(anc.spec, cell.depth, cell.width)
-    data = load_task_data(cfg, cell.modality, spec.image_size)
+    key = (json.dumps(ctx["cfg"]["data"], sort_keys=True), cell.modality, spec.image_size)
+    if key not in _TASK_DATA:  # a reused trial actor keeps its task data
+        _TASK_DATA[key] = load_task_data(cfg, cell.modality, spec.image_size)
+    data = _TASK_DATA[key]
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.ray.tune.trial_gpus > 0 and \
         torch.cuda.is_available() else torch.device("cpu")
     row = run_trial(cfg, cell, int(config["seed"]), lr=config["lr"], weight_decay=config["weight_decay"],
@@ -357,7 +363,7 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
             tune_config=TuneConfig(search_alg=make_cell_searcher(cfg, tags, cfg.descendants.seeds[0]),
                                    scheduler=make_cell_scheduler(cfg, max_t),
                                    num_samples=len(tags) * tcfg.num_samples,
-                                   max_concurrent_trials=tcfg.max_concurrent),
+                                   max_concurrent_trials=tcfg.max_concurrent, reuse_actors=True),
             run_config=RunConfig(storage_path=storage, name=search_name, verbose=1,
                                  failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures)),
         )
@@ -381,7 +387,7 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
         else:
             tuner2 = Tuner(trainable,
                            param_space={"job": tune.grid_search(extra)},
-                           tune_config=TuneConfig(max_concurrent_trials=tcfg.max_concurrent),
+                           tune_config=TuneConfig(max_concurrent_trials=tcfg.max_concurrent, reuse_actors=True),
                            run_config=RunConfig(storage_path=storage, name=seeds_name, verbose=1,
                                                 failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures)))
         rows += _rows(tuner2.fit())
@@ -409,22 +415,19 @@ def _rows(result_grid) -> list[dict]:
         hist = json.loads(m["history_json"]) if "history_json" in m else _history_from_df(res)
         row = {k: v for k, v in m.items() if k not in ("history_json", "final_report", "config") and
                not isinstance(v, dict)}
-        if stopped:  # ASHA cut it: fill the row from what it reported
-            m_, mod, d, w = cfg["cell"].split("|")
-            row.update(method=m_, modality=mod, depth=int(d), width=int(w), seed=cfg["seed"],
-                       lr=cfg["lr"], weight_decay=cfg["weight_decay"], phase=cfg["phase"],
-                       trial=f"{m_}-{mod}-d{d}-w{w}-s{cfg['seed']}")
+        if stopped:  # ASHA cut it: its last report carries the description and cost so far
             for k in list(m):
-                if k in ("score", "top1", "accuracy", "mean_recall", "zeroshot_top1") or k.startswith(("i2t", "t2i")):
+                if k in EVAL_KEYS - {"step", "epoch"} or k.startswith(("i2t_", "t2i_")):
                     row[f"final_{k}"] = float(m[k])
             best = {}
             for h in hist:
                 if not best or h.get("score", -1) > best.get("score", -1):
                     best = h
             for k, v in best.items():
-                if k not in ("step", "epoch", "train_loss"):
+                if k not in ("step", "epoch", "train_loss", "linear_probe_init"):
                     row[f"best_{k}"] = float(v)
             row["epochs"] = len(hist)
+            row["phase"] = cfg["phase"]
         row["stopped_early"] = stopped
         row["trial_id"] = str(m.get("trial_id", res.path.rsplit("/", 1)[-1]))
         row["trial"] = f"{row['trial']}-{row['trial_id']}"
@@ -445,6 +448,5 @@ def _history_from_df(res) -> list[dict]:
     df = res.metrics_dataframe
     if df is None or not len(df):
         return []
-    keep = [c for c in df.columns if c in ("score", "top1", "accuracy", "mean_recall", "zeroshot_top1", "step",
-                                           "epoch", "train_loss") or c.startswith(("i2t_", "t2i_"))]
+    keep = [c for c in df.columns if c in EVAL_KEYS or c.startswith(("i2t_", "t2i_"))]
     return df[keep].to_dict("records")
