@@ -184,6 +184,24 @@ def compare_to_baselines(ft: pd.DataFrame) -> tuple[pd.DataFrame, str]:
 
 
 # --------------------------------------------------------------------------- plots
+def _human(x, _pos=None) -> str:
+    for div, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _log_x(ax):
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(_human))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    lo, hi = ax.get_xlim()
+    if hi / lo < 10:  # less than a decade: a few plain ticks instead of none
+        import numpy as np
+        ax.set_xticks(np.geomspace(lo, hi, 4)[1:-1])
+
+
 def _fig_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -202,7 +220,7 @@ def plot_score_vs_params(ft: pd.DataFrame, task: str) -> bytes:
         s = g.groupby("params").final_score.agg(["mean", "std"]).reset_index()
         ax.errorbar(s.params, s["mean"], yerr=s["std"].fillna(0), marker="o", capsize=3, label=m,
                     color=COLORS.get(m), linewidth=2.2 if m == "mmlg" else 1.2)
-    ax.set_xscale("log")
+    _log_x(ax)
     ax.set_xlabel("descendant parameters")
     ax.set_ylabel(f"{d.score_metric.iloc[0]} (%)")
     ax.set_title(f"{task}: score vs size (mean ± std over seeds)")
@@ -221,9 +239,10 @@ def plot_costs(ct: pd.DataFrame) -> bytes:
     axes[0].bar(d.index, d.stored_params, color=colors)
     axes[0].set_title("stored parameters")
     x = range(len(d))
-    axes[1].bar([i - 0.2 for i in x], d.pretrain_flops_analytic, width=0.4, label="analytic", color="#bbbbbb")
-    axes[1].bar([i + 0.2 for i in x], d.pretrain_flops_measured.fillna(0), width=0.4, label="measured (FLOPs of the run)",
-                color=colors)
+    axes[1].bar([i - 0.2 for i in x], d.pretrain_flops_analytic, width=0.4, label="plan (config budget)",
+                color="#bbbbbb")
+    axes[1].bar([i + 0.2 for i in x], d.pretrain_flops_measured.fillna(0), width=0.4,
+                label="run (samples actually processed)", color=colors)
     axes[1].set_xticks(list(x), d.index)
     axes[1].set_title("pre-training compute (FLOPs)")
     axes[1].legend(fontsize=7)
@@ -251,7 +270,7 @@ def plot_pareto(ft: pd.DataFrame, task: str) -> tuple[bytes, pd.DataFrame]:
     for _, r in front.iterrows():
         ax.annotate(f"{r.method} d{r.depth} w{r.width}", (r.cost, r.score), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")
-    ax.set_xscale("log")
+    _log_x(ax)
     ax.set_xlabel("total training FLOPs behind the descendant")
     ax.set_ylabel("score (%)")
     ax.set_title(f"{task}: score vs total cost")
@@ -327,9 +346,15 @@ def build_report(out_dir) -> Path:
             + ". The ratio grows with the number of descendant sizes: PT+FT pays per size, MM-LG once.")
     show = ct[["method", "stored_params", "storage_vs_pt_ft", "pretrain_flops_analytic", "pretrain_flops_measured",
                "pretrain_device_s_measured", "pretrain_ratio_pt_ft_over_method_analytic",
-               "pretrain_ratio_pt_ft_over_method_measured", "note"]]
+               "pretrain_ratio_pt_ft_over_method_measured"]].rename(columns={
+                   "stored_params": "stored params", "storage_vs_pt_ft": "storage / PT+FT",
+                   "pretrain_flops_analytic": "pre-train FLOPs (plan)", "pretrain_flops_measured": "pre-train FLOPs (run)",
+                   "pretrain_device_s_measured": "pre-train device-s (measured)",
+                   "pretrain_ratio_pt_ft_over_method_analytic": "PT+FT / method (FLOPs)",
+                   "pretrain_ratio_pt_ft_over_method_measured": "PT+FT / method (device-s)"})
+    notes = "\n".join(f"- {r.method}: {r.note}" for r in ct.itertuples())
     sections.append(Section("Pre-training compute and storage against PT+FT",
-                            "\n\n".join(lines + [_md_table(show)]), "costs.png"))
+                            "\n\n".join(lines + [_md_table(show), notes]), "costs.png"))
     # 3. Pareto
     for task in sorted(ft.task.unique()):
         png, front = plot_pareto(ft, task)
