@@ -351,22 +351,20 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
     fcfg = cfg.descendants.finetune
     max_t = -(-fcfg.steps // fcfg.eval_every)
 
+    def phase(name: str, **tuner_kw):
+        """A Tune experiment of this sweep: restored from storage with --resume, else new."""
+        path = f"{storage}/{name}-{fp}"
+        if resume and Tuner.can_restore(path):
+            log.info("sweep: resuming %s from %s", name, path)
+            return Tuner.restore(path, trainable=trainable, resume_errored=True, resume_unfinished=True)
+        return Tuner(trainable, run_config=RunConfig(
+            storage_path=storage, name=f"{name}-{fp}", verbose=1,
+            failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures)), **tuner_kw)
+
     # search phase: Optuna per cell + ASHA per cell, first seed
-    search_name = f"search-{fp}"
-    search_path = f"{storage}/{search_name}"
-    if resume and Tuner.can_restore(search_path):
-        log.info("sweep: resuming the search phase from %s", search_path)
-        tuner = Tuner.restore(search_path, trainable=trainable, resume_errored=True, resume_unfinished=True)
-    else:
-        tuner = Tuner(
-            trainable,
-            tune_config=TuneConfig(search_alg=make_cell_searcher(cfg, tags, cfg.descendants.seeds[0]),
-                                   scheduler=make_cell_scheduler(cfg, max_t),
-                                   num_samples=len(tags) * tcfg.num_samples,
-                                   max_concurrent_trials=tcfg.max_concurrent, reuse_actors=True),
-            run_config=RunConfig(storage_path=storage, name=search_name, verbose=1,
-                                 failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures)),
-        )
+    tuner = phase("search", tune_config=TuneConfig(
+        search_alg=make_cell_searcher(cfg, tags, cfg.descendants.seeds[0]), scheduler=make_cell_scheduler(cfg, max_t),
+        num_samples=len(tags) * tcfg.num_samples, max_concurrent_trials=tcfg.max_concurrent, reuse_actors=True))
     search = tuner.fit()
     rows = _rows(search)
 
@@ -379,17 +377,8 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
     extra = [{"cell": t, "lr": best[t]["lr"], "weight_decay": best[t]["weight_decay"], "seed": s, "phase": "seeds"}
              for t in tags if t in best for s in cfg.descendants.seeds[1:]]
     if extra:
-        seeds_name = f"seeds-{fp}"
-        seeds_path = f"{storage}/{seeds_name}"
-        if resume and Tuner.can_restore(seeds_path):
-            log.info("sweep: resuming the seeds phase from %s", seeds_path)
-            tuner2 = Tuner.restore(seeds_path, trainable=trainable, resume_errored=True, resume_unfinished=True)
-        else:
-            tuner2 = Tuner(trainable,
-                           param_space={"job": tune.grid_search(extra)},
-                           tune_config=TuneConfig(max_concurrent_trials=tcfg.max_concurrent, reuse_actors=True),
-                           run_config=RunConfig(storage_path=storage, name=seeds_name, verbose=1,
-                                                failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures)))
+        tuner2 = phase("seeds", param_space={"job": tune.grid_search(extra)},
+                       tune_config=TuneConfig(max_concurrent_trials=tcfg.max_concurrent, reuse_actors=True))
         rows += _rows(tuner2.fit())
     for r in rows:
         r.pop("score_for_selection", None)
