@@ -266,6 +266,9 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
+        if "://" in self.output_dir:
+            raise ValueError("output_dir: object-store output folders are not supported yet; use a local or "
+                             "shared folder and put ray.storage_path on the bucket")
         spec = self.ancestor.spec
         for w in self.descendants.grid.width:
             if w % spec.head_width:
@@ -320,7 +323,7 @@ def _format_validation_error(err: ValidationError) -> UserError:
     field = ".".join(str(x) for x in e["loc"]) or "config"
     msg = e["msg"].removeprefix("Value error, ")
     m = re.match(r"^([a-z_][\w.]*): (.*)$", msg)
-    if m and "." in m.group(1):  # model-level validators name the full dotted field themselves
+    if m and ("." in m.group(1) or not e["loc"]):  # model-level validators name the full field themselves
         return UserError(m.group(1), m.group(2))
     if e["type"] == "literal_error":
         allowed = e.get("ctx", {}).get("expected", "")

@@ -36,6 +36,7 @@ def test_dotted_overrides_are_typed():
     ("learngene.schedule=cubic", "learngene.schedule"),
     ("data.retrieval.path=/does/not/exist", "data.retrieval.path"),
     ("learngene.extraction.stpes=3", "learngene.extraction.stpes"),
+    ("output_dir=s3://bucket/run", "output_dir"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(UserError) as e:
