@@ -4,7 +4,8 @@
 
 With --backend ray (the default) the extraction runs on Ray Train with
 DeepSpeed ZeRO (workers, stage, offload from the `ray:` config section); --backend local runs it
-in this process.
+in this process. Ray Train state (ZeRO checkpoints) goes to ray.storage_path, else beside the
+file (LG.ray/); running the same command again resumes from its last checkpoint.
 """
 from __future__ import annotations
 

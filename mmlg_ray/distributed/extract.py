@@ -150,7 +150,10 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
     rs = ray_settings(cfg)
     method = method or cfg.learngene.method
     fp = cfg.fingerprint("ancestor", "data.corpus", "learngene", "seed", "ray.extraction", "ray.num_workers")
-    storage = storage or storage_uri(cfg, Path(out_path).parent)
+    if storage is None:  # standalone: Ray Train state beside the learngene file, e.g. lg.safetensors -> lg.ray/
+        out_path = Path(out_path)
+        storage = cfg.ray.storage_path or str((out_path.parent / f"{out_path.stem}.ray").resolve())
+        storage = storage_uri(cfg, out_path.parent) if cfg.ray.storage_path else storage
     name = name or f"extract-{method}-{fp}"
     resources = {"CPU": rs.cpus_per_worker}
     if rs.use_gpu:
