@@ -8,7 +8,6 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 

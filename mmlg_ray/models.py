@@ -120,10 +120,6 @@ def text_features(model: nn.Module, texts, normalize: bool = True):
     return nn.functional.normalize(f, dim=-1) if normalize else f
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def tokenize(texts: list[str], context_length: int) -> torch.Tensor:
     """open_clip's default BPE tokenizer (vocab ships with open_clip_torch; works offline)."""
     return open_clip.tokenize(list(texts), context_length=context_length)

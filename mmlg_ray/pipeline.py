@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -261,7 +261,8 @@ def run_local(cfg: Config, out_dir: str | os.PathLike | None = None) -> Path:
     setup_runtime(cfg)
     out = Path(out_dir or cfg.output_dir)
     device = resolve_device(cfg.device)
-    anc = _ancestor_stage(cfg, device)
+    from .ancestor import get_ancestor
+    anc = get_ancestor(cfg, device)
     write_run_files(out, cfg, anc)
     stages = [{"stage": "ancestor", "name": anc.source, **_cost_cols(anc.cost)}]
     learngenes = {}
@@ -291,11 +292,6 @@ def run_local(cfg: Config, out_dir: str | os.PathLike | None = None) -> Path:
     write_tables(out, rows, stages)
     build_report(out)
     return out
-
-
-def _ancestor_stage(cfg, device):
-    from .ancestor import get_ancestor
-    return get_ancestor(cfg, device)
 
 
 def _cost_cols(c: dict) -> dict:

@@ -380,7 +380,7 @@ def build_report(out_dir) -> Path:
         except Exception:
             lg_fps.append(f"{r['name']}: (artifact not readable from here: {r.get('artifact')})")
     prov = [f"- ancestor: `{anc_meta.get('source', '?')}`, fingerprint `{anc_meta.get('fingerprint', '?')}`",
-            f"- learngene sha256: " + ("; ".join(f"`{x}`" for x in lg_fps) or "none"),
+            "- learngene sha256: " + ("; ".join(f"`{x}`" for x in lg_fps) or "none"),
             f"- trials: {len(trials)} ({len(ft)} measuring the cells); built "
             f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
             "- software: " + ", ".join(f"{k} {v}" for k, v in software_versions().items()),

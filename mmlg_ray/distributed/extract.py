@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 
 from ..config import Config
-from .settings import RaySettings, ray_settings, storage_uri
+from ..config import RayConfig
+from .settings import storage_uri
 
 log = logging.getLogger("mmlg_ray")
 TAG = "latest_zero"
 
 
-def deepspeed_config(rs: RaySettings, ecfg, world: int) -> dict:
+def deepspeed_config(rs: RayConfig, ecfg, world: int) -> dict:
     ex = rs.extraction
     zero: dict = {"stage": ex.zero_stage, "contiguous_gradients": True, "overlap_comm": False}
     if ex.offload_optimizer:
@@ -56,7 +57,7 @@ def _train_worker(config: dict):
     from ..train import extraction_step, lr_lambda, param_groups, run_loop
 
     cfg = config_from_dict(config["cfg"])
-    rs = ray_settings(cfg)
+    rs = cfg.ray
     setup_runtime(cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -142,18 +143,17 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .. import cost as costmod
-    from ..pipeline import aux_spec, build_aux, finish_extraction
+    from ..pipeline import aux_spec, build_aux, extraction_cost, finish_extraction
     from .settings import ensure_ray
 
     ensure_ray(cfg)
-    rs = ray_settings(cfg)
+    rs = cfg.ray
     method = method or cfg.learngene.method
     fp = cfg.fingerprint("ancestor", "data.corpus", "learngene", "seed", "ray.extraction", "ray.num_workers")
-    if storage is None:  # standalone: Ray Train state beside the learngene file, e.g. lg.safetensors -> lg.ray/
-        out_path = Path(out_path)
-        storage = cfg.ray.storage_path or str((out_path.parent / f"{out_path.stem}.ray").resolve())
-        storage = storage_uri(cfg, out_path.parent) if cfg.ray.storage_path else storage
+    out_path = Path(out_path)
+    if storage is None:  # standalone: ray.storage_path, else beside the learngene file (lg.safetensors -> lg.ray/)
+        storage = storage_uri(cfg, out_path.parent) if cfg.ray.storage_path else \
+            str((out_path.parent / f"{out_path.stem}.ray").resolve())
     name = name or f"extract-{method}-{fp}"
     resources = {"CPU": rs.cpus_per_worker}
     if rs.use_gpu:
@@ -184,11 +184,10 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
         raise RuntimeError(f"consolidated ZeRO state does not match the auxiliary CLIP: {missing[:3]} {unexpected[:3]}")
     spec = aux_spec(cfg, ancestor.spec)
     samples = progress["step"] * max(1, cfg.learngene.extraction.batch_size // rs.num_workers) * rs.num_workers
-    cost = {"steps": progress["step"], "samples": samples, "wall_s": progress["wall_s"],
-            "device_s": progress["wall_s"] * rs.num_workers, "devices": rs.num_workers,
-            "driver_wall_s": driver_wall, "flops": costmod.extraction_flops(spec, ancestor.spec, samples),
-            "final_loss": metrics.get("loss"), "zero_stage": rs.extraction.zero_stage, "backend": "ray_train+deepspeed",
-            "resumed_from_step": int(metrics.get("resumed_from_step", 0))}
+    cost = extraction_cost(spec, ancestor.spec, progress["step"], samples, progress["wall_s"], rs.num_workers,
+                           metrics)
+    cost.update(driver_wall_s=driver_wall, zero_stage=rs.extraction.zero_stage, backend="ray_train+deepspeed",
+                resumed_from_step=int(metrics.get("resumed_from_step", 0)))
     finish_extraction(aux, out_path, cost)
     log.info("extraction %s: wrote %s (%d steps, %.1f device-s)", method, out_path, cost["steps"], cost["device_s"])
     return cost

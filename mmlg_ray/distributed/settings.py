@@ -5,16 +5,9 @@ import logging
 import os
 from pathlib import Path
 
-from ..config import Config, RayConfig
+from ..config import Config
 
 log = logging.getLogger("mmlg_ray")
-RaySettings = RayConfig
-
-
-def ray_settings(cfg: Config) -> RayConfig:
-    return cfg.ray
-
-
 def storage_uri(cfg: Config, out: str | os.PathLike) -> str:
     """Ray storage path: ray.storage_path, else OUTPUT/ray (absolute, or a URI as given)."""
     if cfg.ray.storage_path:

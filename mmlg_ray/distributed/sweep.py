@@ -289,7 +289,6 @@ def _cost_cols(c):
 
 # --------------------------------------------------------------------------- the main job
 def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
-    import ray
     from ray import tune
     from ray.tune import RunConfig, TuneConfig, Tuner
 
