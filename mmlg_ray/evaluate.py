@@ -5,16 +5,39 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .data import Pairs, to_input, tokenize_captions
+from .data import tokenize_captions
 from .models import image_features, text_features
+
+PROBE_MAX = 20000  # linear probe: at most this many training samples are embedded
 
 
 @torch.no_grad()
-def embed_images(model, pairs: Pairs, image_size: int, device, bs: int = 256) -> torch.Tensor:
+def embed(model, data, image_size: int, context_length: int, device, *, images: bool = True, texts: bool = True,
+          limit: int | None = None, bs: int = 256) -> dict:
+    """One ordered pass over a set, in memory (Pairs) or streamed (StreamingPairs), in batches: the
+    image and/or text embeddings (N x embed_dim), labels (or None) and captions of its first `limit`
+    samples. Only the embeddings are kept, never the decoded images."""
     model.eval()
-    out = [image_features(model, to_input(pairs.images[i:i + bs], image_size).to(device)).float().cpu()
-           for i in range(0, len(pairs), bs)]
-    return torch.cat(out)
+    img, txt, labels, caps = [], [], [], []
+    stream = data.eval_batches(bs, image_size, context_length)
+    try:
+        for x, tok, lab, cap in stream:
+            if limit is not None and len(caps) + len(cap) > limit:
+                k = limit - len(caps)
+                x, tok, lab, cap = x[:k], tok[:k], None if lab is None else lab[:k], cap[:k]
+            if images:
+                img.append(image_features(model, x.to(device)).float().cpu())
+            if texts:
+                txt.append(text_features(model, tok.to(device)).float().cpu())
+            labels.append(lab)
+            caps.extend(cap)
+            if limit is not None and len(caps) >= limit:
+                break
+    finally:
+        if hasattr(stream, "close"):
+            stream.close()
+    return {"image": torch.cat(img) if img else None, "text": torch.cat(txt) if txt else None,
+            "labels": None if not labels or any(v is None for v in labels) else torch.cat(labels), "captions": caps}
 
 
 @torch.no_grad()
@@ -49,16 +72,17 @@ def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, captions: list[str] 
 
 
 @torch.no_grad()
-def zeroshot_top1(model, pairs: Pairs, image_size: int, context_length: int, device) -> float:
-    """Classify by the nearest class-prompt embedding (mean over the set's templates)."""
+def zeroshot_top1(model, data, image_size: int, context_length: int, device) -> float:
+    """Classify by the nearest class-prompt embedding (mean over the set's templates); one pass over
+    the set's images (in memory or streamed)."""
     classes = []
-    for name in pairs.classnames:
-        f = embed_texts(model, [t.format(name) for t in pairs.templates], context_length, device)
+    for name in data.classnames:
+        f = embed_texts(model, [t.format(name) for t in data.templates], context_length, device)
         classes.append(F.normalize(f.mean(0), dim=-1))
     cls = torch.stack(classes)
-    img = embed_images(model, pairs, image_size, device)
-    pred = (img @ cls.t()).argmax(1)
-    return float((pred == pairs.labels).float().mean() * 100)
+    e = embed(model, data, image_size, context_length, device, texts=False)
+    pred = (e["image"] @ cls.t()).argmax(1)
+    return float((pred == e["labels"]).float().mean() * 100)
 
 
 def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, epochs: int = 100,

@@ -8,6 +8,8 @@
               zero-shot classification (local: Fashion-MNIST test images)
 
 Every task reports a primary metric under "score" so sweeps and schedulers compare like with like.
+Task sets may be in memory (the local packaged sets) or streamed (webdataset shards, image folders):
+evaluation makes one pass over the test set in batches and keeps only embeddings or logits.
 """
 from __future__ import annotations
 
@@ -20,9 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config, FinetuneConfig, ModelSpec
-from .data import Pairs, load_dataset, to_input, tokenize_captions
-from .evaluate import (accuracy, embed_images, embed_texts, linear_probe, retrieval_metrics,
-                       zeroshot_top1)
+from .data import Pairs, StreamingPairs, load_dataset
+from .evaluate import PROBE_MAX, accuracy, embed, linear_probe, retrieval_metrics, zeroshot_top1
 from .models import image_features, text_features
 from .train import TorchEngine, clip_loss, run_loop
 
@@ -32,9 +33,14 @@ SCORE_KEY = {"image": "top1", "text": "accuracy", "image_text": "mean_recall"}
 
 @dataclass
 class TaskData:
-    train: Pairs
-    test: Pairs
-    zeroshot: Pairs | None = None
+    train: Pairs | StreamingPairs
+    test: Pairs | StreamingPairs
+    zeroshot: Pairs | StreamingPairs | None = None
+
+    @property
+    def skipped(self) -> int:
+        """Bad samples the streamed sets of this task skipped so far (distinct)."""
+        return sum(d.skipped for d in (self.train, self.test, self.zeroshot) if d is not None)
 
 
 def load_task_data(cfg: Config, modality: str, image_size: int) -> TaskData:
@@ -42,9 +48,10 @@ def load_task_data(cfg: Config, modality: str, image_size: int) -> TaskData:
     dcfg = getattr(cfg.data, section)
     kw = dict(image_size=image_size, cache_dir=cfg.cache_path, field_name=f"data.{section}")
     train, test = load_dataset(dcfg, "train", **kw), load_dataset(dcfg, "test", **kw)
-    if modality != "image_text" and train.labels is None:
+    if modality != "image_text" and train.classnames is None:
         from .errors import UserError
-        raise UserError(f"data.{section}.kind", f"{dcfg.kind} has no class labels; a classification task needs them")
+        raise UserError(f"data.{section}.kind", f"{dcfg.kind} has no class labels; a classification task needs them",
+                        "webdataset: .cls members and a dataset.json naming the classes (mmlg_ray.shards writes both)")
     zs = None
     if modality == "image_text" and cfg.data.zeroshot is not None:
         zs = load_dataset(cfg.data.zeroshot, "test", image_size=image_size, cache_dir=cfg.cache_path,
@@ -65,29 +72,34 @@ class Classifier(nn.Module):
 
 
 def _init_probe(model, modality, data: TaskData, spec: ModelSpec, device, seed) -> float:
-    if modality == "image":
-        tr, te = (embed_images(model, d, spec.image_size, device) for d in (data.train, data.test))
-    else:
-        tr, te = (embed_texts(model, d.captions, spec.context_length, device) for d in (data.train, data.test))
-    return linear_probe(tr, data.train.labels, te, data.test.labels, len(data.train.classnames), seed=seed)
+    kw = dict(images=modality == "image", texts=modality == "text")
+    tr = embed(model, data.train, spec.image_size, spec.context_length, device, limit=PROBE_MAX, **kw)
+    te = embed(model, data.test, spec.image_size, spec.context_length, device, **kw)
+    key = "image" if modality == "image" else "text"
+    return linear_probe(tr[key], tr["labels"], te[key], te["labels"], len(data.train.classnames), seed=seed)
 
 
 def evaluate(model, modality: str, data: TaskData, spec: ModelSpec, device) -> dict:
+    """Score on the test set: one pass in batches (in memory or streamed)."""
     model.eval()
     with torch.no_grad():
         if modality == "image_text":
-            img = embed_images(model, data.test, spec.image_size, device)
-            txt = embed_texts(model, data.test.captions, spec.context_length, device)
-            m = retrieval_metrics(img, txt, data.test.captions)
+            e = embed(model, data.test, spec.image_size, spec.context_length, device)
+            m = retrieval_metrics(e["image"], e["text"], e["captions"])
             if data.zeroshot is not None:
                 m["zeroshot_top1"] = zeroshot_top1(model, data.zeroshot, spec.image_size, spec.context_length, device)
         else:
-            if modality == "image":
-                x = to_input(data.test.images, spec.image_size)
-            else:
-                x = tokenize_captions(data.test.captions, spec.context_length)
-            logits = torch.cat([model(x[i:i + 512].to(device)).float().cpu() for i in range(0, len(x), 512)])
-            m = {SCORE_KEY[modality]: accuracy(logits, data.test.labels)}
+            logits, labels = [], []
+            stream = data.test.eval_batches(512, spec.image_size, spec.context_length)
+            try:
+                for images, tokens, lab, _ in stream:
+                    x = images if modality == "image" else tokens
+                    logits.append(model(x.to(device)).float().cpu())
+                    labels.append(lab)
+            finally:
+                if hasattr(stream, "close"):
+                    stream.close()
+            m = {SCORE_KEY[modality]: accuracy(torch.cat(logits), torch.cat(labels))}
     m["score"] = m[SCORE_KEY[modality]]
     model.train()
     return m
@@ -133,21 +145,25 @@ def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConf
     t0 = time.perf_counter()
     samples = 0
     step = 0
-    while step < fcfg.steps:
-        chunk = min(fcfg.eval_every, fcfg.steps - step)
-        res = run_loop(engine, batches, loss_fn, step + chunk, start_step=step, log_every=max(chunk, 1),
-                       name=f"finetune/{modality}", device=device)
-        samples += res.samples * world
-        step = res.steps
-        metrics = evaluate(model, modality, data, spec, device)
-        metrics.update(step=step, epoch=len(history) + 1, train_loss=res.last.get("loss", float("nan")))
-        if "linear_probe_init" in summary:
-            metrics["linear_probe_init"] = summary["linear_probe_init"]
-        history.append(metrics)
-        if not best or metrics["score"] > best["score"]:
-            best = dict(metrics)
-        if on_eval is not None:
-            on_eval(step, metrics)
+    try:
+        while step < fcfg.steps:
+            chunk = min(fcfg.eval_every, fcfg.steps - step)
+            res = run_loop(engine, batches, loss_fn, step + chunk, start_step=step, log_every=max(chunk, 1),
+                           name=f"finetune/{modality}", device=device)
+            samples += res.samples * world
+            step = res.steps
+            metrics = evaluate(model, modality, data, spec, device)
+            metrics.update(step=step, epoch=len(history) + 1, train_loss=res.last.get("loss", float("nan")))
+            if "linear_probe_init" in summary:
+                metrics["linear_probe_init"] = summary["linear_probe_init"]
+            history.append(metrics)
+            if not best or metrics["score"] > best["score"]:
+                best = dict(metrics)
+            if on_eval is not None:
+                on_eval(step, metrics)
+    finally:
+        if hasattr(batches, "close"):  # a streamed set's loader workers
+            batches.close()
     summary.update(final=history[-1], best=best, history=history, steps=step, samples=samples,
                    seconds=time.perf_counter() - t0)
     return summary

@@ -31,6 +31,16 @@ def test_missing_package_is_a_clear_error(cache_dir):
                                                    test_fraction=0.2), "train", image_size=16, cache_dir=cache_dir)
 
 
+def _one_pass(ds, image_size=16):
+    """(images, labels-or-None, captions) of one ordered pass over a set, in memory or streamed."""
+    images, labels, caps = [], [], []
+    for x, _, lab, cap in ds.eval_batches(64, image_size, 16):
+        images.append(x)
+        labels.append(lab)
+        caps += cap
+    return torch.cat(images), None if None in labels else torch.cat(labels), caps
+
+
 def _real_pngs(n):
     return sorted(p for p in Path(TUXPAINT_DIR).rglob("*.png") if p.with_suffix(".txt").is_file())[:n]
 
@@ -47,11 +57,15 @@ def test_webdataset_shards_stream(tmp_path, cache_dir):
                     tar.addfile(info, io.BytesIO(data))
     cfg = DatasetConfig(kind="webdataset", path=str(tmp_path / "shard-{000..001}.tar"))
     ds = load_dataset(cfg, "train", image_size=16, cache_dir=cache_dir)
-    assert len(ds.shards) == 2
-    images, tokens, _ = next(ds.batches(4, 16, 16))
-    assert images.shape == (4, 3, 16, 16) and tokens.shape == (4, 16)
-    test = load_dataset(cfg.model_copy(update={"max_samples": 10}), "test", image_size=16, cache_dir=cache_dir)
-    assert len(test) == 10
+    test = load_dataset(cfg, "test", image_size=16, cache_dir=cache_dir)
+    # the test split is held-out shards: one of the two, never a sample of the train shards
+    assert len(ds.shards) == len(test.shards) == 1 and set(ds.shards) | set(test.shards) == {
+        str(tmp_path / f"shard-{s:03d}.tar") for s in range(2)}
+    images, tokens, labels = next(ds.batches(4, 16, 16))
+    assert images.shape == (4, 3, 16, 16) and tokens.shape == (4, 16) and labels is None
+    test = load_dataset(cfg.model_copy(update={"max_samples": 4}), "test", image_size=16, cache_dir=cache_dir)
+    images, _, caps = _one_pass(test)
+    assert images.shape == (4, 3, 16, 16) and len(caps) == 4
 
 
 def test_image_folder_csv(tmp_path, cache_dir):
@@ -67,7 +81,8 @@ def test_image_folder_csv(tmp_path, cache_dir):
     cfg = DatasetConfig(kind="image_folder_csv", path=str(tmp_path), test_fraction=0.5)
     tr = load_dataset(cfg, "train", image_size=16, cache_dir=cache_dir)
     te = load_dataset(cfg, "test", image_size=16, cache_dir=cache_dir)
-    assert len(tr) + len(te) == 20 and tr.labels is not None
+    (_, tr_labels, tr_caps), (_, _, te_caps) = _one_pass(tr), _one_pass(te)
+    assert len(tr_caps) + len(te_caps) == 20 and tr_labels is not None and tr.classnames == te.classnames
 
 
 def test_oxford_pets_and_flickr30k_layouts(tmp_path, cache_dir):
@@ -84,14 +99,17 @@ def test_oxford_pets_and_flickr30k_layouts(tmp_path, cache_dir):
     (pets / "annotations" / "trainval.txt").write_text("\n".join(lines[::2]) + "\n")
     (pets / "annotations" / "test.txt").write_text("\n".join(lines[1::2]) + "\n")
     te = load_dataset(DatasetConfig(kind="oxford_pets", path=str(pets)), "test", image_size=16, cache_dir=cache_dir)
-    assert len(te) == 3 and te.classnames == ["abyssinian", "great pyrenees", "bombay"]
+    _, labels, _ = _one_pass(te)
+    assert labels.tolist() == [0, 1, 2] and te.classnames == ["abyssinian", "great pyrenees", "bombay"]
     fl = tmp_path / "flickr"
     (fl / "flickr30k-images").mkdir(parents=True)
-    images = []
+    images_meta = []
     for i, p in enumerate(pngs):
         Image.open(p).convert("RGB").save(fl / "flickr30k-images" / f"{i}.jpg")
-        images.append({"filename": f"{i}.jpg", "split": "test" if i < 2 else "train",
-                       "sentences": [{"raw": p.with_suffix(".txt").read_text().splitlines()[0]}]})
-    (fl / "dataset_flickr30k.json").write_text(json.dumps({"images": images}))
+        images_meta.append({"filename": f"{i}.jpg", "split": "test" if i < 2 else "train",
+                            "sentences": [{"raw": p.with_suffix(".txt").read_text().splitlines()[0]}]})
+    (fl / "dataset_flickr30k.json").write_text(json.dumps({"images": images_meta}))
     te = load_dataset(DatasetConfig(kind="flickr30k", path=str(fl)), "test", image_size=16, cache_dir=cache_dir)
-    assert len(te) == 2 and te.images.shape == (2, 3, 16, 16)
+    images, labels, caps = _one_pass(te)
+    assert images.shape == (2, 3, 16, 16) and labels is None
+    assert caps == [im["sentences"][0]["raw"].strip() for im in images_meta[:2]]
