@@ -47,12 +47,22 @@ def pretrain_clip(cfg: Config, spec: ModelSpec, tcfg: TrainConfig, seed: int = 0
     data = data or corpus(cfg)
     engine = TorchEngine(model, tcfg)
     batches = data.batches(tcfg.batch_size, spec.image_size, spec.context_length, seed=seed)
-    res = run_loop(engine, batches, contrastive_step(model), tcfg.steps, log_every=tcfg.log_every,
-                   name=name, device=device)
+    try:
+        res = run_loop(engine, batches, contrastive_step(model), tcfg.steps, log_every=tcfg.log_every,
+                       name=name, device=device)
+    finally:
+        _close(batches)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "attn_mask"}
     c = {"steps": res.steps, "samples": res.samples, "wall_s": res.seconds, "device_s": res.seconds,
-         "flops": costmod.train_flops(spec, "image_text", res.samples), "final_loss": res.last.get("loss")}
+         "flops": costmod.train_flops(spec, "image_text", res.samples), "final_loss": res.last.get("loss"),
+         "skipped_samples": data.skipped}
     return state, c
+
+
+def _close(batches):
+    """Stop a streamed set's loader workers (in-memory batches are plain generators)."""
+    if hasattr(batches, "close"):
+        batches.close()
 
 
 # --------------------------------------------------------------------------- extraction
@@ -98,9 +108,13 @@ def extract(cfg: Config, ancestor, out_path, method: str | None = None, device=N
     engine = TorchEngine(aux, ecfg)
     batches = data.batches(ecfg.batch_size, spec.image_size, spec.context_length, seed=cfg.seed)
     step_fn = extraction_step(aux, teacher, ecfg.distill_weight, ecfg.distill_temperature, ecfg.feature_weight)
-    res = run_loop(engine, batches, step_fn, ecfg.steps, log_every=ecfg.log_every,
-                   name=f"extract/{aux.learngene.meta.method}", device=device)
+    try:
+        res = run_loop(engine, batches, step_fn, ecfg.steps, log_every=ecfg.log_every,
+                       name=f"extract/{aux.learngene.meta.method}", device=device)
+    finally:
+        _close(batches)
     cost = extraction_cost(spec, ancestor.spec, res.steps, res.samples, res.seconds, 1, res.last)
+    cost["skipped_samples"] = data.skipped  # corrupt / incomplete samples of a streamed corpus
     finish_extraction(aux, out_path, cost)
     return cost
 
@@ -136,28 +150,46 @@ def pretrain_descendant(cfg: Config, ancestor, method: str, spec: ModelSpec, dev
     anchors_img, anchors_txt = csm_anchors(cfg, teacher, data, device)
     engine = TorchEngine(model, tcfg)
     batches = data.batches(tcfg.batch_size, spec.image_size, spec.context_length, seed=cfg.seed)
-    res = run_loop(engine, batches, csm_step(model, teacher, "image_text", anchors_img, anchors_txt), steps,
-                   log_every=tcfg.log_every, name=name, device=device)
+    try:
+        res = run_loop(engine, batches, csm_step(model, teacher, "image_text", anchors_img, anchors_txt), steps,
+                       log_every=tcfg.log_every, name=name, device=device)
+    finally:
+        _close(batches)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "attn_mask"}
     flops = costmod.train_flops(spec, "image_text", res.samples) + costmod.forward_flops(ancestor.spec) * res.samples
     return state, {"steps": res.steps, "samples": res.samples, "wall_s": res.seconds, "device_s": res.seconds,
-                   "flops": flops, "final_loss": res.last.get("loss")}
+                   "flops": flops, "final_loss": res.last.get("loss"), "skipped_samples": data.skipped}
 
 
 @torch.no_grad()
-def csm_anchors(cfg: Config, teacher, data, device, n_images: int = 256):
-    """The fixed anchor sets: teacher text embeddings of the corpus's class prompts (or its first
-    distinct captions) and teacher image embeddings of a fixed sample of corpus images."""
-    from .data import to_input, tokenize_captions
+def csm_anchors(cfg: Config, teacher, data, device, n_images: int = 256, n_texts: int = 1024):
+    """The fixed anchor sets: teacher text embeddings of the corpus's class prompts (or else its
+    first `n_texts` distinct captions) and teacher image embeddings of its first `n_images` images,
+    read in one ordered pass that stops as soon as both are collected, so a streamed corpus is never
+    read whole (and an in-memory one gives the same anchors as its stream would)."""
+    from .data import tokenize_captions
     spec = cfg.ancestor.spec
-    if getattr(data, "classnames", None):
-        prompts = [t.format(c) for c in data.classnames for t in data.templates]
-    else:
-        prompts = list(dict.fromkeys(data.captions))[:1024]
+    prompts = [t.format(c) for c in data.classnames for t in data.templates] if data.classnames else None
+    captions: dict[str, None] = {}
+    images, n_img = [], 0
+    stream = data.eval_batches(256, spec.image_size, spec.context_length)
+    try:
+        for x, _, _, caps in stream:
+            if n_img < n_images:
+                images.append(x[:n_images - n_img])
+                n_img += len(images[-1])
+            if prompts is None:
+                captions.update(dict.fromkeys(caps))
+            if n_img >= n_images and (prompts is not None or len(captions) >= n_texts):
+                break
+    finally:
+        _close(stream)
+    if not images:
+        from .errors import UserError
+        raise UserError("data.corpus", "csm found no readable sample in the corpus", "check data.corpus.path")
+    prompts = prompts or list(captions)[:n_texts]
     txt = teacher.encode_text(tokenize_captions(prompts, spec.context_length).to(device), normalize=True)
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(data), generator=g)[:n_images]
-    img = teacher.encode_image(to_input(data.images[idx], spec.image_size).to(device), normalize=True)
+    img = torch.cat([teacher.encode_image(x.to(device), normalize=True) for x in images])
     return img, txt
 
 
@@ -221,12 +253,14 @@ def run_trial(cfg: Config, cell: Cell, seed: int, *, lr: float | None = None, we
         if on_eval is not None:
             el = time.perf_counter() - t0
             on_eval(step, {**row, "steps": step, "finetune_wall_s": el, "finetune_device_s": el * world,
+                           "skipped_samples": data.skipped,
                            "finetune_flops": costmod.train_flops(spec, cell.modality, step * fcfg.batch_size),
                            **metrics})
 
     summary = finetune(model, cell.modality, data, fcfg, spec, device, seed=seed, on_eval=running,
                        rank=rank, world=world, wrap=wrap)
     row.update({
+        "skipped_samples": data.skipped,
         "epochs": len(summary["history"]), "steps": summary["steps"],
         "finetune_wall_s": summary["seconds"], "finetune_device_s": summary["seconds"] * world,
         "finetune_flops": costmod.train_flops(spec, cell.modality, summary["samples"]),
@@ -298,4 +332,4 @@ def _cost_cols(c: dict) -> dict:
     c = c or {}
     return {"steps": int(c.get("steps", 0) or 0), "samples": int(c.get("samples", 0) or 0),
             "wall_s": float(c.get("wall_s", 0.0) or 0.0), "device_s": float(c.get("device_s", 0.0) or 0.0),
-            "flops": float(c.get("flops", 0) or 0)}
+            "flops": float(c.get("flops", 0) or 0), "skipped_samples": int(c.get("skipped_samples", 0) or 0)}
