@@ -244,6 +244,7 @@ class RayConfig(_Strict):
     num_workers: int = Field(2, ge=1, description="Ray Train workers for extraction")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    data_cpus: float = Field(1.0, gt=0, description="streamed corpus: CPUs of each Ray Data decoding task")
     max_failures: int = Field(1, ge=0)
     storage_path: Optional[str] = Field(None, description="Ray storage (local folder or URI); default OUTPUT/ray")
     extraction: ExtractionRayConfig = ExtractionRayConfig()

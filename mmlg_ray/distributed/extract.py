@@ -53,8 +53,9 @@ def _train_worker(config: dict):
     import torch
 
     from ..config import config_from_dict
-    from ..pipeline import build_aux, corpus, setup_runtime
+    from ..pipeline import build_aux, setup_runtime
     from ..train import extraction_step, lr_lambda, param_groups, run_loop
+    from .data import corpus_batches
 
     cfg = config_from_dict(config["cfg"])
     rs = cfg.ray
@@ -89,11 +90,10 @@ def _train_worker(config: dict):
             start, config["prior_wall_s"] = progress["step"], progress["wall_s"]
         log.info("extraction: rank %d resumed from step %d", rank, start)
 
-    data = corpus(cfg)
     spec = aux.learngene.meta.model_spec
     bs = ds_cfg["train_micro_batch_size_per_gpu"]
-    batches = data.batches(bs * world, spec.image_size, spec.context_length, seed=cfg.seed + 7919 * start,
-                           rank=rank, world=world)  # global batch; each rank takes its slice
+    batches = corpus_batches(cfg, spec.image_size, spec.context_length, bs, rank, world,
+                             seed=cfg.seed + 7919 * start)  # this rank's bs of every global batch
     dtype = torch.bfloat16 if rs.extraction.bf16 else None
     step_fn = extraction_step(engine, teacher, ecfg.distill_weight, ecfg.distill_temperature, ecfg.feature_weight)
     if dtype is not None:
@@ -144,6 +144,7 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
     from ray.train.torch import TorchTrainer
 
     from ..pipeline import aux_spec, build_aux, extraction_cost, finish_extraction
+    from .data import skipped_count, trainer_datasets
     from .settings import ensure_ray
 
     ensure_ray(cfg)
@@ -156,6 +157,7 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
             str((out_path.parent / f"{out_path.stem}.ray").resolve())
     name = name or f"extract-{method}-{fp}"
     resources = {"CPU": rs.cpus_per_worker}
+    datasets, data_kw, skips = trainer_datasets(cfg, aux_spec(cfg, ancestor.spec))  # a streamed corpus only
     if rs.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
@@ -167,10 +169,12 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
             storage_path=storage, name=name,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=rs.max_failures)),
+        datasets=datasets, **data_kw,
     )
     t0 = time.perf_counter()
     result = trainer.fit()
     driver_wall = time.perf_counter() - t0
+    skipped = skipped_count(skips)
     if result.error:
         raise result.error
     metrics = result.metrics or {}
@@ -188,6 +192,7 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
                            metrics)
     cost.update(driver_wall_s=driver_wall, zero_stage=rs.extraction.zero_stage, backend="ray_train+deepspeed",
                 resumed_from_step=int(metrics.get("resumed_from_step", 0)))
+    cost["skipped_samples"] = skipped  # corrupt / incomplete samples of a streamed corpus, dropped by the reader
     finish_extraction(aux, out_path, cost)
     log.info("extraction %s: wrote %s (%d steps, %.1f device-s)", method, out_path, cost["steps"], cost["device_s"])
     return cost
