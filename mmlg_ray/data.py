@@ -380,7 +380,8 @@ class BatchStream:
             return (*out, captions[:n]) if self.with_captions else out
 
     def close(self):
-        it, self._it = self._it, None
+        """Stop the loader's worker processes (also on garbage collection)."""
+        it, self._it = getattr(self, "_it", None), None
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
 

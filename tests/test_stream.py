@@ -98,6 +98,16 @@ def test_shards_cli_writes_labelled_sets(tmp_path, cache_dir):
                              f"data.image_classification.test_shards={out}/test-*.tar"])
     task = load_task_data(cfg, "image", 16)  # a classification set from shards: labels and class names
     assert len(task.train.classnames) == 10 and len(task.test.shards) == 2
+    # fine-tuning and scoring take streamed train and test sets (the probe and each evaluation: one pass)
+    from mmlg_ray.config import FinetuneConfig, ModelSpec
+    from mmlg_ray.finetune import finetune
+    from mmlg_ray.models import build_model
+    spec = ModelSpec(image_depth=1, text_depth=1, image_width=64, text_width=64, image_size=16, patch_size=8,
+                     context_length=16, embed_dim=16)
+    fcfg = FinetuneConfig(steps=4, eval_every=2, batch_size=8, warmup_steps=1)
+    summary = finetune(build_model(spec, "image"), "image", task, fcfg, spec, torch.device("cpu"))
+    assert summary["steps"] == 4 and len(summary["history"]) == 2 and 0 <= summary["final"]["top1"] <= 100
+    assert 0 <= summary["linear_probe_init"] <= 100 and task.skipped == 0
 
 
 def test_csm_pretraining_on_webdataset(tiny_cfg, tiny_ancestor, tmp_path, cache_dir):
