@@ -26,7 +26,7 @@ import logging
 import random
 
 from ..config import Config
-from ..data import STREAMED_KINDS, decode_sample, is_streamed, read_unit, to_input, tokenize_captions
+from ..data import BadSample, decode_sample, is_streamed, read_unit, to_input, tokenize_captions
 
 log = logging.getLogger("mmlg_ray")
 ROWS_PER_BATCH = 64  # rows per output batch of a decoding task
@@ -73,7 +73,7 @@ def _decode_units(batch: dict, image_size: int, context_length: int, counter, ro
                     img, cap, _ = decode_sample(parts, image_size)
                     images.append(img.numpy())
                     caps.append(cap)
-                except Exception as e:  # noqa: BLE001 - BadSample, or anything the decoder raised
+                except BadSample as e:
                     err = str(e)
             if err is not None:
                 bad.append((key, err))
@@ -158,5 +158,3 @@ def _endless(shard, batch_size: int, image_size: int, prefetch: int, shuffle_buf
                                "use more data or a smaller learngene.extraction.batch_size")
         epoch += 1
 
-
-__all__ = ["STREAMED_KINDS", "corpus_batches", "corpus_dataset", "skipped_count", "trainer_datasets"]
