@@ -30,36 +30,68 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    """Shape of a two-tower CLIP (or one of its towers). Widths are per tower; heads = width / head_width."""
+    """Shape and architecture flags of a two-tower open_clip CLIP (or one of its towers).
+
+    The shape fields are what descendants change (depth, width per tower); everything else is the
+    ancestor's architecture and is carried unchanged into the learngene and every descendant:
+    per-tower head width and MLP ratio, QuickGELU, and any further open_clip `vision_cfg` /
+    `text_cfg` field (layer scale, attentional pooling, pool types, no_causal_mask,
+    final_ln_after_pool, proj_bias, norm/act kwargs, ...) verbatim in `vision_flags` / `text_flags`.
+    Features the learngene cannot carry yet are refused with an error naming them
+    (models.unsupported_features), never dropped.
+    """
 
     image_depth: int = Field(4, ge=1)
     text_depth: int = Field(4, ge=1)
     image_width: int = Field(128, ge=1)
     text_width: int = Field(128, ge=1)
-    head_width: int = Field(64, ge=1)
-    mlp_ratio: float = Field(4.0, gt=0)
+    head_width: int = Field(64, ge=1, description="image-tower head width (and the text tower's unless text_head_width)")
+    text_head_width: Optional[int] = Field(None, ge=1, description="text-tower head width (ViT-H-14: 64 vs 80)")
+    mlp_ratio: float = Field(4.0, gt=0, description="image-tower MLP ratio (and the text tower's unless text_mlp_ratio)")
+    text_mlp_ratio: Optional[float] = Field(None, gt=0)
     patch_size: int = Field(8, ge=1)
     image_size: int = Field(32, ge=1)
     context_length: int = Field(32, ge=2)
     vocab_size: int = Field(49408, ge=2)
     embed_dim: int = Field(64, ge=1)
+    quick_gelu: bool = False
+    vision_flags: dict = Field(default_factory=dict, description="further open_clip vision_cfg fields")
+    text_flags: dict = Field(default_factory=dict, description="further open_clip text_cfg fields")
 
     @model_validator(mode="after")
     def _check(self):
         for tower in ("image", "text"):
-            w = getattr(self, f"{tower}_width")
-            if w % self.head_width:
-                raise ValueError(
-                    f"{tower}_width={w} is not a multiple of head_width={self.head_width}; "
-                    f"use a multiple of {self.head_width}")
-            if int(round(w * self.mlp_ratio)) != w * self.mlp_ratio:
-                raise ValueError(f"{tower}_width * mlp_ratio must be an integer")
+            w, hw = self.width(tower), self.head_width_of(tower)
+            if w % hw:
+                raise ValueError(f"{tower}_width={w} is not a multiple of the {tower} head width {hw}; "
+                                 f"use a multiple of {hw}")
+            if self.mlp_hidden(tower) < 1:
+                raise ValueError(f"{tower}_width * mlp_ratio must be >= 1")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if self.vision_flags or self.text_flags:
+            from .models import unsupported_features  # open_clip is imported only for flagged specs
+            bad = unsupported_features(self.vision_flags, self.text_flags)
+            if bad:
+                raise ValueError(f"{bad[0]} is not supported yet by the learngene; use an architecture without it")
         return self
 
     def heads(self, tower: str) -> int:
-        return getattr(self, f"{tower}_width") // self.head_width
+        return self.width(tower) // self.head_width_of(tower)
+
+    def head_width_of(self, tower: str) -> int:
+        return self.text_head_width or self.head_width if tower == "text" else self.head_width
+
+    def mlp_ratio_of(self, tower: str) -> float:
+        return self.text_mlp_ratio or self.mlp_ratio if tower == "text" else self.mlp_ratio
+
+    def mlp_hidden(self, tower: str, width: int | None = None) -> int:
+        """open_clip's MLP width for this tower at `width` (int(width * mlp_ratio), as open_clip computes it)."""
+        return int((width or self.width(tower)) * self.mlp_ratio_of(tower))
+
+    def layer_scale(self, tower: str) -> float | None:
+        """The tower's layer-scale init value (None: no layer scale, no ls_1/ls_2 tensors)."""
+        return (self.vision_flags if tower == "image" else self.text_flags).get("ls_init_value")
 
     def depth(self, tower: str) -> int:
         return getattr(self, f"{tower}_depth")
@@ -90,6 +122,9 @@ class AncestorConfig(_Strict):
     source=local      pre-train `spec` on data.corpus, cached under cache_dir (the laptop/CI default)
     source=open_clip  an open_clip architecture + pretrained tag (downloads: clusters only)
     source=checkpoint a local .safetensors / torch checkpoint of an open_clip CLIP with `spec` or `arch`
+
+    With `arch`, `spec` is read from open_clip's model config of that architecture (widths, depths,
+    head widths, QuickGELU and every other flag) and replaces whatever `spec` says.
     """
 
     source: Literal["local", "open_clip", "checkpoint"] = "local"
@@ -101,6 +136,9 @@ class AncestorConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.arch:  # open_clip's own model config of the architecture is the spec, flags included
+            from .models import spec_from_arch
+            self.__dict__["spec"] = spec_from_arch(self.arch)
         if self.source == "open_clip" and not (self.arch and self.pretrained):
             raise ValueError("ancestor.arch: source=open_clip needs both ancestor.arch and ancestor.pretrained")
         if self.source == "checkpoint":
@@ -273,7 +311,7 @@ class Config(_Strict):
         for w in self.descendants.grid.width:
             if w % spec.head_width:
                 raise ValueError(
-                    f"descendants.grid.width: {w} is not a multiple of head_width={spec.head_width}")
+                    f"descendants.grid.width: {w} is not a multiple of the image head width {spec.head_width}")
             if w > max(spec.image_width, spec.text_width):
                 raise ValueError(
                     f"descendants.grid.width: {w} is wider than the ancestor "
