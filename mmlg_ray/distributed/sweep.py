@@ -257,7 +257,8 @@ def _stage_pretrain(cfg: Config, anc, out: Path, stages: list):
     from ..atomic import atomic_path, write_json
     results = {}
     todo = []
-    fp = cfg.fingerprint("ancestor", "data.corpus", "learngene.extraction", "descendants.pretrain_steps", "seed")
+    fp = cfg.fingerprint("ancestor", "data.corpus", "learngene.extraction", "descendants.pretrain_steps", "seed",
+                         "precision")
     for method, spec in needs_pretraining(cfg, anc.spec):
         base = out / "pretrained" / f"{method}-{shape_key(spec)}-{fp}"
         if base.with_suffix(".safetensors").is_file() and base.with_suffix(".json").is_file():
