@@ -226,6 +226,20 @@ def test_deepspeed_offload_keeps_schedule_and_weight_decay_exclusions(tiny_overr
         assert min(x["n_groups"]) > 0 and math.isfinite(x["loss"])
 
 
+def test_fp16_extraction_on_cpu_workers_is_refused_up_front(tmp_path):
+    from mmlg_ray.config import load_config
+    from mmlg_ray.distributed.extract import check_precision
+    from mmlg_ray.errors import UserError
+    with pytest.raises(UserError) as e:
+        check_precision(load_config(None, ["precision=fp16"]))
+    assert str(e.value).startswith("precision") and "bf16" in str(e.value)
+    check_precision(load_config(None, ["precision=fp16", "ray.use_gpu=true"]))
+    check_precision(load_config(None, ["precision=bf16"]))
+    from jobs import sweep as sweep_job
+    assert sweep_job.main(["--set", "precision=fp16", "--output", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as s:

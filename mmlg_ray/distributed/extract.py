@@ -55,6 +55,13 @@ def deepspeed_config(rs: RayConfig, ecfg, world: int, precision: str = "fp32") -
     return cfg
 
 
+def check_precision(cfg: Config) -> None:
+    """DeepSpeed has no fp16 mode on CPU: refuse it before any work starts."""
+    if cfg.precision == "fp16" and not cfg.ray.use_gpu:
+        raise UserError("precision", "fp16 extraction runs DeepSpeed's fp16 mode, which needs GPU workers",
+                        "use precision=bf16 on CPU workers, or ray.use_gpu=true")
+
+
 def build_optimizer(model, ecfg, rs: RayConfig):
     """(optimizer, LambdaLR) over the project's parameter groups and schedule, for DeepSpeed. With
     the optimizer offloaded it is DeepSpeed's CPU Adam (AdamW mode; its C++ op is built on first use,
@@ -180,9 +187,7 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
     from .settings import ensure_ray
 
     rs = cfg.ray
-    if cfg.precision == "fp16" and not rs.use_gpu:
-        raise UserError("precision", "fp16 extraction runs DeepSpeed's fp16 mode, which needs GPU workers",
-                        "use precision=bf16 on CPU workers, or ray.use_gpu=true")
+    check_precision(cfg)
     ensure_ray(cfg)
     method = method or cfg.learngene.method
     fp = cfg.fingerprint("ancestor", "data.corpus", "learngene", "seed", "precision", "ray.extraction",
