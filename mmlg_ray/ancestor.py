@@ -114,7 +114,7 @@ def _match(state: dict, spec: ModelSpec, what: str) -> dict:
 def local_ancestor(cfg: Config, device=None) -> Ancestor:
     """Pre-train (or reuse from the cache) the local default ancestor on data.corpus."""
     from safetensors.torch import load_file, save_file
-    key = cfg.fingerprint("ancestor.spec", "ancestor.pretrain", "data.corpus", "seed")
+    key = cfg.fingerprint("ancestor.spec", "ancestor.pretrain", "data.corpus", "seed", "precision")
     folder = cfg.cache_path / "ancestors" / key
     weights, meta_path = folder / "model.safetensors", folder / "meta.json"
     if weights.is_file() and meta_path.is_file():

@@ -238,10 +238,26 @@ class DescendantsConfig(_Strict):
 
 
 class ExtractionRayConfig(_Strict):
+    """DeepSpeed ZeRO for the extraction; its precision is the top-level `precision` setting."""
+
     zero_stage: Literal[1, 2, 3] = 2
     offload_optimizer: bool = False
-    offload_params: bool = False
-    bf16: bool = False
+    offload_params: bool = Field(False, description="ZeRO-3 only: parameters live on the CPU")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        if isinstance(data, dict) and "bf16" in data:
+            raise ValueError("ray.extraction.bf16: replaced by the top-level setting `precision` "
+                             "(fp32 | bf16 | fp16), which every training stage follows; e.g. precision: bf16")
+        return data
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("ray.extraction.offload_params: parameter offload needs zero_stage: 3 "
+                             f"(got {self.zero_stage})")
+        return self
 
 
 class SearchSpace(_Strict):
@@ -292,6 +308,10 @@ class ReportConfig(_Strict):
 class Config(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="every training and evaluation stage: fp32, bf16 (autocast; DeepSpeed bf16), or fp16 "
+        "with dynamic loss scaling for GPUs without bf16; master weights and artifacts stay fp32")
+    tf32: bool = Field(True, description="TF32 tensor cores for fp32 matmuls and convolutions (CUDA only)")
     cache_dir: str = "~/.cache/mmlg_ray"
     output_dir: str = "runs/local"
     threads: Optional[int] = Field(None, ge=1)
@@ -319,9 +339,13 @@ class Config(_Strict):
         return self
 
     def fingerprint(self, *sections: str) -> str:
-        """Short stable hash of some config sections: cache keys for stages."""
+        """Short stable hash of some config sections: cache keys for stages. A listed `precision`
+        enters the key only when it is not fp32, so fp32 artifacts cached before the setting
+        existed keep their keys."""
         data = self.model_dump(mode="json")
         picked = {s: _dig(data, s) for s in sections} if sections else data
+        if sections and picked.get("precision") == "fp32":
+            del picked["precision"]
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
     @property

@@ -1,27 +1,34 @@
 """Evaluation: classification top-1 (fine-tuned and linear probe), zero-shot classification,
-image-text retrieval R@1/5/10 in both directions, text classification accuracy."""
+image-text retrieval R@1/5/10 in both directions, text classification accuracy.
+
+Embeddings are computed under the run's `precision` (autocast) and returned as float32, so every
+metric is computed in fp32."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import precision as amp
 from .data import Pairs, to_input, tokenize_captions
 from .models import image_features, text_features
 
 
 @torch.no_grad()
-def embed_images(model, pairs: Pairs, image_size: int, device, bs: int = 256) -> torch.Tensor:
+def embed_images(model, pairs: Pairs, image_size: int, device, bs: int = 256, precision: str = "fp32") -> torch.Tensor:
     model.eval()
-    out = [image_features(model, to_input(pairs.images[i:i + bs], image_size).to(device)).float().cpu()
-           for i in range(0, len(pairs), bs)]
+    with amp.autocast(device, precision):
+        out = [image_features(model, to_input(pairs.images[i:i + bs], image_size).to(device)).float().cpu()
+               for i in range(0, len(pairs), bs)]
     return torch.cat(out)
 
 
 @torch.no_grad()
-def embed_texts(model, texts: list[str], context_length: int, device, bs: int = 256) -> torch.Tensor:
+def embed_texts(model, texts: list[str], context_length: int, device, bs: int = 256,
+                precision: str = "fp32") -> torch.Tensor:
     model.eval()
     toks = tokenize_captions(texts, context_length)
-    out = [text_features(model, toks[i:i + bs].to(device)).float().cpu() for i in range(0, len(texts), bs)]
+    with amp.autocast(device, precision):
+        out = [text_features(model, toks[i:i + bs].to(device)).float().cpu() for i in range(0, len(texts), bs)]
     return torch.cat(out)
 
 
@@ -49,14 +56,14 @@ def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, captions: list[str] 
 
 
 @torch.no_grad()
-def zeroshot_top1(model, pairs: Pairs, image_size: int, context_length: int, device) -> float:
+def zeroshot_top1(model, pairs: Pairs, image_size: int, context_length: int, device, precision: str = "fp32") -> float:
     """Classify by the nearest class-prompt embedding (mean over the set's templates)."""
     classes = []
     for name in pairs.classnames:
-        f = embed_texts(model, [t.format(name) for t in pairs.templates], context_length, device)
+        f = embed_texts(model, [t.format(name) for t in pairs.templates], context_length, device, precision=precision)
         classes.append(F.normalize(f.mean(0), dim=-1))
     cls = torch.stack(classes)
-    img = embed_images(model, pairs, image_size, device)
+    img = embed_images(model, pairs, image_size, device, precision=precision)
     pred = (img @ cls.t()).argmax(1)
     return float((pred == pairs.labels).float().mean() * 100)
 

@@ -8,6 +8,7 @@
               zero-shot classification (local: Fashion-MNIST test images)
 
 Every task reports a primary metric under "score" so sweeps and schedulers compare like with like.
+Fine-tuning and evaluation run in the run's `precision` (see mmlg_ray.precision); metrics in fp32.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import precision as amp
 from .config import Config, FinetuneConfig, ModelSpec
 from .data import Pairs, load_dataset, to_input, tokenize_captions
 from .evaluate import (accuracy, embed_images, embed_texts, linear_probe, retrieval_metrics,
@@ -64,29 +66,32 @@ class Classifier(nn.Module):
         return self.head(feats)
 
 
-def _init_probe(model, modality, data: TaskData, spec: ModelSpec, device, seed) -> float:
+def _init_probe(model, modality, data: TaskData, spec: ModelSpec, device, seed, precision: str = "fp32") -> float:
     if modality == "image":
-        tr, te = (embed_images(model, d, spec.image_size, device) for d in (data.train, data.test))
+        tr, te = (embed_images(model, d, spec.image_size, device, precision=precision) for d in (data.train, data.test))
     else:
-        tr, te = (embed_texts(model, d.captions, spec.context_length, device) for d in (data.train, data.test))
+        tr, te = (embed_texts(model, d.captions, spec.context_length, device, precision=precision)
+                  for d in (data.train, data.test))
     return linear_probe(tr, data.train.labels, te, data.test.labels, len(data.train.classnames), seed=seed)
 
 
-def evaluate(model, modality: str, data: TaskData, spec: ModelSpec, device) -> dict:
+def evaluate(model, modality: str, data: TaskData, spec: ModelSpec, device, precision: str = "fp32") -> dict:
     model.eval()
     with torch.no_grad():
         if modality == "image_text":
-            img = embed_images(model, data.test, spec.image_size, device)
-            txt = embed_texts(model, data.test.captions, spec.context_length, device)
+            img = embed_images(model, data.test, spec.image_size, device, precision=precision)
+            txt = embed_texts(model, data.test.captions, spec.context_length, device, precision=precision)
             m = retrieval_metrics(img, txt, data.test.captions)
             if data.zeroshot is not None:
-                m["zeroshot_top1"] = zeroshot_top1(model, data.zeroshot, spec.image_size, spec.context_length, device)
+                m["zeroshot_top1"] = zeroshot_top1(model, data.zeroshot, spec.image_size, spec.context_length, device,
+                                                   precision=precision)
         else:
             if modality == "image":
                 x = to_input(data.test.images, spec.image_size)
             else:
                 x = tokenize_captions(data.test.captions, spec.context_length)
-            logits = torch.cat([model(x[i:i + 512].to(device)).float().cpu() for i in range(0, len(x), 512)])
+            with amp.autocast(device, precision):
+                logits = torch.cat([model(x[i:i + 512].to(device)).float().cpu() for i in range(0, len(x), 512)])
             m = {SCORE_KEY[modality]: accuracy(logits, data.test.labels)}
     m["score"] = m[SCORE_KEY[modality]]
     model.train()
@@ -96,9 +101,10 @@ def evaluate(model, modality: str, data: TaskData, spec: ModelSpec, device) -> d
 def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConfig, spec: ModelSpec,
              device, seed: int = 0, on_eval: Callable[[int, dict], None] | None = None,
              linear_probe_init: bool | None = None, rank: int = 0, world: int = 1,
-             wrap: Callable[[nn.Module], nn.Module] | None = None) -> dict:
+             wrap: Callable[[nn.Module], nn.Module] | None = None, precision: str = "fp32") -> dict:
     """Fine-tune without constraints, evaluating every `eval_every` steps. Returns a summary dict:
     final metrics, best metrics, history (one dict per evaluation), steps, samples, seconds.
+    `precision` (fp32, bf16, fp16) applies to the fine-tuning and to every evaluation.
 
     Data-parallel use: `wrap` (e.g. DistributedDataParallel) wraps the trained module, each of
     `world` ranks takes its own slice of every batch (batch_size / world)."""
@@ -106,12 +112,12 @@ def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConf
     model = model.to(device)
     summary: dict = {}
     if (fcfg.linear_probe if linear_probe_init is None else linear_probe_init) and modality != "image_text":
-        summary["linear_probe_init"] = _init_probe(model, modality, data, spec, device, seed)
+        summary["linear_probe_init"] = _init_probe(model, modality, data, spec, device, seed, precision)
     if modality != "image_text":
         model = Classifier(model, modality, spec.embed_dim, len(data.train.classnames)).to(device)
     model.train()
     trained = wrap(model) if wrap is not None else model
-    engine = TorchEngine(trained, fcfg)
+    engine = TorchEngine(trained, fcfg, precision=precision)
     batches = data.train.batches(max(1, fcfg.batch_size // world) * world, spec.image_size, spec.context_length,
                                  seed=seed, rank=rank, world=world)
 
@@ -139,7 +145,7 @@ def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConf
                        name=f"finetune/{modality}", device=device)
         samples += res.samples * world
         step = res.steps
-        metrics = evaluate(model, modality, data, spec, device)
+        metrics = evaluate(model, modality, data, spec, device, precision)
         metrics.update(step=step, epoch=len(history) + 1, train_loss=res.last.get("loss", float("nan")))
         if "linear_probe_init" in summary:
             metrics["linear_probe_init"] = summary["linear_probe_init"]

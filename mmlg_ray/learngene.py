@@ -301,7 +301,9 @@ class AuxCLIP(nn.Module):
         for name, _ in list(clip.named_parameters()):
             if parse_layer_name(name):
                 mod_name, attr = name.rsplit(".", 1)
-                del clip.get_submodule(mod_name)._parameters[attr]
+                mod = clip.get_submodule(mod_name)
+                del mod._parameters[attr]
+                setattr(mod, attr, None)  # a plain None attribute: repr() works (DeepSpeed ZeRO-3 prints it)
         if inherited:
             missing, unexpected = clip.load_state_dict(inherited, strict=False)
             unexpected = [u for u in unexpected]

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import cost as costmod
+from . import precision as amp
 from .config import Config, ModelSpec, TrainConfig
 from .data import load_dataset
 from .descend import descendant_spec, init_descendant
@@ -30,6 +31,8 @@ def setup_runtime(cfg: Config | None = None, level=logging.INFO):
     logging.getLogger("mmlg_ray").setLevel(level)
     if cfg is not None and cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg is not None:
+        amp.set_tf32(cfg.tf32)
 
 
 def corpus(cfg: Config):
@@ -40,18 +43,20 @@ def corpus(cfg: Config):
 # --------------------------------------------------------------------------- pre-training (CLIP loss)
 def pretrain_clip(cfg: Config, spec: ModelSpec, tcfg: TrainConfig, seed: int = 0, name: str = "pretrain",
                   device=None, data=None) -> tuple[dict, dict]:
-    """Contrastive pre-training of a CLIP of `spec` on the corpus. Returns (state dict, cost)."""
+    """Contrastive pre-training of a CLIP of `spec` on the corpus, in cfg.precision (fp32 master
+    weights). Returns (state dict, cost)."""
     device = device or resolve_device(cfg.device)
     torch.manual_seed(seed)
     model = build_model(spec, "image_text").to(device)
     data = data or corpus(cfg)
-    engine = TorchEngine(model, tcfg)
+    engine = TorchEngine(model, tcfg, precision=cfg.precision)
     batches = data.batches(tcfg.batch_size, spec.image_size, spec.context_length, seed=seed)
     res = run_loop(engine, batches, contrastive_step(model), tcfg.steps, log_every=tcfg.log_every,
                    name=name, device=device)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "attn_mask"}
     c = {"steps": res.steps, "samples": res.samples, "wall_s": res.seconds, "device_s": res.seconds,
-         "flops": costmod.train_flops(spec, "image_text", res.samples), "final_loss": res.last.get("loss")}
+         "flops": costmod.train_flops(spec, "image_text", res.samples), "final_loss": res.last.get("loss"),
+         "precision": cfg.precision}
     return state, c
 
 
@@ -80,12 +85,13 @@ def build_aux(cfg: Config, ancestor, method: str | None = None, fit: bool = True
 
 
 def learngene_path(cfg: Config, out_dir: Path, method: str) -> Path:
-    fp = cfg.fingerprint("ancestor", "data.corpus", "learngene", "seed")
+    fp = cfg.fingerprint("ancestor", "data.corpus", "learngene", "seed", "precision")
     return Path(out_dir) / "learngenes" / f"{method}-{fp}.safetensors"
 
 
 def extract(cfg: Config, ancestor, out_path, method: str | None = None, device=None, data=None) -> dict:
-    """Stage 1 in one process: train the learngene through the auxiliary CLIP, write the file."""
+    """Stage 1 in one process: train the learngene through the auxiliary CLIP, write the file. In
+    bf16 / fp16 the student and the teacher both run under autocast; the learngene stays fp32."""
     device = device or resolve_device(cfg.device)
     ecfg = cfg.learngene.extraction
     torch.manual_seed(cfg.seed)
@@ -95,12 +101,13 @@ def extract(cfg: Config, ancestor, out_path, method: str | None = None, device=N
         p.requires_grad_(False)
     data = data or corpus(cfg)
     spec = aux.learngene.meta.model_spec
-    engine = TorchEngine(aux, ecfg)
+    engine = TorchEngine(aux, ecfg, precision=cfg.precision)
     batches = data.batches(ecfg.batch_size, spec.image_size, spec.context_length, seed=cfg.seed)
     step_fn = extraction_step(aux, teacher, ecfg.distill_weight, ecfg.distill_temperature, ecfg.feature_weight)
     res = run_loop(engine, batches, step_fn, ecfg.steps, log_every=ecfg.log_every,
                    name=f"extract/{aux.learngene.meta.method}", device=device)
     cost = extraction_cost(spec, ancestor.spec, res.steps, res.samples, res.seconds, 1, res.last)
+    cost["precision"] = cfg.precision
     finish_extraction(aux, out_path, cost)
     return cost
 
@@ -134,31 +141,33 @@ def pretrain_descendant(cfg: Config, ancestor, method: str, spec: ModelSpec, dev
     model = build_model(spec, "image_text").to(device)
     teacher = ancestor.model(device)
     anchors_img, anchors_txt = csm_anchors(cfg, teacher, data, device)
-    engine = TorchEngine(model, tcfg)
+    engine = TorchEngine(model, tcfg, precision=cfg.precision)
     batches = data.batches(tcfg.batch_size, spec.image_size, spec.context_length, seed=cfg.seed)
     res = run_loop(engine, batches, csm_step(model, teacher, "image_text", anchors_img, anchors_txt), steps,
                    log_every=tcfg.log_every, name=name, device=device)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "attn_mask"}
     flops = costmod.train_flops(spec, "image_text", res.samples) + costmod.forward_flops(ancestor.spec) * res.samples
     return state, {"steps": res.steps, "samples": res.samples, "wall_s": res.seconds, "device_s": res.seconds,
-                   "flops": flops, "final_loss": res.last.get("loss")}
+                   "flops": flops, "final_loss": res.last.get("loss"), "precision": cfg.precision}
 
 
 @torch.no_grad()
 def csm_anchors(cfg: Config, teacher, data, device, n_images: int = 256):
     """The fixed anchor sets: teacher text embeddings of the corpus's class prompts (or its first
-    distinct captions) and teacher image embeddings of a fixed sample of corpus images."""
+    distinct captions) and teacher image embeddings of a fixed sample of corpus images (computed
+    in cfg.precision, kept as float32)."""
     from .data import to_input, tokenize_captions
     spec = cfg.ancestor.spec
     if getattr(data, "classnames", None):
         prompts = [t.format(c) for c in data.classnames for t in data.templates]
     else:
         prompts = list(dict.fromkeys(data.captions))[:1024]
-    txt = teacher.encode_text(tokenize_captions(prompts, spec.context_length).to(device), normalize=True)
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(data), generator=g)[:n_images]
-    img = teacher.encode_image(to_input(data.images[idx], spec.image_size).to(device), normalize=True)
-    return img, txt
+    with amp.autocast(device, cfg.precision):
+        txt = teacher.encode_text(tokenize_captions(prompts, spec.context_length).to(device), normalize=True)
+        img = teacher.encode_image(to_input(data.images[idx], spec.image_size).to(device), normalize=True)
+    return img.float(), txt.float()
 
 
 # --------------------------------------------------------------------------- cells and trials
@@ -225,7 +234,7 @@ def run_trial(cfg: Config, cell: Cell, seed: int, *, lr: float | None = None, we
                            **metrics})
 
     summary = finetune(model, cell.modality, data, fcfg, spec, device, seed=seed, on_eval=running,
-                       rank=rank, world=world, wrap=wrap)
+                       rank=rank, world=world, wrap=wrap, precision=cfg.precision)
     row.update({
         "epochs": len(summary["history"]), "steps": summary["steps"],
         "finetune_wall_s": summary["seconds"], "finetune_device_s": summary["seconds"] * world,

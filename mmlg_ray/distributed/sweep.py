@@ -257,7 +257,8 @@ def _stage_pretrain(cfg: Config, anc, out: Path, stages: list):
     from ..atomic import atomic_path, write_json
     results = {}
     todo = []
-    fp = cfg.fingerprint("ancestor", "data.corpus", "learngene.extraction", "descendants.pretrain_steps", "seed")
+    fp = cfg.fingerprint("ancestor", "data.corpus", "learngene.extraction", "descendants.pretrain_steps", "seed",
+                         "precision")
     for method, spec in needs_pretraining(cfg, anc.spec):
         base = out / "pretrained" / f"{method}-{shape_key(spec)}-{fp}"
         if base.with_suffix(".safetensors").is_file() and base.with_suffix(".json").is_file():
@@ -297,7 +298,7 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
     from ..pipeline import setup_runtime
     from ..report import build_report
     from ..results import write_run_files, write_tables
-    from .extract import extract_on_ray
+    from .extract import check_precision, extract_on_ray
 
     setup_runtime(cfg)
     import torch
@@ -317,6 +318,8 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
     if not resume and "://" not in storage and (Path(storage) / f"search-{fp}").exists():
         raise UserError("--resume", f"an interrupted sweep of this config exists under {storage}",
                         "add --resume to continue it, or remove that folder to start over")
+    if {"mmlg", "tleg"} & set(cfg.descendants.grid.method):
+        check_precision(cfg)  # before any work, not after the ancestor
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray(cfg)
     t_job = time.perf_counter()
