@@ -273,6 +273,16 @@ class SearchSpace(_Strict):
         return self
 
 
+def custom_resources(v: dict[str, float]) -> dict[str, float]:
+    """Custom Ray resources, as cluster.yaml's node types advertise them; CPUs and GPUs have their own settings."""
+    for name, amount in v.items():
+        if not name or name.lower() in ("cpu", "gpu", "tpu", "memory", "object_store_memory", "custom_resources"):
+            raise ValueError(f"{name!r} is not a custom resource; CPUs and GPUs have their own settings")
+        if not amount >= 1e-4:  # Ray's resource precision
+            raise ValueError(f"{name}: needs an amount >= 0.0001 (got {amount})")
+    return v
+
+
 class TuneSettings(_Strict):
     num_samples: int = Field(2, ge=1, description="Optuna trials per grid cell (search phase, first seed)")
     max_concurrent: int = Field(2, ge=1)
@@ -282,6 +292,14 @@ class TuneSettings(_Strict):
     trial_cpus: float = Field(1.0, gt=0)
     trial_gpus: float = Field(0.0, ge=0)
     trial_workers: int = Field(1, ge=1, description=">1: a TorchTrainer inside each trial")
+    trial_resources: dict[str, float] = Field(
+        default_factory=dict, description='extra custom resources per trial, its TorchTrainer workers and the '
+        'pre-training tasks, e.g. {"spot": 0.01} (cluster.yaml\'s spot nodes); none: anywhere')
+
+    @field_validator("trial_resources")
+    @classmethod
+    def _custom(cls, v):
+        return custom_resources(v)
 
 
 class RayConfig(_Strict):
@@ -291,10 +309,18 @@ class RayConfig(_Strict):
     num_workers: int = Field(2, ge=1, description="Ray Train workers for extraction")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict, description='extra custom resources per extraction worker, e.g. {"ondemand": 0.01} '
+        "(cluster.yaml's on-demand GPU nodes); none: anywhere")
     max_failures: int = Field(1, ge=0)
     storage_path: Optional[str] = Field(None, description="Ray storage (local folder or URI); default OUTPUT/ray")
     extraction: ExtractionRayConfig = ExtractionRayConfig()
     tune: TuneSettings = TuneSettings()
+
+    @field_validator("worker_resources")
+    @classmethod
+    def _custom(cls, v):
+        return custom_resources(v)
 
 
 class ReportConfig(_Strict):

@@ -184,7 +184,7 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
     from ray.train.torch import TorchTrainer
 
     from ..pipeline import aux_spec, build_aux, extraction_cost, finish_extraction
-    from .settings import ensure_ray
+    from .settings import ensure_ray, worker_resources
 
     rs = cfg.ray
     check_precision(cfg)
@@ -197,9 +197,7 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
         storage = storage_uri(cfg, out_path.parent) if cfg.ray.storage_path else \
             str((out_path.parent / f"{out_path.stem}.ray").resolve())
     name = name or f"extract-{method}-{fp}"
-    resources = {"CPU": rs.cpus_per_worker}
-    if rs.use_gpu:
-        resources["GPU"] = 1
+    resources = worker_resources(rs)  # CPUs, a GPU, ray.worker_resources (e.g. on-demand nodes only)
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "ancestor": ray.put(ancestor), "method": method,

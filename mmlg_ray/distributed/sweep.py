@@ -24,10 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, TuneSettings
 from ..errors import UserError
 from ..pipeline import Cell, cells, learngene_path, needs_pretraining, shape_key
-from .settings import ensure_ray, storage_uri
+from .settings import ensure_ray, pretrain_task_options, storage_uri, trial_resources, trial_worker_resources
 
 log = logging.getLogger("mmlg_ray")
 METRIC, MODE = "score", "max"
@@ -224,9 +224,7 @@ def trial_fn(config: dict, ctx=None):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
-    res = {"CPU": tcfg["trial_cpus"]}
-    if tcfg["trial_gpus"] > 0:
-        res["GPU"] = tcfg["trial_gpus"]
+    res = trial_worker_resources(TuneSettings.model_validate(tcfg))
     trainer = TorchTrainer(
         _ddp_worker, train_loop_config={"config": config, "ctx": ray.put(ctx)},
         scaling_config=ScalingConfig(num_workers=tcfg["trial_workers"], use_gpu=tcfg["trial_gpus"] > 0,
@@ -269,7 +267,7 @@ def _stage_pretrain(cfg: Config, anc, out: Path, stages: list):
             todo.append((method, spec, base))
     if todo:
         res = cfg.ray.tune
-        remote = ray.remote(num_cpus=res.trial_cpus, num_gpus=res.trial_gpus)(_pretrain_task)
+        remote = ray.remote(**pretrain_task_options(res))(_pretrain_task)
         anc_ref = ray.put(anc)
         refs = [remote.remote(cfg.model_dump(mode="json"), anc_ref, m, s.model_dump()) for m, s, _ in todo]
         for (method, spec, base), ref in zip(todo, refs):
@@ -346,7 +344,7 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
            "storage": storage}
     tcfg = cfg.ray.tune
     # a multi-worker trial only drives its TorchTrainer: a sliver of CPU, its workers hold the rest
-    resources = {"cpu": tcfg.trial_cpus, "gpu": tcfg.trial_gpus} if tcfg.trial_workers <= 1 else {"cpu": 0.01}
+    resources = trial_resources(tcfg)
     trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), resources)
     grid = cells(cfg)
     tags = [cell_tag(c) for c in grid]
