@@ -29,11 +29,12 @@ PAPER = {"MM-LG storage": 0.25, "MM-LG compute": 2.8, "TLEG storage": 1 / 19, "T
 
 def learngene_params(ax: ModelSpec, shared: bool = True, towers=("image", "text")) -> tuple[int, int]:
     """(layer-block parameters, inherited non-layer parameters) of a learngene."""
-    r = ax.mlp_ratio
+    r = {t: ax.mlp_ratio_of(t) for t in towers}
     if shared:
-        blocks = cost.layer_params(max(ax.width(t) for t in towers), r) + sum(cost.layer_params(ax.width(t), r) for t in towers)
+        blocks = cost.layer_params(max(ax.width(t) for t in towers), max(r.values())) + sum(
+            cost.layer_params(ax.width(t), r[t]) for t in towers)
     else:
-        blocks = 2 * sum(cost.layer_params(ax.width(t), r) for t in towers)
+        blocks = 2 * sum(cost.layer_params(ax.width(t), r[t]) for t in towers)
     modality = "image_text" if len(towers) == 2 else towers[0]
     inherited = cost.model_params(ax, modality) - sum(cost.tower_params(ax, t, True) for t in towers)
     return blocks, inherited

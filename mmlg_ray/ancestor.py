@@ -15,7 +15,7 @@ from .atomic import atomic_path, write_json
 from .config import Config, ModelSpec
 from .errors import UserError
 from .learngene import state_fingerprint
-from .models import build_model, spec_from_open_clip_cfg
+from .models import build_model
 
 log = logging.getLogger("mmlg_ray")
 HUB_HOST = "huggingface.co"
@@ -51,7 +51,11 @@ def load_state_file(path: str) -> dict:
     if path.endswith(".safetensors"):
         from safetensors.torch import load as st_load
         with fsspec.open(path, "rb") as f:
-            state = st_load(f.read())
+            try:
+                state = st_load(f.read())
+            except Exception as e:  # safetensors raises several types for files that are not weights
+                raise UserError("ancestor.checkpoint", f"{path} is not a readable safetensors file "
+                                f"({type(e).__name__})", "pass open_clip weights as .safetensors or a state_dict") from None
     else:
         with fsspec.open(path, "rb") as f:
             try:
@@ -61,26 +65,17 @@ def load_state_file(path: str) -> dict:
                                 f"({type(e).__name__})", "save a state_dict or a .safetensors file") from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    return state
-
-
-def _spec_for_arch(arch: str) -> ModelSpec:
-    import open_clip
-    cfg = open_clip.get_model_config(arch)
-    if cfg is None:
-        raise UserError("ancestor.arch", f"{arch!r} is not an open_clip architecture",
-                        "see open_clip.list_models(), e.g. ViT-B-16")
-    if "timm_model_name" in cfg["vision_cfg"] or "hf_model_name" in cfg["text_cfg"]:
-        raise UserError("ancestor.arch", f"{arch!r} is not a plain ViT + transformer CLIP", "use a ViT-* architecture")
-    return spec_from_open_clip_cfg(cfg)
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError("ancestor.checkpoint", f"{path} holds no state dict of tensors",
+                        "save model.state_dict() (or a .safetensors file) of an open_clip CLIP")
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def get_ancestor(cfg: Config, device=None) -> Ancestor:
     a = cfg.ancestor
+    spec = a.spec  # read from open_clip's own model config when ancestor.arch is set (config.py)
     if a.source == "open_clip":
         import open_clip
-        spec = _spec_for_arch(a.arch)
         if a.pretrained not in open_clip.list_pretrained_tags_by_model(a.arch):
             raise UserError("ancestor.pretrained", f"{a.pretrained!r} is not a pretrained tag of {a.arch}",
                             f"one of {open_clip.list_pretrained_tags_by_model(a.arch)}")
@@ -91,26 +86,35 @@ def get_ancestor(cfg: Config, device=None) -> Ancestor:
                             "ancestor.checkpoint=/path/to/open_clip_model.safetensors")
         model = open_clip.create_model(a.arch, pretrained=a.pretrained)
         state = {k: v for k, v in model.state_dict().items() if k != "attn_mask"}
-        return Ancestor(spec, state, state_fingerprint(state), f"open_clip:{a.arch}/{a.pretrained}")
+        return Ancestor(spec, _match(state, spec, f"open_clip:{a.arch}/{a.pretrained}"), state_fingerprint(state),
+                        f"open_clip:{a.arch}/{a.pretrained}")
     if a.source == "checkpoint":
-        spec = _spec_for_arch(a.arch) if a.arch else a.spec
-        state = load_state_file(os.path.expanduser(a.checkpoint))
-        model = build_model(spec, "image_text")
-        own = {k: v for k, v in model.state_dict().items() if k != "attn_mask"}
-        missing = [k for k in own if k not in state]
-        bad = [k for k in own if k in state and state[k].shape != own[k].shape]
-        if missing or bad:
-            raise UserError("ancestor.checkpoint", f"{a.checkpoint} does not match ancestor.spec/arch "
-                            f"(missing {missing[:2]}, wrong shape {bad[:2]})", "set ancestor.spec or ancestor.arch to its shape")
-        state = {k: state[k].float() for k in own}
+        state = _match(load_state_file(os.path.expanduser(a.checkpoint)), spec, a.checkpoint)
         return Ancestor(spec, state, state_fingerprint(state), f"checkpoint:{a.checkpoint}")
     return local_ancestor(cfg, device)
+
+
+def _match(state: dict, spec: ModelSpec, what: str) -> dict:
+    """The weights of an open_clip CLIP of `spec`, as fp32; a clear error when they do not fit."""
+    model = build_model(spec, "image_text")
+    own = {k: v for k, v in model.state_dict().items() if k != "attn_mask"}
+    missing = [k for k in own if k not in state]
+    bad = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or bad:
+        raise UserError("ancestor.checkpoint", f"{what} does not match ancestor.spec/arch "
+                        f"(missing {missing[:2]}, wrong shape {bad[:2]})",
+                        "set ancestor.arch (or ancestor.spec) to the checkpoint's architecture")
+    extra = [k for k in state if k not in own and k != "attn_mask"]
+    if extra:
+        raise UserError("ancestor.checkpoint", f"{what} holds tensors the architecture lacks ({extra[:2]}): "
+                        "another architecture or flag set", "set ancestor.arch to the checkpoint's architecture")
+    return {k: state[k].float() for k in own}
 
 
 def local_ancestor(cfg: Config, device=None) -> Ancestor:
     """Pre-train (or reuse from the cache) the local default ancestor on data.corpus."""
     from safetensors.torch import load_file, save_file
-    key = cfg.fingerprint("ancestor.spec", "ancestor.pretrain", "data.corpus", "seed")
+    key = cfg.fingerprint("ancestor.spec", "ancestor.pretrain", "data.corpus", "seed", "precision")
     folder = cfg.cache_path / "ancestors" / key
     weights, meta_path = folder / "model.safetensors", folder / "meta.json"
     if weights.is_file() and meta_path.is_file():

@@ -30,36 +30,68 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    """Shape of a two-tower CLIP (or one of its towers). Widths are per tower; heads = width / head_width."""
+    """Shape and architecture flags of a two-tower open_clip CLIP (or one of its towers).
+
+    The shape fields are what descendants change (depth, width per tower); everything else is the
+    ancestor's architecture and is carried unchanged into the learngene and every descendant:
+    per-tower head width and MLP ratio, QuickGELU, and any further open_clip `vision_cfg` /
+    `text_cfg` field (layer scale, attentional pooling, pool types, no_causal_mask,
+    final_ln_after_pool, proj_bias, norm/act kwargs, ...) verbatim in `vision_flags` / `text_flags`.
+    Features the learngene cannot carry yet are refused with an error naming them
+    (models.unsupported_features), never dropped.
+    """
 
     image_depth: int = Field(4, ge=1)
     text_depth: int = Field(4, ge=1)
     image_width: int = Field(128, ge=1)
     text_width: int = Field(128, ge=1)
-    head_width: int = Field(64, ge=1)
-    mlp_ratio: float = Field(4.0, gt=0)
+    head_width: int = Field(64, ge=1, description="image-tower head width (and the text tower's unless text_head_width)")
+    text_head_width: Optional[int] = Field(None, ge=1, description="text-tower head width (ViT-H-14: 64 vs 80)")
+    mlp_ratio: float = Field(4.0, gt=0, description="image-tower MLP ratio (and the text tower's unless text_mlp_ratio)")
+    text_mlp_ratio: Optional[float] = Field(None, gt=0)
     patch_size: int = Field(8, ge=1)
     image_size: int = Field(32, ge=1)
     context_length: int = Field(32, ge=2)
     vocab_size: int = Field(49408, ge=2)
     embed_dim: int = Field(64, ge=1)
+    quick_gelu: bool = False
+    vision_flags: dict = Field(default_factory=dict, description="further open_clip vision_cfg fields")
+    text_flags: dict = Field(default_factory=dict, description="further open_clip text_cfg fields")
 
     @model_validator(mode="after")
     def _check(self):
         for tower in ("image", "text"):
-            w = getattr(self, f"{tower}_width")
-            if w % self.head_width:
-                raise ValueError(
-                    f"{tower}_width={w} is not a multiple of head_width={self.head_width}; "
-                    f"use a multiple of {self.head_width}")
-            if int(round(w * self.mlp_ratio)) != w * self.mlp_ratio:
-                raise ValueError(f"{tower}_width * mlp_ratio must be an integer")
+            w, hw = self.width(tower), self.head_width_of(tower)
+            if w % hw:
+                raise ValueError(f"{tower}_width={w} is not a multiple of the {tower} head width {hw}; "
+                                 f"use a multiple of {hw}")
+            if self.mlp_hidden(tower) < 1:
+                raise ValueError(f"{tower}_width * mlp_ratio must be >= 1")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if self.vision_flags or self.text_flags:
+            from .models import unsupported_features  # open_clip is imported only for flagged specs
+            bad = unsupported_features(self.vision_flags, self.text_flags)
+            if bad:
+                raise ValueError(f"{bad[0]} is not supported yet by the learngene; use an architecture without it")
         return self
 
     def heads(self, tower: str) -> int:
-        return getattr(self, f"{tower}_width") // self.head_width
+        return self.width(tower) // self.head_width_of(tower)
+
+    def head_width_of(self, tower: str) -> int:
+        return self.text_head_width or self.head_width if tower == "text" else self.head_width
+
+    def mlp_ratio_of(self, tower: str) -> float:
+        return self.text_mlp_ratio or self.mlp_ratio if tower == "text" else self.mlp_ratio
+
+    def mlp_hidden(self, tower: str, width: int | None = None) -> int:
+        """open_clip's MLP width for this tower at `width` (int(width * mlp_ratio), as open_clip computes it)."""
+        return int((width or self.width(tower)) * self.mlp_ratio_of(tower))
+
+    def layer_scale(self, tower: str) -> float | None:
+        """The tower's layer-scale init value (None: no layer scale, no ls_1/ls_2 tensors)."""
+        return (self.vision_flags if tower == "image" else self.text_flags).get("ls_init_value")
 
     def depth(self, tower: str) -> int:
         return getattr(self, f"{tower}_depth")
@@ -90,6 +122,9 @@ class AncestorConfig(_Strict):
     source=local      pre-train `spec` on data.corpus, cached under cache_dir (the laptop/CI default)
     source=open_clip  an open_clip architecture + pretrained tag (downloads: clusters only)
     source=checkpoint a local .safetensors / torch checkpoint of an open_clip CLIP with `spec` or `arch`
+
+    With `arch`, `spec` is read from open_clip's model config of that architecture (widths, depths,
+    head widths, QuickGELU and every other flag) and replaces whatever `spec` says.
     """
 
     source: Literal["local", "open_clip", "checkpoint"] = "local"
@@ -101,6 +136,9 @@ class AncestorConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.arch:  # open_clip's own model config of the architecture is the spec, flags included
+            from .models import spec_from_arch
+            self.__dict__["spec"] = spec_from_arch(self.arch)
         if self.source == "open_clip" and not (self.arch and self.pretrained):
             raise ValueError("ancestor.arch: source=open_clip needs both ancestor.arch and ancestor.pretrained")
         if self.source == "checkpoint":
@@ -207,10 +245,26 @@ class DescendantsConfig(_Strict):
 
 
 class ExtractionRayConfig(_Strict):
+    """DeepSpeed ZeRO for the extraction; its precision is the top-level `precision` setting."""
+
     zero_stage: Literal[1, 2, 3] = 2
     offload_optimizer: bool = False
-    offload_params: bool = False
-    bf16: bool = False
+    offload_params: bool = Field(False, description="ZeRO-3 only: parameters live on the CPU")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        if isinstance(data, dict) and "bf16" in data:
+            raise ValueError("ray.extraction.bf16: replaced by the top-level setting `precision` "
+                             "(fp32 | bf16 | fp16), which every training stage follows; e.g. precision: bf16")
+        return data
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("ray.extraction.offload_params: parameter offload needs zero_stage: 3 "
+                             f"(got {self.zero_stage})")
+        return self
 
 
 class SearchSpace(_Strict):
@@ -226,6 +280,16 @@ class SearchSpace(_Strict):
         return self
 
 
+def custom_resources(v: dict[str, float]) -> dict[str, float]:
+    """Custom Ray resources, as cluster.yaml's node types advertise them; CPUs and GPUs have their own settings."""
+    for name, amount in v.items():
+        if not name or name.lower() in ("cpu", "gpu", "tpu", "memory", "object_store_memory", "custom_resources"):
+            raise ValueError(f"{name!r} is not a custom resource; CPUs and GPUs have their own settings")
+        if not amount >= 1e-4:  # Ray's resource precision
+            raise ValueError(f"{name}: needs an amount >= 0.0001 (got {amount})")
+    return v
+
+
 class TuneSettings(_Strict):
     num_samples: int = Field(2, ge=1, description="Optuna trials per grid cell (search phase, first seed)")
     max_concurrent: int = Field(2, ge=1)
@@ -235,6 +299,14 @@ class TuneSettings(_Strict):
     trial_cpus: float = Field(1.0, gt=0)
     trial_gpus: float = Field(0.0, ge=0)
     trial_workers: int = Field(1, ge=1, description=">1: a TorchTrainer inside each trial")
+    trial_resources: dict[str, float] = Field(
+        default_factory=dict, description='extra custom resources per trial, its TorchTrainer workers and the '
+        'pre-training tasks, e.g. {"spot": 0.01} (cluster.yaml\'s spot nodes); none: anywhere')
+
+    @field_validator("trial_resources")
+    @classmethod
+    def _custom(cls, v):
+        return custom_resources(v)
 
 
 class RayConfig(_Strict):
@@ -245,10 +317,18 @@ class RayConfig(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     data_cpus: float = Field(1.0, gt=0, description="streamed corpus: CPUs of each Ray Data decoding task")
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict, description='extra custom resources per extraction worker, e.g. {"ondemand": 0.01} '
+        "(cluster.yaml's on-demand GPU nodes); none: anywhere")
     max_failures: int = Field(1, ge=0)
     storage_path: Optional[str] = Field(None, description="Ray storage (local folder or URI); default OUTPUT/ray")
     extraction: ExtractionRayConfig = ExtractionRayConfig()
     tune: TuneSettings = TuneSettings()
+
+    @field_validator("worker_resources")
+    @classmethod
+    def _custom(cls, v):
+        return custom_resources(v)
 
 
 class ReportConfig(_Strict):
@@ -262,6 +342,10 @@ class ReportConfig(_Strict):
 class Config(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="every training and evaluation stage: fp32, bf16 (autocast; DeepSpeed bf16), or fp16 "
+        "with dynamic loss scaling for GPUs without bf16; master weights and artifacts stay fp32")
+    tf32: bool = Field(True, description="TF32 tensor cores for fp32 matmuls and convolutions (CUDA only)")
     cache_dir: str = "~/.cache/mmlg_ray"
     output_dir: str = "runs/local"
     threads: Optional[int] = Field(None, ge=1)
@@ -281,7 +365,7 @@ class Config(_Strict):
         for w in self.descendants.grid.width:
             if w % spec.head_width:
                 raise ValueError(
-                    f"descendants.grid.width: {w} is not a multiple of head_width={spec.head_width}")
+                    f"descendants.grid.width: {w} is not a multiple of the image head width {spec.head_width}")
             if w > max(spec.image_width, spec.text_width):
                 raise ValueError(
                     f"descendants.grid.width: {w} is wider than the ancestor "
@@ -289,9 +373,13 @@ class Config(_Strict):
         return self
 
     def fingerprint(self, *sections: str) -> str:
-        """Short stable hash of some config sections: cache keys for stages."""
+        """Short stable hash of some config sections: cache keys for stages. A listed `precision`
+        enters the key only when it is not fp32, so fp32 artifacts cached before the setting
+        existed keep their keys."""
         data = self.model_dump(mode="json")
         picked = {s: _dig(data, s) for s in sections} if sections else data
+        if sections and picked.get("precision") == "fp32":
+            del picked["precision"]
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
     @property

@@ -10,9 +10,9 @@ from .config import ModelSpec
 from .models import towers_of
 
 
-def layer_params(width: int, mlp_ratio: float) -> int:
-    d, h = width, int(round(width * mlp_ratio))
-    return (2 * d) + (3 * d * d + 3 * d) + (d * d + d) + (2 * d) + (h * d + h) + (d * h + d)
+def layer_params(width: int, mlp_ratio: float, layer_scale: bool = False) -> int:
+    d, h = width, int(width * mlp_ratio)  # open_clip's MLP width
+    return (2 * d) + (3 * d * d + 3 * d) + (d * d + d) + (2 * d) + (h * d + h) + (d * h + d) + (2 * d if layer_scale else 0)
 
 
 def tokens(spec: ModelSpec, tower: str) -> int:
@@ -23,7 +23,7 @@ def tokens(spec: ModelSpec, tower: str) -> int:
 
 def tower_params(spec: ModelSpec, tower: str, layers_only: bool = False) -> int:
     d, depth = spec.width(tower), spec.depth(tower)
-    body = depth * layer_params(d, spec.mlp_ratio)
+    body = depth * layer_params(d, spec.mlp_ratio_of(tower), spec.layer_scale(tower) is not None)
     if layers_only:
         return body
     if tower == "image":
@@ -40,7 +40,7 @@ def model_params(spec: ModelSpec, modality: str = "image_text") -> int:
 def tower_forward_flops(spec: ModelSpec, tower: str) -> int:
     """Forward FLOPs of one sample through one tower."""
     d, n, depth = spec.width(tower), tokens(spec, tower), spec.depth(tower)
-    h = int(round(d * spec.mlp_ratio))
+    h = spec.mlp_hidden(tower)
     per_layer = 2 * n * d * 3 * d + 2 * n * n * d * 2 + 2 * n * d * d + 2 * n * d * h * 2
     flops = depth * per_layer + 2 * d * spec.embed_dim
     if tower == "image":

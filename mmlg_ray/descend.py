@@ -24,15 +24,16 @@ from .atomic import atomic_dir
 from .config import ModelSpec
 from .data import MEAN, STD
 from .learngene import LoadedLearngene, inherited_for, split_state
-from .models import LAYER_PARAMS, build_model, layer_name, open_clip_model_cfg, towers_of
+from .models import build_model, layer_name, layer_params, open_clip_model_cfg, towers_of
 from .select import select_layer_tensor
 
 
 def descendant_spec(ancestor: ModelSpec, depth: int, width: int, image_depth: int | None = None,
                     text_depth: int | None = None) -> ModelSpec:
     """A descendant shape. `width` is the image-tower width; the text tower keeps the ancestor's
-    text/image width ratio (rounded to whole heads), so a grid width means the same for every modality."""
-    hw = ancestor.head_width
+    text/image width ratio (rounded to whole text heads), so a grid width means the same for every
+    modality. Head widths, MLP ratios and every architecture flag are the ancestor's."""
+    hw = ancestor.head_width_of("text")
     text_w = max(hw, int(round(ancestor.text_width * width / ancestor.image_width / hw)) * hw)
     text_w = min(text_w, ancestor.text_width)
     image_w = min(width, ancestor.image_width)
@@ -44,9 +45,10 @@ def descendant_spec(ancestor: ModelSpec, depth: int, width: int, image_depth: in
 def _ancestor_layers(state, src_spec: ModelSpec, dst_spec: ModelSpec, tower: str, mapping: dict[int, int]):
     out = {}
     for dst, src in mapping.items():
-        for p in LAYER_PARAMS:
+        for p in layer_params(src_spec, tower):
             out[layer_name(tower, dst, p)] = select_layer_tensor(
-                p, state[layer_name(tower, src, p)], src_spec.width(tower), dst_spec.width(tower), src_spec.head_width)
+                p, state[layer_name(tower, src, p)], src_spec.width(tower), dst_spec.width(tower),
+                src_spec.head_width_of(tower), dst_spec.mlp_hidden(tower))
     return out
 
 

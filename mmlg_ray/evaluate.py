@@ -1,10 +1,14 @@
 """Evaluation: classification top-1 (fine-tuned and linear probe), zero-shot classification,
-image-text retrieval R@1/5/10 in both directions, text classification accuracy."""
+image-text retrieval R@1/5/10 in both directions, text classification accuracy.
+
+Embeddings are computed under the run's `precision` (autocast) and returned as float32, so every
+metric is computed in fp32."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import precision as amp
 from .data import tokenize_captions
 from .models import image_features, text_features
 
@@ -13,10 +17,10 @@ PROBE_MAX = 20000  # linear probe: at most this many training samples are embedd
 
 @torch.no_grad()
 def embed(model, data, image_size: int, context_length: int, device, *, images: bool = True, texts: bool = True,
-          limit: int | None = None, bs: int = 256) -> dict:
+          limit: int | None = None, bs: int = 256, precision: str = "fp32") -> dict:
     """One ordered pass over a set, in memory (Pairs) or streamed (StreamingPairs), in batches: the
-    image and/or text embeddings (N x embed_dim), labels (or None) and captions of its first `limit`
-    samples. Only the embeddings are kept, never the decoded images."""
+    image and/or text embeddings (N x embed_dim, fp32), labels (or None) and captions of its first
+    `limit` samples. Only the embeddings are kept, never the decoded images."""
     model.eval()
     img, txt, labels, caps = [], [], [], []
     stream = data.eval_batches(bs, image_size, context_length)
@@ -25,10 +29,11 @@ def embed(model, data, image_size: int, context_length: int, device, *, images: 
             if limit is not None and len(caps) + len(cap) > limit:
                 k = limit - len(caps)
                 x, tok, lab, cap = x[:k], tok[:k], None if lab is None else lab[:k], cap[:k]
-            if images:
-                img.append(image_features(model, x.to(device)).float().cpu())
-            if texts:
-                txt.append(text_features(model, tok.to(device)).float().cpu())
+            with amp.autocast(device, precision):
+                if images:
+                    img.append(image_features(model, x.to(device)).float().cpu())
+                if texts:
+                    txt.append(text_features(model, tok.to(device)).float().cpu())
             labels.append(lab)
             caps.extend(cap)
             if limit is not None and len(caps) >= limit:
@@ -41,10 +46,12 @@ def embed(model, data, image_size: int, context_length: int, device, *, images: 
 
 
 @torch.no_grad()
-def embed_texts(model, texts: list[str], context_length: int, device, bs: int = 256) -> torch.Tensor:
+def embed_texts(model, texts: list[str], context_length: int, device, bs: int = 256,
+                precision: str = "fp32") -> torch.Tensor:
     model.eval()
     toks = tokenize_captions(texts, context_length)
-    out = [text_features(model, toks[i:i + bs].to(device)).float().cpu() for i in range(0, len(texts), bs)]
+    with amp.autocast(device, precision):
+        out = [text_features(model, toks[i:i + bs].to(device)).float().cpu() for i in range(0, len(texts), bs)]
     return torch.cat(out)
 
 
@@ -72,15 +79,15 @@ def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, captions: list[str] 
 
 
 @torch.no_grad()
-def zeroshot_top1(model, data, image_size: int, context_length: int, device) -> float:
+def zeroshot_top1(model, data, image_size: int, context_length: int, device, precision: str = "fp32") -> float:
     """Classify by the nearest class-prompt embedding (mean over the set's templates); one pass over
     the set's images (in memory or streamed)."""
     classes = []
     for name in data.classnames:
-        f = embed_texts(model, [t.format(name) for t in data.templates], context_length, device)
+        f = embed_texts(model, [t.format(name) for t in data.templates], context_length, device, precision=precision)
         classes.append(F.normalize(f.mean(0), dim=-1))
     cls = torch.stack(classes)
-    e = embed(model, data, image_size, context_length, device, texts=False)
+    e = embed(model, data, image_size, context_length, device, texts=False, precision=precision)
     pred = (e["image"] @ cls.t()).argmax(1)
     return float((pred == e["labels"]).float().mean() * 100)
 

@@ -8,6 +8,7 @@
               zero-shot classification (local: Fashion-MNIST test images)
 
 Every task reports a primary metric under "score" so sweeps and schedulers compare like with like.
+Fine-tuning and evaluation run in the run's `precision` (see mmlg_ray.precision); metrics in fp32.
 Task sets may be in memory (the local packaged sets) or streamed (webdataset shards, image folders):
 evaluation makes one pass over the test set in batches and keeps only embeddings or logits.
 """
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import precision as amp
 from .config import Config, FinetuneConfig, ModelSpec
 from .data import Pairs, StreamingPairs, load_dataset
 from .evaluate import PROBE_MAX, accuracy, embed, linear_probe, retrieval_metrics, zeroshot_top1
@@ -71,30 +73,32 @@ class Classifier(nn.Module):
         return self.head(feats)
 
 
-def _init_probe(model, modality, data: TaskData, spec: ModelSpec, device, seed) -> float:
-    kw = dict(images=modality == "image", texts=modality == "text")
+def _init_probe(model, modality, data: TaskData, spec: ModelSpec, device, seed, precision: str = "fp32") -> float:
+    kw = dict(images=modality == "image", texts=modality == "text", precision=precision)
     tr = embed(model, data.train, spec.image_size, spec.context_length, device, limit=PROBE_MAX, **kw)
     te = embed(model, data.test, spec.image_size, spec.context_length, device, **kw)
     key = "image" if modality == "image" else "text"
     return linear_probe(tr[key], tr["labels"], te[key], te["labels"], len(data.train.classnames), seed=seed)
 
 
-def evaluate(model, modality: str, data: TaskData, spec: ModelSpec, device) -> dict:
+def evaluate(model, modality: str, data: TaskData, spec: ModelSpec, device, precision: str = "fp32") -> dict:
     """Score on the test set: one pass in batches (in memory or streamed)."""
     model.eval()
     with torch.no_grad():
         if modality == "image_text":
-            e = embed(model, data.test, spec.image_size, spec.context_length, device)
+            e = embed(model, data.test, spec.image_size, spec.context_length, device, precision=precision)
             m = retrieval_metrics(e["image"], e["text"], e["captions"])
             if data.zeroshot is not None:
-                m["zeroshot_top1"] = zeroshot_top1(model, data.zeroshot, spec.image_size, spec.context_length, device)
+                m["zeroshot_top1"] = zeroshot_top1(model, data.zeroshot, spec.image_size, spec.context_length, device,
+                                                   precision=precision)
         else:
             logits, labels = [], []
             stream = data.test.eval_batches(512, spec.image_size, spec.context_length)
             try:
                 for images, tokens, lab, _ in stream:
                     x = images if modality == "image" else tokens
-                    logits.append(model(x.to(device)).float().cpu())
+                    with amp.autocast(device, precision):
+                        logits.append(model(x.to(device)).float().cpu())
                     labels.append(lab)
             finally:
                 if hasattr(stream, "close"):
@@ -108,9 +112,10 @@ def evaluate(model, modality: str, data: TaskData, spec: ModelSpec, device) -> d
 def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConfig, spec: ModelSpec,
              device, seed: int = 0, on_eval: Callable[[int, dict], None] | None = None,
              linear_probe_init: bool | None = None, rank: int = 0, world: int = 1,
-             wrap: Callable[[nn.Module], nn.Module] | None = None) -> dict:
+             wrap: Callable[[nn.Module], nn.Module] | None = None, precision: str = "fp32") -> dict:
     """Fine-tune without constraints, evaluating every `eval_every` steps. Returns a summary dict:
     final metrics, best metrics, history (one dict per evaluation), steps, samples, seconds.
+    `precision` (fp32, bf16, fp16) applies to the fine-tuning and to every evaluation.
 
     Data-parallel use: `wrap` (e.g. DistributedDataParallel) wraps the trained module, each of
     `world` ranks takes its own slice of every batch (batch_size / world)."""
@@ -118,12 +123,12 @@ def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConf
     model = model.to(device)
     summary: dict = {}
     if (fcfg.linear_probe if linear_probe_init is None else linear_probe_init) and modality != "image_text":
-        summary["linear_probe_init"] = _init_probe(model, modality, data, spec, device, seed)
+        summary["linear_probe_init"] = _init_probe(model, modality, data, spec, device, seed, precision)
     if modality != "image_text":
         model = Classifier(model, modality, spec.embed_dim, len(data.train.classnames)).to(device)
     model.train()
     trained = wrap(model) if wrap is not None else model
-    engine = TorchEngine(trained, fcfg)
+    engine = TorchEngine(trained, fcfg, precision=precision)
     batches = data.train.batches(max(1, fcfg.batch_size // world) * world, spec.image_size, spec.context_length,
                                  seed=seed, rank=rank, world=world)
 
@@ -152,7 +157,7 @@ def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConf
                            name=f"finetune/{modality}", device=device)
             samples += res.samples * world
             step = res.steps
-            metrics = evaluate(model, modality, data, spec, device)
+            metrics = evaluate(model, modality, data, spec, device, precision)
             metrics.update(step=step, epoch=len(history) + 1, train_loss=res.last.get("loss", float("nan")))
             if "linear_probe_init" in summary:
                 metrics["linear_probe_init"] = summary["linear_probe_init"]

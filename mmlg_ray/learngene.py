@@ -34,8 +34,8 @@ from torch.func import functional_call
 from .atomic import atomic_path
 from .config import ModelSpec
 from .errors import UserError
-from .models import LAYER_PARAMS, build_model, layer_name, parse_layer_name
-from .select import select_inherited, select_layer_tensor
+from .models import build_model, layer_name, layer_params, parse_layer_name
+from .select import select_inherited_state, select_layer_tensor
 
 FORMAT_VERSION = 1
 
@@ -63,10 +63,9 @@ def _interp(knots: torch.Tensor, t: float):
     return knots[i] * (1 - w) + knots[i + 1] * w
 
 
-def block_shapes(width: int, mlp_ratio: float) -> dict[str, tuple[int, ...]]:
-    h = int(round(width * mlp_ratio))
-    d = width
-    return {
+def block_shapes(width: int, hidden: int, layer_scale: bool = False) -> dict[str, tuple[int, ...]]:
+    d, h = width, hidden
+    shapes = {
         "ln_1.weight": (d,), "ln_1.bias": (d,),
         "attn.in_proj_weight": (3 * d, d), "attn.in_proj_bias": (3 * d,),
         "attn.out_proj.weight": (d, d), "attn.out_proj.bias": (d,),
@@ -74,13 +73,16 @@ def block_shapes(width: int, mlp_ratio: float) -> dict[str, tuple[int, ...]]:
         "mlp.c_fc.weight": (h, d), "mlp.c_fc.bias": (h,),
         "mlp.c_proj.weight": (d, h), "mlp.c_proj.bias": (d,),
     }
+    if layer_scale:
+        shapes.update({"ls_1.gamma": (d,), "ls_2.gamma": (d,)})
+    return shapes
 
 
 @dataclass
 class LearngeneMeta:
     method: str  # mmlg | tleg
     schedule: str
-    spec: dict  # the auxiliary model's ModelSpec (ancestor widths, aux depths)
+    spec: dict  # the auxiliary model's ModelSpec (ancestor widths and flags, aux depths)
     knots: int = 4
     format_version: int = FORMAT_VERSION
     ancestor_fingerprint: str = ""
@@ -100,6 +102,11 @@ class LearngeneMeta:
         s = self.model_spec
         return max(s.image_width, s.text_width)
 
+    @property
+    def shared_hidden(self) -> int:
+        s = self.model_spec
+        return max(s.mlp_hidden("image"), s.mlp_hidden("text"))
+
     def base_block(self, tower: str) -> tuple[str, int]:
         """(block name, its width) of the block that multiplies a(l, L) for this tower."""
         if self.method == "mmlg":
@@ -109,20 +116,32 @@ class LearngeneMeta:
 
 def expand_tower(get, meta: LearngeneMeta, tower: str, depth: int, width: int | None = None,
                  prefix: bool = True) -> dict[str, torch.Tensor]:
-    """Every residual-block tensor of `tower` at `depth` x `width` from learngene tensors `get(name)`."""
+    """Every residual-block tensor of `tower` at `depth` x `width` from learngene tensors `get(name)`.
+
+    Selections compose exactly as extraction used them: the shared block is first narrowed to the
+    tower's own learngene width (what the auxiliary model computed), and the tower's layer is then
+    narrowed to the descendant's width, so that a descendant at the learngene's shape reproduces the
+    auxiliary model's layers exactly, and a narrower one is a selection of them."""
     spec = meta.model_spec
-    width = width or spec.width(tower)
+    tw, hw = spec.width(tower), spec.head_width_of(tower)
+    width = width or tw
+    t_hidden, d_hidden = spec.mlp_hidden(tower), spec.mlp_hidden(tower, width)
     base, base_w = meta.base_block(tower)
-    uni_w = spec.width(tower)
+    params = layer_params(spec, tower)
     knots_a = get(f"coeff.{tower}.a") if meta.schedule == "learned" else None
     knots_b = get(f"coeff.{tower}.b") if meta.schedule == "learned" else None
-    sel_base = {p: select_layer_tensor(p, get(f"{base}.{p}"), base_w, width, spec.head_width) for p in LAYER_PARAMS}
-    sel_uni = {p: select_layer_tensor(p, get(f"unimodal.{tower}.{p}"), uni_w, width, spec.head_width)
-               for p in LAYER_PARAMS}
+
+    def narrow(p, t, w_from, h_from):  # learngene width -> tower width -> descendant width
+        t = select_layer_tensor(p, t, w_from, tw, hw, t_hidden) if (w_from, h_from) != (tw, t_hidden) else t
+        return select_layer_tensor(p, t, tw, width, hw, d_hidden)
+
+    base_hidden = meta.shared_hidden if meta.method == "mmlg" else t_hidden
+    sel_base = {p: narrow(p, get(f"{base}.{p}"), base_w, base_hidden) for p in params}
+    sel_uni = {p: narrow(p, get(f"unimodal.{tower}.{p}"), tw, t_hidden) for p in params}
     out = {}
     for layer in range(depth):
         a, b = coefficients(meta.schedule, layer, depth, knots_a, knots_b)
-        for p in LAYER_PARAMS:
+        for p in params:
             name = layer_name(tower, layer, p) if prefix else f"{layer}.{p}"
             out[name] = a * sel_base[p] + b * sel_uni[p]
     return out
@@ -154,11 +173,18 @@ class Learngene(nn.Module):
     def tensor_shapes(meta: LearngeneMeta) -> dict[str, tuple]:
         spec = meta.model_spec
         shapes = {}
-        blocks = {"multimodal": meta.shared_width} if meta.method == "mmlg" else {
-            f"base.{t}": spec.width(t) for t in ("image", "text")}
-        blocks.update({f"unimodal.{t}": spec.width(t) for t in ("image", "text")})
-        for block, w in blocks.items():
-            for p, shape in block_shapes(w, spec.mlp_ratio).items():
+        ls = {t: spec.layer_scale(t) is not None for t in ("image", "text")}
+        for t in ("image", "text"):
+            if spec.width(t) % spec.head_width_of(t) or meta.shared_width % spec.head_width_of(t):
+                raise ValueError(f"learngene: the shared width {meta.shared_width} and the {t} width "
+                                 f"{spec.width(t)} must be whole {t} heads of {spec.head_width_of(t)}")
+        if meta.method == "mmlg":
+            blocks = {"multimodal": (meta.shared_width, meta.shared_hidden, any(ls.values()))}
+        else:
+            blocks = {f"base.{t}": (spec.width(t), spec.mlp_hidden(t), ls[t]) for t in ("image", "text")}
+        blocks.update({f"unimodal.{t}": (spec.width(t), spec.mlp_hidden(t), ls[t]) for t in ("image", "text")})
+        for block, (w, h, has_ls) in blocks.items():
+            for p, shape in block_shapes(w, h, has_ls).items():
                 shapes[f"{block}.{p}"] = shape
         if meta.schedule == "learned":
             for t in ("image", "text"):
@@ -168,15 +194,23 @@ class Learngene(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """open_clip-like random init; schedule-aware so that every expanded LayerNorm starts at 1."""
+        """open_clip-like random init; schedule-aware so that every expanded LayerNorm starts at 1 and
+        every expanded layer-scale gamma at the architecture's ls_init_value."""
+        spec = self.meta.model_spec
+        ls_values = [v for v in (spec.layer_scale("image"), spec.layer_scale("text")) if v is not None]
         for key, p in self.tensors.items():
             name = _unkey(key)
             if name.startswith("coeff."):
                 t = torch.linspace(0, 1, p.shape[0])
                 p.copy_(torch.ones_like(t) if name.endswith(".a") else t)
-            elif name.endswith(("ln_1.weight", "ln_2.weight")):
-                # base/multimodal LN = 1; unimodal LN = 1 only where a(l)+b(l) == 1 (convex)
-                p.fill_(1.0 if not name.startswith("unimodal") or self.meta.schedule == "convex" else 0.0)
+            elif name.endswith(("ln_1.weight", "ln_2.weight", "ls_1.gamma", "ls_2.gamma")):
+                if name.endswith("gamma"):
+                    tower = name.split(".")[1] if name.startswith(("unimodal.", "base.")) else None
+                    value = spec.layer_scale(tower) if tower else ls_values[0]
+                else:
+                    value = 1.0
+                # base/multimodal = value; unimodal = value only where a(l)+b(l) == 1 (convex), else 0
+                p.fill_(value if not name.startswith("unimodal") or self.meta.schedule == "convex" else 0.0)
             elif name.endswith("bias"):
                 p.zero_()
             else:
@@ -204,10 +238,11 @@ class Learngene(nn.Module):
             la, lx = ancestor_spec.depth(tower), spec.depth(tower)
             for layer in range(lx):
                 src = round(layer * (la - 1) / max(lx - 1, 1)) if lx > 1 else la - 1
-                for p in LAYER_PARAMS:
+                for p in layer_params(spec, tower):
                     w = ancestor_state[layer_name(tower, src, p)].float()
                     targets[layer_name(tower, layer, p)] = select_layer_tensor(
-                        p, w, ancestor_spec.width(tower), spec.width(tower), spec.head_width)
+                        p, w, ancestor_spec.width(tower), spec.width(tower), spec.head_width_of(tower),
+                        spec.mlp_hidden(tower))
         params = [p for k, p in self.tensors.items()]
         with torch.enable_grad():
             opt = torch.optim.Adam(params, lr=lr)
@@ -236,16 +271,18 @@ def inherited_for(inherited: dict[str, torch.Tensor], spec_from: ModelSpec, spec
                   towers) -> dict[str, torch.Tensor]:
     """Width-select inherited non-layer tensors for a descendant of shape spec_to."""
     from .models import tower_of_name
-    out = {}
+    out, per_tower = {}, {t: {} for t in ("image", "text")}
     for name, t in inherited.items():
         tower = tower_of_name(name)
-        if tower is not None and tower not in towers:
-            continue
         if tower is None:
             out[name] = t
-            continue
-        out[name] = select_inherited(name, t, spec_from.width(tower), spec_to.width(tower),
-                                     spec_to.context_length if tower == "text" else None)
+        elif tower in towers:
+            per_tower[tower][name] = t
+    for tower, state in per_tower.items():
+        out.update(select_inherited_state(
+            state, spec_from.width(tower), spec_to.width(tower), spec_to.embed_dim,
+            spec_to.context_length if tower == "text" else None,
+            attn_pool=tower == "image" and bool(spec_to.vision_flags.get("attentional_pool"))))
     return out
 
 
@@ -264,7 +301,9 @@ class AuxCLIP(nn.Module):
         for name, _ in list(clip.named_parameters()):
             if parse_layer_name(name):
                 mod_name, attr = name.rsplit(".", 1)
-                del clip.get_submodule(mod_name)._parameters[attr]
+                mod = clip.get_submodule(mod_name)
+                del mod._parameters[attr]
+                setattr(mod, attr, None)  # a plain None attribute: repr() works (DeepSpeed ZeRO-3 prints it)
         if inherited:
             missing, unexpected = clip.load_state_dict(inherited, strict=False)
             unexpected = [u for u in unexpected]

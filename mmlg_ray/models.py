@@ -1,10 +1,15 @@
 """open_clip models from a ModelSpec, and the parameter-name conventions the learngene relies on.
 
-Image-text models are `open_clip.CLIP`; an image-only model is open_clip's VisionTransformer held
-under `.visual` (so its names match CLIP's: `visual.*`); a text-only model is open_clip's
-TextTransformer, whose names already match CLIP's top-level text names.
+Models are built by open_clip's own tower builders from open_clip's own config schema
+(`open_clip_model_cfg`), so an ancestor computes exactly what open_clip computes on the same
+weights, with every architecture flag (QuickGELU, per-tower head width, layer scale, attentional
+pooling, pool types, ...). Image-text models are `open_clip.CLIP`; an image-only model is open_clip's
+VisionTransformer held under `.visual` (so its names match CLIP's: `visual.*`); a text-only model is
+open_clip's TextTransformer, whose names already match CLIP's top-level text names.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -13,10 +18,11 @@ import open_clip
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower, _build_vision_tower
 
 from .config import ModelSpec
+from .errors import UserError
 
 TOWERS = ("image", "text")
 
-# Every open_clip residual block holds exactly these tensors.
+# Every open_clip residual block holds exactly these tensors ...
 LAYER_PARAMS = (
     "ln_1.weight", "ln_1.bias",
     "attn.in_proj_weight", "attn.in_proj_bias",
@@ -25,8 +31,20 @@ LAYER_PARAMS = (
     "mlp.c_fc.weight", "mlp.c_fc.bias",
     "mlp.c_proj.weight", "mlp.c_proj.bias",
 )
+# ... plus these where the tower has layer scale (ls_init_value set).
+LAYER_SCALE_PARAMS = ("ls_1.gamma", "ls_2.gamma")
 
 LAYER_PREFIX = {"image": "visual.transformer.resblocks.", "text": "transformer.resblocks."}
+
+# The open_clip config fields that ModelSpec holds as typed fields (everything else is a flag).
+_VISION_SHAPE = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size"}
+_TEXT_SHAPE = {"layers", "width", "heads", "mlp_ratio", "context_length", "vocab_size"}
+_TOP_OK = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "cast_dtype"}
+
+
+def layer_params(spec: ModelSpec, tower: str) -> tuple[str, ...]:
+    """The residual-block tensor names of `tower` (layer-scale gammas where the tower has them)."""
+    return LAYER_PARAMS + (LAYER_SCALE_PARAMS if spec.layer_scale(tower) is not None else ())
 
 
 def towers_of(modality: str) -> tuple[str, ...]:
@@ -56,31 +74,123 @@ def tower_of_name(name: str) -> str | None:
     return "text"
 
 
+# --------------------------------------------------------------------------- architecture support
+def unsupported_features(vision: dict, text: dict, top: dict | None = None) -> list[str]:
+    """Features of an open_clip model config that the learngene cannot carry (yet), each named the way
+    open_clip's config names it. Empty: the architecture is supported exactly."""
+    bad = []
+    top = top or {}
+    if top.get("multimodal_cfg"):
+        bad.append("multimodal_cfg (CoCa's multimodal text decoder)")
+    vf = {f.name for f in dataclasses.fields(CLIPVisionCfg)}
+    tf = {f.name for f in dataclasses.fields(CLIPTextCfg)}
+    for k in vision:
+        if k not in vf:
+            bad.append(f"vision_cfg.{k} (not an open_clip vision_cfg field)")
+    for k in text:
+        if k not in tf:
+            bad.append(f"text_cfg.{k} (not an open_clip text_cfg field)")
+    if vision.get("timm_model_name"):
+        bad.append(f"vision_cfg.timm_model_name={vision['timm_model_name']} (a timm image tower, not a ViT "
+                   "of residual blocks)")
+    if isinstance(vision.get("layers"), (list, tuple)):
+        bad.append("vision_cfg.layers as a list (a ModifiedResNet image tower)")
+    if text.get("hf_model_name"):
+        bad.append(f"text_cfg.hf_model_name={text['hf_model_name']} (a Hugging Face text tower)")
+    if top.get("custom_text"):
+        bad.append("custom_text (CustomTextCLIP parameter layout)")
+    if top.get("init_logit_bias") is not None:
+        bad.append("init_logit_bias (SigLIP's sigmoid loss)")
+    if top.get("nonscalar_logit_scale"):
+        bad.append("nonscalar_logit_scale")
+    for k in set(top) - _TOP_OK - {"custom_text", "multimodal_cfg", "init_logit_bias", "nonscalar_logit_scale"}:
+        bad.append(f"{k} (top-level model config field)")
+    for side, cfg in (("vision_cfg", vision), ("text_cfg", text)):
+        if cfg.get("block_type") not in (None, "default"):
+            bad.append(f"{side}.block_type={cfg['block_type']}")
+        for k in ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc"):
+            if cfg.get(k):
+                bad.append(f"{side}.{k} (custom attention block)")
+        if cfg.get("output_tokens"):
+            bad.append(f"{side}.output_tokens")
+        if cfg.get("pool_type") == "none":
+            bad.append(f"{side}.pool_type=none (no pooled embedding)")
+    if vision.get("pos_embed_type", "learnable") != "learnable":
+        bad.append(f"vision_cfg.pos_embed_type={vision['pos_embed_type']}")
+    if isinstance(vision.get("attentional_pool"), str):
+        bad.append(f"vision_cfg.attentional_pool={vision['attentional_pool']} (open_clip's untested "
+                   "parallel/cascade pooler)")
+    if isinstance(vision.get("image_size"), (list, tuple)) and len(set(vision["image_size"])) > 1:
+        bad.append("vision_cfg.image_size non-square")
+    if text.get("hf_tokenizer_name"):
+        bad.append(f"text_cfg.hf_tokenizer_name={text['hf_tokenizer_name']} (a Hugging Face tokenizer; the "
+                   "data pipeline tokenizes with open_clip's BPE)")
+    if text.get("embed_cls"):
+        bad.append("text_cfg.embed_cls (CoCa's appended class token)")
+    if text.get("proj_type", "linear") != "linear":
+        bad.append(f"text_cfg.proj_type={text['proj_type']}")
+    return bad
+
+
+def spec_from_open_clip_cfg(cfg: dict, name: str = "model", field: str = "ancestor.arch") -> ModelSpec:
+    """A ModelSpec that builds exactly open_clip's model of this config, or a UserError naming the
+    first feature the learngene cannot carry."""
+    v, t = dict(cfg.get("vision_cfg", {})), dict(cfg.get("text_cfg", {}))
+    top = {k: val for k, val in cfg.items() if k not in ("vision_cfg", "text_cfg")}
+    bad = unsupported_features(v, t, top)
+    if bad:
+        raise UserError(field, f"{name}: {bad[0]} is not supported yet",
+                        "choose a ViT CLIP with a plain open_clip text transformer, e.g. ViT-B-16")
+    vd = {f.name: f.default for f in dataclasses.fields(CLIPVisionCfg)}
+    td = {f.name: f.default for f in dataclasses.fields(CLIPTextCfg)}
+    image_size = v.get("image_size", vd["image_size"])
+    image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
+    text_width = t.get("width", td["width"])
+    text_heads = t.get("heads", td["heads"])
+    if text_width % text_heads:
+        raise UserError(field, f"{name}: text width {text_width} is not a multiple of its {text_heads} heads")
+    v_mlp, t_mlp = float(v.get("mlp_ratio", vd["mlp_ratio"])), float(t.get("mlp_ratio", td["mlp_ratio"]))
+    vision_flags = {k: val for k, val in v.items() if k not in _VISION_SHAPE}
+    text_flags = {k: val for k, val in t.items() if k not in _TEXT_SHAPE}
+    try:
+        return ModelSpec(
+            image_depth=v.get("layers", vd["layers"]), text_depth=t.get("layers", td["layers"]),
+            image_width=v.get("width", vd["width"]), text_width=text_width,
+            head_width=v.get("head_width", vd["head_width"]), text_head_width=text_width // text_heads,
+            mlp_ratio=v_mlp, text_mlp_ratio=t_mlp, patch_size=v.get("patch_size", vd["patch_size"]),
+            image_size=image_size, context_length=t.get("context_length", td["context_length"]),
+            vocab_size=t.get("vocab_size", td["vocab_size"]), embed_dim=cfg["embed_dim"],
+            quick_gelu=bool(cfg.get("quick_gelu", False)), vision_flags=vision_flags, text_flags=text_flags)
+    except Exception as e:  # pydantic ValidationError: a shape open_clip accepts but ModelSpec does not
+        raise UserError(field, f"{name}: {str(e).splitlines()[-1].strip()}") from None
+
+
+def spec_from_arch(arch: str, field: str = "ancestor.arch") -> ModelSpec:
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise UserError(field, f"{arch!r} is not an open_clip architecture",
+                        "see open_clip.list_models(), e.g. ViT-B-16")
+    return spec_from_open_clip_cfg(cfg, arch, field)
+
+
 def vision_cfg(spec: ModelSpec) -> dict:
     return dict(layers=spec.image_depth, width=spec.image_width, head_width=spec.head_width,
-                mlp_ratio=spec.mlp_ratio, patch_size=spec.patch_size, image_size=spec.image_size)
+                mlp_ratio=spec.mlp_ratio_of("image"), patch_size=spec.patch_size, image_size=spec.image_size,
+                **spec.vision_flags)
 
 
 def text_cfg(spec: ModelSpec) -> dict:
     return dict(context_length=spec.context_length, vocab_size=spec.vocab_size, width=spec.text_width,
-                heads=spec.heads("text"), layers=spec.text_depth, mlp_ratio=spec.mlp_ratio)
+                heads=spec.heads("text"), layers=spec.text_depth, mlp_ratio=spec.mlp_ratio_of("text"),
+                **spec.text_flags)
 
 
 def open_clip_model_cfg(spec: ModelSpec) -> dict:
     """open_clip's `model_cfg` schema (what model_configs/*.json and local-dir checkpoints hold)."""
-    return {"embed_dim": spec.embed_dim, "vision_cfg": vision_cfg(spec), "text_cfg": text_cfg(spec)}
-
-
-def spec_from_open_clip_cfg(cfg: dict) -> ModelSpec:
-    v, t = cfg["vision_cfg"], cfg["text_cfg"]
-    width = v.get("width", 768)
-    head_width = v.get("head_width", 64)
-    return ModelSpec(
-        image_depth=v["layers"], text_depth=t["layers"], image_width=width, text_width=t["width"],
-        head_width=head_width, mlp_ratio=v.get("mlp_ratio", 4.0), patch_size=v["patch_size"],
-        image_size=v["image_size"] if isinstance(v["image_size"], int) else v["image_size"][0],
-        context_length=t.get("context_length", 77), vocab_size=t.get("vocab_size", 49408),
-        embed_dim=cfg["embed_dim"])
+    cfg = {"embed_dim": spec.embed_dim, "vision_cfg": vision_cfg(spec), "text_cfg": text_cfg(spec)}
+    if spec.quick_gelu:
+        cfg["quick_gelu"] = True
+    return cfg
 
 
 class ImageTower(nn.Module):
@@ -88,7 +198,7 @@ class ImageTower(nn.Module):
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.visual = _build_vision_tower(spec.embed_dim, CLIPVisionCfg(**vision_cfg(spec)))
+        self.visual = _build_vision_tower(spec.embed_dim, CLIPVisionCfg(**vision_cfg(spec)), spec.quick_gelu)
 
     def forward(self, image):
         return self.visual(image)
@@ -101,12 +211,13 @@ class ImageTower(nn.Module):
 def build_model(spec: ModelSpec, modality: str = "image_text") -> nn.Module:
     """A freshly initialized open_clip model of this shape (open_clip's own init)."""
     if modality == "image_text":
-        return open_clip.CLIP(spec.embed_dim, CLIPVisionCfg(**vision_cfg(spec)), CLIPTextCfg(**text_cfg(spec)))
+        return open_clip.CLIP(spec.embed_dim, CLIPVisionCfg(**vision_cfg(spec)), CLIPTextCfg(**text_cfg(spec)),
+                              quick_gelu=spec.quick_gelu)
     if modality == "image":
         return ImageTower(spec)
     if modality == "text":
         # open_clip's TextTransformer: its names already equal CLIP's top-level text names.
-        return _build_text_tower(spec.embed_dim, CLIPTextCfg(**text_cfg(spec)))
+        return _build_text_tower(spec.embed_dim, CLIPTextCfg(**text_cfg(spec)), spec.quick_gelu)
     raise ValueError(f"unknown modality {modality!r}")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import cost as costmod
+from . import precision as amp
 from .config import Config, ModelSpec, TrainConfig
 from .data import load_dataset
 from .descend import descendant_spec, init_descendant
@@ -30,6 +31,8 @@ def setup_runtime(cfg: Config | None = None, level=logging.INFO):
     logging.getLogger("mmlg_ray").setLevel(level)
     if cfg is not None and cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg is not None:
+        amp.set_tf32(cfg.tf32)
 
 
 def corpus(cfg: Config):
@@ -40,12 +43,13 @@ def corpus(cfg: Config):
 # --------------------------------------------------------------------------- pre-training (CLIP loss)
 def pretrain_clip(cfg: Config, spec: ModelSpec, tcfg: TrainConfig, seed: int = 0, name: str = "pretrain",
                   device=None, data=None) -> tuple[dict, dict]:
-    """Contrastive pre-training of a CLIP of `spec` on the corpus. Returns (state dict, cost)."""
+    """Contrastive pre-training of a CLIP of `spec` on the corpus, in cfg.precision (fp32 master
+    weights). Returns (state dict, cost)."""
     device = device or resolve_device(cfg.device)
     torch.manual_seed(seed)
     model = build_model(spec, "image_text").to(device)
     data = data or corpus(cfg)
-    engine = TorchEngine(model, tcfg)
+    engine = TorchEngine(model, tcfg, precision=cfg.precision)
     batches = data.batches(tcfg.batch_size, spec.image_size, spec.context_length, seed=seed)
     try:
         res = run_loop(engine, batches, contrastive_step(model), tcfg.steps, log_every=tcfg.log_every,
@@ -55,7 +59,7 @@ def pretrain_clip(cfg: Config, spec: ModelSpec, tcfg: TrainConfig, seed: int = 0
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "attn_mask"}
     c = {"steps": res.steps, "samples": res.samples, "wall_s": res.seconds, "device_s": res.seconds,
          "flops": costmod.train_flops(spec, "image_text", res.samples), "final_loss": res.last.get("loss"),
-         "skipped_samples": data.skipped}
+         "precision": cfg.precision, "skipped_samples": data.skipped}
     return state, c
 
 
@@ -90,12 +94,13 @@ def build_aux(cfg: Config, ancestor, method: str | None = None, fit: bool = True
 
 
 def learngene_path(cfg: Config, out_dir: Path, method: str) -> Path:
-    fp = cfg.fingerprint("ancestor", "data.corpus", "learngene", "seed")
+    fp = cfg.fingerprint("ancestor", "data.corpus", "learngene", "seed", "precision")
     return Path(out_dir) / "learngenes" / f"{method}-{fp}.safetensors"
 
 
 def extract(cfg: Config, ancestor, out_path, method: str | None = None, device=None, data=None) -> dict:
-    """Stage 1 in one process: train the learngene through the auxiliary CLIP, write the file."""
+    """Stage 1 in one process: train the learngene through the auxiliary CLIP, write the file. In
+    bf16 / fp16 the student and the teacher both run under autocast; the learngene stays fp32."""
     device = device or resolve_device(cfg.device)
     ecfg = cfg.learngene.extraction
     torch.manual_seed(cfg.seed)
@@ -105,7 +110,7 @@ def extract(cfg: Config, ancestor, out_path, method: str | None = None, device=N
         p.requires_grad_(False)
     data = data or corpus(cfg)
     spec = aux.learngene.meta.model_spec
-    engine = TorchEngine(aux, ecfg)
+    engine = TorchEngine(aux, ecfg, precision=cfg.precision)
     batches = data.batches(ecfg.batch_size, spec.image_size, spec.context_length, seed=cfg.seed)
     step_fn = extraction_step(aux, teacher, ecfg.distill_weight, ecfg.distill_temperature, ecfg.feature_weight)
     try:
@@ -114,6 +119,7 @@ def extract(cfg: Config, ancestor, out_path, method: str | None = None, device=N
     finally:
         _close(batches)
     cost = extraction_cost(spec, ancestor.spec, res.steps, res.samples, res.seconds, 1, res.last)
+    cost["precision"] = cfg.precision
     cost["skipped_samples"] = data.skipped  # corrupt / incomplete samples of a streamed corpus
     finish_extraction(aux, out_path, cost)
     return cost
@@ -148,7 +154,7 @@ def pretrain_descendant(cfg: Config, ancestor, method: str, spec: ModelSpec, dev
     model = build_model(spec, "image_text").to(device)
     teacher = ancestor.model(device)
     anchors_img, anchors_txt = csm_anchors(cfg, teacher, data, device)
-    engine = TorchEngine(model, tcfg)
+    engine = TorchEngine(model, tcfg, precision=cfg.precision)
     batches = data.batches(tcfg.batch_size, spec.image_size, spec.context_length, seed=cfg.seed)
     try:
         res = run_loop(engine, batches, csm_step(model, teacher, "image_text", anchors_img, anchors_txt), steps,
@@ -158,7 +164,8 @@ def pretrain_descendant(cfg: Config, ancestor, method: str, spec: ModelSpec, dev
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "attn_mask"}
     flops = costmod.train_flops(spec, "image_text", res.samples) + costmod.forward_flops(ancestor.spec) * res.samples
     return state, {"steps": res.steps, "samples": res.samples, "wall_s": res.seconds, "device_s": res.seconds,
-                   "flops": flops, "final_loss": res.last.get("loss"), "skipped_samples": data.skipped}
+                   "flops": flops, "final_loss": res.last.get("loss"), "precision": cfg.precision,
+                   "skipped_samples": data.skipped}
 
 
 @torch.no_grad()
@@ -166,7 +173,8 @@ def csm_anchors(cfg: Config, teacher, data, device, n_images: int = 256, n_texts
     """The fixed anchor sets: teacher text embeddings of the corpus's class prompts (or else its
     first `n_texts` distinct captions) and teacher image embeddings of its first `n_images` images,
     read in one ordered pass that stops as soon as both are collected, so a streamed corpus is never
-    read whole (and an in-memory one gives the same anchors as its stream would)."""
+    read whole (and an in-memory one gives the same anchors as its stream would). Computed in
+    cfg.precision, kept as float32."""
     from .data import tokenize_captions
     spec = cfg.ancestor.spec
     prompts = [t.format(c) for c in data.classnames for t in data.templates] if data.classnames else None
@@ -188,9 +196,10 @@ def csm_anchors(cfg: Config, teacher, data, device, n_images: int = 256, n_texts
         from .errors import UserError
         raise UserError("data.corpus", "csm found no readable sample in the corpus", "check data.corpus.path")
     prompts = prompts or list(captions)[:n_texts]
-    txt = teacher.encode_text(tokenize_captions(prompts, spec.context_length).to(device), normalize=True)
-    img = torch.cat([teacher.encode_image(x.to(device), normalize=True) for x in images])
-    return img, txt
+    with amp.autocast(device, cfg.precision):
+        txt = teacher.encode_text(tokenize_captions(prompts, spec.context_length).to(device), normalize=True)
+        img = torch.cat([teacher.encode_image(x.to(device), normalize=True) for x in images])
+    return img.float(), txt.float()
 
 
 # --------------------------------------------------------------------------- cells and trials
@@ -258,7 +267,7 @@ def run_trial(cfg: Config, cell: Cell, seed: int, *, lr: float | None = None, we
                            **metrics})
 
     summary = finetune(model, cell.modality, data, fcfg, spec, device, seed=seed, on_eval=running,
-                       rank=rank, world=world, wrap=wrap)
+                       rank=rank, world=world, wrap=wrap, precision=cfg.precision)
     row.update({
         "skipped_samples": data.skipped,
         "epochs": len(summary["history"]), "steps": summary["steps"],

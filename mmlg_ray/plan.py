@@ -24,10 +24,7 @@ class Plan:
 
 
 def ancestor_spec_of(cfg: Config) -> ModelSpec:
-    if cfg.ancestor.source == "open_clip" or (cfg.ancestor.source == "checkpoint" and cfg.ancestor.arch):
-        from .ancestor import _spec_for_arch
-        return _spec_for_arch(cfg.ancestor.arch)
-    return cfg.ancestor.spec
+    return cfg.ancestor.spec  # config.py reads it from open_clip's model config when ancestor.arch is set
 
 
 def make_plan(cfg: Config) -> Plan:

@@ -87,11 +87,12 @@ def cost_table(trials: pd.DataFrame, stages: pd.DataFrame, cfg: Config, anc_spec
     samples = ec.steps * ec.batch_size
     pre_samples = (cfg.descendants.pretrain_steps or ec.steps) * ec.batch_size
     ax = aux_spec(cfg, anc_spec)
-    lg_layers = costmod.layer_params(max(ax.image_width, ax.text_width), ax.mlp_ratio) + sum(
-        costmod.layer_params(ax.width(t), ax.mlp_ratio) for t in ("image", "text"))
+    lg_layers = costmod.layer_params(max(ax.image_width, ax.text_width), max(
+        ax.mlp_ratio_of(t) for t in ("image", "text"))) + sum(
+        costmod.layer_params(ax.width(t), ax.mlp_ratio_of(t)) for t in ("image", "text"))
     lg_inherited = costmod.model_params(ax) - costmod.tower_params(ax, "image", True) - costmod.tower_params(
         ax, "text", True)
-    tleg_layers = 2 * sum(costmod.layer_params(ax.width(t), ax.mlp_ratio) for t in ("image", "text"))
+    tleg_layers = 2 * sum(costmod.layer_params(ax.width(t), ax.mlp_ratio_of(t)) for t in ("image", "text"))
     st = stages.copy()
     measured = {}
     for _, r in st.iterrows():

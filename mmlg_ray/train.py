@@ -7,16 +7,18 @@ hook the distributed layer uses to report metrics and save checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import precision as amp
 from .config import TrainConfig
 
 log = logging.getLogger("mmlg_ray")
@@ -54,33 +56,52 @@ def lr_lambda(tcfg: TrainConfig, total: int | None = None):
 
 
 class TorchEngine:
-    """AdamW + warm-up/cosine schedule with the DeepSpeed engine's backward/step interface."""
+    """AdamW + warm-up/cosine schedule with the DeepSpeed engine's backward/step interface.
 
-    def __init__(self, model: nn.Module, tcfg: TrainConfig, total_steps: int | None = None, clip_grad: float = 1.0):
+    Mixed precision: forward passes run under `autocast()` (run_loop enters it around each loss)
+    while the weights and optimizer stay fp32; fp16 adds dynamic loss scaling (a GradScaler that
+    skips a step whose gradients overflow and lowers the scale). fp32 is plain PyTorch."""
+
+    def __init__(self, model: nn.Module, tcfg: TrainConfig, total_steps: int | None = None, clip_grad: float = 1.0,
+                 precision: str = "fp32"):
         self.module = model
         self.optimizer = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tcfg, total_steps))
         self.clip_grad = clip_grad
+        self.precision = precision
+        self.device = next(model.parameters()).device
+        self.scaler = amp.grad_scaler(self.device, precision)
+        amp.autocast(self.device, precision)  # an unsupported (device, precision) fails here, not mid-run
 
     def __call__(self, *args, **kw):
         return self.module(*args, **kw)
 
+    def autocast(self) -> ContextManager:
+        return amp.autocast(self.device, self.precision)
+
     def backward(self, loss):
-        loss.backward()
+        self.scaler.scale(loss).backward()
 
     def step(self):
         if self.clip_grad:
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # fp16: skipped when the gradients hold inf/nan
+        self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        s = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.scaler.is_enabled():
+            s["scaler"] = self.scaler.state_dict()
+        return s
 
     def load_state_dict(self, s):
         self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
+        if "scaler" in s and self.scaler.is_enabled():
+            self.scaler.load_state_dict(s["scaler"])
 
 
 @dataclass
@@ -111,8 +132,13 @@ class Progress:
 
 def run_loop(engine, batches: Iterator, loss_fn: Callable, steps: int, *, start_step: int = 0,
              log_every: int = 25, on_log: Callable[[int, dict], None] | None = None,
-             name: str = "train", device=None) -> LoopResult:
-    """Generic step loop: loss_fn(batch) -> (loss, metrics dict)."""
+             name: str = "train", device=None,
+             autocast: Callable[[], ContextManager] | None = None) -> LoopResult:
+    """Generic step loop: loss_fn(batch) -> (loss, metrics dict), computed under `autocast()`
+    (default: a TorchEngine's own mixed-precision context; none for other engines, e.g. DeepSpeed's,
+    which casts the model itself)."""
+    if autocast is None:
+        autocast = engine.autocast if isinstance(engine, TorchEngine) else contextlib.nullcontext
     res = LoopResult(steps=start_step)
     progress = Progress(name, steps, start_step)
     t0 = time.perf_counter()
@@ -122,7 +148,8 @@ def run_loop(engine, batches: Iterator, loss_fn: Callable, steps: int, *, start_
         batch = next(batches)
         if device is not None:
             batch = tuple(b.to(device, non_blocking=True) if torch.is_tensor(b) else b for b in batch)
-        loss, metrics = loss_fn(batch)
+        with autocast():
+            loss, metrics = loss_fn(batch)
         engine.backward(loss)
         engine.step()
         res.samples += int(batch[0].shape[0])
@@ -144,6 +171,7 @@ def run_loop(engine, batches: Iterator, loss_fn: Callable, steps: int, *, start_
 
 
 # --------------------------------------------------------------------------- losses
+@amp.in_float32
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, tokens: torch.Tensor | None = None):
     """Symmetric InfoNCE. Identical captions in a batch are all counted as positives."""
     logits = scale * img @ txt.t()
@@ -155,6 +183,7 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, tokens:
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
+@amp.in_float32
 def distill_loss(s_img, s_txt, s_scale, t_img, t_txt, t_scale, temperature: float = 1.0):
     """KL(teacher || student) of the softmaxed image-text similarity, both directions."""
     s = s_scale * s_img @ s_txt.t() / temperature
@@ -164,12 +193,19 @@ def distill_loss(s_img, s_txt, s_scale, t_img, t_txt, t_scale, temperature: floa
     return (kl_i2t + kl_t2i) / 2 * temperature ** 2
 
 
+@amp.in_float32
 def csm_loss(student_feat, teacher_feat, anchors, scale: float = 100.0, temperature: float = 1.0):
     """BeamCLIP's cross-modal similarity matching: match the teacher's softmaxed similarity of each
     sample to a fixed set of anchor embeddings from the other modality (both L2-normalized)."""
     s = scale * student_feat @ anchors.t() / temperature
     t = scale * teacher_feat @ anchors.t() / temperature
     return F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
+
+
+@amp.in_float32
+def feature_loss(s_img, s_txt, t_img, t_txt):
+    """2 - cosine similarity of student and teacher embeddings (normalized), image + text."""
+    return 2 - (s_img * t_img).sum(-1).mean() - (s_txt * t_txt).sum(-1).mean()
 
 
 # --------------------------------------------------------------------------- loss functions for loops
@@ -193,7 +229,7 @@ def extraction_step(aux, teacher, distill_weight: float, temperature: float, fea
         loss = l_clip + distill_weight * l_kd
         metrics = {"loss": loss.detach(), "clip": l_clip.detach(), "distill": l_kd.detach()}
         if feature_weight > 0:
-            l_feat = (2 - (s_img * t_img).sum(-1).mean() - (s_txt * t_txt).sum(-1).mean())
+            l_feat = feature_loss(s_img, s_txt, t_img, t_txt)
             loss = loss + feature_weight * l_feat
             metrics["feature"] = l_feat.detach()
         return loss, metrics

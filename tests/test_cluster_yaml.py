@@ -1,14 +1,67 @@
+"""cluster.yaml as Ray's launcher reads it, fit for spot; the job's resource requests that pick its
+node types; and no command that stops Ray instances other than its own. No AWS, no Ray cluster."""
+import ipaddress
+import re
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+TEXT = (ROOT / "cluster.yaml").read_text()
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    return yaml.safe_load(TEXT)
+
+
+@pytest.fixture(scope="module")
+def prepared(cluster):
+    from ray.autoscaler._private.util import prepare_config
+    return prepare_config(cluster)
+
+
+def _gpu_types(cluster):
+    return {k: v for k, v in cluster["available_node_types"].items() if k != cluster["head_node_type"]}
+
+
+def _is_spot(node_type):
+    return node_type["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+
+
+@pytest.fixture
+def no_aws(monkeypatch):
+    """Ray's AWS bootstrap steps (what `ray up` runs), with every AWS call refused. boto3 is not one of
+    this project's pins; where it is missing, inert stand-ins let Ray's module import."""
+    import sys
+    import types
+    before = set(sys.modules)
+    try:
+        import boto3  # noqa: F401
+    except ImportError:
+        stubs = {"boto3": {"__version__": "99.0"}, "boto3.exceptions": {"ResourceNotExistsError": Exception},
+                 "boto3.resources": {}, "boto3.resources.base": {"ServiceResource": object},
+                 "botocore": {}, "botocore.client": {"BaseClient": object}, "botocore.config": {"Config": dict},
+                 "botocore.exceptions": {"ClientError": Exception, "WaiterError": Exception}}
+        for name, attrs in stubs.items():
+            mod = types.ModuleType(name)
+            mod.__dict__.update(attrs)
+            monkeypatch.setitem(sys.modules, name, mod)
+            if "." in name:
+                parent, child = name.rsplit(".", 1)
+                setattr(sys.modules[parent], child, mod)
+    from ray.autoscaler._private.aws import config as aws
+
+    def refuse(*a, **k):
+        raise AssertionError("the launcher would call AWS here")
+    for name in ("_client", "_resource", "_get_instance_profile", "_get_role"):
+        monkeypatch.setattr(aws, name, refuse)
+    yield aws
+    for name in set(sys.modules) - before:  # nothing imported against the stand-ins outlives the test
+        if name.startswith(("ray.autoscaler._private.aws", "boto3", "botocore")):
+            del sys.modules[name]
 
 
 def test_validates_against_rays_cluster_schema(cluster):
@@ -27,15 +80,213 @@ def test_cluster_shape_and_safety(cluster):
     types = cluster["available_node_types"]
     head = types[cluster["head_node_type"]]
     assert head["resources"]["CPU"] == 0 and head["resources"]["driver"] >= 1  # driver only, no training
-    gpu = {k: v for k, v in types.items() if k != cluster["head_node_type"]}
+    gpu = _gpu_types(cluster)
     assert gpu and all(v["min_workers"] == 0 for v in gpu.values())
-    assert any(v["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot" for v in gpu.values())
+    assert any(_is_spot(v) for v in gpu.values()) and not all(_is_spot(v) for v in gpu.values())
     assert cluster["idle_timeout_minutes"] > 0
     assert cluster["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-py")
     head_cmd = " ".join(cluster["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_cmd
-    ports = [p["FromPort"] for p in cluster["provider"]["security_group"]["IpPermissions"]]
-    assert ports == [22]
-    text = (ROOT / "cluster.yaml").read_text().lower()
     for secret in ("aws_access_key", "aws_secret", "secretaccesskey", "password"):
-        assert secret not in text
+        assert secret not in TEXT.lower()
+
+
+def test_every_node_has_an_iam_instance_profile(prepared, no_aws):
+    types = prepared["available_node_types"]
+    profiles = {}
+    for name, t in types.items():
+        profile = t["node_config"].get("IamInstanceProfile")
+        assert profile and (profile.get("Name") or profile.get("Arn")), f"{name}: no IamInstanceProfile"
+        profiles[name] = profile
+    head = prepared["head_node_type"]
+    # workers share one profile, not the head's (which may launch instances)
+    assert len({str(p) for n, p in profiles.items() if n != head}) == 1
+    assert all(p != profiles[head] for n, p in profiles.items() if n != head)
+    # the head's own profile is taken as given: the launcher creates no default role (which would
+    # lack iam:PassRole for the workers' profile)
+    assert no_aws._configure_iam_role(dict(prepared, head_node={}))["available_node_types"] == types
+
+
+def test_ssh_only_from_a_cidr_the_user_sets(prepared, no_aws):
+    # Ray's launcher adds SSH from the whole world to every security group it creates itself ...
+    world = [r for r in no_aws._create_default_ssh_inbound_rules() for ip in r["IpRanges"]
+             if ip["CidrIp"] == "0.0.0.0/0"]
+    assert world, "Ray no longer opens SSH to the world on its own groups: revisit cluster.yaml's security group"
+    # ... so every node type names the user's group, and the launcher creates or changes none
+    for name, t in prepared["available_node_types"].items():
+        assert t["node_config"].get("SecurityGroupIds"), f"{name}: no SecurityGroupIds"
+    assert "security_group" not in prepared["provider"]
+    out = no_aws._configure_security_group(prepared)
+    assert out["available_node_types"] == prepared["available_node_types"]
+    # the documented ingress rules (cluster.yaml's comments, README) name a CIDR that is not the world
+    readme = (ROOT / "README.md").read_text()
+    cidrs = re.findall(r"(?:--cidr|CidrIp:)\s+(\S+)", TEXT + readme)
+    assert cidrs
+    for c in cidrs:
+        net = ipaddress.ip_network(c, strict=False)
+        assert net.prefixlen > 0 and net.num_addresses < 2 ** 24, f"SSH open to {c}"
+    settings = yaml.safe_dump(prepared)
+    assert "0.0.0.0/0" not in settings and "::/0" not in settings
+
+
+def _setup_commands(cluster):
+    cmds = []
+    for key in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands"):
+        cmds += cluster.get(key) or []
+    for t in cluster["available_node_types"].values():
+        cmds += t.get("initialization_commands", []) + t.get("worker_setup_commands", [])
+    return cmds
+
+
+def test_setup_pins_a_cuda_torch_pair_matching_the_image(cluster):
+    cuda = re.search(r"-cu(\d+)$", cluster["docker"]["image"]).group(1)
+    pip_lines = [c for c in _setup_commands(cluster) if "pip install" in c]
+    assert pip_lines
+    requirements = dict(ln.split("==") for ln in (ROOT / "requirements.txt").read_text().splitlines()
+                        if ln.strip() and not ln.startswith("#"))
+    for line in pip_lines:
+        args = shlex.split(line)
+        pins = dict(a.split("==") for a in args if "==" in a)
+        # torch and torchvision pinned together on every pip line, both CUDA builds of the image's CUDA
+        torch, vision = pins.get("torch", ""), pins.get("torchvision", "")
+        assert torch.endswith(f"+cu{cuda}") and vision.endswith(f"+cu{cuda}"), line
+        t_major, t_minor = map(int, torch.split("+")[0].split(".")[:2])
+        v_major, v_minor = map(int, vision.split("+")[0].split(".")[:2])
+        assert (t_major, v_major, v_minor) == (2, 0, t_minor + 15), "torchvision 0.(N+15) pairs with torch 2.N"
+        assert f"https://download.pytorch.org/whl/cu{cuda}" in args  # the index of those builds
+        # everything else: requirements.txt's pins, same versions, nothing unpinned, no project install
+        for pkg, version in requirements.items():
+            if pkg not in ("torch", "torchvision", "pytest"):
+                assert pins.get(pkg) == version, f"{pkg}=={version} missing from the setup pip line"
+        packages = [a for a in args[2:] if not a.startswith("-") and "://" not in a]
+        assert all("==" in a for a in packages), f"unpinned: {[a for a in packages if '==' not in a]}"
+        assert not re.search(r"(^|\s)(-e\s+)?\.(\s|$)", line), "the project ships with --working-dir"
+
+
+def test_ondemand_and_spot_nodes_are_told_apart_and_the_paper_preset_uses_them(cluster):
+    from mmlg_ray.config import load_config
+    gpu = _gpu_types(cluster)
+    head = cluster["available_node_types"][cluster["head_node_type"]]["resources"]
+    ondemand = [v["resources"] for v in gpu.values() if not _is_spot(v)]
+    spot = [v["resources"] for v in gpu.values() if _is_spot(v)]
+    assert ondemand and spot
+    assert all(r.get("ondemand", 0) >= 1 and "spot" not in r for r in ondemand)
+    assert all(r.get("spot", 0) >= 1 and "ondemand" not in r for r in spot)
+    assert "ondemand" not in head and "spot" not in head
+
+    paper = load_config(ROOT / "configs/paper_vitb16.yaml").ray
+    assert paper.worker_resources and paper.tune.trial_resources
+    # extraction workers fit on on-demand nodes only; trials on spot nodes only
+    for want, fits, never in ((paper.worker_resources, ondemand, spot), (paper.tune.trial_resources, spot, ondemand)):
+        for k, amount in want.items():
+            assert all(r.get(k, 0) >= amount for r in fits), k
+            assert all(k not in r for r in never + [head]), k
+    # one GPU per g5.2xlarge: the on-demand types can hold the whole extraction
+    assert sum(v["max_workers"] for v in gpu.values() if not _is_spot(v)) >= paper.num_workers
+
+
+def test_config_resources_reach_rays_requests():
+    """ray.worker_resources / ray.tune.trial_resources end up in what Ray is asked for: the
+    extraction's ScalingConfig, the trial's placement group, a multi-worker trial's workers and
+    the pre-training tasks (Ray's own classes read them; no cluster needed)."""
+    import ray
+    from ray.train import ScalingConfig
+    from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
+
+    from mmlg_ray.config import load_config
+    from mmlg_ray.distributed.settings import (pretrain_task_options, trial_resources, trial_worker_resources,
+                                               worker_resources)
+    cfg = load_config(None, ["ray.use_gpu=true", "ray.cpus_per_worker=4", "ray.worker_resources={ondemand: 0.01}",
+                             "ray.tune.trial_cpus=4", "ray.tune.trial_gpus=1",
+                             "ray.tune.trial_resources={spot: 0.01}"])
+    rs, t = cfg.ray, cfg.ray.tune
+    sc = ScalingConfig(num_workers=rs.num_workers, use_gpu=rs.use_gpu, resources_per_worker=worker_resources(rs))
+    assert sc._resources_per_worker_not_none == {"CPU": 4, "GPU": 1, "ondemand": 0.01}
+    bundle = resource_dict_to_pg_factory(trial_resources(t)).bundles[0]
+    assert {k: v for k, v in bundle.items() if v} == {"CPU": 4, "GPU": 1, "spot": 0.01}
+    remote = ray.remote(**pretrain_task_options(t))(lambda: None)
+    assert remote._default_options["resources"] == {"spot": 0.01}
+    assert remote._default_options["num_gpus"] == 1
+    # a multi-worker trial: a sliver of CPU for the trial itself, the rest for its workers, spot for all
+    t.trial_workers = 2
+    bundle = resource_dict_to_pg_factory(trial_resources(t)).bundles[0]
+    assert {k: v for k, v in bundle.items() if v} == {"CPU": 0.01, "spot": 0.01}
+    assert trial_worker_resources(t) == {"CPU": 4, "GPU": 1, "spot": 0.01}
+    # the defaults (configs/local.yaml) ask for no custom resource at all
+    d = load_config(ROOT / "configs/local.yaml").ray
+    assert d.worker_resources == {} and d.tune.trial_resources == {}
+    assert set(worker_resources(d)) == {"CPU"} and set(trial_resources(d.tune)) == {"cpu", "gpu"}
+    assert pretrain_task_options(d.tune) == {"num_cpus": 1, "num_gpus": 0}
+
+
+def test_extraction_and_trials_pass_them_to_their_trainers(tmp_path, monkeypatch):
+    """The call sites use those builders: extract_on_ray's and a multi-worker trial's TorchTrainer."""
+    import ray
+    import ray.train.torch
+    from ray import tune
+    from ray.train.v2.api.callback import UserCallback
+    from ray.tune.integration import ray_train
+
+    from mmlg_ray.config import load_config
+    from mmlg_ray.distributed import extract, settings, sweep
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_trainer(*a, scaling_config, **k):
+        seen.append(scaling_config._resources_per_worker_not_none)
+        raise Stop
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", fake_trainer)
+    monkeypatch.setattr(ray, "put", lambda x: x)
+    monkeypatch.setattr(settings, "ensure_ray", lambda cfg: None)
+    monkeypatch.setattr(tune, "get_context", lambda: type("C", (), {"get_trial_id": lambda self: "t0"})())
+    monkeypatch.setattr(ray_train, "TuneReportCallback", type("NoTune", (UserCallback,), {}))  # needs a Tune session
+    cfg = load_config(None, ["ray.worker_resources={ondemand: 0.01}", "ray.tune.trial_resources={spot: 0.5}",
+                             "ray.tune.trial_workers=2"])
+    with pytest.raises(Stop):
+        extract.extract_on_ray(cfg, None, tmp_path / "lg.safetensors")
+    with pytest.raises(Stop):
+        sweep.trial_fn({"cell": "x"}, ctx={"cfg": cfg.model_dump(mode="json"), "storage": str(tmp_path)})
+    assert seen == [{"CPU": 1, "ondemand": 0.01}, {"CPU": 1, "spot": 0.5}]
+
+
+RAY_STOP = re.compile(r"\bray\s+stop\b")
+
+
+def test_no_command_stops_other_ray_instances(cluster):
+    """`ray stop` (2.58 has no way to scope it) stops every Ray instance of the machine. It may run
+    only as cluster.yaml's restart step inside a node's own container, never in a script, the
+    Makefile, CI, code, or a command the README tells people to run."""
+    files = [p for p in (ROOT / "scripts").rglob("*") if p.is_file()]
+    files += [ROOT / "Makefile", *(ROOT / ".ci").rglob("*"), *(ROOT / "jobs").rglob("*.py"),
+              *(ROOT / "mmlg_ray").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]
+    for p in files:
+        if p.is_file():
+            for n, line in enumerate(p.read_text(errors="ignore").splitlines(), 1):
+                assert not RAY_STOP.search(line.split("#")[0]), f"{p.relative_to(ROOT)}:{n}: {line.strip()}"
+    readme_code, inside = [], False
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            inside = not inside
+        elif inside:
+            readme_code.append(line.split("#")[0])
+    assert readme_code and not RAY_STOP.search("\n".join(readme_code))
+    # cluster.yaml: only the start commands, which run in the node's own container
+    assert cluster["docker"]["container_name"]
+    allowed = ("head_start_ray_commands", "worker_start_ray_commands")
+    for key, value in cluster.items():
+        if key not in allowed:
+            assert not RAY_STOP.search(yaml.safe_dump(value)), key
+    for key in allowed:
+        assert [c for c in cluster[key] if RAY_STOP.search(c)] == ["ray stop"]  # plain, first, before `ray start`
+        assert RAY_STOP.search(cluster[key][0])
+
+
+def test_local_job_script_stops_only_the_cluster_it_started():
+    text = (ROOT / "scripts/run_local_job.sh").read_text()
+    code = "\n".join(ln.split("#")[0] for ln in text.splitlines())
+    assert "ray start --head --block" in code and "--temp-dir=" in code
+    assert re.search(r'kill -TERM "\$head_pid"', code)  # the one `ray start --block` process it started
+    assert "pkill" not in code and "killall" not in code

@@ -37,12 +37,32 @@ def test_dotted_overrides_are_typed():
     ("data.retrieval.path=/does/not/exist", "data.retrieval.path"),
     ("learngene.extraction.stpes=3", "learngene.extraction.stpes"),
     ("output_dir=s3://bucket/run", "output_dir"),
+    ("precision=fp8", "precision"),
+    ("ray.extraction.offload_params=true", "ray.extraction.offload_params"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(UserError) as e:
         load_config(None, [override])
     assert str(e.value).startswith(field)
     assert "\n" not in str(e.value)
+
+
+def test_precision_setting_replaces_extraction_bf16():
+    cfg = load_config(ROOT / "configs/paper_vitb16.yaml")
+    assert cfg.precision == "bf16" and cfg.tf32
+    assert load_config(None).precision == "fp32"
+    with pytest.raises(UserError) as e:
+        load_config(None, ["ray.extraction.bf16=true"])
+    assert str(e.value).startswith("ray.extraction.bf16") and "precision" in str(e.value)
+    z3 = load_config(None, ["ray.extraction.zero_stage=3", "ray.extraction.offload_params=true"])
+    assert z3.ray.extraction.offload_params
+
+
+def test_precision_enters_cache_keys_only_when_not_fp32():
+    fp32, bf16 = load_config(None), load_config(None, ["precision=bf16"])
+    keys = ("ancestor.spec", "seed")
+    assert fp32.fingerprint(*keys, "precision") == fp32.fingerprint(*keys)  # fp32 caches keep their keys
+    assert bf16.fingerprint(*keys, "precision") != fp32.fingerprint(*keys, "precision")
 
 
 def test_job_exits_2_with_one_line(tmp_path):

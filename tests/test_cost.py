@@ -23,7 +23,7 @@ def test_param_count_matches_open_clip_exactly(spec, modality):
 
 
 def test_paper_scale_param_count():
-    from mmlg_ray.ancestor import _spec_for_arch
+    from mmlg_ray.models import spec_from_arch as _spec_for_arch
     import open_clip
     spec = _spec_for_arch("ViT-B-16")
     model = open_clip.create_model("ViT-B-16")  # architecture only, no weights

@@ -8,7 +8,7 @@ from mmlg_ray.select import head_idx, select_inherited, select_layer_tensor, uni
 
 def _block(width, ratio=4.0, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {p: torch.randn(s, generator=g) for p, s in block_shapes(width, ratio).items()}
+    return {p: torch.randn(s, generator=g) for p, s in block_shapes(width, int(width * ratio)).items()}
 
 
 @pytest.mark.parametrize("param", LAYER_PARAMS)
@@ -49,7 +49,7 @@ def test_narrow_selection_keeps_whole_heads_for_q_k_v_and_out_proj():
 def test_mlp_and_norm_selection_shapes_and_values():
     D, d = 128, 64
     b = _block(D)
-    shapes = block_shapes(d, 4.0)
+    shapes = block_shapes(d, 4 * d)
     for p in LAYER_PARAMS:
         assert select_layer_tensor(p, b[p], D, d, 64).shape == shapes[p], p
     m = uniform_idx(4 * D, 4 * d)

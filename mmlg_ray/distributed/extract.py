@@ -1,11 +1,17 @@
 """Learngene extraction on Ray Train with DeepSpeed ZeRO.
 
 A TorchTrainer runs the core library's extraction step in `ray.num_workers` workers (gloo on CPU,
-NCCL on GPU). DeepSpeed is initialized inside each worker with the ZeRO stage, offload and bf16
-from the `ray.extraction` config. Every `checkpoint_every` steps each rank saves its ZeRO shard
-and all report together, so Ray merges them into one checkpoint in the run's storage path; a run
-started again with the same storage path and name resumes from the latest one. At the end the
-driver consolidates the ZeRO state (DeepSpeed's zero_to_fp32) into the learngene safetensors file.
+NCCL on GPU). DeepSpeed is initialized inside each worker with the ZeRO stage and offload from the
+`ray.extraction` config and the top-level `precision`: bf16 and fp16 (dynamic loss scaling) are
+DeepSpeed's own mixed-precision modes (low-precision model, fp32 master weights in the optimizer);
+the inputs and the frozen teacher are cast to the same dtype. The optimizer is always ours: AdamW
+over train.param_groups (no weight decay on norms, biases, embeddings, logit scale, coefficients)
+with the warm-up + cosine LambdaLR of train.lr_lambda, DeepSpeedCPUAdam over the same groups when
+the optimizer is offloaded, so every ZeRO stage and offload keeps the schedule and the exclusions.
+Every `checkpoint_every` steps each rank saves its ZeRO shard and all report together, so Ray
+merges them into one checkpoint in the run's storage path; a run started again with the same
+storage path and name resumes from the latest one. At the end the driver consolidates the ZeRO
+state (DeepSpeed's zero_to_fp32: the fp32 master weights) into the learngene safetensors file.
 """
 from __future__ import annotations
 
@@ -18,13 +24,14 @@ from pathlib import Path
 
 from ..config import Config
 from ..config import RayConfig
+from ..errors import UserError
 from .settings import storage_uri
 
 log = logging.getLogger("mmlg_ray")
 TAG = "latest_zero"
 
 
-def deepspeed_config(rs: RayConfig, ecfg, world: int) -> dict:
+def deepspeed_config(rs: RayConfig, ecfg, world: int, precision: str = "fp32") -> dict:
     ex = rs.extraction
     zero: dict = {"stage": ex.zero_stage, "contiguous_gradients": True, "overlap_comm": False}
     if ex.offload_optimizer:
@@ -36,25 +43,63 @@ def deepspeed_config(rs: RayConfig, ecfg, world: int) -> dict:
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": bool(ex.bf16)},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
-    if ex.offload_optimizer:  # DeepSpeed's CPU Adam is required for optimizer offload
-        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": ecfg.lr, "weight_decay": ecfg.weight_decay}}
+    if precision == "fp16":  # dynamic loss scaling (loss_scale 0), DeepSpeed's usual defaults
+        cfg["fp16"].update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2,
+                           min_loss_scale=1)
     return cfg
+
+
+def check_precision(cfg: Config) -> None:
+    """DeepSpeed has no fp16 mode on CPU: refuse it before any work starts."""
+    if cfg.precision == "fp16" and not cfg.ray.use_gpu:
+        raise UserError("precision", "fp16 extraction runs DeepSpeed's fp16 mode, which needs GPU workers",
+                        "use precision=bf16 on CPU workers, or ray.use_gpu=true")
+
+
+def build_optimizer(model, ecfg, rs: RayConfig):
+    """(optimizer, LambdaLR) over the project's parameter groups and schedule, for DeepSpeed. With
+    the optimizer offloaded it is DeepSpeed's CPU Adam (AdamW mode; its C++ op is built on first use,
+    or ahead by mmlg_ray.prebuild), which DeepSpeed requires there."""
+    import torch
+
+    from ..train import lr_lambda, param_groups
+    groups = param_groups(model, ecfg.weight_decay)
+    if rs.extraction.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # imported in the worker, never at module top level
+        opt = DeepSpeedCPUAdam(groups, lr=ecfg.lr, weight_decay=ecfg.weight_decay, adamw_mode=True)
+    else:
+        opt = torch.optim.AdamW(groups, lr=ecfg.lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(ecfg))
+
+
+def make_engine(cfg: Config, model, world: int):
+    """The DeepSpeed engine for `model` (torch.distributed must be initialized). Returns
+    (engine, DeepSpeed config)."""
+    import deepspeed  # imported in the worker, never at module top level
+
+    ds_cfg = deepspeed_config(cfg.ray, cfg.learngene.extraction, world, cfg.precision)
+    opt, sched = build_optimizer(model, cfg.learngene.extraction, cfg.ray)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()],
+                                           optimizer=opt, lr_scheduler=sched, config=ds_cfg,
+                                           dist_init_required=False)
+    return engine, ds_cfg
 
 
 def _train_worker(config: dict):
     """Runs in every Ray Train worker."""
-    import deepspeed  # imported in the worker, never at module top level
     import ray.train
     import torch
 
     from ..config import config_from_dict
     from ..pipeline import build_aux, setup_runtime
-    from ..train import extraction_step, lr_lambda, param_groups, run_loop
+    from ..precision import dtype_of
+    from ..train import extraction_step, run_loop
     from .data import corpus_batches
 
     cfg = config_from_dict(config["cfg"])
@@ -70,14 +115,10 @@ def _train_worker(config: dict):
         else torch.device("cpu")
     ecfg = cfg.learngene.extraction
     aux = build_aux(cfg, ancestor, config["method"], fit=True)  # same seed + fit on every rank: identical start
-    ds_cfg = deepspeed_config(rs, ecfg, world)
-    kwargs = {}
-    if "optimizer" not in ds_cfg:
-        opt = torch.optim.AdamW(param_groups(aux, ecfg.weight_decay), lr=ecfg.lr)
-        kwargs = dict(optimizer=opt, lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(ecfg)))
-    engine, _, _, _ = deepspeed.initialize(model=aux, model_parameters=[p for p in aux.parameters()],
-                                           config=ds_cfg, dist_init_required=False, **kwargs)
-    teacher = ancestor.model(device)
+    engine, ds_cfg = make_engine(cfg, aux, world)
+    dtype = dtype_of(cfg.precision)
+    # the frozen teacher runs in the student's precision (DeepSpeed casts the student to `dtype`)
+    teacher = ancestor.model(device).to(dtype)
     for p in teacher.parameters():
         p.requires_grad_(False)
 
@@ -94,12 +135,11 @@ def _train_worker(config: dict):
     bs = ds_cfg["train_micro_batch_size_per_gpu"]
     batches = corpus_batches(cfg, spec.image_size, spec.context_length, bs, rank, world,
                              seed=cfg.seed + 7919 * start)  # this rank's bs of every global batch
-    dtype = torch.bfloat16 if rs.extraction.bf16 else None
     step_fn = extraction_step(engine, teacher, ecfg.distill_weight, ecfg.distill_temperature, ecfg.feature_weight)
-    if dtype is not None:
+    if dtype != torch.float32:
         inner = step_fn
 
-        def step_fn(batch):
+        def step_fn(batch):  # images in the engine's dtype; tokens stay integer
             images, tokens, labels = batch
             return inner((images.to(dtype), tokens, labels))
 
@@ -114,7 +154,7 @@ def _train_worker(config: dict):
         wall[0] += now - t_prev[0]
         t_prev[0] = now
         out = {k: float(v) for k, v in metrics.items()}
-        out.update(step=step, wall_s=wall[0], world=world)
+        out.update(step=step, wall_s=wall[0], world=world, lr=float(engine.get_lr()[0]))
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=TAG)
             (Path(tmp) / "progress.json").write_text(json.dumps({"step": step, "wall_s": wall[0]}))
@@ -145,21 +185,21 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
 
     from ..pipeline import aux_spec, build_aux, extraction_cost, finish_extraction
     from .data import skipped_count, trainer_datasets
-    from .settings import ensure_ray
+    from .settings import ensure_ray, worker_resources
 
-    ensure_ray(cfg)
     rs = cfg.ray
+    check_precision(cfg)
+    ensure_ray(cfg)
     method = method or cfg.learngene.method
-    fp = cfg.fingerprint("ancestor", "data.corpus", "learngene", "seed", "ray.extraction", "ray.num_workers")
+    fp = cfg.fingerprint("ancestor", "data.corpus", "learngene", "seed", "precision", "ray.extraction",
+                         "ray.num_workers")
     out_path = Path(out_path)
     if storage is None:  # standalone: ray.storage_path, else beside the learngene file (lg.safetensors -> lg.ray/)
         storage = storage_uri(cfg, out_path.parent) if cfg.ray.storage_path else \
             str((out_path.parent / f"{out_path.stem}.ray").resolve())
     name = name or f"extract-{method}-{fp}"
-    resources = {"CPU": rs.cpus_per_worker}
+    resources = worker_resources(rs)  # CPUs, a GPU, ray.worker_resources (e.g. on-demand nodes only)
     datasets, data_kw, skips = trainer_datasets(cfg, aux_spec(cfg, ancestor.spec))  # a streamed corpus only
-    if rs.use_gpu:
-        resources["GPU"] = 1
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "ancestor": ray.put(ancestor), "method": method,
@@ -191,6 +231,7 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
     cost = extraction_cost(spec, ancestor.spec, progress["step"], samples, progress["wall_s"], rs.num_workers,
                            metrics)
     cost.update(driver_wall_s=driver_wall, zero_stage=rs.extraction.zero_stage, backend="ray_train+deepspeed",
+                precision=cfg.precision, final_lr=metrics.get("lr"),
                 resumed_from_step=int(metrics.get("resumed_from_step", 0)))
     cost["skipped_samples"] = skipped  # corrupt / incomplete samples of a streamed corpus, dropped by the reader
     finish_extraction(aux, out_path, cost)

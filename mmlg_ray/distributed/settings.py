@@ -1,11 +1,11 @@
-"""Connecting to Ray and resolving storage paths."""
+"""Connecting to Ray, resolving storage paths, and the resources each piece of work asks Ray for."""
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, RayConfig, TuneSettings
 
 log = logging.getLogger("mmlg_ray")
 def storage_uri(cfg: Config, out: str | os.PathLike) -> str:
@@ -35,3 +35,36 @@ def ensure_ray(cfg: Config) -> None:
         ray.init(runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}},
                  include_dashboard=False, log_to_driver=True)
         log.info("ray: started a local Ray instance")
+
+
+# What each piece of work asks Ray for. The custom resources of ray.worker_resources and
+# ray.tune.trial_resources are how a job picks node types without naming them: cluster.yaml's
+# on-demand GPU nodes advertise {"ondemand": 1}, its spot nodes {"spot": 1}.
+def worker_resources(rs: RayConfig) -> dict[str, float]:
+    """resources_per_worker of the extraction's TorchTrainer: ray.cpus_per_worker CPUs, one GPU with
+    ray.use_gpu, and ray.worker_resources (e.g. {"ondemand": 0.01}: ZeRO extraction off spot nodes)."""
+    res = {"CPU": rs.cpus_per_worker}
+    if rs.use_gpu:
+        res["GPU"] = 1
+    return {**res, **rs.worker_resources}
+
+
+def trial_resources(t: TuneSettings) -> dict[str, float]:
+    """tune.with_resources of one trial: its CPUs and GPUs, or a sliver of CPU when it only drives a
+    multi-worker TorchTrainer (whose workers hold the rest), plus ray.tune.trial_resources."""
+    res = {"cpu": t.trial_cpus, "gpu": t.trial_gpus} if t.trial_workers <= 1 else {"cpu": 0.01}
+    return {**res, **t.trial_resources}
+
+
+def trial_worker_resources(t: TuneSettings) -> dict[str, float]:
+    """resources_per_worker of a multi-worker trial's TorchTrainer, plus ray.tune.trial_resources."""
+    res = {"CPU": t.trial_cpus}
+    if t.trial_gpus > 0:
+        res["GPU"] = t.trial_gpus
+    return {**res, **t.trial_resources}
+
+
+def pretrain_task_options(t: TuneSettings) -> dict:
+    """ray.remote options of a pt_ft / csm pre-training task: a trial's CPUs, GPUs and custom resources."""
+    opts = {"num_cpus": t.trial_cpus, "num_gpus": t.trial_gpus}
+    return {**opts, "resources": dict(t.trial_resources)} if t.trial_resources else opts

@@ -24,10 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, TuneSettings
 from ..errors import UserError
 from ..pipeline import Cell, cells, learngene_path, needs_pretraining, shape_key
-from .settings import ensure_ray, storage_uri
+from .settings import ensure_ray, pretrain_task_options, storage_uri, trial_resources, trial_worker_resources
 
 log = logging.getLogger("mmlg_ray")
 METRIC, MODE = "score", "max"
@@ -224,9 +224,7 @@ def trial_fn(config: dict, ctx=None):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
-    res = {"CPU": tcfg["trial_cpus"]}
-    if tcfg["trial_gpus"] > 0:
-        res["GPU"] = tcfg["trial_gpus"]
+    res = trial_worker_resources(TuneSettings.model_validate(tcfg))
     trainer = TorchTrainer(
         _ddp_worker, train_loop_config={"config": config, "ctx": ray.put(ctx)},
         scaling_config=ScalingConfig(num_workers=tcfg["trial_workers"], use_gpu=tcfg["trial_gpus"] > 0,
@@ -257,7 +255,8 @@ def _stage_pretrain(cfg: Config, anc, out: Path, stages: list):
     from ..atomic import atomic_path, write_json
     results = {}
     todo = []
-    fp = cfg.fingerprint("ancestor", "data.corpus", "learngene.extraction", "descendants.pretrain_steps", "seed")
+    fp = cfg.fingerprint("ancestor", "data.corpus", "learngene.extraction", "descendants.pretrain_steps", "seed",
+                         "precision")
     for method, spec in needs_pretraining(cfg, anc.spec):
         base = out / "pretrained" / f"{method}-{shape_key(spec)}-{fp}"
         if base.with_suffix(".safetensors").is_file() and base.with_suffix(".json").is_file():
@@ -268,7 +267,7 @@ def _stage_pretrain(cfg: Config, anc, out: Path, stages: list):
             todo.append((method, spec, base))
     if todo:
         res = cfg.ray.tune
-        remote = ray.remote(num_cpus=res.trial_cpus, num_gpus=res.trial_gpus)(_pretrain_task)
+        remote = ray.remote(**pretrain_task_options(res))(_pretrain_task)
         anc_ref = ray.put(anc)
         refs = [remote.remote(cfg.model_dump(mode="json"), anc_ref, m, s.model_dump()) for m, s, _ in todo]
         for (method, spec, base), ref in zip(todo, refs):
@@ -297,7 +296,7 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
     from ..pipeline import setup_runtime
     from ..report import build_report
     from ..results import write_run_files, write_tables
-    from .extract import extract_on_ray
+    from .extract import check_precision, extract_on_ray
 
     setup_runtime(cfg)
     import torch
@@ -317,6 +316,8 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
     if not resume and "://" not in storage and (Path(storage) / f"search-{fp}").exists():
         raise UserError("--resume", f"an interrupted sweep of this config exists under {storage}",
                         "add --resume to continue it, or remove that folder to start over")
+    if {"mmlg", "tleg"} & set(cfg.descendants.grid.method):
+        check_precision(cfg)  # before any work, not after the ancestor
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray(cfg)
     t_job = time.perf_counter()
@@ -343,7 +344,7 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
            "storage": storage}
     tcfg = cfg.ray.tune
     # a multi-worker trial only drives its TorchTrainer: a sliver of CPU, its workers hold the rest
-    resources = {"cpu": tcfg.trial_cpus, "gpu": tcfg.trial_gpus} if tcfg.trial_workers <= 1 else {"cpu": 0.01}
+    resources = trial_resources(tcfg)
     trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), resources)
     grid = cells(cfg)
     tags = [cell_tag(c) for c in grid]
