@@ -317,6 +317,9 @@ class RayConfig(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     data_cpus: float = Field(1.0, gt=0, description="streamed corpus: CPUs of each Ray Data decoding task")
+    data_resources: dict[str, float] = Field(
+        default_factory=dict, description="extra custom resources per decoding task, e.g. a CPU node type's "
+        "{\"cpu_node\": 0.01}; none: any node with a free CPU")
     worker_resources: dict[str, float] = Field(
         default_factory=dict, description='extra custom resources per extraction worker, e.g. {"ondemand": 0.01} '
         "(cluster.yaml's on-demand GPU nodes); none: anywhere")

@@ -1,6 +1,7 @@
 """Streamed corpus ingest for Ray Train: a Ray Data pipeline that reads and decodes the corpus in
-Ray tasks (CPU only, so on CPU nodes where the cluster has them, never on the training thread),
-split across the Train workers, consumed with iter_torch_batches and prefetch.
+Ray tasks (CPUs and no GPU, never on the training thread; ray.data_resources can pin them to a CPU
+node type where the cluster has one), split across the Train workers, consumed with
+iter_torch_batches and prefetch.
 
   units (shards / chunks of image files)   ray.data.from_items, one block per unit
     -> map_batches(_decode_units)           core reader + decoder (mmlg_ray.data): resize, tokenize;
@@ -88,12 +89,14 @@ def _decode_units(batch: dict, image_size: int, context_length: int, counter, ro
 def corpus_dataset(cfg: Config, image_size: int, context_length: int, counter):
     """The corpus as a Ray Dataset of decoded rows {image: uint8 (3, S, S), tokens: int64 (ctx,)}."""
     import ray
+
     from ..pipeline import corpus
+    from .settings import data_task_options
     data = corpus(cfg)  # a StreamingPairs: its index only (shard names / file lists), nothing decoded
     units = list(data.units)
     random.Random(cfg.seed).shuffle(units)
     ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
-    ds = ds.map_batches(_decode_units, batch_size=1, batch_format="numpy", num_cpus=cfg.ray.data_cpus,
+    ds = ds.map_batches(_decode_units, batch_size=1, batch_format="numpy", **data_task_options(cfg.ray),
                         fn_kwargs={"image_size": image_size, "context_length": context_length, "counter": counter})
     if cfg.data.corpus.max_samples:
         ds = ds.limit(cfg.data.corpus.max_samples)

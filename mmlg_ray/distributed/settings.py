@@ -49,6 +49,13 @@ def worker_resources(rs: RayConfig) -> dict[str, float]:
     return {**res, **rs.worker_resources}
 
 
+def data_task_options(rs: RayConfig) -> dict:
+    """Ray Data map_batches options of a corpus decoding task: ray.data_cpus CPUs, never a GPU, and
+    ray.data_resources (e.g. a CPU node type's custom resource, to keep decoding off GPU nodes)."""
+    opts = {"num_cpus": rs.data_cpus}
+    return {**opts, "resources": dict(rs.data_resources)} if rs.data_resources else opts
+
+
 def trial_resources(t: TuneSettings) -> dict[str, float]:
     """tune.with_resources of one trial: its CPUs and GPUs, or a sliver of CPU when it only drives a
     multi-worker TorchTrainer (whose workers hold the rest), plus ray.tune.trial_resources."""
