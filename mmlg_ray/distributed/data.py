@@ -103,12 +103,16 @@ def corpus_dataset(cfg: Config, image_size: int, context_length: int, counter):
     return ds
 
 
-def trainer_datasets(cfg: Config, spec) -> tuple[dict, dict, object]:
-    """The TorchTrainer's `datasets` and extra keyword arguments for the corpus (a model of `spec`
-    reads it), and the skip counter; nothing for an in-memory corpus, which each worker slices."""
+def trainer_datasets(cfg: Config, ancestor) -> tuple[dict, dict, object]:
+    """The extraction TorchTrainer's `datasets` and extra keyword arguments for the corpus, decoded
+    at the auxiliary model's input size, and the skip counter; nothing for an in-memory corpus,
+    which each worker slices itself."""
     if not is_streamed(cfg.data.corpus):
         return {}, {}, None
     from ray.train import DataConfig
+
+    from ..pipeline import aux_spec
+    spec = aux_spec(cfg, ancestor.spec)
     counter = new_skip_counter()
     ds = corpus_dataset(cfg, spec.image_size, spec.context_length, counter)
     _warn_if_no_cpu_left(cfg)
@@ -116,13 +120,15 @@ def trainer_datasets(cfg: Config, spec) -> tuple[dict, dict, object]:
 
 
 def _warn_if_no_cpu_left(cfg: Config):
+    """Decoding tasks that find no free CPU wait, and the training workers with them: say so up front
+    (an autoscaling cluster may still add nodes, so this is a warning)."""
     import ray
-    total = ray.cluster_resources().get("CPU", 0)
-    left = total - cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    free = ray.available_resources().get("CPU", 0)
+    left = free - cfg.ray.num_workers * cfg.ray.cpus_per_worker
     if left < cfg.ray.data_cpus:
-        log.warning("corpus: %.1f of the cluster's %.0f CPUs are left beside the training workers, and each "
-                    "decoding task needs ray.data_cpus=%.2f; unless the cluster scales up, lower "
-                    "ray.cpus_per_worker or ray.data_cpus", max(left, 0), total, cfg.ray.data_cpus)
+        log.warning("corpus: %.2f free CPUs are left beside the training workers, and each decoding task needs "
+                    "ray.data_cpus=%.2f: unless the cluster scales up, decoding (and training) waits; lower "
+                    "ray.cpus_per_worker or ray.data_cpus", max(left, 0.0), cfg.ray.data_cpus)
 
 
 def skipped_count(counter) -> int:

@@ -199,7 +199,7 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
             str((out_path.parent / f"{out_path.stem}.ray").resolve())
     name = name or f"extract-{method}-{fp}"
     resources = worker_resources(rs)  # CPUs, a GPU, ray.worker_resources (e.g. on-demand nodes only)
-    datasets, data_kw, skips = trainer_datasets(cfg, aux_spec(cfg, ancestor.spec))  # a streamed corpus only
+    datasets, data_kw, skips = trainer_datasets(cfg, ancestor)  # a streamed corpus only
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "ancestor": ray.put(ancestor), "method": method,
