@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DATA_PKGS := dataset-fashion-mnist tuxpaint-stamps-default
 
-.PHONY: setup data venv run run-local test bench clean
+.PHONY: setup data venv run run-local test bench paper-mini clean
 setup: data venv
 
 data:
@@ -37,6 +37,11 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/extraction_throughput.py
+
+# configs/paper_vitb16.yaml's code path in miniature on this CPU (random-weight ViT-B-16 ancestor,
+# webdataset shards written from the packaged data, bf16, ZeRO-3 on 2 workers, two widths)
+paper-mini: setup
+	RAY_USAGE_STATS_ENABLED=0 $(PY) benchmarks/paper_miniature.py
 
 clean:
 	rm -rf $(VENV) runs

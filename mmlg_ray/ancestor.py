@@ -84,7 +84,7 @@ def get_ancestor(cfg: Config, device=None) -> Ancestor:
                             f"on this machine ({HUB_HOST} is unreachable)",
                             "download them where the network allows and pass ancestor.source=checkpoint "
                             "ancestor.checkpoint=/path/to/open_clip_model.safetensors")
-        model = open_clip.create_model(a.arch, pretrained=a.pretrained)
+        model = open_clip.create_model(a.arch, pretrained=a.pretrained, force_quick_gelu=spec.quick_gelu)
         state = {k: v for k, v in model.state_dict().items() if k != "attn_mask"}
         return Ancestor(spec, _match(state, spec, f"open_clip:{a.arch}/{a.pretrained}"), state_fingerprint(state),
                         f"open_clip:{a.arch}/{a.pretrained}")

@@ -29,6 +29,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# open_clip config keys that ModelSpec holds as typed fields (never as flags)
+_VISION_SHAPE_KEYS = {"layers": "image_depth", "width": "image_width", "head_width": "head_width",
+                      "mlp_ratio": "mlp_ratio", "patch_size": "patch_size", "image_size": "image_size"}
+_TEXT_SHAPE_KEYS = {"layers": "text_depth", "width": "text_width", "heads": "text_head_width (width / heads)",
+                    "mlp_ratio": "text_mlp_ratio", "context_length": "context_length", "vocab_size": "vocab_size"}
+
+
 class ModelSpec(_Strict):
     """Shape and architecture flags of a two-tower open_clip CLIP (or one of its towers).
 
@@ -65,10 +72,18 @@ class ModelSpec(_Strict):
             if w % hw:
                 raise ValueError(f"{tower}_width={w} is not a multiple of the {tower} head width {hw}; "
                                  f"use a multiple of {hw}")
+            shared = max(self.image_width, self.text_width)
+            if shared % hw:
+                raise ValueError(f"the learngene's shared width {shared} is not whole {tower} heads of {hw}")
             if self.mlp_hidden(tower) < 1:
                 raise ValueError(f"{tower}_width * mlp_ratio must be >= 1")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        for side, flags, shape in (("vision_flags", self.vision_flags, _VISION_SHAPE_KEYS),
+                                   ("text_flags", self.text_flags, _TEXT_SHAPE_KEYS)):
+            clash = sorted(set(flags) & set(shape))
+            if clash:
+                raise ValueError(f"{side}.{clash[0]} is a shape field; set it as {shape[clash[0]]}")
         if self.vision_flags or self.text_flags:
             from .models import unsupported_features  # open_clip is imported only for flagged specs
             bad = unsupported_features(self.vision_flags, self.text_flags)
@@ -137,8 +152,12 @@ class AncestorConfig(_Strict):
     @model_validator(mode="after")
     def _check(self):
         if self.arch:  # open_clip's own model config of the architecture is the spec, flags included
-            from .models import spec_from_arch
-            self.__dict__["spec"] = spec_from_arch(self.arch)
+            from .models import spec_from_arch, weights_need_quick_gelu
+            spec = spec_from_arch(self.arch)
+            if self.pretrained and not spec.quick_gelu and weights_need_quick_gelu(self.arch, self.pretrained):
+                # e.g. ViT-B-16/openai: open_clip's tag was trained with QuickGELU, its arch config says GELU
+                spec = spec.model_copy(update={"quick_gelu": True})
+            self.__dict__["spec"] = spec
         if self.source == "open_clip" and not (self.arch and self.pretrained):
             raise ValueError("ancestor.arch: source=open_clip needs both ancestor.arch and ancestor.pretrained")
         if self.source == "checkpoint":
@@ -328,7 +347,7 @@ class RayConfig(_Strict):
     extraction: ExtractionRayConfig = ExtractionRayConfig()
     tune: TuneSettings = TuneSettings()
 
-    @field_validator("worker_resources")
+    @field_validator("worker_resources", "data_resources")
     @classmethod
     def _custom(cls, v):
         return custom_resources(v)
@@ -380,6 +399,10 @@ class Config(_Strict):
         enters the key only when it is not fp32, so fp32 artifacts cached before the setting
         existed keep their keys."""
         data = self.model_dump(mode="json")
+        for ds in (data.get("data") or {}).values():  # loader settings change speed, not results
+            if isinstance(ds, dict):
+                ds.pop("workers", None)
+                ds.pop("prefetch", None)
         picked = {s: _dig(data, s) for s in sections} if sections else data
         if sections and picked.get("precision") == "fp32":
             del picked["precision"]

@@ -695,13 +695,22 @@ def _expand_shards(pattern: str) -> list[str]:
     return [protocol + f if protocol and not f.startswith(protocol) else f for f in found]
 
 
+def _canon_shard(s: str) -> str:
+    """One spelling per shard: absolute normalized local paths, normalized URI paths."""
+    import posixpath
+    if "://" in s:
+        proto, rest = s.split("://", 1)
+        return f"{proto}://{posixpath.normpath(rest)}"
+    return os.path.normpath(os.path.abspath(os.path.expanduser(s)))
+
+
 def split_shards(shards: list[str], split: str, test_fraction: float, test_shards: list[str] | None,
                  field_name: str) -> list[str]:
     """Train/test by whole shards (no sample in both): `test_shards` when given, else the shards whose
     name hashes lowest, test_fraction of them (at least one; a single shard is train only)."""
     if test_shards is not None:
-        held = set(test_shards)
-        return list(test_shards) if split == "test" else [s for s in shards if s not in held]
+        held = {_canon_shard(s) for s in test_shards}  # './s/1.tar', 's/1.tar' and a glob's absolute path agree
+        return list(test_shards) if split == "test" else [s for s in shards if _canon_shard(s) not in held]
     if len(shards) < 2:
         if split == "test":
             raise UserError(f"{field_name}.path", "a streamed test split needs at least 2 shards",

@@ -173,6 +173,15 @@ def spec_from_arch(arch: str, field: str = "ancestor.arch") -> ModelSpec:
     return spec_from_open_clip_cfg(cfg, arch, field)
 
 
+def weights_need_quick_gelu(arch: str, pretrained: str) -> bool:
+    """Whether open_clip's pretrained tag was trained with QuickGELU (OpenAI's weights, MetaCLIP, DFN
+    and others), although the architecture's own config may say GELU (open_clip only warns)."""
+    try:
+        return bool(open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu"))
+    except Exception:  # an unknown tag is reported where the weights are loaded
+        return False
+
+
 def vision_cfg(spec: ModelSpec) -> dict:
     return dict(layers=spec.image_depth, width=spec.image_width, head_width=spec.head_width,
                 mlp_ratio=spec.mlp_ratio_of("image"), patch_size=spec.patch_size, image_size=spec.image_size,

@@ -181,3 +181,19 @@ def test_unsupported_flags_in_a_hand_written_spec_are_refused():
         load_config(None, ["ancestor.spec.vision_flags={qk_norm: true}"])
     with pytest.raises(UserError, match="not an open_clip"):
         load_config(None, ["ancestor.spec.text_flags={mystery: 1}"])
+    with pytest.raises(UserError, match="image_width"):
+        load_config(None, ["ancestor.spec.vision_flags={width: 512}"])
+
+
+def test_weights_trained_with_quick_gelu_get_it_whatever_the_arch_config_says():
+    """ViT-B-16/openai: open_clip's ViT-B-16 config says GELU, the OpenAI weights were trained with
+    QuickGELU. The spec follows the weights (no download needed to know)."""
+    cfg = load_config(None, ["ancestor.source=open_clip", "ancestor.arch=ViT-B-16", "ancestor.pretrained=openai"])
+    assert cfg.ancestor.spec.quick_gelu
+    cfg = load_config(None, ["ancestor.source=open_clip", "ancestor.arch=ViT-B-16",
+                             "ancestor.pretrained=laion2b_s34b_b88k"])
+    assert not cfg.ancestor.spec.quick_gelu
+    from mmlg_ray.models import weights_need_quick_gelu
+    mismatched = [(a, t) for a, t in open_clip.list_pretrained() if weights_need_quick_gelu(a, t)
+                  and not (open_clip.get_model_config(a) or {}).get("quick_gelu")]
+    assert ("ViT-L-14", "openai") in mismatched

@@ -6,6 +6,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from types import SimpleNamespace
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,7 +247,7 @@ def test_extraction_and_trials_pass_them_to_their_trainers(tmp_path, monkeypatch
     cfg = load_config(None, ["ray.worker_resources={ondemand: 0.01}", "ray.tune.trial_resources={spot: 0.5}",
                              "ray.tune.trial_workers=2"])
     with pytest.raises(Stop):
-        extract.extract_on_ray(cfg, None, tmp_path / "lg.safetensors")
+        extract.extract_on_ray(cfg, SimpleNamespace(spec=cfg.ancestor.spec), tmp_path / "lg.safetensors")
     with pytest.raises(Stop):
         sweep.trial_fn({"cell": "x"}, ctx={"cfg": cfg.model_dump(mode="json"), "storage": str(tmp_path)})
     assert seen == [{"CPU": 1, "ondemand": 0.01}, {"CPU": 1, "spot": 0.5}]

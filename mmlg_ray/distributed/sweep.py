@@ -155,6 +155,45 @@ def make_cell_scheduler(cfg: Config, max_t: int):
 
 # --------------------------------------------------------------------------- the trial
 _TASK_DATA: dict = {}
+_ARTIFACTS: dict = {}  # a reused trial actor keeps the last artifacts it fetched
+
+
+def _fetch(ref):
+    """An artifact from the object store (each was put there once by the driver), cached per actor."""
+    import ray
+    if not isinstance(ref, ray.ObjectRef):
+        return ref
+    key = ref.hex()
+    if key not in _ARTIFACTS:
+        if len(_ARTIFACTS) >= 4:
+            _ARTIFACTS.clear()
+        _ARTIFACTS[key] = ray.get(ref)
+    return _ARTIFACTS[key]
+
+
+def share_artifacts(anc, learngenes: dict, pretrained: dict) -> dict:
+    """Each artifact put into the object store once, by reference: a trial fetches only what its
+    cell's method needs (the ancestor's weights only for weight_selection / heur_lg, its own
+    learngene, its own pre-trained shape), never one object holding everything."""
+    import ray
+    from ..ancestor import Ancestor
+    light = Ancestor(anc.spec, {}, anc.fingerprint, anc.source, anc.cost)  # spec only
+    return {"ancestor_spec": light, "ancestor": ray.put(anc),
+            "learngenes": {m: ray.put(lg) for m, lg in learngenes.items()},
+            "pretrained": {k: ray.put(v) for k, v in pretrained.items()}}
+
+
+def _artifacts_for(ctx: dict, cell):
+    """(ancestor, learngenes, pretrained) for one cell, fetched by reference."""
+    from ..descend import descendant_spec
+    from ..pipeline import shape_key
+    anc = ctx["ancestor_spec"]
+    if cell.method in ("weight_selection", "heur_lg"):
+        anc = _fetch(ctx["ancestor"])
+    learngenes = {cell.method: _fetch(ctx["learngenes"][cell.method])} if cell.method in ctx["learngenes"] else {}
+    key = (cell.method, shape_key(descendant_spec(anc.spec, cell.depth, cell.width)))
+    pretrained = {key: _fetch(ctx["pretrained"][key])} if key in ctx["pretrained"] else {}
+    return anc, learngenes, pretrained
 
 
 def _run_cell_trial(config: dict, ctx: dict, report, rank: int = 0, world: int = 1, wrap=None):
@@ -173,7 +212,7 @@ def _run_cell_trial(config: dict, ctx: dict, report, rank: int = 0, world: int =
     m, mod, d, w = config["cell"].split("|")
     cell = Cell(mod, int(d), int(w), m)
     total = cfg.descendants.finetune.steps
-    anc = ctx["ancestor"]
+    anc, learngenes, pretrained = _artifacts_for(ctx, cell)
 
     def on_eval(step, metrics):
         if step < total:
@@ -187,7 +226,7 @@ def _run_cell_trial(config: dict, ctx: dict, report, rank: int = 0, world: int =
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.ray.tune.trial_gpus > 0 and \
         torch.cuda.is_available() else torch.device("cpu")
     row = run_trial(cfg, cell, int(config["seed"]), lr=config["lr"], weight_decay=config["weight_decay"],
-                    ancestor=anc, learngenes=ctx["learngenes"], pretrained=ctx["pretrained"], task_data=data,
+                    ancestor=anc, learngenes=learngenes, pretrained=pretrained, task_data=data,
                     on_eval=on_eval, device=device, rank=rank, world=world, wrap=wrap)
     hist = row.pop("history")
     final = {k: float(v) for k, v in hist[-1].items()}
@@ -340,8 +379,7 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
     # descendant pre-training (pt_ft, csm)
     pretrained = _stage_pretrain(cfg, anc, out, stages)
 
-    ctx = {"cfg": cfg.model_dump(mode="json"), "ancestor": anc, "learngenes": learngenes, "pretrained": pretrained,
-           "storage": storage}
+    ctx = {"cfg": cfg.model_dump(mode="json"), **share_artifacts(anc, learngenes, pretrained), "storage": storage}
     tcfg = cfg.ray.tune
     # a multi-worker trial only drives its TorchTrainer: a sliver of CPU, its workers hold the rest
     resources = trial_resources(tcfg)
