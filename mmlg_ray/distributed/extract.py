@@ -157,7 +157,8 @@ def _train_worker(config: dict):
         out.update(step=step, wall_s=wall[0], world=world, lr=float(engine.get_lr()[0]))
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=TAG)
-            (Path(tmp) / "progress.json").write_text(json.dumps({"step": step, "wall_s": wall[0]}))
+            if rank == 0:  # one writer: every rank's files merge into one checkpoint folder
+                (Path(tmp) / "progress.json").write_text(json.dumps({"step": step, "wall_s": wall[0]}))
             ray.train.report(out, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     # Every rank reports at exactly the same steps (multiples of `every`, and the last step).
