@@ -394,7 +394,10 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
         path = f"{storage}/{name}-{fp}"
         if resume and Tuner.can_restore(path):
             log.info("sweep: resuming %s from %s", name, path)
-            return Tuner.restore(path, trainable=trainable, resume_errored=True, resume_unfinished=True)
+            # the seeds phase's grid is given again: a driver killed while that phase was starting may
+            # have stored no usable param_space, and its restored trials would lack their "job"
+            return Tuner.restore(path, trainable=trainable, resume_errored=True, resume_unfinished=True,
+                                 param_space=tuner_kw.get("param_space"))
         return Tuner(trainable, run_config=RunConfig(
             storage_path=storage, name=f"{name}-{fp}", verbose=1,
             failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures)), **tuner_kw)
