@@ -392,7 +392,7 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
     def phase(name: str, **tuner_kw):
         """A Tune experiment of this sweep: restored from storage with --resume, else new."""
         path = f"{storage}/{name}-{fp}"
-        if resume and Tuner.can_restore(path):
+        if resume and _restorable(path):
             log.info("sweep: resuming %s from %s", name, path)
             # the seeds phase's grid is given again: a driver killed while that phase was starting may
             # have stored no usable param_space, and its restored trials would lack their "job"
@@ -429,6 +429,19 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
     log.info("sweep: %d trials in %.0f s; tables in %s; report %s", len(rows), time.perf_counter() - t_job, out,
              report / "report.html")
     return out
+
+
+def _restorable(path: str) -> bool:
+    """A Tune experiment that can really be restored: its tuner file *and* an experiment state. A
+    driver killed while a phase was starting leaves the first without the second; restoring that
+    would start trials without their configs, so such a phase is started anew (none of its trials
+    had finished)."""
+    from ray.tune import Tuner
+    if not Tuner.can_restore(path):
+        return False
+    import fsspec
+    fs, p = fsspec.core.url_to_fs(path)
+    return bool(fs.glob(p.rstrip("/") + "/experiment_state-*.json"))
 
 
 def _rows(result_grid) -> list[dict]:
