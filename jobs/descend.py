@@ -18,7 +18,7 @@ from mmlg_ray.errors import UserError, exits_cleanly  # noqa: E402
 @exits_cleanly
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--learngene", required=True, help="learngene .safetensors written by jobs/extract.py")
+    p.add_argument("--learngene", required=True, help="learngene .safetensors written by jobs/extract.py (path or URI)")
     p.add_argument("--modality", required=True, choices=["image", "text", "image_text"])
     p.add_argument("--depth", type=int, default=None, help="depth of both towers (or use the per-tower flags)")
     p.add_argument("--image-depth", type=int, default=None)
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=None, help="image-tower width (text keeps the ancestor's ratio); "
                    "default: the learngene's")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output folder (open_clip local-dir layout)")
+    p.add_argument("--out", required=True, help="output folder or URI (open_clip local-dir layout)")
     a = p.parse_args(argv)
     from mmlg_ray.descend import descendant_spec, export_descendant, init_descendant
     from mmlg_ray.learngene import load_learngene
@@ -46,8 +46,15 @@ def main(argv=None) -> int:
                         "descendants can only be as wide as the learngene or narrower")
     spec = descendant_spec(anc, depth, width, a.image_depth, a.text_depth)
     model = init_descendant(lg.meta.method, a.modality, spec, seed=a.seed, learngene=lg)
-    export_descendant(model, spec, a.modality, Path(a.out), extra={
-        "method": lg.meta.method, "schedule": lg.meta.schedule, "learngene_sha256": lg.meta.tensors_sha256})
+    extra = {"method": lg.meta.method, "schedule": lg.meta.schedule, "learngene_sha256": lg.meta.tensors_sha256}
+    from mmlg_ray import storage
+    if storage.is_uri(a.out):  # written to a local folder, then uploaded
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="mmlg-descend-") as d:
+            export_descendant(model, spec, a.modality, Path(d) / "out", extra=extra)
+            storage.upload(Path(d) / "out", a.out)
+    else:
+        export_descendant(model, spec, a.modality, Path(a.out), extra=extra)
     n = sum(t.numel() for t in model.parameters())
     print(f"wrote {a.out}: {a.modality} descendant, image {spec.image_depth}x{spec.image_width}, "
           f"text {spec.text_depth}x{spec.text_width}, {n:,} parameters")

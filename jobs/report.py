@@ -1,6 +1,6 @@
 """Build (or rebuild) the report of a finished sweep: OUTPUT/report/{report.html, report.md, cost.parquet}.
 
-    python jobs/report.py OUTPUT
+    python jobs/report.py OUTPUT          # a folder, or a URI such as s3://bucket/run
 """
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ from mmlg_ray.errors import UserError, exits_cleanly  # noqa: E402
 @exits_cleanly
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("output", help="output folder of a finished sweep (holds trials.parquet)")
+    p.add_argument("output", help="output folder or URI (s3://...) of a finished sweep (holds trials.parquet)")
     a = p.parse_args(argv)
-    if not Path(a.output).is_dir():
+    from mmlg_ray import storage
+    if not storage.is_uri(a.output) and not Path(a.output).is_dir():
         raise UserError("OUTPUT", f"{a.output!r} is not a folder", "pass the --output folder of a sweep")
-    from mmlg_ray.report import build_report
-    path = build_report(Path(a.output))
-    print(f"wrote {path}/report.html, report.md, cost.parquet")
+    from mmlg_ray.report import build_output_report
+    html = build_output_report(a.output)
+    print(f"wrote {html}, report.md, cost.parquet")
     return 0
 
 

@@ -361,6 +361,9 @@ class ReportConfig(_Strict):
     prices: dict = Field(default_factory=dict, description="per-device overrides merged over the table")
 
 
+URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")  # pyarrow.fs opens these
+
+
 class Config(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -369,7 +372,7 @@ class Config(_Strict):
         "with dynamic loss scaling for GPUs without bf16; master weights and artifacts stay fp32")
     tf32: bool = Field(True, description="TF32 tensor cores for fp32 matmuls and convolutions (CUDA only)")
     cache_dir: str = "~/.cache/mmlg_ray"
-    output_dir: str = "runs/local"
+    output_dir: str = Field("runs/local", description="results folder, or a URI such as s3://bucket/run")
     threads: Optional[int] = Field(None, ge=1)
     ancestor: AncestorConfig = AncestorConfig()
     data: DataConfig = DataConfig()
@@ -380,9 +383,10 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        if "://" in self.output_dir:
-            raise ValueError("output_dir: object-store output folders are not supported yet; use a local or "
-                             "shared folder and put ray.storage_path on the bucket")
+        scheme = self.output_dir.split("://", 1)[0] if "://" in self.output_dir else None
+        if scheme is not None and scheme not in URI_SCHEMES:
+            raise ValueError(f"output_dir: {scheme}:// is not a supported store; use a local folder or one of "
+                             + ", ".join(f"{s}://" for s in URI_SCHEMES))
         spec = self.ancestor.spec
         for w in self.descendants.grid.width:
             if w % spec.head_width:

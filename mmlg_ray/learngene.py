@@ -384,8 +384,20 @@ class LoadedLearngene:
 
 
 def load_learngene(path) -> LoadedLearngene:
+    """Read and verify a learngene file: a local path or a URI (s3://...; read through a local copy)."""
+    from .storage import is_uri, is_file, reading
+    if is_uri(path):
+        if not is_file(path):
+            raise UserError("--learngene", f"{path!r} does not exist", "run jobs/extract.py first")
+        with reading(path) as local:
+            return _load_learngene(local, name=path)
+    return _load_learngene(path)
+
+
+def _load_learngene(path, name=None) -> LoadedLearngene:
     from safetensors import safe_open
     p = Path(os.path.expanduser(str(path)))
+    shown = name or p
     if not p.is_file():
         raise UserError("--learngene", f"file {str(p)!r} does not exist", "run jobs/extract.py first")
     try:
@@ -393,16 +405,16 @@ def load_learngene(path) -> LoadedLearngene:
             raw = (f.metadata() or {}).get("mmlg_ray")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises several types for corrupt files
-        raise UserError("--learngene", f"{p} is not a readable safetensors file ({type(e).__name__})",
+        raise UserError("--learngene", f"{shown} is not a readable safetensors file ({type(e).__name__})",
                         "re-run the extraction") from None
     if raw is None:
-        raise UserError("--learngene", f"{p} has no mmlg_ray metadata; not a learngene file")
+        raise UserError("--learngene", f"{shown} has no mmlg_ray metadata; not a learngene file")
     meta = LearngeneMeta(**json.loads(raw))
     if meta.format_version != FORMAT_VERSION:
         raise UserError("--learngene", f"format version {meta.format_version} is not supported "
                         f"(this build reads {FORMAT_VERSION})")
     digest = tensors_digest(tensors)
     if digest != meta.tensors_sha256:
-        raise UserError("--learngene", f"{p} is corrupt: tensor checksum {digest[:12]} does not match "
+        raise UserError("--learngene", f"{shown} is corrupt: tensor checksum {digest[:12]} does not match "
                         f"the recorded {meta.tensors_sha256[:12]}", "re-run the extraction")
     return LoadedLearngene(meta, tensors)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -56,10 +57,50 @@ def tiny_learngene_path(tiny_cfg, tiny_ancestor, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_address():
-    """One local Ray instance for the whole test session (2 CPUs, as on a laptop / CI box)."""
+def s3():
+    """A real S3-compatible server for the session: moto's server mode on 127.0.0.1 (a free port), with
+    one bucket. Its address and test credentials are exported as the AWS_* variables that pyarrow (so
+    the product, Ray Train and Ray Tune) and boto3 read; Ray's worker processes inherit the environment
+    of the process that starts Ray, so `ray_address` starts Ray after this."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    bucket = "mmlg-test"
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=bucket)
+
+    def keys(prefix: str) -> list[str]:
+        """Every object under `prefix` of the bucket, listed through the S3 API."""
+        out = []
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            out += [o["Key"] for o in page.get("Contents", [])]
+        return out
+
+    yield SimpleNamespace(endpoint=env["AWS_ENDPOINT_URL"], bucket=bucket, env=env, client=client, keys=keys)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_address(s3):
+    """One local Ray instance for the whole test session (2 CPUs, as on a laptop / CI box). Started
+    after the S3 server, so its workers reach it."""
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", **s3.env}})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

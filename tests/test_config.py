@@ -36,7 +36,7 @@ def test_dotted_overrides_are_typed():
     ("learngene.schedule=cubic", "learngene.schedule"),
     ("data.retrieval.path=/does/not/exist", "data.retrieval.path"),
     ("learngene.extraction.stpes=3", "learngene.extraction.stpes"),
-    ("output_dir=s3://bucket/run", "output_dir"),
+    ("output_dir=ftp://host/run", "output_dir"),
     ("precision=fp8", "precision"),
     ("ray.extraction.offload_params=true", "ray.extraction.offload_params"),
 ])
@@ -45,6 +45,10 @@ def test_bad_values_name_the_field(override, field):
         load_config(None, [override])
     assert str(e.value).startswith(field)
     assert "\n" not in str(e.value)
+
+
+def test_output_dir_may_be_an_object_store_uri():
+    assert load_config(None, ["output_dir=s3://bucket/run"]).output_dir == "s3://bucket/run"
 
 
 def test_precision_setting_replaces_extraction_bf16():
