@@ -4,8 +4,9 @@
 
 With --backend ray (the default) the extraction runs on Ray Train with
 DeepSpeed ZeRO (workers, stage, offload from the `ray:` config section); --backend local runs it
-in this process. Ray Train state (ZeRO checkpoints) goes to ray.storage_path, else beside the
-file (LG.ray/); running the same command again resumes from its last checkpoint.
+in this process. --out may be a URI (s3://bucket/lg.safetensors). Ray Train state (ZeRO
+checkpoints) goes to ray.storage_path, else beside the file (LG.ray/, a URI too); running the same
+command again resumes from its last checkpoint.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from mmlg_ray.errors import exits_cleanly  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
-    p.add_argument("--out", required=True, help="learngene file to write (.safetensors)")
+    p.add_argument("--out", required=True, help="learngene file to write (.safetensors; a path or a URI)")
     p.add_argument("--method", choices=["mmlg", "tleg"], default=None, help="default: learngene.method")
     p.add_argument("--backend", choices=["local", "ray"], default="ray")
     a = p.parse_args(argv)
@@ -34,9 +35,11 @@ def main(argv=None) -> int:
     anc = get_ancestor(cfg)
     if a.backend == "ray":
         from mmlg_ray.distributed.extract import extract_on_ray
-        cost = extract_on_ray(cfg, anc, Path(a.out), method=a.method)
+        cost = extract_on_ray(cfg, anc, a.out, method=a.method)
     else:
-        cost = extract(cfg, anc, Path(a.out), method=a.method)
+        from mmlg_ray import storage
+        with storage.writing(a.out) as local:  # a URI: written here, uploaded once complete
+            cost = extract(cfg, anc, local, method=a.method)
     print(f"wrote {a.out}: {cost['steps']} steps, {cost['samples']} samples, {cost['flops']:.3g} FLOPs, "
           f"{cost['device_s']:.1f} device-s")
     return 0

@@ -93,9 +93,14 @@ def build_aux(cfg: Config, ancestor, method: str | None = None, fit: bool = True
     return AuxCLIP(lg, inherited)
 
 
-def learngene_path(cfg: Config, out_dir: Path, method: str) -> Path:
+def learngene_name(cfg: Config, method: str) -> str:
+    """The learngene's file inside an output folder (local or URI), keyed by what it depends on."""
     fp = cfg.fingerprint("ancestor", "data.corpus", "learngene", "seed", "precision")
-    return Path(out_dir) / "learngenes" / f"{method}-{fp}.safetensors"
+    return f"learngenes/{method}-{fp}.safetensors"
+
+
+def learngene_path(cfg: Config, out_dir: Path, method: str) -> Path:
+    return Path(out_dir) / learngene_name(cfg, method)
 
 
 def extract(cfg: Config, ancestor, out_path, method: str | None = None, device=None, data=None) -> dict:
@@ -296,26 +301,33 @@ def needs_pretraining(cfg: Config, ancestor_spec: ModelSpec) -> list[tuple[str, 
     return list(out.values())
 
 
-def run_local(cfg: Config, out_dir: str | os.PathLike | None = None) -> Path:
+def run_local(cfg: Config, out_dir: str | os.PathLike | None = None) -> Path | str:
     """The whole pipeline in this process (no Ray): ancestor, learngenes, descendant pre-training,
     every trial of the grid x seeds at the configured fine-tuning hyper-parameters; Parquet tables."""
-    from .report import build_report
+    from .report import build_output_report
     from .results import write_run_files, write_tables
+    from .storage import OutputDir
     setup_runtime(cfg)
-    out = Path(out_dir or cfg.output_dir)
+    od = OutputDir(out_dir or cfg.output_dir, cfg.cache_path)  # a folder, or a URI staged locally
+    out = od.local
     device = resolve_device(cfg.device)
     from .ancestor import get_ancestor
     anc = get_ancestor(cfg, device)
     write_run_files(out, cfg, anc)
+    od.push("config.yaml")
+    od.push("ancestor.json")
     stages = [{"stage": "ancestor", "name": anc.source, **_cost_cols(anc.cost)}]
     learngenes = {}
     for method in [m for m in ("mmlg", "tleg") if m in cfg.descendants.grid.method]:
-        path = learngene_path(cfg, out, method)
-        if not path.is_file():
+        name = learngene_name(cfg, method)
+        path = od.fetch(name)
+        if path is None:
+            path = od.path(name)
             extract(cfg, anc, path, method=method, device=device)
+            od.push(name)
         lg = load_learngene(path)
         learngenes[method] = lg
-        stages.append({"stage": "extraction", "name": method, "artifact": str(path), **_cost_cols(lg.meta.cost)})
+        stages.append({"stage": "extraction", "name": method, "artifact": od.uri(name), **_cost_cols(lg.meta.cost)})
     pretrained = {}
     for method, spec in needs_pretraining(cfg, anc.spec):
         state, c = pretrain_descendant(cfg, anc, method, spec, device)
@@ -333,8 +345,10 @@ def run_local(cfg: Config, out_dir: str | os.PathLike | None = None) -> Path:
             rows.append(run_trial(cfg, cell, seed, ancestor=anc, learngenes=learngenes, pretrained=pretrained,
                                   task_data=data_cache[cell.modality], device=device))
     write_tables(out, rows, stages)
-    build_report(out)
-    return out
+    for name in ("stages.parquet", "history.parquet", "trials.parquet"):
+        od.push(name)
+    build_output_report(od)
+    return od.target if od.remote else out
 
 
 def _cost_cols(c: dict) -> dict:

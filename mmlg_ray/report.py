@@ -398,6 +398,19 @@ def build_report(out_dir) -> Path:
     return out / "report"
 
 
+def build_output_report(out) -> str:
+    """build_report for an output folder that may be a URI (an OutputDir, or a local path): its tables
+    and run files are fetched to the staging folder, the report is built there and uploaded to
+    OUTPUT/report/. Returns where report.html is."""
+    from .storage import OutputDir
+    od = out if isinstance(out, OutputDir) else OutputDir(out)
+    for name in ("trials.parquet", "stages.parquet", "history.parquet", "config.yaml", "ancestor.json"):
+        od.fetch(name)
+    build_report(od.local)
+    od.push("report")
+    return od.uri("report/report.html")
+
+
 def render_md(sections: list[Section]) -> str:
     parts = ["# mmlg_ray sweep report", ""]
     for s in sections:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..config import RayConfig
+from .. import storage as stor
 from ..errors import UserError
 from .settings import storage_uri
 
@@ -177,9 +178,20 @@ def _train_worker(config: dict):
             raise RuntimeError(f"injected failure after step {chunk_end} (MMLG_FAIL_AT_STEP)")
 
 
+def _beside(path, suffix: str) -> str:
+    """`dir/name.ext` -> `dir/name<suffix>`, for a local path (made absolute) or a URI."""
+    if stor.is_uri(path):
+        head, _, tail = str(path).rstrip("/").rpartition("/")
+        return f"{head}/{tail.rsplit('.', 1)[0] if '.' in tail else tail}{suffix}"
+    p = Path(os.path.expanduser(str(path)))
+    return str((p.parent / f"{p.stem}{suffix}").resolve())
+
+
 def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *, storage: str | None = None,
                    name: str | None = None) -> dict:
-    """Run the extraction as a Ray Train job and write the learngene file. Returns its cost."""
+    """Run the extraction as a Ray Train job and write the learngene file (a local path or a URI).
+    Returns its cost. Every rank's ZeRO checkpoints go to `storage`; the driver reads the last one
+    back from there (never from a worker's disk) and consolidates it into the file."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -194,10 +206,8 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
     method = method or cfg.learngene.method
     fp = cfg.fingerprint("ancestor", "data.corpus", "learngene", "seed", "precision", "ray.extraction",
                          "ray.num_workers")
-    out_path = Path(out_path)
     if storage is None:  # standalone: ray.storage_path, else beside the learngene file (lg.safetensors -> lg.ray/)
-        storage = storage_uri(cfg, out_path.parent) if cfg.ray.storage_path else \
-            str((out_path.parent / f"{out_path.stem}.ray").resolve())
+        storage = storage_uri(cfg, "") if cfg.ray.storage_path else _beside(out_path, ".ray")
     name = name or f"extract-{method}-{fp}"
     resources = worker_resources(rs)  # CPUs, a GPU, ray.worker_resources (e.g. on-demand nodes only)
     datasets, data_kw, skips = trainer_datasets(cfg, ancestor)  # a streamed corpus only
@@ -235,6 +245,7 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
                 precision=cfg.precision, final_lr=metrics.get("lr"),
                 resumed_from_step=int(metrics.get("resumed_from_step", 0)))
     cost["skipped_samples"] = skipped  # corrupt / incomplete samples of a streamed corpus, dropped by the reader
-    finish_extraction(aux, out_path, cost)
+    with stor.writing(out_path) as local:  # the driver writes the file (a URI: uploaded once complete)
+        finish_extraction(aux, local, cost)
     log.info("extraction %s: wrote %s (%d steps, %.1f device-s)", method, out_path, cost["steps"], cost["device_s"])
     return cost

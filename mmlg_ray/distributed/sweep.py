@@ -26,7 +26,9 @@ from pathlib import Path
 
 from ..config import Config, TuneSettings
 from ..errors import UserError
-from ..pipeline import Cell, cells, learngene_path, needs_pretraining, shape_key
+from ..pipeline import Cell, cells, learngene_name, needs_pretraining, shape_key
+from ..storage import OutputDir
+from .. import storage as stor
 from .settings import ensure_ray, pretrain_task_options, storage_uri, trial_resources, trial_worker_resources
 
 log = logging.getLogger("mmlg_ray")
@@ -278,16 +280,26 @@ def cell_tag(c: Cell) -> str:
 
 
 # --------------------------------------------------------------------------- stages
-def _pretrain_task(cfg_json, ancestor, method, spec_json):
+def _pretrain_task(cfg_json, ancestor, method, spec_json, fail=False):
     from ..config import ModelSpec, config_from_dict
     from ..pipeline import pretrain_descendant, setup_runtime
+    if fail:  # fault injection for tests (MMLG_FAIL_PRETRAIN), like extraction's MMLG_FAIL_AT_STEP
+        raise RuntimeError(f"injected failure of pre-training {method} (MMLG_FAIL_PRETRAIN)")
     cfg = config_from_dict(cfg_json)
     setup_runtime(cfg)
     return pretrain_descendant(cfg, ancestor, method, ModelSpec(**spec_json))
 
 
-def _stage_pretrain(cfg: Config, anc, out: Path, stages: list):
-    """pt_ft / csm pre-training of each descendant shape: parallel Ray tasks, cached as files."""
+class PretrainFailed(RuntimeError):
+    """Some descendant shapes failed to pre-train; the others were written and a rerun reuses them."""
+
+
+def _stage_pretrain(cfg: Config, anc, out: OutputDir, stages: list):
+    """pt_ft / csm pre-training of each descendant shape as parallel Ray tasks. Each shape's weights
+    and cost are written to the output folder (a URI: uploaded) as soon as its task finishes, so a
+    failed shape, a lost driver or a rerun keeps every shape that had finished; after all tasks are
+    done, one error names the shapes that failed. A task is retried on the loss of its worker or
+    node (ray.max_failures times), never on an exception of its own."""
     import ray
     from safetensors.torch import load_file, save_file
 
@@ -296,25 +308,49 @@ def _stage_pretrain(cfg: Config, anc, out: Path, stages: list):
     todo = []
     fp = cfg.fingerprint("ancestor", "data.corpus", "learngene.extraction", "descendants.pretrain_steps", "seed",
                          "precision")
-    for method, spec in needs_pretraining(cfg, anc.spec):
-        base = out / "pretrained" / f"{method}-{shape_key(spec)}-{fp}"
-        if base.with_suffix(".safetensors").is_file() and base.with_suffix(".json").is_file():
-            results[(method, shape_key(spec))] = (load_file(str(base.with_suffix(".safetensors"))),
-                                                  json.loads(base.with_suffix(".json").read_text()))
-            log.info("pretrain %s %s: reusing %s", method, shape_key(spec), base)
+    shapes = needs_pretraining(cfg, anc.spec)
+    for method, spec in shapes:
+        name = f"pretrained/{method}-{shape_key(spec)}-{fp}"
+        weights, cost = out.fetch(name + ".safetensors"), out.fetch(name + ".json")
+        if weights is not None and cost is not None:
+            results[(method, shape_key(spec))] = (load_file(str(weights)), json.loads(cost.read_text()))
+            log.info("pretrain %s %s: reusing %s", method, shape_key(spec), out.uri(name + ".safetensors"))
         else:
-            todo.append((method, spec, base))
+            todo.append((method, spec, name))
+    failed = []
     if todo:
-        res = cfg.ray.tune
-        remote = ray.remote(**pretrain_task_options(res))(_pretrain_task)
+        remote = ray.remote(**pretrain_task_options(cfg.ray.tune), max_retries=cfg.ray.max_failures,
+                            retry_exceptions=False)(_pretrain_task)
+        inject = os.environ.get("MMLG_FAIL_PRETRAIN", "")  # "method/shape" of a shape whose task must fail
         anc_ref = ray.put(anc)
-        refs = [remote.remote(cfg.model_dump(mode="json"), anc_ref, m, s.model_dump()) for m, s, _ in todo]
-        for (method, spec, base), ref in zip(todo, refs):
-            state, c = ray.get(ref)
-            with atomic_path(base.with_suffix(".safetensors")) as tmp:
+        pending = {remote.remote(cfg.model_dump(mode="json"), anc_ref, m, s.model_dump(),
+                                 fail=inject == f"{m}/{shape_key(s)}"): (m, s, n) for m, s, n in todo}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            method, spec, name = pending.pop(ready[0])
+            try:
+                state, c = ray.get(ready[0])
+            except Exception as e:  # a task's error, or its worker / node lost more often than retried
+                log.error("pretrain %s %s failed: %s", method, shape_key(spec), str(e).strip().splitlines()[-1])
+                failed.append((f"{method}/{shape_key(spec)}", e))
+                continue
+            with atomic_path(out.path(name + ".safetensors")) as tmp:
                 save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-            write_json(base.with_suffix(".json"), c)
+            write_json(out.path(name + ".json"), c)
+            out.push(name + ".safetensors")
+            out.push(name + ".json")  # last: a shape counts as finished once both are there
+            log.info("pretrain %s %s: wrote %s", method, shape_key(spec), out.uri(name + ".safetensors"))
             results[(method, shape_key(spec))] = (state, c)
+    if failed:
+        user = [e for _, e in failed if isinstance(e, UserError)]
+        if user:  # bad input (e.g. an unreadable corpus): the usual one line, exit 2
+            raise user[0]
+        names = ", ".join(n for n, _ in failed)
+        raise PretrainFailed(
+            f"pre-training failed for {len(failed)} of {len(todo)} descendant shapes: {names} "
+            f"(first error: {str(failed[0][1]).strip().splitlines()[-1]}); the {len(results)} finished shapes "
+            f"are in {out.uri('pretrained')} and a rerun reuses them") from failed[0][1]
+    results = {(m, shape_key(sp)): results[(m, shape_key(sp))] for m, sp in shapes}  # the grid's order
     for (method, key), (_, c) in results.items():
         stages.append({"stage": "pretrain", "name": f"{method}/{key}", **_cost_cols(c)})
     return results
@@ -326,14 +362,14 @@ def _cost_cols(c):
 
 
 # --------------------------------------------------------------------------- the main job
-def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
+def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path | str:
     from ray import tune
     from ray.tune import RunConfig, TuneConfig, Tuner
 
     from ..ancestor import get_ancestor
     from ..learngene import load_learngene
     from ..pipeline import setup_runtime
-    from ..report import build_report
+    from ..report import build_output_report
     from ..results import write_run_files, write_tables
     from .extract import check_precision, extract_on_ray
 
@@ -342,17 +378,17 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
     # the driver's own stages (local ancestor pre-training, consolidation) may use every core here;
     # a job's driver inherits OMP_NUM_THREADS=1 from Ray otherwise
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    out = Path(out_dir)
+    # a local folder, or a URI (s3://...) whose files are staged locally and uploaded as written
+    od = OutputDir(out_dir, cfg.cache_path)
+    out = od.local
     from ..config import dump_config
-    done = out / "trials.parquet"
-    same_cfg = (out / "config.yaml").is_file() and (out / "config.yaml").read_text() == dump_config(cfg)
-    if done.is_file() and same_cfg and not resume:
-        log.info("sweep: %s already holds the results of this config; rebuilding the report only", out)
-        build_report(out)
-        return out
-    storage = storage_uri(cfg, out)
+    if not resume and od.fetch("trials.parquet") is not None and od.read_text("config.yaml") == dump_config(cfg):
+        log.info("sweep: %s already holds the results of this config; rebuilding the report only", od)
+        build_output_report(od)
+        return od.target if od.remote else out
+    storage = storage_uri(cfg, od.target)
     fp = cfg.fingerprint()
-    if not resume and "://" not in storage and (Path(storage) / f"search-{fp}").exists():
+    if not resume and stor.exists(stor.join(storage, f"search-{fp}")):
         raise UserError("--resume", f"an interrupted sweep of this config exists under {storage}",
                         "add --resume to continue it, or remove that folder to start over")
     if {"mmlg", "tleg"} & set(cfg.descendants.grid.method):
@@ -365,19 +401,24 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
     anc = get_ancestor(cfg)
     stages = [{"stage": "ancestor", "name": anc.source, **_cost_cols(anc.cost)}]
     write_run_files(out, cfg, anc)
-    # learngenes
+    od.push("config.yaml")
+    od.push("ancestor.json")
+    # learngenes: the driver writes each one (consolidated from the ZeRO checkpoint in storage)
     learngenes = {}
     for method in [m for m in ("mmlg", "tleg") if m in cfg.descendants.grid.method]:
-        path = learngene_path(cfg, out, method)
-        if path.is_file():
-            log.info("extraction %s: reusing %s", method, path)
+        name = learngene_name(cfg, method)
+        path = od.fetch(name)
+        if path is not None:
+            log.info("extraction %s: reusing %s", method, od.uri(name))
         else:
+            path = od.path(name)
             extract_on_ray(cfg, anc, path, method=method, storage=storage)
+            od.push(name)
         learngenes[method] = load_learngene(path)
-        stages.append({"stage": "extraction", "name": method, "artifact": str(path),
+        stages.append({"stage": "extraction", "name": method, "artifact": od.uri(name),
                        **_cost_cols(learngenes[method].meta.cost)})
     # descendant pre-training (pt_ft, csm)
-    pretrained = _stage_pretrain(cfg, anc, out, stages)
+    pretrained = _stage_pretrain(cfg, anc, od, stages)
 
     ctx = {"cfg": cfg.model_dump(mode="json"), **share_artifacts(anc, learngenes, pretrained), "storage": storage}
     tcfg = cfg.ray.tune
@@ -425,10 +466,12 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
         r.pop("score_for_selection", None)
         r.pop("cell", None)
     write_tables(out, rows, stages)
-    report = build_report(out)
-    log.info("sweep: %d trials in %.0f s; tables in %s; report %s", len(rows), time.perf_counter() - t_job, out,
-             report / "report.html")
-    return out
+    for name in ("stages.parquet", "history.parquet", "trials.parquet"):  # trials last: it marks a finished run
+        od.push(name)
+    build_output_report(od)
+    log.info("sweep: %d trials in %.0f s; tables in %s; report %s", len(rows), time.perf_counter() - t_job, od,
+             od.uri("report/report.html"))
+    return od.target if od.remote else out
 
 
 def _restorable(path: str) -> bool:
@@ -439,9 +482,7 @@ def _restorable(path: str) -> bool:
     from ray.tune import Tuner
     if not Tuner.can_restore(path):
         return False
-    import fsspec
-    fs, p = fsspec.core.url_to_fs(path)
-    return bool(fs.glob(p.rstrip("/") + "/experiment_state-*.json"))
+    return bool(stor.list_files(path, "experiment_state-*.json", recursive=False))
 
 
 def _rows(result_grid) -> list[dict]:
