@@ -1,0 +1,89 @@
+"""The main job on object storage (a real S3 server on loopback: the session's `s3` fixture), and the
+pre-training stage as resumable work: each shape is written to storage as it finishes, one failure
+does not discard the others, and a rerun reuses every finished shape."""
+import io
+import json
+import uuid
+
+import pandas as pd
+import pytest
+
+
+def _parquet(s3, key) -> pd.DataFrame:
+    body = s3.client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+    return pd.read_parquet(io.BytesIO(body))
+
+
+def test_pretrain_stage_writes_each_shape_and_a_rerun_reuses_the_finished_ones(tiny_cfg, tiny_ancestor,
+                                                                               ray_address, s3, tmp_path,
+                                                                               monkeypatch):
+    from mmlg_ray.distributed.sweep import PretrainFailed, _stage_pretrain
+    from mmlg_ray.pipeline import needs_pretraining, shape_key
+    from mmlg_ray.storage import OutputDir
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.descendants.grid.method = ["pt_ft"]
+    cfg.descendants.grid.width = [64, 128]  # two shapes
+    cfg.ray.tune.trial_cpus = 1.0
+    narrow, wide = [shape_key(s) for _, s in needs_pretraining(cfg, tiny_ancestor.spec)]
+    key = f"pretrain/{uuid.uuid4().hex[:8]}"
+    od = OutputDir(f"s3://{s3.bucket}/{key}", tmp_path / "staging")
+    monkeypatch.setenv("MMLG_FAIL_PRETRAIN", f"pt_ft/{narrow}")  # its task raises on every attempt
+    with pytest.raises(PretrainFailed) as e:
+        _stage_pretrain(cfg, tiny_ancestor, od, [])
+    msg = str(e.value)
+    assert "1 of 2" in msg and f"pt_ft/{narrow}" in msg and wide not in msg and "rerun reuses" in msg
+    written = s3.keys(key)
+    assert sorted(k.rsplit(".", 1)[-1] for k in written) == ["json", "safetensors"]
+    assert all(f"/pretrained/pt_ft-{wide}-" in k for k in written)  # the finished shape is there, the failed not
+    before = {o["Key"]: o["LastModified"] for o in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=key)["Contents"]}
+
+    monkeypatch.delenv("MMLG_FAIL_PRETRAIN")
+    stages = []
+    fresh = OutputDir(od.target, tmp_path / "other-machine")  # e.g. a new head node: nothing staged
+    results = _stage_pretrain(cfg, tiny_ancestor, fresh, stages)
+    assert list(results) == [("pt_ft", narrow), ("pt_ft", wide)]  # the grid's order
+    assert [s["name"] for s in stages] == [f"pt_ft/{narrow}", f"pt_ft/{wide}"]
+    after = {o["Key"]: o["LastModified"] for o in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=key)["Contents"]}
+    assert len(after) == 4 and all(after[k] == t for k, t in before.items())  # reused, not written again
+    stored = json.loads(s3.client.get_object(Bucket=s3.bucket, Key=next(k for k in before if k.endswith(".json")))
+                        ["Body"].read())
+    assert results[("pt_ft", wide)][1] == stored  # its measured cost is the first run's
+
+
+def test_sweep_with_its_output_on_s3(tiny_overrides, ray_address, s3):
+    """--output s3://bucket/run: learngene, pre-trained shape, tables, report and Ray's checkpoints land
+    in the bucket; an interrupted experiment there needs --resume (exit 2 without), which reuses it."""
+    from jobs import sweep as sweep_job
+    key = f"runs/{uuid.uuid4().hex[:8]}"
+    uri = f"s3://{s3.bucket}/{key}"
+    sets = tiny_overrides + [f"ray.address={ray_address}", "descendants.grid.method=[mmlg,pt_ft]",
+                             "descendants.seeds=[0]", "ray.tune.num_samples=1", "ray.num_workers=1"]
+    argv = ["--output", uri] + sum((["--set", s] for s in sets), [])
+    assert sweep_job.main(argv) == 0
+    keys = s3.keys(key + "/")
+    files = {k[len(key) + 1:] for k in keys}
+    for name in ("config.yaml", "ancestor.json", "trials.parquet", "history.parquet", "stages.parquet",
+                 "report/report.html", "report/report.md", "report/cost.parquet"):
+        assert name in files, sorted(files)
+    assert [f for f in files if f.startswith("learngenes/mmlg-") and f.endswith(".safetensors")]
+    assert len([f for f in files if f.startswith("pretrained/pt_ft-")]) == 2  # weights + cost
+    # Ray Train's ZeRO checkpoints and Ray Tune's experiment state went to the bucket's ray/ folder
+    assert [f for f in files if f.startswith("ray/extract-mmlg-") and "/checkpoint_" in f]
+    assert [f for f in files if f.startswith("ray/search-") and "experiment_state" in f]
+    trials = _parquet(s3, f"{key}/trials.parquet")
+    assert len(trials) == 2 and set(trials.method) == {"mmlg", "pt_ft"}
+    stages = _parquet(s3, f"{key}/stages.parquet")
+    assert stages[stages.stage == "extraction"].artifact.str.startswith(f"{uri}/learngenes/").all()
+    html = s3.client.get_object(Bucket=s3.bucket, Key=f"{key}/report/report.html")["Body"].read().decode()
+    assert "MM-LG" in html and "artifact not readable" not in html  # provenance read the learngene from S3
+
+    # the driver "dies" after the sweep but before its tables: an interrupted experiment in the bucket
+    lg_key = next(k for k in keys if "/learngenes/" in k)
+    lg_time = s3.client.head_object(Bucket=s3.bucket, Key=lg_key)["LastModified"]
+    for name in ("trials.parquet", "history.parquet", "stages.parquet"):
+        s3.client.delete_object(Bucket=s3.bucket, Key=f"{key}/{name}")
+    assert sweep_job.main(argv) == 2  # refused: it needs --resume (or a fresh start)
+    assert sweep_job.main(argv + ["--resume"]) == 0
+    again = _parquet(s3, f"{key}/trials.parquet")
+    assert sorted(again.trial_id) == sorted(trials.trial_id)  # the finished trials, restored, not run again
+    assert s3.client.head_object(Bucket=s3.bucket, Key=lg_key)["LastModified"] == lg_time  # learngene reused
