@@ -86,7 +86,7 @@ def _finished_trials(run_dir: Path) -> dict[str, int]:
     return done
 
 
-def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_address, tmp_path, caplog):
+def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_address, tmp_path, caplog, capsys):
     out = tmp_path / "sweep"
     sets = tiny_overrides + [
         f"ray.address={ray_address}", "descendants.grid.method=[mmlg,scratch,pt_ft]", "descendants.seeds=[0,1]",
@@ -107,8 +107,13 @@ def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_a
     assert not (out / "trials.parquet").exists()
 
     from jobs import sweep as sweep_job
+    # the experiment's identity is its result-affecting config: an operational change (concurrency, the
+    # report's prices) neither hides the interrupted run nor lets it be started over by mistake
+    ops = ["ray.tune.max_concurrent=1", "report.pricing=spot", "threads=2"]
+    assert sweep_job.main(["--output", str(out)] + sum((["--set", s] for s in sets + ops), [])) == 2
+    assert "--resume" in capsys.readouterr().err
     with caplog.at_level(logging.INFO, logger="mmlg_ray"):
-        assert sweep_job.main(["--output", str(out), "--resume"] + sum((["--set", s] for s in sets), [])) == 0
+        assert sweep_job.main(["--output", str(out), "--resume"] + sum((["--set", s] for s in sets + ops), [])) == 0
     assert "restored the ASHA rungs of" in caplog.text  # the scheduler's state came back with the searcher's
 
     trials = pd.read_parquet(out / "trials.parquet")
@@ -131,6 +136,14 @@ def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_a
     assert set(hist.trial) == set(trials.trial)
     stages = pd.read_parquet(out / "stages.parquet")
     assert {"ancestor", "extraction", "pretrain"} <= set(stages.stage)
+    # run again without --resume, report settings changed: same experiment, so only the report is rebuilt
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mmlg_ray"):
+        assert sweep_job.main(["--output", str(out)] + sum((["--set", s] for s in sets + ["report.pricing=on_demand"]),
+                                                           [])) == 0
+    assert "rebuilding the report only" in caplog.text
+    assert "pricing: on_demand" in (out / "config.yaml").read_text()
+    assert _finished_trials(out) == after
 
 
 def test_trial_with_a_two_worker_torchtrainer_reaches_tune(tiny_overrides, ray_address, tmp_path):
@@ -173,6 +186,14 @@ def test_trial_whose_worker_is_killed_resumes_from_its_checkpoint(tiny_overrides
     assert lines[0]["pid"] != lines[1]["pid"] == lines[2]["pid"]  # a new worker process after the kill
     hist = pd.read_parquet(out / "history.parquet")
     assert list(hist.step) == [10, 20, 30]
+    # --fresh starts the experiment over (its Tune state removed), --fresh with --resume is refused
+    monkeypatch.delenv("MMLG_KILL_TRIAL_AT_STEP")
+    argv = ["--output", str(out)] + sum((["--set", s] for s in sets), [])
+    assert sweep_job.main(argv + ["--fresh", "--resume"]) == 2
+    assert sweep_job.main(argv + ["--fresh"]) == 0
+    again = pd.read_parquet(out / "trials.parquet")
+    assert len(again) == 1 and again.trial_id[0] != row.trial_id and again.resumed_from_step[0] == 0
+    assert len(_result_lines(out)) == 1
 
 
 def test_trial_that_fails_for_good_is_on_record_and_the_job_fails(tiny_overrides, ray_address, tmp_path, monkeypatch,

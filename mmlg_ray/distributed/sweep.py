@@ -382,7 +382,10 @@ def _cost_cols(c):
 
 
 # --------------------------------------------------------------------------- the main job
-def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
+def run_sweep(cfg: Config, out_dir, resume: bool = False, fresh: bool = False) -> Path:
+    """The main job. `resume` continues the interrupted Tune experiments of this experiment identity
+    (Config.experiment_fingerprint) from storage; `fresh` deletes them first and starts over. Without
+    either, an interrupted experiment is refused, and a finished one only has its report rebuilt."""
     from ray import tune
     from ray.tune import RunConfig, TuneConfig, Tuner
 
@@ -390,6 +393,7 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
     from ..learngene import load_learngene
     from ..pipeline import setup_runtime
     from ..report import build_report
+    from ..atomic import write_json
     from ..results import write_run_files, write_tables
     from .extract import check_precision, extract_on_ray
 
@@ -399,18 +403,25 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
     # a job's driver inherits OMP_NUM_THREADS=1 from Ray otherwise
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     out = Path(out_dir)
-    from ..config import dump_config
-    done = out / "trials.parquet"
-    same_cfg = (out / "config.yaml").is_file() and (out / "config.yaml").read_text() == dump_config(cfg)
-    if done.is_file() and same_cfg and not resume:
-        log.info("sweep: %s already holds the results of this config; rebuilding the report only", out)
+    storage = storage_uri(cfg, out)
+    fp = cfg.experiment_fingerprint()  # the experiment's identity: result-affecting settings only
+    if resume and fresh:
+        raise UserError("--fresh", "--fresh starts the experiment over and --resume continues it", "pass one of them")
+    if not resume and not fresh and _holds_results(out, cfg, fp):
+        log.info("sweep: %s already holds the results of this experiment; rebuilding the report only", out)
+        write_run_files(out, cfg)  # operational and report settings may have changed
         build_report(out)
         return out
-    storage = storage_uri(cfg, out)
-    fp = cfg.fingerprint()
-    if not resume and "://" not in storage and (Path(storage) / f"search-{fp}").exists():
-        raise UserError("--resume", f"an interrupted sweep of this config exists under {storage}",
-                        "add --resume to continue it, or remove that folder to start over")
+    previous = [p for p in (f"{storage}/search-{fp}", f"{storage}/seeds-{fp}") if _exists(p)]
+    if previous and fresh:
+        for p in previous:
+            log.info("sweep: --fresh: removing the earlier experiment state %s", p)
+            _remove(p)
+    elif previous and not resume:
+        raise UserError("--resume", f"an interrupted sweep of this experiment exists under {storage}",
+                        "add --resume to continue it, or --fresh to start it over")
+    elif resume and not previous:
+        log.warning("sweep: --resume: no earlier run of this experiment (%s) under %s; starting it", fp, storage)
     if {"mmlg", "tleg"} & set(cfg.descendants.grid.method):
         check_precision(cfg)  # before any work, not after the ancestor
     out.mkdir(parents=True, exist_ok=True)
@@ -489,6 +500,7 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path:
         r.pop("score_for_selection", None)
         r.pop("cell", None)
     write_tables(out, rows, stages)
+    write_json(out / "experiment.json", {"fingerprint": fp, "sections": list(cfg.RESULT_SECTIONS)})
     if any(r["status"] != "error" for r in rows):
         report = build_report(out)
         log.info("sweep: %d trials in %.0f s; tables in %s; report %s", len(rows), time.perf_counter() - t_job, out,
@@ -516,6 +528,34 @@ def _failure_summary(rows: list[dict], tags: list[str]) -> str | None:
         return (f"{len(missing)} of {len(tags)} grid cells have no finished trial ({', '.join(missing[:5])}"
                 f"{', ...' if len(missing) > 5 else ''}); trials.parquet lists each trial's status and error")
     return None
+
+
+def _holds_results(out: Path, cfg: Config, fp: str) -> bool:
+    """The output folder has the tables of this experiment identity (experiment.json, written with the
+    tables; an older folder without it: the very same config.yaml)."""
+    if not (out / "trials.parquet").is_file():
+        return False
+    if (out / "experiment.json").is_file():
+        return json.loads((out / "experiment.json").read_text()).get("fingerprint") == fp
+    from ..config import dump_config
+    return (out / "config.yaml").is_file() and (out / "config.yaml").read_text() == dump_config(cfg)
+
+
+def _fs(uri: str):
+    import pyarrow.fs
+    return pyarrow.fs.FileSystem.from_uri(uri)
+
+
+def _exists(uri: str) -> bool:
+    """A folder or file at a local path or an object-store URI."""
+    import pyarrow.fs
+    fs, path = _fs(uri)
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def _remove(uri: str) -> None:
+    fs, path = _fs(uri)
+    fs.delete_dir(path)
 
 
 def _restorable(path: str) -> bool:
