@@ -25,6 +25,8 @@ def main(argv=None) -> int:
     add_config_args(p)
     p.add_argument("--output", default=None, help="output folder or URI (default: output_dir from the config)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep from the output folder")
+    p.add_argument("--fresh", action="store_true",
+                   help="start this experiment over: delete its earlier Tune state (stage artifacts are kept)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and its predicted cost; train nothing")
     p.add_argument("--backend", choices=["ray", "local"], default="ray")
     a = p.parse_args(argv)
@@ -39,7 +41,7 @@ def main(argv=None) -> int:
         path = run_local(cfg, out)
     else:
         from mmlg_ray.distributed.sweep import run_sweep
-        path = run_sweep(cfg, out, resume=a.resume)
+        path = run_sweep(cfg, out, resume=a.resume, fresh=a.fresh)
     print(f"results in {path}")
     return 0
 

@@ -13,7 +13,7 @@ import re
 import json
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -411,6 +411,16 @@ class Config(_Strict):
         if sections and picked.get("precision") == "fp32":
             del picked["precision"]
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+    # What changes a sweep's results: its experiment identity. Everything else (ray.address,
+    # resources, concurrency, threads, failure retries, storage, report settings, cache and output
+    # folders, device and tf32) is operational and may change between a run and its --resume.
+    RESULT_SECTIONS: ClassVar[tuple[str, ...]] = ("seed", "precision", "ancestor", "data", "learngene", "descendants", "ray.tune.num_samples",
+                       "ray.tune.search_space", "ray.tune.grace_period", "ray.tune.reduction_factor")
+
+    def experiment_fingerprint(self) -> str:
+        """The experiment's identity: a hash of RESULT_SECTIONS (names its Tune experiments)."""
+        return self.fingerprint(*self.RESULT_SECTIONS)
 
     @property
     def cache_path(self) -> Path:

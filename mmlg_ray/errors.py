@@ -16,8 +16,14 @@ class UserError(Exception):
         super().__init__(text)
 
 
+class JobFailed(Exception):
+    """The job ran but its results are incomplete (e.g. a grid cell with no finished trial): what
+    was produced is written, the message says what is missing, and the entry point exits 1."""
+
+
 def exits_cleanly(main):
-    """Decorate a `main(argv) -> int`: a UserError becomes one line on stderr and exit code 2."""
+    """Decorate a `main(argv) -> int`: a UserError becomes one line on stderr and exit code 2, a
+    JobFailed one line and exit code 1."""
 
     @functools.wraps(main)
     def wrapper(argv=None):
@@ -26,5 +32,8 @@ def exits_cleanly(main):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except JobFailed as e:
+            print(f"failed: {e}", file=sys.stderr)
+            return 1
 
     return wrapper

@@ -112,25 +112,46 @@ def evaluate(model, modality: str, data: TaskData, spec: ModelSpec, device, prec
 def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConfig, spec: ModelSpec,
              device, seed: int = 0, on_eval: Callable[[int, dict], None] | None = None,
              linear_probe_init: bool | None = None, rank: int = 0, world: int = 1,
-             wrap: Callable[[nn.Module], nn.Module] | None = None, precision: str = "fp32") -> dict:
+             wrap: Callable[[nn.Module], nn.Module] | None = None, precision: str = "fp32",
+             resume: dict | None = None) -> dict:
     """Fine-tune without constraints, evaluating every `eval_every` steps. Returns a summary dict:
-    final metrics, best metrics, history (one dict per evaluation), steps, samples, seconds.
-    `precision` (fp32, bf16, fp16) applies to the fine-tuning and to every evaluation.
+    final metrics, best metrics, history (one dict per evaluation), steps, samples, seconds,
+    resumed_from_step. `precision` (fp32, bf16, fp16) applies to the fine-tuning and to every evaluation.
+
+    Checkpoints: `on_eval(step, metrics, snapshot)` gets, with every evaluation, a `snapshot()` that
+    returns everything needed to continue (weights with the task head, optimizer, schedule, loss
+    scale, history, counters); `resume=` such a snapshot continues from its step. The data order after
+    a resume is reshuffled from a seed derived from that step (the weights, optimizer and schedule
+    continue exactly; the batches an uninterrupted run would have drawn are not replayed).
 
     Data-parallel use: `wrap` (e.g. DistributedDataParallel) wraps the trained module, each of
     `world` ranks takes its own slice of every batch (batch_size / world)."""
     torch.manual_seed(seed)
     model = model.to(device)
     summary: dict = {}
-    if (fcfg.linear_probe if linear_probe_init is None else linear_probe_init) and modality != "image_text":
+    if resume is not None:
+        if "linear_probe_init" in resume:
+            summary["linear_probe_init"] = resume["linear_probe_init"]
+    elif (fcfg.linear_probe if linear_probe_init is None else linear_probe_init) and modality != "image_text":
         summary["linear_probe_init"] = _init_probe(model, modality, data, spec, device, seed, precision)
     if modality != "image_text":
         model = Classifier(model, modality, spec.embed_dim, len(data.train.classnames)).to(device)
     model.train()
     trained = wrap(model) if wrap is not None else model
     engine = TorchEngine(trained, fcfg, precision=precision)
+    history: list[dict] = []
+    best: dict = {}
+    samples = 0
+    step = 0
+    prior_s = 0.0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        engine.load_state_dict(resume["engine"])
+        history, best = list(resume["history"]), dict(resume["best"])
+        step, samples, prior_s = int(resume["step"]), int(resume["samples"]), float(resume["seconds"])
+    start = step
     batches = data.train.batches(max(1, fcfg.batch_size // world) * world, spec.image_size, spec.context_length,
-                                 seed=seed, rank=rank, world=world)
+                                 seed=seed + 7919 * start, rank=rank, world=world)
 
     if modality == "image_text":
         def loss_fn(batch):
@@ -145,11 +166,16 @@ def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConf
             loss = F.cross_entropy(logits, labels)
             return loss, {"loss": loss.detach()}
 
-    history: list[dict] = []
-    best: dict = {}
     t0 = time.perf_counter()
-    samples = 0
-    step = 0
+
+    def snapshot() -> dict:
+        snap = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "engine": engine.state_dict(), "history": history, "best": best, "step": step,
+                "samples": samples, "seconds": prior_s + time.perf_counter() - t0}
+        if "linear_probe_init" in summary:
+            snap["linear_probe_init"] = summary["linear_probe_init"]
+        return snap
+
     try:
         while step < fcfg.steps:
             chunk = min(fcfg.eval_every, fcfg.steps - step)
@@ -165,10 +191,10 @@ def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConf
             if not best or metrics["score"] > best["score"]:
                 best = dict(metrics)
             if on_eval is not None:
-                on_eval(step, metrics)
+                on_eval(step, metrics, snapshot)
     finally:
         if hasattr(batches, "close"):  # a streamed set's loader workers
             batches.close()
     summary.update(final=history[-1], best=best, history=history, steps=step, samples=samples,
-                   seconds=time.perf_counter() - t0)
+                   seconds=prior_s + time.perf_counter() - t0, resumed_from_step=start)
     return summary

@@ -231,8 +231,11 @@ def shape_key(spec: ModelSpec) -> str:
 
 def run_trial(cfg: Config, cell: Cell, seed: int, *, lr: float | None = None, weight_decay: float | None = None,
               ancestor=None, learngenes: dict | None = None, pretrained: dict | None = None,
-              task_data=None, device=None, on_eval=None, rank: int = 0, world: int = 1, wrap=None) -> dict:
-    """Initialize one descendant by its method, fine-tune it, score it. Returns one results row."""
+              task_data=None, device=None, on_eval=None, rank: int = 0, world: int = 1, wrap=None,
+              resume: dict | None = None) -> dict:
+    """Initialize one descendant by its method, fine-tune it, score it. Returns one results row.
+    `on_eval(step, row_so_far, snapshot)` is called at every evaluation (snapshot() gives a
+    fine-tuning checkpoint); `resume=` such a checkpoint continues the trial from its step."""
     from .finetune import SCORE_KEY, TASK_NAMES, finetune, load_task_data
     device = device or resolve_device(cfg.device)
     fcfg = cfg.descendants.finetune.model_copy(update={
@@ -262,17 +265,19 @@ def run_trial(cfg: Config, cell: Cell, seed: int, *, lr: float | None = None, we
         "pretrain_flops": pre[1]["flops"] if pre else 0,
     }
     t0 = time.perf_counter()
+    prior = float(resume["seconds"]) if resume else 0.0
+    row["resumed_from_step"] = int(resume["step"]) if resume else 0
 
-    def running(step, metrics):  # every evaluation carries the trial's description and cost so far
+    def running(step, metrics, snapshot):  # every evaluation carries the trial's description and cost so far
         if on_eval is not None:
-            el = time.perf_counter() - t0
+            el = prior + time.perf_counter() - t0
             on_eval(step, {**row, "steps": step, "finetune_wall_s": el, "finetune_device_s": el * world,
                            "skipped_samples": data.skipped,
                            "finetune_flops": costmod.train_flops(spec, cell.modality, step * fcfg.batch_size),
-                           **metrics})
+                           **metrics}, snapshot)
 
     summary = finetune(model, cell.modality, data, fcfg, spec, device, seed=seed, on_eval=running,
-                       rank=rank, world=world, wrap=wrap, precision=cfg.precision)
+                       rank=rank, world=world, wrap=wrap, precision=cfg.precision, resume=resume)
     row.update({
         "skipped_samples": data.skipped,
         "epochs": len(summary["history"]), "steps": summary["steps"],

@@ -317,7 +317,10 @@ def build_report(out_dir) -> Path:
     if trials.empty:
         raise UserError("OUTPUT", f"{out}/trials.parquet holds no trials", "run the sweep first")
     anc_spec = ModelSpec(**anc_meta["spec"]) if "spec" in anc_meta else cfg.ancestor.spec
-    ft = final_trials(trials[trials.task.notna()]).copy()
+    ok = trials.task.notna()
+    if "status" in trials:  # errored trials are listed in trials.parquet, never scored or plotted
+        ok &= trials.status != "error"
+    ft = final_trials(trials[ok]).copy()
     ft["total_flops"] = total_cost_per_trial(ft, stages)
     sections: list[Section] = []
     figures: dict[str, bytes] = {}

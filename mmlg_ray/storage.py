@@ -61,6 +61,16 @@ def is_file(path) -> bool:
     return _info(path)[2].type == pafs.FileType.File
 
 
+def remove(path) -> None:
+    """Delete a folder (every object under a prefix) or a file; nothing there is no error."""
+    import pyarrow.fs as pafs
+    fs, p, info = _info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(p)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(p)
+
+
 def list_files(path, pattern: str | None = None, recursive: bool = True) -> list[str]:
     """Files under a folder or prefix, as paths relative to it (sorted), optionally matching a glob
     `pattern` on the relative path. A missing folder holds none."""

@@ -2,6 +2,7 @@
 with a crash and resume; bf16 extraction under ZeRO-2 and ZeRO-3 (+ offload); the Tune sweep
 interrupted mid-way and resumed."""
 import json
+import logging
 import math
 import os
 import signal
@@ -85,7 +86,7 @@ def _finished_trials(run_dir: Path) -> dict[str, int]:
     return done
 
 
-def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_address, tmp_path):
+def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_address, tmp_path, caplog, capsys):
     out = tmp_path / "sweep"
     sets = tiny_overrides + [
         f"ray.address={ray_address}", "descendants.grid.method=[mmlg,scratch,pt_ft]", "descendants.seeds=[0,1]",
@@ -106,7 +107,14 @@ def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_a
     assert not (out / "trials.parquet").exists()
 
     from jobs import sweep as sweep_job
-    assert sweep_job.main(["--output", str(out), "--resume"] + sum((["--set", s] for s in sets), [])) == 0
+    # the experiment's identity is its result-affecting config: an operational change (concurrency, the
+    # report's prices) neither hides the interrupted run nor lets it be started over by mistake
+    ops = ["ray.tune.max_concurrent=1", "report.pricing=spot", "threads=2"]
+    assert sweep_job.main(["--output", str(out)] + sum((["--set", s] for s in sets + ops), [])) == 2
+    assert "--resume" in capsys.readouterr().err
+    with caplog.at_level(logging.INFO, logger="mmlg_ray"):
+        assert sweep_job.main(["--output", str(out), "--resume"] + sum((["--set", s] for s in sets + ops), [])) == 0
+    assert "restored the ASHA rungs of" in caplog.text  # the scheduler's state came back with the searcher's
 
     trials = pd.read_parquet(out / "trials.parquet")
     cells = 3
@@ -128,6 +136,14 @@ def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_a
     assert set(hist.trial) == set(trials.trial)
     stages = pd.read_parquet(out / "stages.parquet")
     assert {"ancestor", "extraction", "pretrain"} <= set(stages.stage)
+    # run again without --resume, report settings changed: same experiment, so only the report is rebuilt
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mmlg_ray"):
+        assert sweep_job.main(["--output", str(out)] + sum((["--set", s] for s in sets + ["report.pricing=on_demand"]),
+                                                           [])) == 0
+    assert "rebuilding the report only" in caplog.text
+    assert "pricing: on_demand" in (out / "config.yaml").read_text()
+    assert _finished_trials(out) == after
 
 
 def test_trial_with_a_two_worker_torchtrainer_reaches_tune(tiny_overrides, ray_address, tmp_path):
@@ -144,3 +160,58 @@ def test_trial_with_a_two_worker_torchtrainer_reaches_tune(tiny_overrides, ray_a
     assert row.workers == 2 and not row.stopped_early and row.epochs == 2
     assert row.finetune_device_s == pytest.approx(2 * row.finetune_wall_s)
     assert 0 <= row.final_score <= 100
+
+
+def _result_lines(run_dir: Path) -> list[list[dict]]:
+    return [[json.loads(ln) for ln in rj.read_text().splitlines() if ln.strip()]
+            for rj in sorted(run_dir.glob("ray/search-*/*/result.json"))]
+
+
+def test_trial_whose_worker_is_killed_resumes_from_its_checkpoint(tiny_overrides, ray_address, tmp_path, monkeypatch):
+    """The trial's worker process is SIGKILLed right after its first evaluation's checkpoint (step 10
+    of 30): Tune restarts it in a new process from that checkpoint, not from step 0."""
+    from jobs import sweep as sweep_job
+    out = tmp_path / "killed"
+    monkeypatch.setenv("MMLG_KILL_TRIAL_AT_STEP", "10")
+    sets = tiny_overrides + [f"ray.address={ray_address}", "descendants.grid.method=[scratch]", "descendants.seeds=[0]",
+                             "ray.tune.num_samples=1", "descendants.finetune.steps=30",
+                             "descendants.finetune.eval_every=10", "ray.max_failures=1"]
+    assert sweep_job.main(["--output", str(out)] + sum((["--set", s] for s in sets), [])) == 0
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == 1
+    row = trials.iloc[0]
+    assert row.status == "finished" and row.error == "" and row.resumed_from_step == 10 and row.epochs == 3
+    (lines,) = _result_lines(out)
+    assert [ln["step"] for ln in lines] == [10, 20, 30]  # step 10 reported once: resumed after it, not from 0
+    assert lines[0]["pid"] != lines[1]["pid"] == lines[2]["pid"]  # a new worker process after the kill
+    hist = pd.read_parquet(out / "history.parquet")
+    assert list(hist.step) == [10, 20, 30]
+    # --fresh starts the experiment over (its Tune state removed), --fresh with --resume is refused
+    monkeypatch.delenv("MMLG_KILL_TRIAL_AT_STEP")
+    argv = ["--output", str(out)] + sum((["--set", s] for s in sets), [])
+    assert sweep_job.main(argv + ["--fresh", "--resume"]) == 2
+    assert sweep_job.main(argv + ["--fresh"]) == 0
+    again = pd.read_parquet(out / "trials.parquet")
+    assert len(again) == 1 and again.trial_id[0] != row.trial_id and again.resumed_from_step[0] == 0
+    assert len(_result_lines(out)) == 1
+
+
+def test_trial_that_fails_for_good_is_on_record_and_the_job_fails(tiny_overrides, ray_address, tmp_path, monkeypatch,
+                                                                   capsys):
+    """ray.max_failures=0: the killed trial is not retried. It stays in trials.parquet with status
+    `error` and its error's first line, and the job exits 1 naming the cell left without a result."""
+    from jobs import sweep as sweep_job
+    out = tmp_path / "failed"
+    monkeypatch.setenv("MMLG_KILL_TRIAL_AT_STEP", "10")
+    sets = tiny_overrides + [f"ray.address={ray_address}", "descendants.grid.method=[scratch]", "descendants.seeds=[0]",
+                             "ray.tune.num_samples=1", "descendants.finetune.steps=30",
+                             "descendants.finetune.eval_every=10", "ray.max_failures=0"]
+    assert sweep_job.main(["--output", str(out)] + sum((["--set", s] for s in sets), [])) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("failed: 1 of 1 grid cells have no finished trial (scratch|image|2|64)")
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == 1
+    row = trials.iloc[0]
+    assert row.status == "error" and not row.stopped_early
+    assert "died" in row.error.lower() and "\n" not in row.error
+    assert row.epochs == 1 and row.best_score == row.final_score  # what it reported before dying is kept

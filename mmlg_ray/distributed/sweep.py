@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from ..config import Config, TuneSettings
-from ..errors import UserError
+from ..errors import JobFailed, UserError
 from ..pipeline import Cell, cells, learngene_name, needs_pretraining, shape_key
 from ..storage import OutputDir
 from .. import storage as stor
@@ -41,7 +41,7 @@ def _cell_key(config: dict) -> str:
     return config["cell"]
 
 
-def make_cell_searcher(cfg: Config, cell_tags: list[str], seed0: int):
+def make_cell_searcher(cfg: Config, cell_tags: list[str], seed0: int, scheduler=None):
     from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
     from ray import tune
@@ -50,10 +50,15 @@ def make_cell_searcher(cfg: Config, cell_tags: list[str], seed0: int):
     n = cfg.ray.tune.num_samples
 
     class CellSearcher(Searcher):
-        """One OptunaSearch per grid cell, `n` suggestions each, round-robin over cells."""
+        """One OptunaSearch per grid cell, `n` suggestions each, round-robin over cells.
+
+        Tune saves a searcher's state with every experiment checkpoint but never a scheduler's; this
+        searcher also carries the per-cell ASHA state of `scheduler` (the same object in the Tuner's
+        pickled state), so a restored experiment keeps its rungs."""
 
         def __init__(self):
             super().__init__(metric=METRIC, mode=MODE)
+            self.scheduler = scheduler
             self.cells = list(cell_tags)
             self.count = {c: 0 for c in self.cells}
             self.owner: dict[str, str] = {}
@@ -94,7 +99,8 @@ def make_cell_searcher(cfg: Config, cell_tags: list[str], seed0: int):
                 subs[c] = Path(tmp).read_bytes()
                 os.unlink(tmp)
             with open(checkpoint_path, "wb") as f:
-                pickle.dump({"count": self.count, "owner": self.owner, "cursor": self.cursor, "subs": subs}, f)
+                pickle.dump({"count": self.count, "owner": self.owner, "cursor": self.cursor, "subs": subs,
+                             "asha": pickle.dumps(self.scheduler.by_cell) if self.scheduler is not None else None}, f)
 
         def restore(self, checkpoint_path):
             with open(checkpoint_path, "rb") as f:
@@ -105,6 +111,9 @@ def make_cell_searcher(cfg: Config, cell_tags: list[str], seed0: int):
                     f.write(blob)
                 self.subs[c].restore(f.name)
                 os.unlink(f.name)
+            if self.scheduler is not None and st.get("asha"):
+                self.scheduler.by_cell = pickle.loads(st["asha"])
+                log.info("sweep: restored the ASHA rungs of %d cells", len(self.scheduler.by_cell))
 
     return CellSearcher()
 
@@ -198,9 +207,36 @@ def _artifacts_for(ctx: dict, cell):
     return anc, learngenes, pretrained
 
 
-def _run_cell_trial(config: dict, ctx: dict, report, rank: int = 0, world: int = 1, wrap=None):
-    """Initialize, fine-tune and score one descendant; `report` gets every evaluation but the last,
-    then the final row (every rank calls it equally often)."""
+CKPT_FILE = "finetune.pt"
+
+
+def _load_checkpoint(ckpt) -> dict | None:
+    """A fine-tuning snapshot from a Tune / Train checkpoint (None: start from step 0)."""
+    if ckpt is None:
+        return None
+    import torch
+    with ckpt.as_directory() as d:
+        path = Path(d) / CKPT_FILE
+        return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
+def _checkpoint_of(snapshot: dict, checkpoint_cls):
+    """A Checkpoint (Tune's or Train's class) holding `snapshot`, in a temporary folder that the report
+    call persists to the run's storage path (local or s3://)."""
+    import torch
+    d = tempfile.mkdtemp(prefix="mmlg-ft-")
+    torch.save(snapshot, Path(d) / CKPT_FILE)
+    return checkpoint_cls.from_directory(d)
+
+
+def _run_cell_trial(config: dict, ctx: dict, report, rank: int = 0, world: int = 1, wrap=None,
+                    get_checkpoint=None, checkpoint_cls=None):
+    """Initialize, fine-tune and score one descendant. `report(metrics, checkpoint=None)` gets every
+    evaluation but the last, each with a checkpoint of the fine-tuning state (rank 0's; None on the
+    others), then the final row (every rank calls it equally often). A trial restarted after a
+    worker loss or a driver restart continues from `get_checkpoint()`'s step, not from step 0."""
+    import shutil
+
     import torch
 
     from ..config import config_from_dict
@@ -215,10 +251,24 @@ def _run_cell_trial(config: dict, ctx: dict, report, rank: int = 0, world: int =
     cell = Cell(mod, int(d), int(w), m)
     total = cfg.descendants.finetune.steps
     anc, learngenes, pretrained = _artifacts_for(ctx, cell)
+    resume = _load_checkpoint(get_checkpoint() if get_checkpoint else None)
+    if resume is not None:
+        log.info("trial %s: resuming from its checkpoint at step %d", config["cell"], resume["step"])
+    kill_at = int(ctx.get("kill_trial_at_step") or 0)  # fault injection (tests): SIGKILL, first attempt only
 
-    def on_eval(step, metrics):
-        if step < total:
-            report(dict(metrics))
+    def on_eval(step, metrics, snapshot):
+        if step >= total:
+            return
+        ckpt = _checkpoint_of(snapshot(), checkpoint_cls) if checkpoint_cls is not None and rank == 0 else None
+        try:
+            report(dict(metrics), checkpoint=ckpt)
+        finally:
+            if ckpt is not None:
+                shutil.rmtree(ckpt.path, ignore_errors=True)
+        if kill_at and resume is None and step >= kill_at:
+            import signal
+            log.warning("trial %s: killing its own process at step %d (MMLG_KILL_TRIAL_AT_STEP)", config["cell"], step)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     spec = descendant_spec(anc.spec, cell.depth, cell.width)
     key = (json.dumps(ctx["cfg"]["data"], sort_keys=True), cell.modality, spec.image_size)
@@ -229,7 +279,7 @@ def _run_cell_trial(config: dict, ctx: dict, report, rank: int = 0, world: int =
         torch.cuda.is_available() else torch.device("cpu")
     row = run_trial(cfg, cell, int(config["seed"]), lr=config["lr"], weight_decay=config["weight_decay"],
                     ancestor=anc, learngenes=learngenes, pretrained=pretrained, task_data=data,
-                    on_eval=on_eval, device=device, rank=rank, world=world, wrap=wrap)
+                    on_eval=on_eval, device=device, rank=rank, world=world, wrap=wrap, resume=resume)
     hist = row.pop("history")
     final = {k: float(v) for k, v in hist[-1].items()}
     final.update({k: v for k, v in row.items() if not isinstance(v, (list, dict))})
@@ -238,7 +288,9 @@ def _run_cell_trial(config: dict, ctx: dict, report, rank: int = 0, world: int =
 
 
 def _ddp_worker(loop_config: dict):
-    """A fine-tuning worker of a multi-worker trial (TorchTrainer inside the Tune trial)."""
+    """A fine-tuning worker of a multi-worker trial (TorchTrainer inside the Tune trial). Its
+    checkpoints are the TorchTrainer run's (storage/ft-<trial id>): a worker loss restarts the
+    workers from the latest one, and so does a restarted trial (same run name and storage path)."""
     import ray.train
     import ray.train.torch
     ctx = loop_config["ctx"]
@@ -246,23 +298,25 @@ def _ddp_worker(loop_config: dict):
         import ray
         ctx = ray.get(ctx)
     tc = ray.train.get_context()
-    _run_cell_trial(loop_config["config"], ctx, lambda m: ray.train.report(m), rank=tc.get_world_rank(),
-                    world=tc.get_world_size(), wrap=ray.train.torch.prepare_model)
+    _run_cell_trial(loop_config["config"], ctx, lambda m, checkpoint=None: ray.train.report(m, checkpoint=checkpoint),
+                    rank=tc.get_world_rank(), world=tc.get_world_size(), wrap=ray.train.torch.prepare_model,
+                    get_checkpoint=ray.train.get_checkpoint, checkpoint_cls=ray.train.Checkpoint)
 
 
 def trial_fn(config: dict, ctx=None):
-    """One Tune trial: initialize a descendant by its method, fine-tune it, report each evaluation.
-    With ray.tune.trial_workers > 1 the fine-tuning runs data-parallel in a TorchTrainer whose rank-0
-    metrics reach Tune (and its scheduler) through TuneReportCallback."""
+    """One Tune trial: initialize a descendant by its method, fine-tune it, report each evaluation
+    with a checkpoint. With ray.tune.trial_workers > 1 the fine-tuning runs data-parallel in a
+    TorchTrainer whose rank-0 metrics reach Tune (and its scheduler) through TuneReportCallback."""
     from ray import tune
     if "job" in config:  # seeds phase: the grid value is the whole trial spec
         config = {**config, **config["job"]}
     tcfg = ctx["cfg"]["ray"]["tune"]
     if tcfg["trial_workers"] <= 1:
-        _run_cell_trial(config, ctx, tune.report)
+        _run_cell_trial(config, ctx, lambda m, checkpoint=None: tune.report(m, checkpoint=checkpoint),
+                        get_checkpoint=tune.get_checkpoint, checkpoint_cls=tune.Checkpoint)
         return
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
     res = trial_worker_resources(TuneSettings.model_validate(tcfg))
@@ -271,7 +325,9 @@ def trial_fn(config: dict, ctx=None):
         scaling_config=ScalingConfig(num_workers=tcfg["trial_workers"], use_gpu=tcfg["trial_gpus"] > 0,
                                      resources_per_worker=res),
         run_config=RunConfig(name=f"ft-{tune.get_context().get_trial_id()}",
-                             storage_path=ctx.get("storage"), callbacks=[TuneReportCallback()]))
+                             storage_path=ctx.get("storage"), callbacks=[TuneReportCallback()],
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             failure_config=FailureConfig(max_failures=ctx["cfg"]["ray"]["max_failures"])))
     trainer.fit()
 
 
@@ -362,7 +418,12 @@ def _cost_cols(c):
 
 
 # --------------------------------------------------------------------------- the main job
-def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path | str:
+def run_sweep(cfg: Config, out_dir, resume: bool = False, fresh: bool = False) -> Path | str:
+    """The main job. `resume` continues the interrupted Tune experiments of this experiment identity
+    (Config.experiment_fingerprint) from storage; `fresh` deletes them first and starts over. Without
+    either, an interrupted experiment is refused, and a finished one only has its report rebuilt.
+    `out_dir` is a local folder or a URI (s3://...): its files are staged locally and uploaded as
+    they are written, and what it already holds is read back from there."""
     from ray import tune
     from ray.tune import RunConfig, TuneConfig, Tuner
 
@@ -370,6 +431,7 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path | str:
     from ..learngene import load_learngene
     from ..pipeline import setup_runtime
     from ..report import build_output_report
+    from ..atomic import write_json
     from ..results import write_run_files, write_tables
     from .extract import check_precision, extract_on_ray
 
@@ -381,16 +443,26 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path | str:
     # a local folder, or a URI (s3://...) whose files are staged locally and uploaded as written
     od = OutputDir(out_dir, cfg.cache_path)
     out = od.local
-    from ..config import dump_config
-    if not resume and od.fetch("trials.parquet") is not None and od.read_text("config.yaml") == dump_config(cfg):
-        log.info("sweep: %s already holds the results of this config; rebuilding the report only", od)
+    storage = storage_uri(cfg, od.target)
+    fp = cfg.experiment_fingerprint()  # the experiment's identity: result-affecting settings only
+    if resume and fresh:
+        raise UserError("--fresh", "--fresh starts the experiment over and --resume continues it", "pass one of them")
+    if not resume and not fresh and _holds_results(od, cfg, fp):
+        log.info("sweep: %s already holds the results of this experiment; rebuilding the report only", od)
+        write_run_files(out, cfg)  # operational and report settings may have changed
+        od.push("config.yaml")
         build_output_report(od)
         return od.target if od.remote else out
-    storage = storage_uri(cfg, od.target)
-    fp = cfg.fingerprint()
-    if not resume and stor.exists(stor.join(storage, f"search-{fp}")):
-        raise UserError("--resume", f"an interrupted sweep of this config exists under {storage}",
-                        "add --resume to continue it, or remove that folder to start over")
+    previous = [p for p in (f"{storage}/search-{fp}", f"{storage}/seeds-{fp}") if stor.exists(p)]
+    if previous and fresh:
+        for p in previous:
+            log.info("sweep: --fresh: removing the earlier experiment state %s", p)
+            stor.remove(p)
+    elif previous and not resume:
+        raise UserError("--resume", f"an interrupted sweep of this experiment exists under {storage}",
+                        "add --resume to continue it, or --fresh to start it over")
+    elif resume and not previous:
+        log.warning("sweep: --resume: no earlier run of this experiment (%s) under %s; starting it", fp, storage)
     if {"mmlg", "tleg"} & set(cfg.descendants.grid.method):
         check_precision(cfg)  # before any work, not after the ancestor
     out.mkdir(parents=True, exist_ok=True)
@@ -420,7 +492,8 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path | str:
     # descendant pre-training (pt_ft, csm)
     pretrained = _stage_pretrain(cfg, anc, od, stages)
 
-    ctx = {"cfg": cfg.model_dump(mode="json"), **share_artifacts(anc, learngenes, pretrained), "storage": storage}
+    ctx = {"cfg": cfg.model_dump(mode="json"), **share_artifacts(anc, learngenes, pretrained), "storage": storage,
+           "kill_trial_at_step": os.environ.get("MMLG_KILL_TRIAL_AT_STEP")}
     tcfg = cfg.ray.tune
     # a multi-worker trial only drives its TorchTrainer: a sliver of CPU, its workers hold the rest
     resources = trial_resources(tcfg)
@@ -439,21 +512,27 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path | str:
             # have stored no usable param_space, and its restored trials would lack their "job"
             return Tuner.restore(path, trainable=trainable, resume_errored=True, resume_unfinished=True,
                                  param_space=tuner_kw.get("param_space"))
+        # a trial lost with its worker (preempted node, killed process) is retried up to
+        # ray.max_failures times from its latest checkpoint (one kept per trial: each evaluation's)
         return Tuner(trainable, run_config=RunConfig(
             storage_path=storage, name=f"{name}-{fp}", verbose=1,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures)), **tuner_kw)
 
     # search phase: Optuna per cell + ASHA per cell, first seed
+    scheduler = make_cell_scheduler(cfg, max_t)
     tuner = phase("search", tune_config=TuneConfig(
-        search_alg=make_cell_searcher(cfg, tags, cfg.descendants.seeds[0]), scheduler=make_cell_scheduler(cfg, max_t),
+        search_alg=make_cell_searcher(cfg, tags, cfg.descendants.seeds[0], scheduler), scheduler=scheduler,
         num_samples=len(tags) * tcfg.num_samples, max_concurrent_trials=tcfg.max_concurrent, reuse_actors=True))
     search = tuner.fit()
     rows = _rows(search)
 
-    # seeds phase: each cell's best hyper-parameters with the remaining seeds
+    # seeds phase: each cell's best hyper-parameters with the remaining seeds (errored trials never count)
     best = {}
     for r in rows:
         t = r["cell"]
+        if r["status"] == "error":
+            continue
         if t not in best or r["score_for_selection"] > best[t]["score_for_selection"]:
             best[t] = r
     extra = [{"cell": t, "lr": best[t]["lr"], "weight_decay": best[t]["weight_decay"], "seed": s, "phase": "seeds"}
@@ -462,16 +541,54 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False) -> Path | str:
         tuner2 = phase("seeds", param_space={"job": tune.grid_search(extra)},
                        tune_config=TuneConfig(max_concurrent_trials=tcfg.max_concurrent, reuse_actors=True))
         rows += _rows(tuner2.fit())
+    failed = _failure_summary(rows, tags)
     for r in rows:
         r.pop("score_for_selection", None)
         r.pop("cell", None)
     write_tables(out, rows, stages)
-    for name in ("stages.parquet", "history.parquet", "trials.parquet"):  # trials last: it marks a finished run
+    write_json(out / "experiment.json", {"fingerprint": fp, "sections": list(cfg.RESULT_SECTIONS)})
+    # trials.parquet last: with experiment.json it marks a finished run
+    for name in ("stages.parquet", "history.parquet", "experiment.json", "trials.parquet"):
         od.push(name)
-    build_output_report(od)
-    log.info("sweep: %d trials in %.0f s; tables in %s; report %s", len(rows), time.perf_counter() - t_job, od,
-             od.uri("report/report.html"))
+    if any(r["status"] != "error" for r in rows):
+        build_output_report(od)
+        log.info("sweep: %d trials in %.0f s; tables in %s; report %s", len(rows), time.perf_counter() - t_job, od,
+                 od.uri("report/report.html"))
+    else:
+        log.warning("sweep: no trial ran to its end; tables in %s, no report", od)
+    if failed:
+        raise JobFailed(failed)
     return od.target if od.remote else out
+
+
+def _failure_summary(rows: list[dict], tags: list[str]) -> str | None:
+    """Logs one line on the errored trials; returns the job's failure message when a grid cell has no
+    finished trial (its results would be missing from every comparison), else None."""
+    errored = [r for r in rows if r["status"] == "error"]
+    if errored:
+        first = {}
+        for r in errored:
+            first.setdefault(r["cell"], r["error"])
+        log.warning("sweep: %d of %d trials errored, in %d cells: %s", len(errored), len(rows), len(first),
+                    "; ".join(f"{c}: {e}" for c, e in first.items()))
+    finished = {r["cell"] for r in rows if r["status"] == "finished"}
+    missing = [t for t in tags if t not in finished]
+    if missing:
+        return (f"{len(missing)} of {len(tags)} grid cells have no finished trial ({', '.join(missing[:5])}"
+                f"{', ...' if len(missing) > 5 else ''}); trials.parquet lists each trial's status and error")
+    return None
+
+
+def _holds_results(out: OutputDir, cfg: Config, fp: str) -> bool:
+    """The output folder (local or URI) has the tables of this experiment identity (experiment.json,
+    written with the tables; an older folder without it: the very same config.yaml)."""
+    if out.fetch("trials.parquet") is None:
+        return False
+    exp = out.read_text("experiment.json")
+    if exp is not None:
+        return json.loads(exp).get("fingerprint") == fp
+    from ..config import dump_config
+    return out.read_text("config.yaml") == dump_config(cfg)
 
 
 def _restorable(path: str) -> bool:
@@ -485,21 +602,44 @@ def _restorable(path: str) -> bool:
     return bool(stor.list_files(path, "experiment_state-*.json", recursive=False))
 
 
+def _error_line(err) -> str:
+    """The first line of a trial's error, its root cause rather than Ray's wrapper."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        inner = getattr(err, "cause", None) or getattr(err, "__cause__", None)
+        if inner is None or inner is err:
+            break
+        err = inner
+    text = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
+    return f"{type(err).__name__}: {text}"[:300]
+
+
 def _rows(result_grid) -> list[dict]:
-    """One row per trial from a Tune ResultGrid (its stored state, so resumed runs count once)."""
+    """One row per trial from a Tune ResultGrid (its stored state, so resumed runs count once), with
+    its `status`: finished, stopped_early (cut by ASHA), or error (and the error's first line). A
+    trial that errored before its first report still has its row (its cell, seed and
+    hyper-parameters, no scores)."""
     rows = []
     for res in result_grid:
         m = dict(res.metrics or {})
         cfg = res.config or {}
         if "job" in cfg:
             cfg = {**cfg, **cfg["job"]}
-        if not m:
+        if "cell" not in cfg:
             continue
-        stopped = not m.get("final_report", False)
+        trial_id = str(m.get("trial_id") or res.path.rstrip("/").rsplit("/", 1)[-1])
+        status = "error" if res.error is not None else \
+            ("finished" if m.get("final_report") else "stopped_early")
+        if not m.get("trial"):  # no report at all: describe it from its config
+            meth, mod, d, w = cfg["cell"].split("|")
+            m = {"trial": f"{meth}-{mod}-d{d}-w{w}-s{cfg['seed']}", "method": meth, "modality": mod,
+                 "depth": int(d), "width": int(w), "seed": int(cfg["seed"]), "lr": float(cfg["lr"]),
+                 "weight_decay": float(cfg["weight_decay"])}
         hist = json.loads(m["history_json"]) if "history_json" in m else _history_from_df(res)
         row = {k: v for k, v in m.items() if k not in ("history_json", "final_report", "config") and
                not isinstance(v, dict)}
-        if stopped:  # ASHA cut it: its last report carries the description and cost so far
+        if status != "finished":  # cut by ASHA or errored: its last report carries the description and cost so far
             for k in list(m):
                 if k in EVAL_KEYS - {"step", "epoch"} or k.startswith(("i2t_", "t2i_")):
                     row[f"final_{k}"] = float(m[k])
@@ -511,17 +651,20 @@ def _rows(result_grid) -> list[dict]:
                 if k not in ("step", "epoch", "train_loss", "linear_probe_init"):
                     row[f"best_{k}"] = float(v)
             row["epochs"] = len(hist)
-            row["phase"] = cfg["phase"]
-        row["stopped_early"] = stopped
-        row["trial_id"] = str(m.get("trial_id", res.path.rsplit("/", 1)[-1]))
-        row["trial"] = f"{row['trial']}-{row['trial_id']}"
+        row["phase"] = cfg["phase"]
+        row["status"] = status
+        row["error"] = _error_line(res.error) if res.error is not None else ""
+        row["stopped_early"] = status == "stopped_early"
+        row["trial_id"] = trial_id
+        row["trial"] = f"{row['trial']}-{trial_id}"
         row["cell"] = cfg["cell"]
         row["score_for_selection"] = float(m.get("score", float("-inf")))
         for k in [k for k in row if k in EVAL_KEYS or k.startswith(("i2t_", "t2i_"))]:
             row.pop(k)
         for k in [k for k in row if k in ("training_iteration", "time_this_iter_s", "time_total_s", "timestamp",
                                            "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore",
-                                           "checkpoint_dir_name", "done", "date", "experiment_tag", "should_checkpoint")]:
+                                           "checkpoint_dir_name", "done", "date", "experiment_tag", "should_checkpoint",
+                                           "checkpoint_path")]:
             row.pop(k, None)
         row["history"] = hist
         rows.append(row)
@@ -529,8 +672,11 @@ def _rows(result_grid) -> list[dict]:
 
 
 def _history_from_df(res) -> list[dict]:
+    """A trial's evaluations from its stored results, one per step: a retried trial re-reports the
+    steps after its checkpoint, and only the last report of each step is kept."""
     df = res.metrics_dataframe
-    if df is None or not len(df):
+    if df is None or not len(df) or "step" not in df.columns:
         return []
     keep = [c for c in df.columns if c in EVAL_KEYS or c.startswith(("i2t_", "t2i_"))]
-    return df[keep].to_dict("records")
+    df = df[keep].dropna(subset=["step"]).drop_duplicates(subset="step", keep="last").sort_values("step")
+    return df.to_dict("records")

@@ -1,0 +1,76 @@
+"""What one Tune trial fetches from Ray's object store, before and after artifacts by reference.
+
+    .venv/bin/python benchmarks/trial_fetch.py [--config configs/paper_vitb16.yaml]
+
+Before (one `tune.with_parameters` object): every trial fetched the ancestor, every learngene and
+every pre-trained pt_ft / csm shape. After (mmlg_ray.distributed.sweep.share_artifacts): each
+artifact is put once and a trial fetches only what its method needs (_artifacts_for): the ancestor
+for weight_selection / heur_lg, its own learngene for mmlg / tleg, its own shape for pt_ft / csm,
+nothing for scratch. Sizes are fp32 bytes of the tensors (analytic, from the config's shapes: the
+learngene's own tensor shapes plus the ancestor's non-layer tensors it carries)."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmlg_ray import cost  # noqa: E402
+from mmlg_ray.config import load_config  # noqa: E402
+from mmlg_ray.descend import descendant_spec  # noqa: E402
+from mmlg_ray.learngene import Learngene, LearngeneMeta  # noqa: E402
+from mmlg_ray.pipeline import aux_spec, cells, needs_pretraining, shape_key  # noqa: E402
+
+GB = 1e9
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/paper_vitb16.yaml")
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, [])
+    anc = cfg.ancestor.spec
+    anc_b = cost.model_params(anc) * 4
+    inherited_b = anc_b - sum(cost.tower_params(anc, t, layers_only=True) for t in ("image", "text")) * 4
+    lg_b = {}
+    for m in [m for m in ("mmlg", "tleg") if m in cfg.descendants.grid.method]:
+        meta = LearngeneMeta(method=m, schedule=cfg.learngene.schedule if m == "mmlg" else "tleg",
+                             spec=aux_spec(cfg, anc).model_dump(), knots=cfg.learngene.learned_knots)
+        lg_b[m] = sum(math.prod(s) for s in Learngene.tensor_shapes(meta).values()) * 4 + inherited_b
+    pre_b = {(m, shape_key(s)): cost.model_params(s) * 4 for m, s in needs_pretraining(cfg, anc)}
+    everything = anc_b + sum(lg_b.values()) + sum(pre_b.values())
+    per_cell = cfg.ray.tune.num_samples + max(0, len(cfg.descendants.seeds) - 1)
+    after = Counter()
+    n = Counter()
+    for c in cells(cfg):
+        if c.method in ("weight_selection", "heur_lg"):
+            b = anc_b
+        elif c.method in lg_b:
+            b = lg_b[c.method]
+        elif c.method in ("pt_ft", "csm"):
+            b = pre_b[(c.method, shape_key(descendant_spec(anc, c.depth, c.width)))]
+        else:
+            b = 0
+        after[c.method] = max(after[c.method], b)
+        n[c.method] += per_cell
+    print(f"config {a.config}: {sum(n.values())} trials; ancestor {anc_b / GB:.2f} GB, "
+          + ", ".join(f"{m} learngene {b / GB:.3f} GB" for m, b in lg_b.items())
+          + f", {len(pre_b)} pre-trained shapes {sum(pre_b.values()) / GB:.2f} GB")
+    print(f"before: every trial fetched one object of {everything / GB:.2f} GB "
+          f"({everything / 4 / 1e9:.2f} B parameters); {sum(n.values()) * everything / 1e12:.1f} TB over the sweep "
+          "(less with reused actors)")
+    print("after (largest fetch per trial, by method):")
+    total = 0
+    for m in n:
+        print(f"  {m:<17} {after[m] / GB:7.3f} GB  x {n[m]} trials")
+        total += after[m] * n[m]
+    print(f"after: {total / 1e12:.2f} TB over the sweep (upper bound; an actor reused for the same artifact "
+          "fetches it once)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
