@@ -82,3 +82,38 @@ def test_descendant_spec_keeps_text_ratio():
     s = descendant_spec(anc, 6, 384)
     assert (s.image_width, s.text_width, s.image_depth) == (384, 256, 6)
     assert s.heads("image") == 6 and s.heads("text") == 4
+
+
+def test_finetune_resumes_from_a_snapshot_of_its_evaluation(tiny_cfg, tiny_ancestor):
+    """The snapshot handed to on_eval (what a Tune trial checkpoints) holds everything to continue:
+    resuming restores weights, optimizer, schedule and history, then trains only the remaining steps."""
+    import copy
+
+    import torch
+
+    from mmlg_ray.descend import descendant_spec, init_descendant
+    from mmlg_ray.finetune import finetune, load_task_data
+    spec = descendant_spec(tiny_ancestor.spec, 1, 64)
+    data = load_task_data(tiny_cfg, "image", spec.image_size)
+    fcfg = tiny_cfg.descendants.finetune.model_copy(update={"steps": 20, "eval_every": 10, "linear_probe": False})
+
+    def fresh():
+        return init_descendant("scratch", "image", spec, seed=0)
+
+    snaps = {}
+    full = finetune(fresh(), "image", data, fcfg, spec, torch.device("cpu"),
+                    on_eval=lambda step, m, snap: snaps.setdefault(step, copy.deepcopy(snap())))
+    snap = snaps[10]
+    assert snap["step"] == 10 and len(snap["history"]) == 1 and snap["engine"]["scheduler"]["last_epoch"] == 10
+    # resumed at its own last step: nothing left to train, the weights are the snapshot's
+    model = fresh()
+    done = finetune(model, "image", data, fcfg.model_copy(update={"steps": 10}), spec, torch.device("cpu"),
+                    resume=copy.deepcopy(snap))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snap["model"][f"backbone.{k}"])
+    assert done["history"] == snap["history"] and done["resumed_from_step"] == 10
+    # resumed mid-way: the remaining 10 steps only, one history row per step, counters continued
+    out = finetune(fresh(), "image", data, fcfg, spec, torch.device("cpu"), resume=copy.deepcopy(snap))
+    assert [h["step"] for h in out["history"]] == [10, 20] and out["history"][0] == full["history"][0]
+    assert out["samples"] == full["samples"] and out["steps"] == 20 and out["resumed_from_step"] == 10
+    assert out["seconds"] >= snap["seconds"]
