@@ -51,27 +51,29 @@ def test_pretrain_stage_writes_each_shape_and_a_rerun_reuses_the_finished_ones(t
 
 
 def test_sweep_with_its_output_on_s3(tiny_overrides, ray_address, s3):
-    """--output s3://bucket/run: learngene, pre-trained shape, tables, report and Ray's checkpoints land
-    in the bucket; an interrupted experiment there needs --resume (exit 2 without), which reuses it."""
+    """--output s3://bucket/run: learngene, tables, report and Ray's checkpoints land in the bucket (the
+    pre-trained shapes' writes are the test above's); an interrupted experiment there needs --resume
+    (exit 2 without), which reuses it."""
     from jobs import sweep as sweep_job
     key = f"runs/{uuid.uuid4().hex[:8]}"
     uri = f"s3://{s3.bucket}/{key}"
-    sets = tiny_overrides + [f"ray.address={ray_address}", "descendants.grid.method=[mmlg,pt_ft]",
+    sets = tiny_overrides + [f"ray.address={ray_address}", "descendants.grid.method=[mmlg]",
                              "descendants.seeds=[0]", "ray.tune.num_samples=1", "ray.num_workers=1"]
     argv = ["--output", uri] + sum((["--set", s] for s in sets), [])
     assert sweep_job.main(argv) == 0
     keys = s3.keys(key + "/")
     files = {k[len(key) + 1:] for k in keys}
-    for name in ("config.yaml", "ancestor.json", "trials.parquet", "history.parquet", "stages.parquet",
-                 "report/report.html", "report/report.md", "report/cost.parquet"):
+    for name in ("config.yaml", "ancestor.json", "experiment.json", "trials.parquet", "history.parquet",
+                 "stages.parquet", "report/report.html", "report/report.md", "report/cost.parquet"):
         assert name in files, sorted(files)
     assert [f for f in files if f.startswith("learngenes/mmlg-") and f.endswith(".safetensors")]
-    assert len([f for f in files if f.startswith("pretrained/pt_ft-")]) == 2  # weights + cost
-    # Ray Train's ZeRO checkpoints and Ray Tune's experiment state went to the bucket's ray/ folder
+    # Ray Train's ZeRO checkpoints, Ray Tune's experiment state and the trial's own checkpoint (uploaded
+    # by the trial's worker process) went to the bucket's ray/ folder
     assert [f for f in files if f.startswith("ray/extract-mmlg-") and "/checkpoint_" in f]
     assert [f for f in files if f.startswith("ray/search-") and "experiment_state" in f]
+    assert [f for f in files if f.startswith("ray/search-") and "/checkpoint_" in f]
     trials = _parquet(s3, f"{key}/trials.parquet")
-    assert len(trials) == 2 and set(trials.method) == {"mmlg", "pt_ft"}
+    assert len(trials) == 1 and set(trials.method) == {"mmlg"} and (trials.status == "finished").all()
     stages = _parquet(s3, f"{key}/stages.parquet")
     assert stages[stages.stage == "extraction"].artifact.str.startswith(f"{uri}/learngenes/").all()
     html = s3.client.get_object(Bucket=s3.bucket, Key=f"{key}/report/report.html")["Body"].read().decode()

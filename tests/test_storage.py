@@ -50,9 +50,12 @@ def test_write_list_read_and_upload_a_folder(where, tmp_path, prefix, s3):
     assert storage.list_files(storage.join(base, "report")) == ["img/p.png", "report.html"]
     assert storage.list_files(base, "*.json") == ["a/x.json"]
     assert storage.list_files(base, "*.json", recursive=False) == []
+    storage.remove(storage.join(base, "a"))  # a folder: every object under the prefix (--fresh's Tune state)
+    storage.remove(storage.join(base, "nothing-there"))
+    assert not storage.exists(storage.join(base, "a")) and storage.exists(storage.join(base, "report"))
     if where == "s3":  # what the S3 API itself lists (pyarrow may leave empty "folder/" marker objects)
         assert sorted(k for k in s3.keys(prefix[1] + "/") if not k.endswith("/")) == [f"{prefix[1]}/{k}" for k in
-                                                     ("a/x.json", "report/img/p.png", "report/report.html")]
+                                                     ("report/img/p.png", "report/report.html")]
 
 
 def test_output_dir_stages_uploads_and_fetches_from_the_bucket(tmp_path, prefix, s3):
