@@ -10,16 +10,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmlg_ray.errors import UserError, exits_cleanly  # noqa: E402
+from mmlg_ray.cli import ArgumentParser  # noqa: E402
+from mmlg_ray.errors import exits_cleanly  # noqa: E402
 
 
 @exits_cleanly
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("output", help="output folder of a finished sweep (holds trials.parquet)")
     a = p.parse_args(argv)
-    if not Path(a.output).is_dir():
-        raise UserError("OUTPUT", f"{a.output!r} is not a folder", "pass the --output folder of a sweep")
+    from mmlg_ray import preflight
+    preflight.report(a.output)
     from mmlg_ray.report import build_report
     path = build_report(Path(a.output))
     print(f"wrote {path}/report.html, report.md, cost.parquet")
