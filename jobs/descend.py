@@ -12,12 +12,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mmlg_ray.cli import ArgumentParser  # noqa: E402
 from mmlg_ray.errors import UserError, exits_cleanly  # noqa: E402
 
 
 @exits_cleanly
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--learngene", required=True, help="learngene .safetensors written by jobs/extract.py (path or URI)")
     p.add_argument("--modality", required=True, choices=["image", "text", "image_text"])
     p.add_argument("--depth", type=int, default=None, help="depth of both towers (or use the per-tower flags)")
@@ -28,14 +29,16 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder or URI (open_clip local-dir layout)")
     a = p.parse_args(argv)
+    for name in ("depth", "image_depth", "text_depth", "width"):
+        v = getattr(a, name)
+        if v is not None and v < 1:
+            raise UserError(f"--{name.replace('_', '-')}", f"must be >= 1, got {v}", "give a positive whole number")
+    from mmlg_ray import preflight
+    preflight.descend(a.learngene, a.out)  # before anything is computed or written
     from mmlg_ray.descend import descendant_spec, export_descendant, init_descendant
     from mmlg_ray.learngene import load_learngene
     lg = load_learngene(a.learngene)
     anc = lg.meta.model_spec
-    for name in ("depth", "image_depth", "text_depth", "width"):
-        v = getattr(a, name)
-        if v is not None and v < 1:
-            raise UserError(f"--{name.replace('_', '-')}", f"must be >= 1, got {v}")
     depth = a.depth or max(anc.image_depth, anc.text_depth)
     width = a.width or anc.image_width
     if width % anc.head_width:

@@ -16,19 +16,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmlg_ray.cli import add_config_args, config_from_args  # noqa: E402
+from mmlg_ray.cli import ArgumentParser, add_config_args, config_from_args  # noqa: E402
 from mmlg_ray.errors import exits_cleanly  # noqa: E402
 
 
 @exits_cleanly
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
     p.add_argument("--out", required=True, help="learngene file to write (.safetensors; a path or a URI)")
     p.add_argument("--method", choices=["mmlg", "tleg"], default=None, help="default: learngene.method")
     p.add_argument("--backend", choices=["local", "ray"], default="ray")
     a = p.parse_args(argv)
     cfg = config_from_args(a)
+    from mmlg_ray import preflight
+    preflight.extract(cfg, a.out, backend=a.backend)  # before Ray starts or anything is written
     from mmlg_ray.ancestor import get_ancestor
     from mmlg_ray.pipeline import extract, setup_runtime
     setup_runtime(cfg)

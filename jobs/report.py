@@ -10,17 +10,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmlg_ray.errors import UserError, exits_cleanly  # noqa: E402
+from mmlg_ray.cli import ArgumentParser  # noqa: E402
+from mmlg_ray.errors import exits_cleanly  # noqa: E402
 
 
 @exits_cleanly
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("output", help="output folder or URI (s3://...) of a finished sweep (holds trials.parquet)")
     a = p.parse_args(argv)
-    from mmlg_ray import storage
-    if not storage.is_uri(a.output) and not Path(a.output).is_dir():
-        raise UserError("OUTPUT", f"{a.output!r} is not a folder", "pass the --output folder of a sweep")
+    from mmlg_ray import preflight, storage
+    if not storage.is_uri(a.output):
+        preflight.report(a.output)
     from mmlg_ray.report import build_output_report
     html = build_output_report(a.output)
     print(f"wrote {html}, report.md, cost.parquet")

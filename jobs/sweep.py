@@ -15,13 +15,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmlg_ray.cli import add_config_args, config_from_args  # noqa: E402
+from mmlg_ray.cli import ArgumentParser, add_config_args, config_from_args  # noqa: E402
 from mmlg_ray.errors import exits_cleanly  # noqa: E402
 
 
 @exits_cleanly
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
     p.add_argument("--output", default=None, help="output folder or URI (default: output_dir from the config)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep from the output folder")
@@ -32,10 +32,14 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     cfg = config_from_args(a)
     out = a.output or cfg.output_dir
+    from mmlg_ray import preflight
     if a.dry_run:
         from mmlg_ray.plan import format_plan, make_plan
+        preflight.prices(cfg)
         print(format_plan(make_plan(cfg)))
         return 0
+    # every bad path, file or data set is reported now, before Ray starts or a folder is made
+    preflight.sweep(cfg, out, output_field="--output" if a.output else "output_dir", backend=a.backend)
     if a.backend == "local":
         from mmlg_ray.pipeline import run_local
         path = run_local(cfg, out)

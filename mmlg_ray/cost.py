@@ -6,6 +6,8 @@ forward; attention's sequence-length terms (QK^T and AV) are included.
 """
 from __future__ import annotations
 
+import os
+
 from .config import ModelSpec
 from .models import towers_of
 
@@ -67,10 +69,24 @@ def price_table(report_cfg=None) -> dict:
     """Device -> {on_demand, spot, peak_tflops{dtype}, utilization}; shipped table + overrides."""
     import importlib.resources
     import yaml
+    from .errors import UserError
     path = getattr(report_cfg, "prices_file", None)
-    text = open(path).read() if path else importlib.resources.files("mmlg_ray").joinpath("prices.yaml").read_text()
-    table = yaml.safe_load(text)["devices"]
+    fix = "give a YAML file shaped like mmlg_ray/prices.yaml (devices: {name: {on_demand, spot, peak_tflops, ...}})"
+    try:
+        text = open(os.path.expanduser(path)).read() if path else \
+            importlib.resources.files("mmlg_ray").joinpath("prices.yaml").read_text()
+        table = (yaml.safe_load(text) or {})["devices"]
+        if not isinstance(table, dict):
+            raise TypeError
+    except OSError as e:
+        raise UserError("report.prices_file", f"cannot read {path}: {e.strerror or e}", fix) from None
+    except yaml.YAMLError as e:
+        raise UserError("report.prices_file", f"{path} is not valid YAML: {str(e).splitlines()[0]}", fix) from None
+    except (KeyError, TypeError):
+        raise UserError("report.prices_file", f"{path} has no `devices` mapping", fix) from None
     for dev, over in (getattr(report_cfg, "prices", None) or {}).items():
+        if not isinstance(over, dict):
+            raise UserError(f"report.prices.{dev}", "is not a mapping", "e.g. {on_demand: 1.0, spot: 0.3}")
         table[dev] = {**table.get(dev, {}), **over}
     return table
 

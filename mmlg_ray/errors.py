@@ -1,8 +1,12 @@
 """User-facing errors: one line naming the bad field and how to fix it; entry points exit 2."""
 from __future__ import annotations
 
+import errno
 import functools
 import sys
+
+# OS errors that are the user's to fix (a folder they cannot write, a full disk), wherever they surface
+_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 class UserError(Exception):
@@ -13,7 +17,16 @@ class UserError(Exception):
         text = f"{field}: {message}"
         if fix:
             text += f" (fix: {fix})"
-        super().__init__(text)
+        super().__init__(" ".join(text.split()))  # one line, whatever a message quoted
+
+
+def from_os_error(e: OSError) -> UserError:
+    """A permission / read-only / disk-full error the checks up front could not foresee (a folder
+    made read-only mid-run, a quota), as one line naming the path."""
+    where = e.filename or "a file"
+    return UserError(str(where), e.strerror or str(e),
+                     "free disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                     else "make it writable by this user, or choose another folder")
 
 
 class JobFailed(Exception):
@@ -22,8 +35,8 @@ class JobFailed(Exception):
 
 
 def exits_cleanly(main):
-    """Decorate a `main(argv) -> int`: a UserError becomes one line on stderr and exit code 2, a
-    JobFailed one line and exit code 1."""
+    """Decorate a `main(argv) -> int`: a UserError (or a permission / disk-full OSError) becomes one
+    line on stderr and exit code 2, a JobFailed one line and exit code 1."""
 
     @functools.wraps(main)
     def wrapper(argv=None):
@@ -35,5 +48,10 @@ def exits_cleanly(main):
         except JobFailed as e:
             print(f"failed: {e}", file=sys.stderr)
             return 1
+        except OSError as e:
+            if e.errno not in _USER_ERRNOS:
+                raise
+            print(f"error: {from_os_error(e)}", file=sys.stderr)
+            return 2
 
     return wrapper

@@ -65,7 +65,7 @@ def make_cell_searcher(cfg: Config, cell_tags: list[str], seed0: int, scheduler=
             self.subs = {}
             for i, c in enumerate(self.cells):
                 space = {"lr": tune.loguniform(*space_cfg.lr), "weight_decay": tune.uniform(*space_cfg.weight_decay)}
-                sub = OptunaSearch(space=space, metric=METRIC, mode=MODE, seed=cfg.seed * 1000 + i)
+                sub = OptunaSearch(space=space, metric=METRIC, mode=MODE, seed=(cfg.seed * 1000 + i) % 2 ** 32)
                 self.subs[c] = sub
             self.cursor = 0
 
