@@ -163,11 +163,12 @@ def ancestor(cfg: Config) -> None:
         check_open_clip_source(a)
 
 
-def cache(cfg: Config) -> None:
-    """cache_dir is written when the local ancestor is pre-trained or Tux Paint stamps are decoded."""
+def cache(cfg: Config, staging: bool = False) -> None:
+    """cache_dir is written when the local ancestor is pre-trained, Tux Paint stamps are decoded, or
+    (`staging`) an object-store output folder is staged there."""
     sets = [d for d in (cfg.data.corpus, cfg.data.image_classification, cfg.data.retrieval,
                         cfg.data.text_classification, cfg.data.zeroshot) if d is not None]
-    if cfg.ancestor.source == "local" or any(d.kind == "tuxpaint" for d in sets):
+    if staging or cfg.ancestor.source == "local" or any(d.kind == "tuxpaint" for d in sets):
         writable_folder(cfg.cache_dir, "cache_dir", "give a folder that can be written, e.g. ~/.cache/mmlg_ray")
 
 
@@ -240,7 +241,7 @@ def sweep(cfg: Config, output, *, output_field: str = "--output", backend: str =
                     "created and written")
     if backend == "ray" and cfg.ray.storage_path:
         writable_folder(cfg.ray.storage_path, "ray.storage_path", "give a writable folder or a bucket URI")
-    cache(cfg)
+    cache(cfg, staging=is_uri(output))  # a bucket's output folder is staged under cache_dir
     prices(cfg)
     if backend == "ray" and {"mmlg", "tleg"} & set(cfg.descendants.grid.method):
         precision(cfg)

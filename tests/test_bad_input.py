@@ -91,6 +91,10 @@ CASES = [
     ("storage-path-under-a-file", "sweep", lambda t: [S, f"ray.storage_path={text(t / 'f')}/ray"],
      "ray.storage_path"),
     ("cache-dir-under-a-file", "sweep", lambda t: [S, f"cache_dir={text(t / 'f')}/cache"], "cache_dir"),
+    ("bucket-output-staged-under-a-file", "sweep", lambda t: ["--output", "s3://bucket/run", S, "ancestor.source="
+     "checkpoint", S, f"ancestor.checkpoint={weights_of_another_arch(t / 'a.safetensors')}", S,
+     "data.retrieval.kind=fashion_mnist", S, "data.text_classification.kind=fashion_mnist",
+     S, f"cache_dir={text(t / 'f')}/cache"], "cache_dir"),
     ("checkpoint-text-as-safetensors", "sweep", lambda t: [S, "ancestor.source=checkpoint",
      S, f"ancestor.checkpoint={text(t / 'anc.safetensors')}"], "ancestor.checkpoint"),
     ("checkpoint-random-bytes-safetensors", "sweep", lambda t: [S, "ancestor.source=checkpoint",
