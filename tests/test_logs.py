@@ -164,15 +164,14 @@ def test_progress_prints_a_few_lines_per_loop_when_limited():
     assert len(printed) == 10
 
 
-def test_logging_settings_change_no_fingerprint():
+def test_logging_settings_are_operational_not_the_experiments_identity():
     from mmlg_ray.config import load_config
     base = load_config(None)
     other = load_config(None, ["ray.tune.tensorboard=false", "ray.tune.status_every_s=5",
                                "ray.tune.mlflow.enabled=true", "ray.tune.mlflow.tracking_uri=http://mlflow:5000"])
     assert other.ray.tune.mlflow.enabled and not other.ray.tune.tensorboard
-    assert other.fingerprint() == base.fingerprint()
-    assert other.fingerprint("ray") == base.fingerprint("ray")
-    assert load_config(None, ["ray.tune.num_samples=3"]).fingerprint() != base.fingerprint()
+    assert other.experiment_fingerprint() == base.experiment_fingerprint()  # --resume continues it
+    assert load_config(None, ["ray.tune.num_samples=3"]).experiment_fingerprint() != base.experiment_fingerprint()
 
 
 def test_mlflow_asked_for_without_its_module_stops_before_any_work(tiny_overrides, tmp_path, monkeypatch, capsys):
