@@ -391,6 +391,16 @@ def custom_resources(v: dict[str, float]) -> dict[str, float]:
     return v
 
 
+class MLflowSettings(_Strict):
+    """Ray Tune's MLflowLoggerCallback on the sweep (needs the `mlflow` module: mlflow-skinny)."""
+
+    enabled: bool = Field(False, description="log every trial's config and metrics to MLflow")
+    tracking_uri: Optional[str] = Field(
+        None, description="an MLflow server (http://...), sqlite:///FILE or file:///DIR; none: MLFLOW_TRACKING_URI "
+        "if set, else sqlite:///OUTPUT/mlflow.db")
+    experiment: str = Field("mmlg_ray", min_length=1, description="MLflow experiment name (created when missing)")
+
+
 class TuneSettings(_Strict):
     num_samples: int = Field(2, ge=1, description="Optuna trials per grid cell (search phase, first seed)")
     max_concurrent: int = Field(2, ge=1)
@@ -403,6 +413,10 @@ class TuneSettings(_Strict):
     trial_resources: dict[str, float] = Field(
         default_factory=dict, description='extra custom resources per trial, its TorchTrainer workers and the '
         'pre-training tasks, e.g. {"spot": 0.01} (cluster.yaml\'s spot nodes); none: anywhere')
+    # what the sweep prints and logs besides its tables (operational: not in RESULT_SECTIONS)
+    status_every_s: float = Field(60.0, ge=1, description="seconds between Tune's status tables")
+    tensorboard: bool = Field(True, description="TensorBoard event files of every trial under OUTPUT/tensorboard")
+    mlflow: MLflowSettings = MLflowSettings()
 
     @field_validator("trial_resources")
     @classmethod

@@ -27,7 +27,7 @@ from .config import Config, FinetuneConfig, ModelSpec
 from .data import Pairs, StreamingPairs, load_dataset
 from .evaluate import PROBE_MAX, accuracy, embed, linear_probe, retrieval_metrics, zeroshot_top1
 from .models import image_features, text_features
-from .train import TorchEngine, clip_loss, run_loop
+from .train import Progress, TorchEngine, clip_loss, run_loop
 
 TASK_NAMES = {"image": "image_classification", "text": "text_classification", "image_text": "retrieval"}
 SCORE_KEY = {"image": "top1", "text": "accuracy", "image_text": "mean_recall"}
@@ -176,11 +176,12 @@ def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConf
             snap["linear_probe_init"] = summary["linear_probe_init"]
         return snap
 
+    progress = Progress(f"finetune/{modality}", fcfg.steps, start)  # a line per evaluation, or fewer
     try:
         while step < fcfg.steps:
             chunk = min(fcfg.eval_every, fcfg.steps - step)
             res = run_loop(engine, batches, loss_fn, step + chunk, start_step=step, log_every=max(chunk, 1),
-                           name=f"finetune/{modality}", device=device)
+                           name=f"finetune/{modality}", device=device, progress=progress)
             samples += res.samples * world
             step = res.steps
             metrics = evaluate(model, modality, data, spec, device, precision)

@@ -114,14 +114,35 @@ class LoopResult:
 
 
 class Progress:
-    """One log line every `every` steps: loss, throughput and time left."""
+    """A progress log line (loss, throughput, time left) each time the loop logs, or, with
+    `max_lines` set, only when the loop has gone another 1/max_lines of its steps (and at the end):
+    the Ray workers set it (distributed.logs.quiet_worker), so a trial or a worker prints a few
+    lines per loop whatever its log_every; 0 prints nothing."""
 
-    def __init__(self, name: str, total: int, start: int = 0, printer: Callable[[str], None] | None = None):
+    max_lines: int | None = None  # process-wide default
+
+    def __init__(self, name: str, total: int, start: int = 0, printer: Callable[[str], None] | None = None,
+                 max_lines: int | None = None):
         self.name, self.total, self.start = name, total, start
         self.t0 = time.perf_counter()
         self.printer = printer or log.info
+        self.lines = max_lines if max_lines is not None else Progress.max_lines
+        self.marks = 0  # 1/max_lines marks passed when it last printed
+
+    def due(self, step: int) -> bool:
+        if self.lines is None:
+            return True
+        if self.lines <= 0:
+            return False
+        mark = (step - self.start) * self.lines // max(1, self.total - self.start)
+        if step >= self.total or mark > self.marks:
+            self.marks = mark
+            return True
+        return False
 
     def __call__(self, step: int, metrics: dict):
+        if not self.due(step):
+            return
         done = step - self.start
         el = time.perf_counter() - self.t0
         rate = done / el if el > 0 else 0.0
@@ -133,14 +154,14 @@ class Progress:
 def run_loop(engine, batches: Iterator, loss_fn: Callable, steps: int, *, start_step: int = 0,
              log_every: int = 25, on_log: Callable[[int, dict], None] | None = None,
              name: str = "train", device=None,
-             autocast: Callable[[], ContextManager] | None = None) -> LoopResult:
+             autocast: Callable[[], ContextManager] | None = None, progress: Progress | None = None) -> LoopResult:
     """Generic step loop: loss_fn(batch) -> (loss, metrics dict), computed under `autocast()`
     (default: a TorchEngine's own mixed-precision context; none for other engines, e.g. DeepSpeed's,
-    which casts the model itself)."""
+    which casts the model itself). `progress`: the log lines of a longer run this loop is one chunk of."""
     if autocast is None:
         autocast = engine.autocast if isinstance(engine, TorchEngine) else contextlib.nullcontext
     res = LoopResult(steps=start_step)
-    progress = Progress(name, steps, start_step)
+    progress = progress or Progress(name, steps, start_step)
     t0 = time.perf_counter()
     acc: dict = {}
     n_acc = 0

@@ -15,6 +15,9 @@ source "${MMLG_VENV:-$ROOT/.venv}/bin/activate"
 export RAY_USAGE_STATS_ENABLED=0
 PORT=${MMLG_RAY_PORT:-6390}
 DASH=${MMLG_DASHBOARD_PORT:-8266}
+# the dashboard agent's HTTP port (Ray's default 52365 is taken by any other Ray instance here, a test
+# session's included, and then `ray job submit` fails with "No available agent to submit job")
+AGENT=${MMLG_AGENT_PORT:-$((DASH + 1))}
 OUT=${MMLG_OUTPUT:-$ROOT/runs/local}
 RAY_TMP=$(mktemp -d /tmp/mmlg_ray.XXXXXX)   # short: Ray's socket paths live under it
 head_pid=
@@ -36,7 +39,8 @@ trap 'exit 130' INT TERM
 
 start_head() {  # returns once the head is up (as `ray start` without --block would), 1 if it died
   RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 PYTHONUNBUFFERED=1 ray start --head --block --temp-dir="$RAY_TMP" \
-    --port="$PORT" --dashboard-host=127.0.0.1 --dashboard-port="$DASH" --disable-usage-stats \
+    --port="$PORT" --dashboard-host=127.0.0.1 --dashboard-port="$DASH" \
+    --dashboard-agent-listen-port="$AGENT" --disable-usage-stats \
     >"$RAY_TMP/head.log" 2>&1 &
   head_pid=$!
   for _ in $(seq 240); do

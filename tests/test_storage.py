@@ -1,6 +1,5 @@
 """mmlg_ray.storage against a real S3 server (moto's server mode on loopback, the session's `s3`
 fixture) and the local disk: the same calls for both; objects listed through boto3."""
-import os
 import time
 import uuid
 

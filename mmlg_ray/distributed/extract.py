@@ -100,14 +100,16 @@ def _train_worker(config: dict):
     from ..config import config_from_dict
     from ..pipeline import build_aux, setup_runtime
     from ..precision import dtype_of
-    from ..train import extraction_step, run_loop
+    from ..train import Progress, extraction_step, run_loop
     from .data import corpus_batches
+    from .logs import captured_output, quiet_worker
 
     cfg = config_from_dict(config["cfg"])
     rs = cfg.ray
     setup_runtime(cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    quiet_worker(rank)
     torch.manual_seed(cfg.seed)
     ancestor = config["ancestor"]
     if not hasattr(ancestor, "state"):  # an ObjectRef
@@ -116,7 +118,9 @@ def _train_worker(config: dict):
         else torch.device("cpu")
     ecfg = cfg.learngene.extraction
     aux = build_aux(cfg, ancestor, config["method"], fit=True)  # same seed + fit on every rank: identical start
-    engine, ds_cfg = make_engine(cfg, aux, world)
+    import deepspeed  # noqa: F401  (imported before the capture: its logger's handler binds sys.stdout then)
+    with captured_output("deepspeed.initialize", stderr=False):  # "DeepSpeed ...shm_comm_op built successfully"
+        engine, ds_cfg = make_engine(cfg, aux, world)
     dtype = dtype_of(cfg.precision)
     # the frozen teacher runs in the student's precision (DeepSpeed casts the student to `dtype`)
     teacher = ancestor.model(device).to(dtype)
@@ -165,11 +169,12 @@ def _train_worker(config: dict):
     # Every rank reports at exactly the same steps (multiples of `every`, and the last step).
     chunk_start = start
     last: dict = {}
+    lines = Progress(f"extract/rank{rank}", ecfg.steps, start)  # across the checkpoint chunks
     while chunk_start < ecfg.steps:
         chunk_end = min(ecfg.steps, (chunk_start // every + 1) * every)
         res = run_loop(engine, batches, step_fn, chunk_end, start_step=chunk_start,
                        log_every=min(ecfg.log_every, chunk_end - chunk_start), name=f"extract/rank{rank}",
-                       device=device)
+                       device=device, progress=lines)
         samples[0] += res.samples * world
         last = res.last
         chunk_start = chunk_end
@@ -198,6 +203,7 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
 
     from ..pipeline import aux_spec, build_aux, extraction_cost, finish_extraction
     from .data import skipped_count, trainer_datasets
+    from .logs import train_logging
     from .settings import ensure_ray, worker_resources
 
     rs = cfg.ray
@@ -219,7 +225,7 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
         run_config=RunConfig(
             storage_path=storage, name=name,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=rs.max_failures)),
+            failure_config=FailureConfig(max_failures=rs.max_failures), logging_config=train_logging()),
         datasets=datasets, **data_kw,
     )
     t0 = time.perf_counter()
@@ -230,8 +236,11 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
         raise result.error
     metrics = result.metrics or {}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from .logs import captured_output
     with result.checkpoint.as_directory() as d:
-        state = get_fp32_state_dict_from_zero_checkpoint(d, tag=TAG)
+        with captured_output("DeepSpeed's zero_to_fp32"):  # its progress prints, shown only if it fails
+            state = get_fp32_state_dict_from_zero_checkpoint(d, tag=TAG)
         progress = json.loads((Path(d) / "progress.json").read_text())
     aux = build_aux(cfg, ancestor, method, fit=False)
     missing, unexpected = aux.load_state_dict(state, strict=False)

@@ -21,9 +21,11 @@ def ensure_ray(cfg: Config) -> None:
     """Connect to the cluster this job runs in (ray job submit / RAY_ADDRESS / ray.address), or
     start a local Ray instance when there is none."""
     import ray
+
+    from .logs import RAY_ENV, driver_env
+    driver_env()  # before Ray starts: this process's settings, and the ones a local instance inherits
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:  # a submitted job (its runtime env is the job's) or an explicit cluster
         ray.init(address=address, log_to_driver=True)
@@ -32,8 +34,7 @@ def ensure_ray(cfg: Config) -> None:
         ray.init(address="auto", log_to_driver=True)
         log.info("ray: connected to the running cluster")
     except ConnectionError:
-        ray.init(runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}},
-                 include_dashboard=False, log_to_driver=True)
+        ray.init(runtime_env={"env_vars": dict(RAY_ENV)}, include_dashboard=False, log_to_driver=True)
         log.info("ray: started a local Ray instance")
 
 

@@ -29,6 +29,7 @@ from ..errors import JobFailed, UserError
 from ..pipeline import Cell, cells, learngene_name, needs_pretraining, shape_key
 from ..storage import OutputDir
 from .. import storage as stor
+from .logs import Stage, check_logging, quiet_worker, status_reporter, train_logging, tune_callbacks
 from .settings import ensure_ray, pretrain_task_options, storage_uri, trial_resources, trial_worker_resources
 
 log = logging.getLogger("mmlg_ray")
@@ -65,7 +66,9 @@ def make_cell_searcher(cfg: Config, cell_tags: list[str], seed0: int, scheduler=
             self.subs = {}
             for i, c in enumerate(self.cells):
                 space = {"lr": tune.loguniform(*space_cfg.lr), "weight_decay": tune.uniform(*space_cfg.weight_decay)}
-                sub = OptunaSearch(space=space, metric=METRIC, mode=MODE, seed=(cfg.seed * 1000 + i) % 2 ** 32)
+                # converted here, as OptunaSearch would (which warns, once per cell, when it has to)
+                sub = OptunaSearch(space=OptunaSearch.convert_search_space(space), metric=METRIC, mode=MODE,
+                                   seed=(cfg.seed * 1000 + i) % 2 ** 32)
                 self.subs[c] = sub
             self.cursor = 0
 
@@ -246,6 +249,7 @@ def _run_cell_trial(config: dict, ctx: dict, report, rank: int = 0, world: int =
 
     cfg = config_from_dict(ctx["cfg"])
     setup_runtime(cfg)
+    quiet_worker(rank)
     torch.set_num_threads(max(1, int(cfg.ray.tune.trial_cpus)))
     m, mod, d, w = config["cell"].split("|")
     cell = Cell(mod, int(d), int(w), m)
@@ -327,7 +331,8 @@ def trial_fn(config: dict, ctx=None):
         run_config=RunConfig(name=f"ft-{tune.get_context().get_trial_id()}",
                              storage_path=ctx.get("storage"), callbacks=[TuneReportCallback()],
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=ctx["cfg"]["ray"]["max_failures"])))
+                             failure_config=FailureConfig(max_failures=ctx["cfg"]["ray"]["max_failures"]),
+                             logging_config=train_logging()))
     trainer.fit()
 
 
@@ -343,6 +348,7 @@ def _pretrain_task(cfg_json, ancestor, method, spec_json, fail=False):
         raise RuntimeError(f"injected failure of pre-training {method} (MMLG_FAIL_PRETRAIN)")
     cfg = config_from_dict(cfg_json)
     setup_runtime(cfg)
+    quiet_worker()
     return pretrain_descendant(cfg, ancestor, method, ModelSpec(**spec_json))
 
 
@@ -465,12 +471,15 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False, fresh: bool = False) -
         log.warning("sweep: --resume: no earlier run of this experiment (%s) under %s; starting it", fp, storage)
     if {"mmlg", "tleg"} & set(cfg.descendants.grid.method):
         check_precision(cfg)  # before any work, not after the ancestor
+    check_logging(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray(cfg)
     t_job = time.perf_counter()
 
     # ancestor
+    st = Stage("ancestor", cfg.ancestor.source)
     anc = get_ancestor(cfg)
+    st.done(f"fingerprint {anc.fingerprint[:12]}")
     stages = [{"stage": "ancestor", "name": anc.source, **_cost_cols(anc.cost)}]
     write_run_files(out, cfg, anc)
     od.push("config.yaml")
@@ -480,6 +489,7 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False, fresh: bool = False) -
     for method in [m for m in ("mmlg", "tleg") if m in cfg.descendants.grid.method]:
         name = learngene_name(cfg, method)
         path = od.fetch(name)
+        st = Stage(f"extraction {method}")
         if path is not None:
             log.info("extraction %s: reusing %s", method, od.uri(name))
         else:
@@ -487,10 +497,13 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False, fresh: bool = False) -
             extract_on_ray(cfg, anc, path, method=method, storage=storage)
             od.push(name)
         learngenes[method] = load_learngene(path)
+        st.done(od.uri(name))
         stages.append({"stage": "extraction", "name": method, "artifact": od.uri(name),
                        **_cost_cols(learngenes[method].meta.cost)})
     # descendant pre-training (pt_ft, csm)
+    st = Stage("pretrain", "pt_ft / csm descendant shapes")
     pretrained = _stage_pretrain(cfg, anc, od, stages)
+    st.done(f"{len(pretrained)} shapes")
 
     ctx = {"cfg": cfg.model_dump(mode="json"), **share_artifacts(anc, learngenes, pretrained), "storage": storage,
            "kill_trial_at_step": os.environ.get("MMLG_KILL_TRIAL_AT_STEP")}
@@ -515,8 +528,8 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False, fresh: bool = False) -
         # a trial lost with its worker (preempted node, killed process) is retried up to
         # ray.max_failures times from its latest checkpoint (one kept per trial: each evaluation's)
         return Tuner(trainable, run_config=RunConfig(
-            storage_path=storage, name=f"{name}-{fp}", verbose=1,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            storage_path=storage, name=f"{name}-{fp}", verbose=1, progress_reporter=status_reporter(cfg, name),
+            callbacks=tune_callbacks(cfg, out, name), checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures)), **tuner_kw)
 
     # search phase: Optuna per cell + ASHA per cell, first seed
@@ -524,8 +537,10 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False, fresh: bool = False) -
     tuner = phase("search", tune_config=TuneConfig(
         search_alg=make_cell_searcher(cfg, tags, cfg.descendants.seeds[0], scheduler), scheduler=scheduler,
         num_samples=len(tags) * tcfg.num_samples, max_concurrent_trials=tcfg.max_concurrent, reuse_actors=True))
+    st = Stage("search", f"{len(tags)} cells x {tcfg.num_samples} Optuna samples, seed {cfg.descendants.seeds[0]}")
     search = tuner.fit()
     rows = _rows(search)
+    st.done(f"{len(rows)} trials")
 
     # seeds phase: each cell's best hyper-parameters with the remaining seeds (errored trials never count)
     best = {}
@@ -540,18 +555,25 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False, fresh: bool = False) -
     if extra:
         tuner2 = phase("seeds", param_space={"job": tune.grid_search(extra)},
                        tune_config=TuneConfig(max_concurrent_trials=tcfg.max_concurrent, reuse_actors=True))
-        rows += _rows(tuner2.fit())
+        st = Stage("seeds", f"{len(extra)} trials: each cell's best hyper-parameters, seeds {cfg.descendants.seeds[1:]}")
+        seeded = _rows(tuner2.fit())
+        rows += seeded
+        st.done(f"{len(seeded)} trials")
     failed = _failure_summary(rows, tags)
     for r in rows:
         r.pop("score_for_selection", None)
         r.pop("cell", None)
+    st = Stage("tables")
     write_tables(out, rows, stages)
     write_json(out / "experiment.json", {"fingerprint": fp, "sections": list(cfg.RESULT_SECTIONS)})
     # trials.parquet last: with experiment.json it marks a finished run
     for name in ("stages.parquet", "history.parquet", "experiment.json", "trials.parquet"):
         od.push(name)
+    st.done(str(od))
     if any(r["status"] != "error" for r in rows):
+        st = Stage("report")
         build_output_report(od)
+        st.done(od.uri("report/report.html"))
         log.info("sweep: %d trials in %.0f s; tables in %s; report %s", len(rows), time.perf_counter() - t_job, od,
                  od.uri("report/report.html"))
     else:
