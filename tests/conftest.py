@@ -57,9 +57,11 @@ def tiny_learngene_path(tiny_cfg, tiny_ancestor, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_address():
-    """One local Ray instance for the whole test session (2 CPUs, as on a laptop / CI box)."""
+    """One local Ray instance for the whole test session (2 CPUs, as on a laptop / CI box), with its
+    dashboard on 127.0.0.1 as every Ray the job meets has it (Ray's State API: Ray Train's
+    placement-group cleaner warns every second without it)."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
