@@ -58,10 +58,21 @@ start_head() {  # returns once the head is up (as `ray start` without --block wo
   return 1
 }
 
+wait_dashboard() {  # `ray job submit` talks to the dashboard, which answers seconds after "Ray runtime started"
+  for _ in $(seq 240); do
+    if python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$DASH/api/version', timeout=2)" \
+        2>/dev/null; then return 0; fi
+    sleep 0.5
+  done
+  echo "the local Ray dashboard did not answer on 127.0.0.1:$DASH within 120 s" >&2
+  return 1
+}
+
 echo "starting a local Ray cluster (head on port $PORT, dashboard on 127.0.0.1:$DASH, files in $RAY_TMP)"
 if ! start_head; then   # a cluster stopped a moment ago can hold its ports briefly: retry once
   sleep 10; start_head
 fi
+wait_dashboard
 t0=$(date +%s)
 ray job submit --address "http://127.0.0.1:$DASH" --working-dir . \
   --runtime-env-json '{"excludes": ["runs/", ".venv/", ".git/", "**/__pycache__/"], "env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}}' \

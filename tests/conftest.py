@@ -97,10 +97,12 @@ def s3():
 
 @pytest.fixture(scope="session")
 def ray_address(s3):
-    """One local Ray instance for the whole test session (2 CPUs, as on a laptop / CI box). Started
-    after the S3 server, so its workers reach it."""
+    """One local Ray instance for the whole test session (2 CPUs, as on a laptop / CI box), with its
+    dashboard on 127.0.0.1 as every Ray the job meets has it (Ray's State API: Ray Train's
+    placement-group cleaner warns every second without it). Started after the S3 server, so its
+    workers reach it."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", **s3.env}})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

@@ -8,8 +8,9 @@ The log a person reads (the driver's stdout and stderr, which `ray job submit` /
     once, in full, at the end of each phase;
   * at most a few progress lines per training loop in a worker (`quiet_worker`), and rank 0's only;
   * warnings and errors, Ray's, DeepSpeed's, torch's and ours, except the known-harmless Python
-    warnings named in `NOISE`. Also kept out, each at its place here: Optuna's INFO line per study,
-    Ray Train's INFO lines per worker and report (`train_logging`, `quiet_worker`), and what
+    warnings named in `NOISE`. Also kept out, each at its place here with its reason: Tune's
+    "snapshotting triggered multiple times" warning (RAY_ENV), Optuna's INFO line per study,
+    Ray's INFO lines per checkpoint and per report (`train_logging`, `quiet_worker`), and what
     DeepSpeed prints building its comm op and consolidating a ZeRO checkpoint (`captured_output`).
 
 Metrics besides the tables (`tune_callbacks`, Ray Tune's own logger callbacks, run on the driver):
@@ -46,6 +47,12 @@ RAY_ENV = {
     # and no result box per trial (the new engine prints a config box when a trial starts and a
     # result box when it ends, and its table interval is fixed at 30 s)
     "RAY_AIR_NEW_OUTPUT": "0",
+    # Tune warns "Experiment state snapshotting has been triggered multiple times in the last 5.0
+    # seconds" (3 lines) whenever trials checkpoint faster than that: ours checkpoint at every
+    # evaluation with num_to_keep=1 by design (preemption), each forcing a snapshot that takes a few
+    # hundredths of a second in a local folder. 0 is Ray's documented off switch; its warning for a
+    # snapshot that is really slow (TUNE_WARN_SLOW_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S) stays.
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
 }
 
 # Known-harmless warnings, silenced by message (a regular expression matched at the start) and
@@ -90,6 +97,9 @@ def quiet_worker(rank: int = 0, lines: int = 4) -> None:
     if rank != 0:  # the other ranks of a data-parallel group say what rank 0 says: their warnings only
         log.setLevel(logging.WARNING)
     silence_known_noise()
+    # "Checkpoint successfully created at: ..." at INFO, per trial and evaluation (Tune's trials
+    # checkpoint at every evaluation); the checkpoints are listed in the trials' result files
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     try:  # Ray Train's "Reporting training result N: TrainingReport(...)", per worker and report, at INFO
         # under a logger named by its source file, which Train's LoggingConfig does not reach
         from ray.train.v2._internal.execution import context

@@ -34,7 +34,11 @@ def ensure_ray(cfg: Config) -> None:
         ray.init(address="auto", log_to_driver=True)
         log.info("ray: connected to the running cluster")
     except ConnectionError:
-        ray.init(runtime_env={"env_vars": dict(RAY_ENV)}, include_dashboard=False, log_to_driver=True)
+        # with its dashboard (on 127.0.0.1 only): Ray's State API lives there, and without it Ray Train's
+        # placement-group cleaner warns "Failed to query Ray Train Controller actor state" every second
+        # of every TorchTrainer run (and cannot clean up after a crashed controller)
+        ray.init(runtime_env={"env_vars": dict(RAY_ENV)}, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True)
         log.info("ray: started a local Ray instance")
 
 
