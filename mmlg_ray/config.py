@@ -368,15 +368,15 @@ class SearchSpace(_Strict):
         if not lo > 0:
             raise ConfigError("lr", f"the low end {lo} is not positive (lr is searched log-uniformly)",
                               "give [low, high] with 0 < low < high, e.g. [0.0001, 0.003]")
-        if not lo < hi:
-            raise ConfigError("lr", f"[{lo}, {hi}] is not a range", "give [low, high] with low < high, "
+        if not lo <= hi:  # low == high: a fixed learning rate
+            raise ConfigError("lr", f"[{lo}, {hi}] is not a range", "give [low, high] with low <= high, "
                               "e.g. [0.0001, 0.003]")
         lo, hi = self.weight_decay
         if not lo >= 0:
             raise ConfigError("weight_decay", f"the low end {lo} is negative", "give [low, high] with 0 <= low < high")
-        if not lo < hi:
+        if not lo <= hi:  # low == high: a fixed weight decay
             raise ConfigError("weight_decay", f"[{lo}, {hi}] is not a range",
-                              "give [low, high] with 0 <= low < high, e.g. [0.0, 0.2]")
+                              "give [low, high] with 0 <= low <= high, e.g. [0.0, 0.2]")
         return self
 
 
@@ -440,6 +440,8 @@ class RayConfig(_Strict):
         "(cluster.yaml's on-demand GPU nodes); none: anywhere")
     max_failures: int = Field(1, ge=0)
     storage_path: Optional[str] = Field(None, description="Ray storage (local folder or URI); default OUTPUT/ray")
+    storage_shared: bool = Field(False, description="a local storage path is a folder every node mounts (NFS); "
+                                 "without it, a local storage path on a multi-node cluster is refused")
     extraction: ExtractionRayConfig = ExtractionRayConfig()
     tune: TuneSettings = TuneSettings()
 
@@ -516,8 +518,10 @@ class Config(_Strict):
     # What changes a sweep's results: its experiment identity. Everything else (ray.address,
     # resources, concurrency, threads, failure retries, storage, report settings, cache and output
     # folders, device and tf32) is operational and may change between a run and its --resume.
-    RESULT_SECTIONS: ClassVar[tuple[str, ...]] = ("seed", "precision", "ancestor", "data", "learngene", "descendants", "ray.tune.num_samples",
-                       "ray.tune.search_space", "ray.tune.grace_period", "ray.tune.reduction_factor")
+    # ray.tune.trial_workers is in it: data-parallel fine-tuning shards each batch over its workers.
+    RESULT_SECTIONS: ClassVar[tuple[str, ...]] = (
+        "seed", "precision", "ancestor", "data", "learngene", "descendants", "ray.tune.num_samples",
+        "ray.tune.search_space", "ray.tune.grace_period", "ray.tune.reduction_factor", "ray.tune.trial_workers")
 
     def experiment_fingerprint(self) -> str:
         """The experiment's identity: a hash of RESULT_SECTIONS (names its Tune experiments)."""

@@ -117,19 +117,26 @@ class Pairs:
                      None if self.labels is None else self.labels[idx], self.classnames, self.templates)
 
     def batches(self, batch_size: int, image_size: int, context_length: int, seed: int = 0,
-                rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+                rank: int = 0, world: int = 1, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Endless shuffled (images, tokens, labels) batches. `batch_size` is the global batch: rank r
-        of `world` gets batch_size / world samples of each step, disjoint from the other ranks'."""
+        of `world` gets batch_size / world samples of each step, disjoint from the other ranks'.
+        `skip` batches are passed over first (cheaply: only their indices are drawn), so a run resumed
+        at step s with skip=s draws exactly the batches an uninterrupted run would have."""
         tokens = tokenize_captions(self.captions, context_length)
         g = torch.Generator().manual_seed(seed)  # same permutation on every rank; each takes its slice
         n = len(self)
         bs = max(1, min(batch_size // world, n // world)) if n >= world else n
         while True:
             perm = torch.randperm(n, generator=g)[rank::world]
-            for i in range(0, len(perm) - bs + 1, bs):
+            starts = range(0, len(perm) - bs + 1, bs)
+            if skip >= len(starts) > 0:  # a whole epoch passed over
+                skip -= len(starts)
+                continue
+            for i in starts[skip:]:
                 idx = perm[i:i + bs]
                 yield (to_input(self.images[idx], image_size), tokens[idx],
                        None if self.labels is None else self.labels[idx])
+            skip = 0
 
     def eval_batches(self, batch_size: int, image_size: int, context_length: int):
         """One ordered pass: (images, tokens, labels-or-None, captions) batches."""

@@ -120,9 +120,9 @@ def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConf
 
     Checkpoints: `on_eval(step, metrics, snapshot)` gets, with every evaluation, a `snapshot()` that
     returns everything needed to continue (weights with the task head, optimizer, schedule, loss
-    scale, history, counters); `resume=` such a snapshot continues from its step. The data order after
-    a resume is reshuffled from a seed derived from that step (the weights, optimizer and schedule
-    continue exactly; the batches an uninterrupted run would have drawn are not replayed).
+    scale, history, counters); `resume=` such a snapshot continues from its step. An in-memory
+    training set then draws the batches an uninterrupted run would have drawn (a preemption does not
+    change a seed's result on CPU); a streamed one is reshuffled from a seed derived from that step.
 
     Data-parallel use: `wrap` (e.g. DistributedDataParallel) wraps the trained module, each of
     `world` ranks takes its own slice of every batch (batch_size / world)."""
@@ -150,8 +150,13 @@ def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConf
         history, best = list(resume["history"]), dict(resume["best"])
         step, samples, prior_s = int(resume["step"]), int(resume["samples"]), float(resume["seconds"])
     start = step
-    batches = data.train.batches(max(1, fcfg.batch_size // world) * world, spec.image_size, spec.context_length,
-                                 seed=seed + 7919 * start, rank=rank, world=world)
+    bs = max(1, fcfg.batch_size // world) * world
+    if isinstance(data.train, Pairs):  # in memory: the very batches an uninterrupted run draws after `start`
+        batches = data.train.batches(bs, spec.image_size, spec.context_length, seed=seed, rank=rank, world=world,
+                                     skip=start)
+    else:  # streamed: reshuffled from a seed of its own (replaying a stream up to `start` would re-read it)
+        batches = data.train.batches(bs, spec.image_size, spec.context_length, seed=seed + 7919 * start, rank=rank,
+                                     world=world)
 
     if modality == "image_text":
         def loss_fn(batch):

@@ -82,3 +82,14 @@ def test_job_exits_2_with_one_line(tmp_path):
 def test_missing_config_file():
     with pytest.raises(UserError, match="--config"):
         load_config("nope.yaml")
+
+
+def test_a_node_local_storage_path_is_refused_on_a_multi_node_cluster():
+    """Ray Train / Tune workers write checkpoints to the storage path themselves: on two nodes a local
+    folder would split them between disks, unless every node mounts it (ray.storage_shared)."""
+    from mmlg_ray.config import load_config
+    from mmlg_ray.distributed.settings import storage_problem
+    assert storage_problem("/data/run/ray", 1, False) is None
+    assert "2 nodes" in storage_problem("/data/run/ray", 2, False)
+    assert storage_problem("s3://bucket/run/ray", 8, False) is None
+    assert storage_problem("/nfs/run/ray", 8, load_config(None, ["ray.storage_shared=true"]).ray.storage_shared) is None

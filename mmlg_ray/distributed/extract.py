@@ -204,7 +204,7 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
     from ..pipeline import aux_spec, build_aux, extraction_cost, finish_extraction
     from .data import skipped_count, trainer_datasets
     from .logs import train_logging
-    from .settings import ensure_ray, worker_resources
+    from .settings import check_storage, ensure_ray, worker_resources
 
     rs = cfg.ray
     check_precision(cfg)
@@ -214,6 +214,7 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
                          "ray.num_workers")
     if storage is None:  # standalone: ray.storage_path, else beside the learngene file (lg.safetensors -> lg.ray/)
         storage = storage_uri(cfg, "") if cfg.ray.storage_path else _beside(out_path, ".ray")
+    check_storage(cfg, storage)  # workers write their ZeRO shards there: shared by every node
     name = name or f"extract-{method}-{fp}"
     resources = worker_resources(rs)  # CPUs, a GPU, ray.worker_resources (e.g. on-demand nodes only)
     datasets, data_kw, skips = trainer_datasets(cfg, ancestor)  # a streamed corpus only

@@ -17,6 +17,28 @@ def storage_uri(cfg: Config, out: str | os.PathLike) -> str:
     return s if "://" in s else str(Path(os.path.expanduser(s)).resolve())
 
 
+def storage_problem(storage: str, nodes: int, shared: bool) -> str | None:
+    """Why `storage` cannot hold this run's checkpoints on a cluster of `nodes` nodes, or None: Ray
+    Train and Tune workers write checkpoints to the storage path themselves, so on more than one node
+    it must be a URI (s3://...) or a folder every node mounts (ray.storage_shared)."""
+    if "://" in storage or shared or nodes <= 1:
+        return None
+    return (f"{storage} is a local folder, but this Ray cluster has {nodes} nodes: a checkpoint written on one "
+            "node is not on another")
+
+
+def check_storage(cfg: Config, storage: str) -> None:
+    """Refuse a node-local storage path on a multi-node cluster (an autoscaling cluster that starts
+    with its head alone passes here: set ray.storage_path to a bucket there, as configs/ does)."""
+    import ray
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    problem = storage_problem(storage, nodes, cfg.ray.storage_shared)
+    if problem:
+        from ..errors import UserError
+        raise UserError("ray.storage_path", problem, "put ray.storage_path (or the output) on s3://..., or on a "
+                        "folder every node mounts and set ray.storage_shared=true")
+
+
 def ensure_ray(cfg: Config) -> None:
     """Connect to the cluster this job runs in (ray job submit / RAY_ADDRESS / ray.address), or
     start a local Ray instance when there is none."""

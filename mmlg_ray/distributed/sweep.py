@@ -30,7 +30,7 @@ from ..pipeline import Cell, cells, learngene_name, needs_pretraining, shape_key
 from ..storage import OutputDir
 from .. import storage as stor
 from .logs import Stage, check_logging, quiet_worker, status_reporter, train_logging, tune_callbacks
-from .settings import ensure_ray, pretrain_task_options, storage_uri, trial_resources, trial_worker_resources
+from .settings import check_storage, ensure_ray, pretrain_task_options, storage_uri, trial_resources, trial_worker_resources
 
 log = logging.getLogger("mmlg_ray")
 METRIC, MODE = "score", "max"
@@ -223,11 +223,10 @@ def _load_checkpoint(ckpt) -> dict | None:
         return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
 
 
-def _checkpoint_of(snapshot: dict, checkpoint_cls):
-    """A Checkpoint (Tune's or Train's class) holding `snapshot`, in a temporary folder that the report
-    call persists to the run's storage path (local or s3://)."""
+def _checkpoint_of(snapshot: dict, checkpoint_cls, d: str):
+    """A Checkpoint (Tune's or Train's class) holding `snapshot` in folder `d`, which the report call
+    persists to the run's storage path (local or s3://)."""
     import torch
-    d = tempfile.mkdtemp(prefix="mmlg-ft-")
     torch.save(snapshot, Path(d) / CKPT_FILE)
     return checkpoint_cls.from_directory(d)
 
@@ -263,12 +262,13 @@ def _run_cell_trial(config: dict, ctx: dict, report, rank: int = 0, world: int =
     def on_eval(step, metrics, snapshot):
         if step >= total:
             return
-        ckpt = _checkpoint_of(snapshot(), checkpoint_cls) if checkpoint_cls is not None and rank == 0 else None
+        tmp = tempfile.mkdtemp(prefix="mmlg-ft-") if checkpoint_cls is not None and rank == 0 else None
         try:
-            report(dict(metrics), checkpoint=ckpt)
+            ckpt = _checkpoint_of(snapshot(), checkpoint_cls, tmp) if tmp else None
+            report(dict(metrics), checkpoint=ckpt)  # persisted to the run's storage path before it returns
         finally:
-            if ckpt is not None:
-                shutil.rmtree(ckpt.path, ignore_errors=True)
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
         if kill_at and resume is None and step >= kill_at:
             import signal
             log.warning("trial %s: killing its own process at step %d (MMLG_KILL_TRIAL_AT_STEP)", config["cell"], step)
@@ -352,7 +352,7 @@ def _pretrain_task(cfg_json, ancestor, method, spec_json, fail=False):
     return pretrain_descendant(cfg, ancestor, method, ModelSpec(**spec_json))
 
 
-class PretrainFailed(RuntimeError):
+class PretrainFailed(JobFailed):
     """Some descendant shapes failed to pre-train; the others were written and a rerun reuses them."""
 
 
@@ -405,8 +405,8 @@ def _stage_pretrain(cfg: Config, anc, out: OutputDir, stages: list):
             results[(method, shape_key(spec))] = (state, c)
     if failed:
         user = [e for _, e in failed if isinstance(e, UserError)]
-        if user:  # bad input (e.g. an unreadable corpus): the usual one line, exit 2
-            raise user[0]
+        if user:  # bad input (e.g. an unreadable corpus): the usual one line (not Ray's traceback), exit 2
+            raise UserError(user[0].field, user[0].message, user[0].fix)
         names = ", ".join(n for n, _ in failed)
         raise PretrainFailed(
             f"pre-training failed for {len(failed)} of {len(todo)} descendant shapes: {names} "
@@ -459,6 +459,9 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False, fresh: bool = False) -
         od.push("config.yaml")
         build_output_report(od)
         return od.target if od.remote else out
+    if {"mmlg", "tleg"} & set(cfg.descendants.grid.method):
+        check_precision(cfg)  # before any work (or --fresh's deletion), not after the ancestor
+    check_logging(cfg, od.target)
     previous = [p for p in (f"{storage}/search-{fp}", f"{storage}/seeds-{fp}") if stor.exists(p)]
     if previous and fresh:
         for p in previous:
@@ -469,11 +472,9 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False, fresh: bool = False) -
                         "add --resume to continue it, or --fresh to start it over")
     elif resume and not previous:
         log.warning("sweep: --resume: no earlier run of this experiment (%s) under %s; starting it", fp, storage)
-    if {"mmlg", "tleg"} & set(cfg.descendants.grid.method):
-        check_precision(cfg)  # before any work, not after the ancestor
-    check_logging(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray(cfg)
+    check_storage(cfg, storage)
     t_job = time.perf_counter()
 
     # ancestor
@@ -529,7 +530,7 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False, fresh: bool = False) -
         # ray.max_failures times from its latest checkpoint (one kept per trial: each evaluation's)
         return Tuner(trainable, run_config=RunConfig(
             storage_path=storage, name=f"{name}-{fp}", verbose=1, progress_reporter=status_reporter(cfg, name),
-            callbacks=tune_callbacks(cfg, out, name), checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=tune_callbacks(cfg, od.target, name), checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures)), **tuner_kw)
 
     # search phase: Optuna per cell + ASHA per cell, first seed
@@ -539,6 +540,7 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False, fresh: bool = False) -
         num_samples=len(tags) * tcfg.num_samples, max_concurrent_trials=tcfg.max_concurrent, reuse_actors=True))
     st = Stage("search", f"{len(tags)} cells x {tcfg.num_samples} Optuna samples, seed {cfg.descendants.seeds[0]}")
     search = tuner.fit()
+    _check_complete(search, "search", len(tags) * tcfg.num_samples)
     rows = _rows(search)
     st.done(f"{len(rows)} trials")
 
@@ -556,7 +558,9 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False, fresh: bool = False) -
         tuner2 = phase("seeds", param_space={"job": tune.grid_search(extra)},
                        tune_config=TuneConfig(max_concurrent_trials=tcfg.max_concurrent, reuse_actors=True))
         st = Stage("seeds", f"{len(extra)} trials: each cell's best hyper-parameters, seeds {cfg.descendants.seeds[1:]}")
-        seeded = _rows(tuner2.fit())
+        seeds_grid = tuner2.fit()
+        _check_complete(seeds_grid, "seeds", len(extra))
+        seeded = _rows(seeds_grid)
         rows += seeded
         st.done(f"{len(seeded)} trials")
     failed = _failure_summary(rows, tags)
@@ -565,7 +569,9 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False, fresh: bool = False) -
         r.pop("cell", None)
     st = Stage("tables")
     write_tables(out, rows, stages)
-    write_json(out / "experiment.json", {"fingerprint": fp, "sections": list(cfg.RESULT_SECTIONS)})
+    # complete: every cell has a finished trial; an incomplete experiment is not "done" for a plain rerun
+    write_json(out / "experiment.json", {"fingerprint": fp, "sections": list(cfg.RESULT_SECTIONS),
+                                         "complete": failed is None})
     # trials.parquet last: with experiment.json it marks a finished run
     for name in ("stages.parquet", "history.parquet", "experiment.json", "trials.parquet"):
         od.push(name)
@@ -583,6 +589,16 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False, fresh: bool = False) -
     return od.target if od.remote else out
 
 
+def _check_complete(result_grid, phase: str, expected: int) -> None:
+    """Tune returns from fit() on Ctrl-C (or a job stopped with SIGINT) with trials still pending or
+    running: nothing is recorded then (no tables, no experiment.json), and --resume continues."""
+    trials = result_grid._experiment_analysis.trials
+    ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+    if ended < expected:
+        raise JobFailed(f"the {phase} phase was interrupted with {expected - ended} of {expected} trials unfinished; "
+                        "rerun with --resume to continue it")
+
+
 def _failure_summary(rows: list[dict], tags: list[str]) -> str | None:
     """Logs one line on the errored trials; returns the job's failure message when a grid cell has no
     finished trial (its results would be missing from every comparison), else None."""
@@ -597,7 +613,8 @@ def _failure_summary(rows: list[dict], tags: list[str]) -> str | None:
     missing = [t for t in tags if t not in finished]
     if missing:
         return (f"{len(missing)} of {len(tags)} grid cells have no finished trial ({', '.join(missing[:5])}"
-                f"{', ...' if len(missing) > 5 else ''}); trials.parquet lists each trial's status and error")
+                f"{', ...' if len(missing) > 5 else ''}); trials.parquet lists each trial's status and error; "
+                "rerun with --resume to retry the errored trials")
     return None
 
 
@@ -608,7 +625,13 @@ def _holds_results(out: OutputDir, cfg: Config, fp: str) -> bool:
         return False
     exp = out.read_text("experiment.json")
     if exp is not None:
-        return json.loads(exp).get("fingerprint") == fp
+        exp = json.loads(exp)
+        if exp.get("fingerprint") != fp:
+            return False
+        if not exp.get("complete", True):
+            raise UserError("--resume", f"{out} holds this experiment's results, but some grid cells have no "
+                            "finished trial", "add --resume to retry its errored trials, or --fresh to start it over")
+        return True
     from ..config import dump_config
     return out.read_text("config.yaml") == dump_config(cfg)
 
