@@ -242,6 +242,7 @@ def test_extraction_and_trials_pass_them_to_their_trainers(tmp_path, monkeypatch
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", fake_trainer)
     monkeypatch.setattr(ray, "put", lambda x: x)
     monkeypatch.setattr(settings, "ensure_ray", lambda cfg: None)
+    monkeypatch.setattr(settings, "check_storage", lambda cfg, storage: None)  # it asks the (absent) cluster
     monkeypatch.setattr(tune, "get_context", lambda: type("C", (), {"get_trial_id": lambda self: "t0"})())
     monkeypatch.setattr(ray_train, "TuneReportCallback", type("NoTune", (UserCallback,), {}))  # needs a Tune session
     cfg = load_config(None, ["ray.worker_resources={ondemand: 0.01}", "ray.tune.trial_resources={spot: 0.5}",
