@@ -167,16 +167,22 @@ def _result_lines(run_dir: Path) -> list[list[dict]]:
             for rj in sorted(run_dir.glob("ray/search-*/*/result.json"))]
 
 
+def _one_trial_argv(tiny_overrides, ray_address, out: Path, max_failures: int) -> list[str]:
+    """jobs/sweep.py's argv for one scratch trial of 30 steps, evaluated (and checkpointed) every 10."""
+    sets = tiny_overrides + [f"ray.address={ray_address}", "descendants.grid.method=[scratch]", "descendants.seeds=[0]",
+                             "ray.tune.num_samples=1", "descendants.finetune.steps=30",
+                             "descendants.finetune.eval_every=10", f"ray.max_failures={max_failures}"]
+    return ["--output", str(out)] + sum((["--set", s] for s in sets), [])
+
+
 def test_trial_whose_worker_is_killed_resumes_from_its_checkpoint(tiny_overrides, ray_address, tmp_path, monkeypatch):
     """The trial's worker process is SIGKILLed right after its first evaluation's checkpoint (step 10
     of 30): Tune restarts it in a new process from that checkpoint, not from step 0."""
     from jobs import sweep as sweep_job
     out = tmp_path / "killed"
     monkeypatch.setenv("MMLG_KILL_TRIAL_AT_STEP", "10")
-    sets = tiny_overrides + [f"ray.address={ray_address}", "descendants.grid.method=[scratch]", "descendants.seeds=[0]",
-                             "ray.tune.num_samples=1", "descendants.finetune.steps=30",
-                             "descendants.finetune.eval_every=10", "ray.max_failures=1"]
-    assert sweep_job.main(["--output", str(out)] + sum((["--set", s] for s in sets), [])) == 0
+    argv = _one_trial_argv(tiny_overrides, ray_address, out, max_failures=1)
+    assert sweep_job.main(argv) == 0
     trials = pd.read_parquet(out / "trials.parquet")
     assert len(trials) == 1
     row = trials.iloc[0]
@@ -188,7 +194,6 @@ def test_trial_whose_worker_is_killed_resumes_from_its_checkpoint(tiny_overrides
     assert list(hist.step) == [10, 20, 30]
     # --fresh starts the experiment over (its Tune state removed), --fresh with --resume is refused
     monkeypatch.delenv("MMLG_KILL_TRIAL_AT_STEP")
-    argv = ["--output", str(out)] + sum((["--set", s] for s in sets), [])
     assert sweep_job.main(argv + ["--fresh", "--resume"]) == 2
     assert sweep_job.main(argv + ["--fresh"]) == 0
     again = pd.read_parquet(out / "trials.parquet")
@@ -203,10 +208,8 @@ def test_trial_that_fails_for_good_is_on_record_and_the_job_fails(tiny_overrides
     from jobs import sweep as sweep_job
     out = tmp_path / "failed"
     monkeypatch.setenv("MMLG_KILL_TRIAL_AT_STEP", "10")
-    sets = tiny_overrides + [f"ray.address={ray_address}", "descendants.grid.method=[scratch]", "descendants.seeds=[0]",
-                             "ray.tune.num_samples=1", "descendants.finetune.steps=30",
-                             "descendants.finetune.eval_every=10", "ray.max_failures=0"]
-    assert sweep_job.main(["--output", str(out)] + sum((["--set", s] for s in sets), [])) == 1
+    argv = _one_trial_argv(tiny_overrides, ray_address, out, max_failures=0)
+    assert sweep_job.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("failed: 1 of 1 grid cells have no finished trial (scratch|image|2|64)")
     trials = pd.read_parquet(out / "trials.parquet")
@@ -215,3 +218,7 @@ def test_trial_that_fails_for_good_is_on_record_and_the_job_fails(tiny_overrides
     assert row.status == "error" and not row.stopped_early
     assert "died" in row.error.lower() and "\n" not in row.error
     assert row.epochs == 1 and row.best_score == row.final_score  # what it reported before dying is kept
+    # the incomplete experiment is not "done": a plain rerun asks for --resume (retries) or --fresh
+    assert json.loads((out / "experiment.json").read_text())["complete"] is False
+    assert sweep_job.main(argv) == 2
+    assert "--resume" in capsys.readouterr().err
