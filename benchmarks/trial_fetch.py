@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         meta = LearngeneMeta(method=m, schedule=cfg.learngene.schedule if m == "mmlg" else "tleg",
                              spec=aux_spec(cfg, anc).model_dump(), knots=cfg.learngene.learned_knots)
         lg_b[m] = sum(math.prod(s) for s in Learngene.tensor_shapes(meta).values()) * 4 + inherited_b
-    pre_b = {(m, shape_key(s)): cost.model_params(s) * 4 for m, s in needs_pretraining(cfg, anc)}
+    pre_b = {(m, shape_key(s), b): cost.model_params(s) * 4 for m, s, b in needs_pretraining(cfg, anc)}
     everything = anc_b + sum(lg_b.values()) + sum(pre_b.values())
     per_cell = cfg.ray.tune.num_samples + max(0, len(cfg.descendants.seeds) - 1)
     after = Counter()
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         elif c.method in lg_b:
             b = lg_b[c.method]
         elif c.method in ("pt_ft", "csm"):
-            b = pre_b[(c.method, shape_key(descendant_spec(anc, c.depth, c.width)))]
+            b = pre_b[(c.method, shape_key(descendant_spec(anc, c.depth, c.width)), c.pt_budget)]
         else:
             b = 0
         after[c.method] = max(after[c.method], b)

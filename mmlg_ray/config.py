@@ -283,11 +283,14 @@ class GridConfig(_Strict):
     width: list[int] = [128]
     method: list[Literal["mmlg", "tleg", "weight_selection", "heur_lg", "scratch", "pt_ft", "csm"]] = [
         m for m in METHODS if m not in ("heur_lg", "csm")]
+    extraction: list[Literal["fixed", "elastic"]] = Field(
+        ["fixed"], description="learngene methods (mmlg, tleg): fixed = the paper's auxiliary shape only; elastic = "
+        "also distil the grid's sampled descendant shapes during extraction (one learngene each)")
 
     @model_validator(mode="after")
     def _axes(self):
         examples = {"modality": "[image, text, image_text]", "depth": "[1, 2]", "width": "[64, 128]",
-                    "method": "[mmlg, scratch]"}
+                    "method": "[mmlg, scratch]", "extraction": "[fixed, elastic]"}
         for axis, example in examples.items():
             values = getattr(self, axis)
             if not values:
@@ -325,6 +328,21 @@ class DescendantsConfig(_Strict):
     pretrain_steps: Optional[int] = Field(
         None, ge=1, description="pt_ft / csm pre-training steps; default = learngene.extraction.steps")
     heur_lg_layers: Optional[int] = Field(None, ge=1, description="heur_lg inherits this many last layers")
+    pt_budgets: list[float] = Field(
+        [1.0], description="pt_ft pre-trains every descendant shape at each of these multiples of the extraction's "
+        "sample budget (a ladder, e.g. [0.25, 0.5, 1, 2]: the report interpolates the budget at which PT+FT reaches "
+        "MM-LG's score); csm uses 1")
+
+    @field_validator("pt_budgets")
+    @classmethod
+    def _budgets(cls, v):
+        if not v:
+            raise ConfigError("", "is an empty list: pt_ft would have no pre-training budget", "list e.g. [1.0]")
+        for b in v:
+            if not b > 0:
+                raise ConfigError("", f"{b} is not a positive budget", "every budget is a multiple > 0, e.g. 0.5")
+        _no_duplicates("", v)
+        return sorted(v)
 
     @field_validator("seeds")
     @classmethod

@@ -5,8 +5,12 @@
   text        text classification (local: Tux Paint caption -> stamp category): accuracy, plus a
               linear probe of the initialized features
   image_text  image-text retrieval (local: Tux Paint stamps and captions): R@1/5/10 both ways, and
-              zero-shot classification (local: Fashion-MNIST test images)
+              zero-shot classification on classes and prompts no training stage saw (local: MNIST
+              digits with prompt templates of their own; chance is 1 / number of classes)
 
+Every task has train / validation / test splits, disjoint by content. Every evaluation scores the
+validation split (`val_score`, `val_<metric>`: what search, early stopping and every "best" use) and
+the test split (`score`, `<metric>`: what the report shows for the trials validation chose).
 Every task reports a primary metric under "score" so sweeps and schedulers compare like with like.
 Fine-tuning and evaluation run in the run's `precision` (see mmlg_ray.precision); metrics in fp32.
 Task sets may be in memory (the local packaged sets) or streamed (webdataset shards, image folders):
@@ -36,20 +40,21 @@ SCORE_KEY = {"image": "top1", "text": "accuracy", "image_text": "mean_recall"}
 @dataclass
 class TaskData:
     train: Pairs | StreamingPairs
+    val: Pairs | StreamingPairs
     test: Pairs | StreamingPairs
     zeroshot: Pairs | StreamingPairs | None = None
 
     @property
     def skipped(self) -> int:
         """Bad samples the streamed sets of this task skipped so far (distinct)."""
-        return sum(d.skipped for d in (self.train, self.test, self.zeroshot) if d is not None)
+        return sum(d.skipped for d in (self.train, self.val, self.test, self.zeroshot) if d is not None)
 
 
 def load_task_data(cfg: Config, modality: str, image_size: int) -> TaskData:
     section = TASK_NAMES[modality]
     dcfg = getattr(cfg.data, section)
     kw = dict(image_size=image_size, cache_dir=cfg.cache_path, field_name=f"data.{section}")
-    train, test = load_dataset(dcfg, "train", **kw), load_dataset(dcfg, "test", **kw)
+    train, val, test = (load_dataset(dcfg, split, **kw) for split in ("train", "val", "test"))
     if modality != "image_text" and train.classnames is None:
         from .errors import UserError
         raise UserError(f"data.{section}.kind", f"{dcfg.kind} has no class labels; a classification task needs them",
@@ -58,7 +63,7 @@ def load_task_data(cfg: Config, modality: str, image_size: int) -> TaskData:
     if modality == "image_text" and cfg.data.zeroshot is not None:
         zs = load_dataset(cfg.data.zeroshot, "test", image_size=image_size, cache_dir=cfg.cache_path,
                           field_name="data.zeroshot")
-    return TaskData(train, test, zs)
+    return TaskData(train, val, test, zs)
 
 
 class Classifier(nn.Module):
@@ -81,30 +86,38 @@ def _init_probe(model, modality, data: TaskData, spec: ModelSpec, device, seed, 
     return linear_probe(tr[key], tr["labels"], te[key], te["labels"], len(data.train.classnames), seed=seed)
 
 
+def _score(model, modality: str, split, spec: ModelSpec, device, precision: str) -> dict:
+    """The task's metrics on one split: one pass in batches (in memory or streamed)."""
+    if modality == "image_text":
+        e = embed(model, split, spec.image_size, spec.context_length, device, precision=precision)
+        return retrieval_metrics(e["image"], e["text"], e["captions"])
+    logits, labels = [], []
+    stream = split.eval_batches(512, spec.image_size, spec.context_length)
+    try:
+        for images, tokens, lab, _ in stream:
+            x = images if modality == "image" else tokens
+            with amp.autocast(device, precision):
+                logits.append(model(x.to(device)).float().cpu())
+            labels.append(lab)
+    finally:
+        if hasattr(stream, "close"):
+            stream.close()
+    return {SCORE_KEY[modality]: accuracy(torch.cat(logits), torch.cat(labels))}
+
+
 def evaluate(model, modality: str, data: TaskData, spec: ModelSpec, device, precision: str = "fp32") -> dict:
-    """Score on the test set: one pass in batches (in memory or streamed)."""
+    """Score on the validation split (`val_score`, `val_<metric>`) and on the test split (`score`
+    and every metric of the task; zero-shot too for image-text)."""
     model.eval()
+    key = SCORE_KEY[modality]
     with torch.no_grad():
-        if modality == "image_text":
-            e = embed(model, data.test, spec.image_size, spec.context_length, device, precision=precision)
-            m = retrieval_metrics(e["image"], e["text"], e["captions"])
-            if data.zeroshot is not None:
-                m["zeroshot_top1"] = zeroshot_top1(model, data.zeroshot, spec.image_size, spec.context_length, device,
-                                                   precision=precision)
-        else:
-            logits, labels = [], []
-            stream = data.test.eval_batches(512, spec.image_size, spec.context_length)
-            try:
-                for images, tokens, lab, _ in stream:
-                    x = images if modality == "image" else tokens
-                    with amp.autocast(device, precision):
-                        logits.append(model(x.to(device)).float().cpu())
-                    labels.append(lab)
-            finally:
-                if hasattr(stream, "close"):
-                    stream.close()
-            m = {SCORE_KEY[modality]: accuracy(torch.cat(logits), torch.cat(labels))}
-    m["score"] = m[SCORE_KEY[modality]]
+        v = _score(model, modality, data.val, spec, device, precision)
+        m = _score(model, modality, data.test, spec, device, precision)
+        if modality == "image_text" and data.zeroshot is not None:
+            m["zeroshot_top1"] = zeroshot_top1(model, data.zeroshot, spec.image_size, spec.context_length, device,
+                                               precision=precision)
+    m["score"] = m[key]
+    m[f"val_{key}"] = m["val_score"] = v[key]
     model.train()
     return m
 
@@ -115,7 +128,7 @@ def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConf
              wrap: Callable[[nn.Module], nn.Module] | None = None, precision: str = "fp32",
              resume: dict | None = None) -> dict:
     """Fine-tune without constraints, evaluating every `eval_every` steps. Returns a summary dict:
-    final metrics, best metrics, history (one dict per evaluation), steps, samples, seconds,
+    final metrics, best metrics (at the evaluation with the best validation score), history (one dict per evaluation), steps, samples, seconds,
     resumed_from_step. `precision` (fp32, bf16, fp16) applies to the fine-tuning and to every evaluation.
 
     Checkpoints: `on_eval(step, metrics, snapshot)` gets, with every evaluation, a `snapshot()` that
@@ -194,7 +207,7 @@ def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConf
             if "linear_probe_init" in summary:
                 metrics["linear_probe_init"] = summary["linear_probe_init"]
             history.append(metrics)
-            if not best or metrics["score"] > best["score"]:
+            if not best or metrics["val_score"] > best["val_score"]:  # chosen on validation, never on test
                 best = dict(metrics)
             if on_eval is not None:
                 on_eval(step, metrics, snapshot)

@@ -93,7 +93,7 @@ def build_aux(cfg: Config, ancestor, method: str | None = None, fit: bool = True
     return AuxCLIP(lg, inherited)
 
 
-def learngene_name(cfg: Config, method: str) -> str:
+def learngene_name(cfg: Config, method: str, mode: str = "fixed") -> str:
     """The learngene's file inside an output folder (local or URI), keyed by what it depends on."""
     fp = cfg.fingerprint("ancestor", "data.corpus", "learngene", "seed", "precision")
     return f"learngenes/{method}-{fp}.safetensors"
@@ -103,7 +103,8 @@ def learngene_path(cfg: Config, out_dir: Path, method: str) -> Path:
     return Path(out_dir) / learngene_name(cfg, method)
 
 
-def extract(cfg: Config, ancestor, out_path, method: str | None = None, device=None, data=None) -> dict:
+def extract(cfg: Config, ancestor, out_path, method: str | None = None, device=None, data=None,
+            mode: str = "fixed") -> dict:
     """Stage 1 in one process: train the learngene through the auxiliary CLIP, write the file. In
     bf16 / fp16 the student and the teacher both run under autocast; the learngene stays fp32."""
     device = device or resolve_device(cfg.device)
@@ -143,16 +144,18 @@ def finish_extraction(aux: AuxCLIP, out_path, cost: dict):
 
 
 # --------------------------------------------------------------------------- descendant pre-training
-def pretrain_descendant(cfg: Config, ancestor, method: str, spec: ModelSpec, device=None, data=None):
+def pretrain_descendant(cfg: Config, ancestor, method: str, spec: ModelSpec, device=None, data=None,
+                        budget: float = 1.0):
     """pt_ft: contrastive pre-training of this descendant shape; csm: cross-modal similarity
-    matching against the ancestor. Same corpus and budget (steps x batch) as the extraction."""
+    matching against the ancestor. Same corpus and batch as the extraction, `budget` times its steps
+    (descendants.pretrain_steps, when set, replaces the extraction's steps as the 1x budget)."""
     device = device or resolve_device(cfg.device)
     ecfg = cfg.learngene.extraction
-    steps = cfg.descendants.pretrain_steps or ecfg.steps
+    steps = max(1, round((cfg.descendants.pretrain_steps or ecfg.steps) * budget))
     tcfg = TrainConfig(steps=steps, batch_size=ecfg.batch_size, lr=ecfg.lr, weight_decay=ecfg.weight_decay,
                        warmup_steps=ecfg.warmup_steps, log_every=ecfg.log_every)
     data = data or corpus(cfg)
-    name = f"pretrain/{method}/d{spec.image_depth}w{spec.image_width}"
+    name = f"pretrain/{method}/d{spec.image_depth}w{spec.image_width}@{budget:g}x"
     if method == "pt_ft":
         return pretrain_clip(cfg, spec, tcfg, seed=cfg.seed, name=name, device=device, data=data)
     torch.manual_seed(cfg.seed)
@@ -208,21 +211,78 @@ def csm_anchors(cfg: Config, teacher, data, device, n_images: int = 256, n_texts
 
 
 # --------------------------------------------------------------------------- cells and trials
+LEARNGENE_METHODS = ("mmlg", "tleg")
+PRETRAINED_METHODS = ("pt_ft", "csm")
+
+
+def arm_name(method: str, extraction: str = "", pt_budget: float = 0.0) -> str:
+    """The name tables show: a method with its extraction mode (elastic) or pre-training budget (pt_ft)."""
+    if method in LEARNGENE_METHODS and extraction == "elastic":
+        return f"{method}/elastic"
+    if method == "pt_ft":
+        return f"pt_ft@{pt_budget:g}x"
+    return method
+
+
+def parse_arm(arm: str) -> tuple[str, str, float]:
+    """arm_name's inverse: (method, extraction, pt_budget)."""
+    if arm.startswith("pt_ft@"):
+        return "pt_ft", "", float(arm[len("pt_ft@"):].rstrip("x"))
+    method, _, mode = arm.partition("/")
+    if method in LEARNGENE_METHODS:
+        return method, mode or "fixed", 0.0
+    return method, "", 1.0 if method == "csm" else 0.0
+
+
 @dataclass(frozen=True)
 class Cell:
     modality: str
     depth: int
     width: int
     method: str
+    extraction: str = ""    # learngene methods: fixed | elastic
+    pt_budget: float = 0.0  # pt_ft: multiple of the extraction's sample budget; csm: 1
+
+    @property
+    def arm(self) -> str:
+        return arm_name(self.method, self.extraction, self.pt_budget)
 
     @property
     def tag(self) -> str:
-        return f"{self.method}-{self.modality}-d{self.depth}-w{self.width}"
+        return f"{self.arm}-{self.modality}-d{self.depth}-w{self.width}"
+
+    @property
+    def learngene_key(self) -> str | None:
+        """The learngene this cell grows from (one per method and extraction mode)."""
+        return arm_name(self.method, self.extraction) if self.method in LEARNGENE_METHODS else None
+
+    @property
+    def pretrained_key(self) -> tuple[str, float] | None:
+        return (self.method, self.pt_budget) if self.method in PRETRAINED_METHODS else None
+
+
+def arms(cfg: Config) -> list[tuple[str, str, float]]:
+    """(method, extraction, pt_budget) of every arm the grid compares, in the grid's method order."""
+    g, out = cfg.descendants.grid, []
+    for m in g.method:
+        if m in LEARNGENE_METHODS:
+            out += [(m, e, 0.0) for e in g.extraction]
+        elif m == "pt_ft":
+            out += [(m, "", b) for b in cfg.descendants.pt_budgets]
+        else:
+            out.append((m, "", 1.0 if m == "csm" else 0.0))
+    return out
+
+
+def learngene_arms(cfg: Config) -> list[tuple[str, str]]:
+    """(method, extraction mode) of every learngene the grid needs."""
+    return [(m, e) for m, e, _ in arms(cfg) if m in LEARNGENE_METHODS]
 
 
 def cells(cfg: Config) -> list[Cell]:
     g = cfg.descendants.grid
-    return [Cell(m, d, w, meth) for m, d, w, meth in itertools.product(g.modality, g.depth, g.width, g.method)]
+    return [Cell(mod, d, w, m, e, b) for mod, d, w, (m, e, b) in itertools.product(g.modality, g.depth, g.width,
+                                                                                   arms(cfg))]
 
 
 def shape_key(spec: ModelSpec) -> str:
@@ -241,16 +301,17 @@ def run_trial(cfg: Config, cell: Cell, seed: int, *, lr: float | None = None, we
     fcfg = cfg.descendants.finetune.model_copy(update={
         k: v for k, v in (("lr", lr), ("weight_decay", weight_decay)) if v is not None})
     spec = descendant_spec(ancestor.spec, cell.depth, cell.width)
-    pre = (pretrained or {}).get((cell.method, shape_key(spec)))
+    pre = (pretrained or {}).get((cell.method, shape_key(spec), cell.pt_budget)) if cell.pretrained_key else None
     model = init_descendant(
         cell.method, cell.modality, spec, seed=seed,
-        learngene=(learngenes or {}).get(cell.method), ancestor_state=ancestor.state, ancestor_spec=ancestor.spec,
+        learngene=(learngenes or {}).get(cell.learngene_key), ancestor_state=ancestor.state, ancestor_spec=ancestor.spec,
         pretrained_state=pre[0] if pre else None, heur_lg_layers=cfg.descendants.heur_lg_layers)
     n_params = sum(p.numel() for p in model.parameters())
     data = task_data or load_task_data(cfg, cell.modality, spec.image_size)
     towers = towers_of(cell.modality)
     row = {
-        "trial": f"{cell.tag}-s{seed}", "method": cell.method, "modality": cell.modality,
+        "trial": f"{cell.tag}-s{seed}", "method": cell.method, "arm": cell.arm, "extraction": cell.extraction,
+        "pt_budget": float(cell.pt_budget), "modality": cell.modality,
         "task": TASK_NAMES[cell.modality], "dataset": data.test.name,
         "depth": cell.depth, "width": cell.width,
         "image_depth": spec.image_depth if "image" in towers else 0,
@@ -288,22 +349,30 @@ def run_trial(cfg: Config, cell: Cell, seed: int, *, lr: float | None = None, we
     for k, v in summary["final"].items():
         if k not in ("step", "epoch"):
             row[f"final_{k}"] = float(v)
-    for k, v in summary["best"].items():
-        if k not in ("step", "epoch", "train_loss"):
+    row["val_score"] = float(summary["final"].get("val_score", float("nan")))  # selection reads this, never test
+    for k, v in summary["best"].items():  # the evaluation with the best validation score
+        if k not in ("epoch", "train_loss"):
             row[f"best_{k}"] = float(v)
     row["history"] = summary["history"]
     return row
 
 
-def needs_pretraining(cfg: Config, ancestor_spec: ModelSpec) -> list[tuple[str, ModelSpec]]:
+def needs_pretraining(cfg: Config, ancestor_spec: ModelSpec) -> list[tuple[str, ModelSpec, float]]:
+    """(method, shape, budget) of every pre-training the grid needs: pt_ft at each budget of its
+    ladder, csm at 1x, for each descendant shape."""
     out = {}
     g = cfg.descendants.grid
-    for method in ("pt_ft", "csm"):
-        if method in g.method:
+    for method, _, budget in arms(cfg):
+        if method in PRETRAINED_METHODS:
             for d, w in itertools.product(g.depth, g.width):
                 spec = descendant_spec(ancestor_spec, d, w)
-                out[(method, shape_key(spec))] = (method, spec)
+                out[(method, shape_key(spec), budget)] = (method, spec, budget)
     return list(out.values())
+
+
+def pretrain_name(method: str, spec: ModelSpec, budget: float) -> str:
+    """A pre-trained shape's name in stages.parquet and in its artifact's file name."""
+    return f"{method}/{shape_key(spec)}@{budget:g}x"
 
 
 def run_local(cfg: Config, out_dir: str | os.PathLike | None = None) -> Path | str:
@@ -323,21 +392,22 @@ def run_local(cfg: Config, out_dir: str | os.PathLike | None = None) -> Path | s
     od.push("ancestor.json")
     stages = [{"stage": "ancestor", "name": anc.source, **_cost_cols(anc.cost)}]
     learngenes = {}
-    for method in [m for m in ("mmlg", "tleg") if m in cfg.descendants.grid.method]:
-        name = learngene_name(cfg, method)
+    for method, mode in learngene_arms(cfg):
+        name = learngene_name(cfg, method, mode)
         path = od.fetch(name)
         if path is None:
             path = od.path(name)
-            extract(cfg, anc, path, method=method, device=device)
+            extract(cfg, anc, path, method=method, device=device, mode=mode)
             od.push(name)
         lg = load_learngene(path)
-        learngenes[method] = lg
-        stages.append({"stage": "extraction", "name": method, "artifact": od.uri(name), **_cost_cols(lg.meta.cost)})
+        key = arm_name(method, mode)
+        learngenes[key] = lg
+        stages.append({"stage": "extraction", "name": key, "artifact": od.uri(name), **_cost_cols(lg.meta.cost)})
     pretrained = {}
-    for method, spec in needs_pretraining(cfg, anc.spec):
-        state, c = pretrain_descendant(cfg, anc, method, spec, device)
-        pretrained[(method, shape_key(spec))] = (state, c)
-        stages.append({"stage": "pretrain", "name": f"{method}/{shape_key(spec)}", **_cost_cols(c)})
+    for method, spec, budget in needs_pretraining(cfg, anc.spec):
+        state, c = pretrain_descendant(cfg, anc, method, spec, device, budget=budget)
+        pretrained[(method, shape_key(spec), budget)] = (state, c)
+        stages.append({"stage": "pretrain", "name": pretrain_name(method, spec, budget), **_cost_cols(c)})
     rows = []
     from .finetune import load_task_data
     data_cache = {}

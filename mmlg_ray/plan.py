@@ -8,7 +8,7 @@ from . import cost
 from .config import Config, ModelSpec
 from .descend import descendant_spec
 from .models import towers_of
-from .pipeline import aux_spec, cells, needs_pretraining, shape_key
+from .pipeline import aux_spec, cells, learngene_arms, needs_pretraining, pretrain_name
 
 
 @dataclass
@@ -44,14 +44,16 @@ def make_plan(cfg: Config) -> Plan:
                   cost.train_flops(anc, "image_text", pc.steps * pc.batch_size), {"params": cost.model_params(anc)})
     ec = cfg.learngene.extraction
     samples = ec.steps * ec.batch_size
-    for m in [m for m in ("mmlg", "tleg") if m in cfg.descendants.grid.method]:
-        add_stage("extraction", m, cost.extraction_flops(aux_spec(cfg, anc), anc, samples))
+    for m, mode in learngene_arms(cfg):
+        add_stage("extraction", m if mode == "fixed" else f"{m}/{mode}",
+                  cost.extraction_flops(aux_spec(cfg, anc), anc, samples))
     pre_steps = cfg.descendants.pretrain_steps or ec.steps
-    for method, spec in needs_pretraining(cfg, anc):
-        f = cost.train_flops(spec, "image_text", pre_steps * ec.batch_size)
+    for method, spec, budget in needs_pretraining(cfg, anc):
+        n = max(1, round(pre_steps * budget)) * ec.batch_size
+        f = cost.train_flops(spec, "image_text", n)
         if method == "csm":
-            f += cost.forward_flops(anc) * pre_steps * ec.batch_size
-        add_stage("pretrain", f"{method}/{shape_key(spec)}", f, {"params": cost.model_params(spec)})
+            f += cost.forward_flops(anc) * n
+        add_stage("pretrain", pretrain_name(method, spec, budget), f, {"params": cost.model_params(spec)})
     fc = cfg.descendants.finetune
     n_seeds = len(cfg.descendants.seeds)
     per_cell = cfg.ray.tune.num_samples + max(0, n_seeds - 1)
@@ -60,7 +62,7 @@ def make_plan(cfg: Config) -> Plan:
         f = cost.train_flops(spec, c.modality, fc.steps * fc.batch_size)
         towers = towers_of(c.modality)
         p.descendants.append({
-            "method": c.method, "modality": c.modality, "depth": c.depth, "width": c.width,
+            "method": c.arm, "modality": c.modality, "depth": c.depth, "width": c.width,
             "image": f"{spec.image_depth}x{spec.image_width}" if "image" in towers else "-",
             "text": f"{spec.text_depth}x{spec.text_width}" if "text" in towers else "-",
             "params": cost.model_params(spec, c.modality), "finetune_flops": f, "trials": per_cell})

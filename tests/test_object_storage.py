@@ -24,7 +24,7 @@ def test_pretrain_stage_writes_each_shape_and_a_rerun_reuses_the_finished_ones(t
     cfg.descendants.grid.method = ["pt_ft"]
     cfg.descendants.grid.width = [64, 128]  # two shapes
     cfg.ray.tune.trial_cpus = 1.0
-    narrow, wide = [shape_key(s) for _, s in needs_pretraining(cfg, tiny_ancestor.spec)]
+    narrow, wide = [shape_key(s) for _, s, _ in needs_pretraining(cfg, tiny_ancestor.spec)]
     key = f"pretrain/{uuid.uuid4().hex[:8]}"
     od = OutputDir(f"s3://{s3.bucket}/{key}", tmp_path / "staging")
     monkeypatch.setenv("MMLG_FAIL_PRETRAIN", f"pt_ft/{narrow}")  # its task raises on every attempt
@@ -34,7 +34,7 @@ def test_pretrain_stage_writes_each_shape_and_a_rerun_reuses_the_finished_ones(t
     assert "1 of 2" in msg and f"pt_ft/{narrow}" in msg and wide not in msg and "rerun reuses" in msg
     written = s3.keys(key)
     assert sorted(k.rsplit(".", 1)[-1] for k in written) == ["json", "safetensors"]
-    assert all(f"/pretrained/pt_ft-{wide}-" in k for k in written)  # the finished shape is there, the failed not
+    assert all(f"/pretrained/pt_ft-{wide}-1x-" in k for k in written)  # the finished shape is there, the failed not
     before = {o["Key"]: o["LastModified"] for o in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=key)["Contents"]}
 
     monkeypatch.delenv("MMLG_FAIL_PRETRAIN")

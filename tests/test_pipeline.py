@@ -14,15 +14,22 @@ def local_run(tiny_overrides, tmp_path_factory):
     rc = sweep_job.main(["--backend", "local", "--output", str(out)] + sum(
         (["--set", o] for o in tiny_overrides + [
             f"descendants.grid.method=[{','.join(METHODS)}]", "descendants.grid.modality=[image,text,image_text]",
+            "descendants.grid.extraction=[fixed,elastic]", "descendants.pt_budgets=[0.5,1]",
             "descendants.finetune.steps=40", "descendants.finetune.eval_every=20"]), []))
     assert rc == 0
     return out
 
 
+ARMS = {"mmlg", "mmlg/elastic", "tleg", "tleg/elastic", "weight_selection", "heur_lg", "scratch", "pt_ft@0.5x",
+        "pt_ft@1x", "csm"}
+
+
 def test_every_method_and_modality_runs(local_run):
     trials = pd.read_parquet(local_run / "trials.parquet")
-    assert len(trials) == len(METHODS) * 3
-    assert set(trials.method) == set(METHODS)
+    assert len(trials) == len(ARMS) * 3
+    assert set(trials.method) == set(METHODS) and set(trials.arm) == ARMS
+    assert set(trials[trials.method.isin(["mmlg", "tleg"])].extraction) == {"fixed", "elastic"}
+    assert set(trials[trials.method == "pt_ft"].pt_budget) == {0.5, 1.0}
     assert trials.final_score.notna().all()
     hist = pd.read_parquet(local_run / "history.parquet")
     assert len(hist) == 2 * len(trials)
@@ -32,6 +39,24 @@ def test_every_method_and_modality_runs(local_run):
     # pt_ft carries its pre-training cost; learngene methods do not pay one per descendant
     pt = trials[trials.method == "pt_ft"]
     assert (pt.pretrain_flops > 0).all() and (trials[trials.method == "mmlg"].pretrain_flops == 0).all()
+    # the budget ladder: twice the budget, twice the pre-training compute, for the same shape
+    per = pt.groupby(["modality", "pt_budget"]).pretrain_flops.first().unstack()
+    assert (per[1.0] == pytest.approx(2 * per[0.5], rel=1e-6)).all()
+    assert len(stages[stages.stage == "extraction"]) == 4  # mmlg and tleg, fixed and elastic
+    assert len(stages[stages.stage == "pretrain"]) == 2 * 3  # 2 pt_ft budgets + csm, 2 depths x 1 width
+
+
+def test_every_best_is_chosen_on_validation(local_run):
+    """best_* is the test score at the evaluation with the best *validation* score, val_score is the
+    last evaluation's, and test scores never choose anything."""
+    trials = pd.read_parquet(local_run / "trials.parquet")
+    hist = pd.read_parquet(local_run / "history.parquet")
+    assert trials.val_score.notna().all() and hist.val_score.notna().all()
+    for _, t in trials.iterrows():
+        h = hist[hist.trial == t.trial].sort_values("step")
+        at = h.loc[h.val_score.idxmax()]
+        assert t.best_val_score == at.val_score and t.best_score == at.score and t.best_step == at.step
+        assert t.val_score == h.val_score.iloc[-1] and t.final_score == h.score.iloc[-1]
 
 
 def test_mmlg_descendant_scores_above_chance(local_run):

@@ -129,8 +129,16 @@ def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_a
         assert after[name] == n_lines
     documented = ["trial", "method", "modality", "depth", "width", "image_depth", "text_depth", "heads", "params",
                   "seed", "lr", "weight_decay", "task", "final_score", "best_score", "epochs", "stopped_early",
-                  "finetune_wall_s", "finetune_device_s", "finetune_flops", "pretrain_wall_s", "pretrain_flops"]
+                  "finetune_wall_s", "finetune_device_s", "finetune_flops", "pretrain_wall_s", "pretrain_flops",
+                  "val_score", "best_val_score", "arm", "extraction", "pt_budget"]
     assert set(documented) <= set(trials.columns)
+    # the seeds phase re-runs each cell's search trial of best *validation* score, never the best test score
+    search = trials[(trials.phase == "search") & (trials.status != "error")]
+    for key, g in search.groupby(["arm", "modality", "depth", "width"]):
+        chosen = g.loc[g.val_score.idxmax()]
+        seeded = trials[(trials.phase == "seeds") & (trials[["arm", "modality", "depth", "width"]].apply(tuple, axis=1)
+                                                     == key)]
+        assert len(seeded) == 1 and seeded.lr.iloc[0] == chosen.lr and seeded.weight_decay.iloc[0] == chosen.weight_decay
     assert (trials[trials.method == "pt_ft"].pretrain_flops > 0).all()
     hist = pd.read_parquet(out / "history.parquet")
     assert set(hist.trial) == set(trials.trial)

@@ -193,7 +193,7 @@ def _beside(path, suffix: str) -> str:
 
 
 def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *, storage: str | None = None,
-                   name: str | None = None) -> dict:
+                   name: str | None = None, mode: str = "fixed") -> dict:
     """Run the extraction as a Ray Train job and write the learngene file (a local path or a URI).
     Returns its cost. Every rank's ZeRO checkpoints go to `storage`; the driver reads the last one
     back from there (never from a worker's disk) and consolidates it into the file."""

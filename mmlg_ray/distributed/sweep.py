@@ -7,8 +7,9 @@ Stages, each skipped when its artifact exists for the same config:
                measured (their cost is what the report compares against)
   search       Ray Tune over the grid depth x width x modality x method: within every cell an Optuna
                searcher proposes fine-tuning hyper-parameters (lr, weight decay) and an ASHA scheduler
-               of that cell cuts weak trials (scores of different tasks are never compared); first seed
-  seeds        every cell's best hyper-parameters re-run with the other seeds (no early stopping)
+               of that cell cuts weak trials (scores of different tasks are never compared); first seed.
+               Both optimise the validation score (`val_score`), never the test score
+  seeds        every cell's best hyper-parameters (by validation) re-run with the other seeds
   tables       trials.parquet, history.parquet, stages.parquet, written atomically
 
 A sweep started again with --resume restores both Tune experiments from the output folder: finished
@@ -26,15 +27,17 @@ from pathlib import Path
 
 from ..config import Config, TuneSettings
 from ..errors import JobFailed, UserError
-from ..pipeline import Cell, cells, learngene_name, needs_pretraining, shape_key
+from ..pipeline import (Cell, arm_name, cells, learngene_arms, learngene_name, needs_pretraining, parse_arm,
+                        pretrain_name, shape_key)
 from ..storage import OutputDir
 from .. import storage as stor
 from .logs import Stage, check_logging, quiet_worker, status_reporter, train_logging, tune_callbacks
 from .settings import check_storage, ensure_ray, pretrain_task_options, storage_uri, trial_resources, trial_worker_resources
 
 log = logging.getLogger("mmlg_ray")
-METRIC, MODE = "score", "max"
-EVAL_KEYS = {"score", "top1", "accuracy", "mean_recall", "zeroshot_top1", "step", "epoch", "train_loss"}
+METRIC, MODE = "val_score", "max"  # search and early stopping read validation, never test
+EVAL_KEYS = {"score", "top1", "accuracy", "mean_recall", "zeroshot_top1", "step", "epoch", "train_loss", "val_score",
+             "val_top1", "val_accuracy", "val_mean_recall"}
 
 
 # --------------------------------------------------------------------------- per-cell search + scheduling
@@ -194,7 +197,7 @@ def share_artifacts(anc, learngenes: dict, pretrained: dict) -> dict:
     light = Ancestor(anc.spec, {}, anc.fingerprint, anc.source, anc.cost)  # spec only
     return {"ancestor_spec": light, "ancestor": ray.put(anc),
             "learngenes": {m: ray.put(lg) for m, lg in learngenes.items()},
-            "pretrained": {k: ray.put(v) for k, v in pretrained.items()}}
+            "pretrained": [(k, ray.put(v)) for k, v in pretrained.items()]}
 
 
 def _artifacts_for(ctx: dict, cell):
@@ -204,9 +207,10 @@ def _artifacts_for(ctx: dict, cell):
     anc = ctx["ancestor_spec"]
     if cell.method in ("weight_selection", "heur_lg"):
         anc = _fetch(ctx["ancestor"])
-    learngenes = {cell.method: _fetch(ctx["learngenes"][cell.method])} if cell.method in ctx["learngenes"] else {}
-    key = (cell.method, shape_key(descendant_spec(anc.spec, cell.depth, cell.width)))
-    pretrained = {key: _fetch(ctx["pretrained"][key])} if key in ctx["pretrained"] else {}
+    lk = cell.learngene_key
+    learngenes = {lk: _fetch(ctx["learngenes"][lk])} if lk in ctx["learngenes"] else {}
+    key = (cell.method, shape_key(descendant_spec(anc.spec, cell.depth, cell.width)), cell.pt_budget)
+    pretrained = {k: _fetch(ref) for k, ref in ctx["pretrained"] if tuple(k) == key}
     return anc, learngenes, pretrained
 
 
@@ -244,14 +248,13 @@ def _run_cell_trial(config: dict, ctx: dict, report, rank: int = 0, world: int =
     from ..config import config_from_dict
     from ..descend import descendant_spec
     from ..finetune import load_task_data
-    from ..pipeline import Cell, run_trial, setup_runtime
+    from ..pipeline import run_trial, setup_runtime
 
     cfg = config_from_dict(ctx["cfg"])
     setup_runtime(cfg)
     quiet_worker(rank)
     torch.set_num_threads(max(1, int(cfg.ray.tune.trial_cpus)))
-    m, mod, d, w = config["cell"].split("|")
-    cell = Cell(mod, int(d), int(w), m)
+    cell = cell_of(config["cell"])
     total = cfg.descendants.finetune.steps
     anc, learngenes, pretrained = _artifacts_for(ctx, cell)
     resume = _load_checkpoint(get_checkpoint() if get_checkpoint else None)
@@ -337,11 +340,16 @@ def trial_fn(config: dict, ctx=None):
 
 
 def cell_tag(c: Cell) -> str:
-    return f"{c.method}|{c.modality}|{c.depth}|{c.width}"
+    return f"{c.arm}|{c.modality}|{c.depth}|{c.width}"
+
+
+def cell_of(tag: str) -> Cell:
+    arm, mod, d, w = tag.split("|")
+    return Cell(mod, int(d), int(w), *parse_arm(arm))
 
 
 # --------------------------------------------------------------------------- stages
-def _pretrain_task(cfg_json, ancestor, method, spec_json, fail=False):
+def _pretrain_task(cfg_json, ancestor, method, spec_json, budget, fail=False):
     from ..config import ModelSpec, config_from_dict
     from ..pipeline import pretrain_descendant, setup_runtime
     if fail:  # fault injection for tests (MMLG_FAIL_PRETRAIN), like extraction's MMLG_FAIL_AT_STEP
@@ -349,7 +357,7 @@ def _pretrain_task(cfg_json, ancestor, method, spec_json, fail=False):
     cfg = config_from_dict(cfg_json)
     setup_runtime(cfg)
     quiet_worker()
-    return pretrain_descendant(cfg, ancestor, method, ModelSpec(**spec_json))
+    return pretrain_descendant(cfg, ancestor, method, ModelSpec(**spec_json), budget=budget)
 
 
 class PretrainFailed(JobFailed):
@@ -371,38 +379,40 @@ def _stage_pretrain(cfg: Config, anc, out: OutputDir, stages: list):
     fp = cfg.fingerprint("ancestor", "data.corpus", "learngene.extraction", "descendants.pretrain_steps", "seed",
                          "precision")
     shapes = needs_pretraining(cfg, anc.spec)
-    for method, spec in shapes:
-        name = f"pretrained/{method}-{shape_key(spec)}-{fp}"
+    for method, spec, budget in shapes:
+        name = f"pretrained/{method}-{shape_key(spec)}-{budget:g}x-{fp}"
         weights, cost = out.fetch(name + ".safetensors"), out.fetch(name + ".json")
         if weights is not None and cost is not None:
-            results[(method, shape_key(spec))] = (load_file(str(weights)), json.loads(cost.read_text()))
-            log.info("pretrain %s %s: reusing %s", method, shape_key(spec), out.uri(name + ".safetensors"))
+            results[(method, shape_key(spec), budget)] = (load_file(str(weights)), json.loads(cost.read_text()))
+            log.info("pretrain %s: reusing %s", pretrain_name(method, spec, budget), out.uri(name + ".safetensors"))
         else:
-            todo.append((method, spec, name))
+            todo.append((method, spec, budget, name))
     failed = []
     if todo:
         remote = ray.remote(**pretrain_task_options(cfg.ray.tune), max_retries=cfg.ray.max_failures,
                             retry_exceptions=False)(_pretrain_task)
         inject = os.environ.get("MMLG_FAIL_PRETRAIN", "")  # "method/shape" of a shape whose task must fail
         anc_ref = ray.put(anc)
-        pending = {remote.remote(cfg.model_dump(mode="json"), anc_ref, m, s.model_dump(),
-                                 fail=inject == f"{m}/{shape_key(s)}"): (m, s, n) for m, s, n in todo}
+        pending = {remote.remote(cfg.model_dump(mode="json"), anc_ref, m, s.model_dump(), b,
+                                 fail=inject in (f"{m}/{shape_key(s)}", pretrain_name(m, s, b))): (m, s, b, n)
+                   for m, s, b, n in todo}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            method, spec, name = pending.pop(ready[0])
+            method, spec, budget, name = pending.pop(ready[0])
             try:
                 state, c = ray.get(ready[0])
             except Exception as e:  # a task's error, or its worker / node lost more often than retried
-                log.error("pretrain %s %s failed: %s", method, shape_key(spec), str(e).strip().splitlines()[-1])
-                failed.append((f"{method}/{shape_key(spec)}", e))
+                log.error("pretrain %s failed: %s", pretrain_name(method, spec, budget),
+                          str(e).strip().splitlines()[-1])
+                failed.append((pretrain_name(method, spec, budget), e))
                 continue
             with atomic_path(out.path(name + ".safetensors")) as tmp:
                 save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
             write_json(out.path(name + ".json"), c)
             out.push(name + ".safetensors")
             out.push(name + ".json")  # last: a shape counts as finished once both are there
-            log.info("pretrain %s %s: wrote %s", method, shape_key(spec), out.uri(name + ".safetensors"))
-            results[(method, shape_key(spec))] = (state, c)
+            log.info("pretrain %s: wrote %s", pretrain_name(method, spec, budget), out.uri(name + ".safetensors"))
+            results[(method, shape_key(spec), budget)] = (state, c)
     if failed:
         user = [e for _, e in failed if isinstance(e, UserError)]
         if user:  # bad input (e.g. an unreadable corpus): the usual one line (not Ray's traceback), exit 2
@@ -412,9 +422,10 @@ def _stage_pretrain(cfg: Config, anc, out: OutputDir, stages: list):
             f"pre-training failed for {len(failed)} of {len(todo)} descendant shapes: {names} "
             f"(first error: {str(failed[0][1]).strip().splitlines()[-1]}); the {len(results)} finished shapes "
             f"are in {out.uri('pretrained')} and a rerun reuses them") from failed[0][1]
-    results = {(m, shape_key(sp)): results[(m, shape_key(sp))] for m, sp in shapes}  # the grid's order
-    for (method, key), (_, c) in results.items():
-        stages.append({"stage": "pretrain", "name": f"{method}/{key}", **_cost_cols(c)})
+    results = {(m, shape_key(sp), b): results[(m, shape_key(sp), b)] for m, sp, b in shapes}  # the grid's order
+    for (method, _, budget), (_, c) in results.items():
+        spec = next(sp for m, sp, b in shapes if (m, shape_key(sp), b) == (method, _, budget))
+        stages.append({"stage": "pretrain", "name": pretrain_name(method, spec, budget), **_cost_cols(c)})
     return results
 
 
@@ -487,20 +498,21 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False, fresh: bool = False) -
     od.push("ancestor.json")
     # learngenes: the driver writes each one (consolidated from the ZeRO checkpoint in storage)
     learngenes = {}
-    for method in [m for m in ("mmlg", "tleg") if m in cfg.descendants.grid.method]:
-        name = learngene_name(cfg, method)
+    for method, mode in learngene_arms(cfg):
+        key = arm_name(method, mode)
+        name = learngene_name(cfg, method, mode)
         path = od.fetch(name)
-        st = Stage(f"extraction {method}")
+        st = Stage(f"extraction {key}")
         if path is not None:
-            log.info("extraction %s: reusing %s", method, od.uri(name))
+            log.info("extraction %s: reusing %s", key, od.uri(name))
         else:
             path = od.path(name)
-            extract_on_ray(cfg, anc, path, method=method, storage=storage)
+            extract_on_ray(cfg, anc, path, method=method, storage=storage, mode=mode)
             od.push(name)
-        learngenes[method] = load_learngene(path)
+        learngenes[key] = load_learngene(path)
         st.done(od.uri(name))
-        stages.append({"stage": "extraction", "name": method, "artifact": od.uri(name),
-                       **_cost_cols(learngenes[method].meta.cost)})
+        stages.append({"stage": "extraction", "name": key, "artifact": od.uri(name),
+                       **_cost_cols(learngenes[key].meta.cost)})
     # descendant pre-training (pt_ft, csm)
     st = Stage("pretrain", "pt_ft / csm descendant shapes")
     pretrained = _stage_pretrain(cfg, anc, od, stages)
@@ -544,7 +556,8 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False, fresh: bool = False) -
     rows = _rows(search)
     st.done(f"{len(rows)} trials")
 
-    # seeds phase: each cell's best hyper-parameters with the remaining seeds (errored trials never count)
+    # seeds phase: each cell's best hyper-parameters (by validation score) with the remaining seeds
+    # (errored trials never count)
     best = {}
     for r in rows:
         t = r["cell"]
@@ -677,10 +690,10 @@ def _rows(result_grid) -> list[dict]:
         status = "error" if res.error is not None else \
             ("finished" if m.get("final_report") else "stopped_early")
         if not m.get("trial"):  # no report at all: describe it from its config
-            meth, mod, d, w = cfg["cell"].split("|")
-            m = {"trial": f"{meth}-{mod}-d{d}-w{w}-s{cfg['seed']}", "method": meth, "modality": mod,
-                 "depth": int(d), "width": int(w), "seed": int(cfg["seed"]), "lr": float(cfg["lr"]),
-                 "weight_decay": float(cfg["weight_decay"])}
+            c = cell_of(cfg["cell"])
+            m = {"trial": f"{c.tag}-s{cfg['seed']}", "method": c.method, "arm": c.arm, "extraction": c.extraction,
+                 "pt_budget": c.pt_budget, "modality": c.modality, "depth": c.depth, "width": c.width,
+                 "seed": int(cfg["seed"]), "lr": float(cfg["lr"]), "weight_decay": float(cfg["weight_decay"])}
         hist = json.loads(m["history_json"]) if "history_json" in m else _history_from_df(res)
         row = {k: v for k, v in m.items() if k not in ("history_json", "final_report", "config") and
                not isinstance(v, dict)}
@@ -689,11 +702,11 @@ def _rows(result_grid) -> list[dict]:
                 if k in EVAL_KEYS - {"step", "epoch"} or k.startswith(("i2t_", "t2i_")):
                     row[f"final_{k}"] = float(m[k])
             best = {}
-            for h in hist:
-                if not best or h.get("score", -1) > best.get("score", -1):
+            for h in hist:  # chosen on validation
+                if not best or h.get("val_score", -1) > best.get("val_score", -1):
                     best = h
             for k, v in best.items():
-                if k not in ("step", "epoch", "train_loss", "linear_probe_init"):
+                if k not in ("epoch", "train_loss", "linear_probe_init"):
                     row[f"best_{k}"] = float(v)
             row["epochs"] = len(hist)
         row["phase"] = cfg["phase"]
@@ -703,7 +716,7 @@ def _rows(result_grid) -> list[dict]:
         row["trial_id"] = trial_id
         row["trial"] = f"{row['trial']}-{trial_id}"
         row["cell"] = cfg["cell"]
-        row["score_for_selection"] = float(m.get("score", float("-inf")))
+        row["score_for_selection"] = float(m.get("val_score", float("-inf")))  # validation, never test
         for k in [k for k in row if k in EVAL_KEYS or k.startswith(("i2t_", "t2i_"))]:
             row.pop(k)
         for k in [k for k in row if k in ("training_iteration", "time_this_iter_s", "time_total_s", "timestamp",
@@ -711,6 +724,7 @@ def _rows(result_grid) -> list[dict]:
                                            "checkpoint_dir_name", "done", "date", "experiment_tag", "should_checkpoint",
                                            "checkpoint_path")]:
             row.pop(k, None)
+        row["val_score"] = float(m.get("val_score", float("nan")))
         row["history"] = hist
         rows.append(row)
     return rows
