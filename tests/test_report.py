@@ -185,3 +185,16 @@ def test_constructed_old_results_render_with_a_test_selection_note(tmp_path):
     md = (out / "report" / "report.md").read_text()
     assert "selection used the test split" in md
     assert "## Savings at equal accuracy" in md and "with fixed extraction only" in md
+
+
+def test_pretraining_is_shared_by_the_descendants_that_use_it():
+    from mmlg_ray.report import normalize, pretrain_share
+    rows = [_row("pt_ft", 0, 50.0, 50.0, budget=1.0, arm="pt_ft@1x", pre=8e11, modality=m) for m in ("image", "text")]
+    rows += [_row("mmlg", 0, 50.0, 50.0, extraction="fixed", modality=m, depth=d) for m in ("image", "text")
+             for d in (1, 2)]
+    rows += [_row("mmlg", 0, 50.0, 50.0, extraction="elastic", arm="mmlg/elastic", modality="image")]
+    ft = normalize(pd.DataFrame(rows))
+    share = pretrain_share(ft, constructed_stages(), "flops")
+    # one pre-trained shape serves image and text: half each; the fixed learngene serves 4 cells: a quarter
+    # each; the elastic one serves its one cell alone
+    assert share.tolist() == pytest.approx([4e11, 4e11] + [2.5e10] * 4 + [3e11])
