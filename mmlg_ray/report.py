@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import cost as costmod
+from . import stats
 from .atomic import atomic_dir
 from .config import Config, ModelSpec, config_from_dict, dump_config
 from .descend import descendant_spec
@@ -55,22 +56,108 @@ def load_results(out: Path):
     return trials, stages, hist, cfg, meta
 
 
+CELL = ["modality", "depth", "width"]  # a grid cell's shape; an arm is (method, extraction, pt_budget)
+ARM_KEYS = ["method", "extraction", "pt_budget"]
+SEED_NOTE = ("A seed varies fine-tuning only (data order, task head, scratch init); the ancestor, the learngenes "
+             "and the pre-trained shapes are shared across seeds, so intervals and tests cover fine-tuning "
+             "variance, not the variance of pre-training or extraction.")
+
+
+def arm_name(method: str, extraction: str = "", pt_budget: float = 0.0) -> str:
+    """The name a table shows: the plain method for fixed extraction, method/elastic, pt_ft@0.5x."""
+    if method == "pt_ft":
+        return f"pt_ft@{float(pt_budget):g}x"
+    if extraction and extraction != "fixed":
+        return f"{method}/{extraction}"
+    return method
+
+
+def normalize(trials: pd.DataFrame) -> pd.DataFrame:
+    """Trials with the columns this report reads; folders written before validation splits, extraction
+    modes and pre-training ladders lack some: arm = method, extraction = "", pt_budget = 1.0 for
+    pt_ft/csm else 0.0, val_score = NaN."""
+    t = trials.copy()
+    if "extraction" not in t:
+        t["extraction"] = ""
+    t["extraction"] = t["extraction"].fillna("").astype(str)
+    default_budget = t["method"].map(lambda m: 1.0 if m in ("pt_ft", "csm") else 0.0)
+    t["pt_budget"] = (t["pt_budget"].astype(float).fillna(default_budget) if "pt_budget" in t
+                      else default_budget.astype(float))
+    if "arm" not in t:
+        t["arm"] = t["method"]
+    t["arm"] = t["arm"].where(t["arm"].notna() & (t["arm"].astype(str) != ""), t["method"]).astype(str)
+    for c in ("val_score", "best_val_score"):
+        if c not in t:
+            t[c] = float("nan")
+    for c in ("pretrain_flops", "pretrain_device_s", "finetune_flops"):
+        if c not in t:
+            t[c] = 0.0
+    return t
+
+
+def selection_split(trials: pd.DataFrame) -> str:
+    """How final_trials chose each cell's search trial: "val", "test" (old results without val_score),
+    "mixed", or "none" (no search phase: every trial ran the configured hyper-parameters)."""
+    t = normalize(trials)
+    if "phase" not in t or t.phase.isna().all():
+        return "none"
+    search = t[(t.phase == "search") & _ok(t)]
+    if search.empty:
+        return "none"
+    has = search.groupby(ARM_KEYS + CELL, dropna=False).val_score.apply(lambda v: v.notna().any())
+    return "val" if has.all() else "test" if not has.any() else "mixed"
+
+
+def _ok(t: pd.DataFrame) -> pd.Series:
+    ok = t.task.notna() if "task" in t else pd.Series(True, index=t.index)
+    if "status" in t:
+        ok &= t.status != "error"
+    return ok
+
+
 def final_trials(trials: pd.DataFrame) -> pd.DataFrame:
-    """The trials that measure each cell: per cell, the best search trial (first seed) and the
-    seeds-phase trials at its hyper-parameters; without phases (local backend) every trial."""
-    if "phase" not in trials or trials.phase.isna().all():
-        return trials
-    keys = ["method", "modality", "depth", "width"]
-    search = trials[trials.phase == "search"]
-    best = search.loc[search.groupby(keys)["final_score"].idxmax()] if len(search) else search
-    return pd.concat([best, trials[trials.phase == "seeds"]], ignore_index=True)
+    """The trials that measure each cell: per cell (arm x shape) the search trial with the best
+    validation score (never the test score; errored trials excluded) and the seeds-phase trials at its
+    hyper-parameters; without phases (local backend) every trial. A cell whose search trials carry no
+    val_score (results from before validation splits) falls back to the test score: selection_split
+    says so and the report prints it."""
+    t = normalize(trials)
+    t = t[_ok(t)]
+    if "phase" not in t or t.phase.isna().all():
+        return t.reset_index(drop=True)
+    search = t[t.phase == "search"]
+    picks = []
+    for _, g in search.groupby(ARM_KEYS + CELL, dropna=False):
+        col = "val_score" if g.val_score.notna().any() else "final_score"
+        picks.append(g[col].astype(float).idxmax())
+    best = search.loc[picks]
+    return pd.concat([best, t[t.phase == "seeds"]], ignore_index=True)
 
 
-def cell_table(ft: pd.DataFrame) -> pd.DataFrame:
-    g = ft.groupby(["task", "modality", "depth", "width", "method"])
-    t = g.agg(params=("params", "first"), seeds=("seed", "nunique"), mean=("final_score", "mean"),
-              std=("final_score", "std"), score_metric=("score_metric", "first")).reset_index()
-    return t.sort_values(["task", "depth", "width", "mean"], ascending=[True, True, True, False])
+def cell_table(ft: pd.DataFrame, confidence: float = stats.CONFIDENCE) -> pd.DataFrame:
+    """Per task, shape and arm: parameters, seeds, mean test score with its bootstrap CI, std, and the
+    mean validation score."""
+    rows = []
+    for key, g in ft.groupby(["task", "modality", "depth", "width", "arm"]):
+        ci = stats.mean_ci(g.final_score, confidence)
+        rows.append({"task": key[0], "modality": key[1], "depth": key[2], "width": key[3], "arm": key[4],
+                     "method": g.method.iloc[0], "params": g.params.iloc[0], "n": ci["n"], "mean": ci["mean"],
+                     "ci_lo": ci["lo"], "ci_hi": ci["hi"], "std": float(g.final_score.std()),
+                     "val_mean": float(g.val_score.mean()), "score_metric": g.score_metric.iloc[0]})
+    t = pd.DataFrame(rows)
+    return t.sort_values(["task", "depth", "width", "mean"], ascending=[True, True, True, False]) if len(t) else t
+
+
+def _fmt(v, fmt=".3g") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return format(v, fmt)
+
+
+def _ci(lo, hi, fmt=".3g") -> str:
+    return "" if math.isnan(lo) or math.isnan(hi) else f"[{_fmt(lo, fmt)}, {_fmt(hi, fmt)}]"
 
 
 # --------------------------------------------------------------------------- cost accounting
@@ -93,10 +180,11 @@ def cost_table(trials: pd.DataFrame, stages: pd.DataFrame, cfg: Config, anc_spec
     lg_inherited = costmod.model_params(ax) - costmod.tower_params(ax, "image", True) - costmod.tower_params(
         ax, "text", True)
     tleg_layers = 2 * sum(costmod.layer_params(ax.width(t), ax.mlp_ratio_of(t)) for t in ("image", "text"))
-    st = stages.copy()
     measured = {}
-    for _, r in st.iterrows():
-        key = r["stage"], str(r["name"]).split("/")[0]
+    for _, r in stages.iterrows():
+        key = _stage_key(r["stage"], r["name"])
+        if key is None:
+            continue
         m = measured.setdefault(key, {"flops": 0.0, "device_s": 0.0})
         m["flops"] += float(r.get("flops", 0) or 0)
         m["device_s"] += float(r.get("device_s", 0) or 0)
@@ -114,6 +202,12 @@ def cost_table(trials: pd.DataFrame, stages: pd.DataFrame, cfg: Config, anc_spec
         "learngene (shared + unimodal blocks) + inherited tensors; one extraction")
     row("tleg", tleg_layers + lg_inherited, extraction_flops, ("extraction", "tleg"),
         "per-tower A, B blocks + inherited tensors; one extraction")
+    for lgm, stored in (("mmlg", lg_layers + lg_inherited), ("tleg", tleg_layers + lg_inherited)):
+        for key in measured:
+            if key[0] == "extraction" and key[1].startswith(lgm + "/"):
+                row(key[1], stored, float("nan"), key, "the same learngene tensors, extracted with "
+                    f"{key[1].split('/', 1)[1]} extraction (extra descendant shapes distilled at each step: "
+                    "its FLOPs are the run's count, no plan figure)")
     row("pt_ft", sum(costmod.model_params(s) for s in shapes.values()),
         sum(costmod.train_flops(s, "image_text", pre_samples) for s in shapes.values()), ("pretrain", "pt_ft"),
         f"one pre-trained CLIP per descendant shape ({len(shapes)} shapes)")
@@ -131,18 +225,56 @@ def cost_table(trials: pd.DataFrame, stages: pd.DataFrame, cfg: Config, anc_spec
         df.pretrain_flops_analytic > 0)
     df["pretrain_ratio_pt_ft_over_method_measured"] = base.pretrain_device_s_measured / \
         df.pretrain_device_s_measured.where(df.pretrain_device_s_measured > 0)
-    present = set(trials.method) if len(trials) else set()
+    t = normalize(trials) if len(trials) else trials
+    present = (set(t.method) | {_extraction_name(m, e) for m, e in zip(t.method, t.extraction)}) if len(t) else set()
     return df[df.method.isin(present) | df.method.isin(["mmlg", "pt_ft"])].reset_index(drop=True)
 
 
+def _budget_of(name: str) -> float:
+    import re
+    m = re.search(r"@([0-9]*\.?[0-9]+)x?(?:/|$)", str(name))
+    return float(m.group(1)) if m else 1.0
+
+
+def _stage_key(stage: str, name: str):
+    """The cost table's key of a stages.parquet row: extractions by their full name (mmlg, mmlg/elastic);
+    pre-training by method, at the extraction's sample budget only (1x; the ladder's other budgets are
+    the equal-accuracy section's business)."""
+    if stage == "extraction":
+        return stage, str(name)
+    if stage == "pretrain":
+        return (stage, str(name).split("/")[0].split("@")[0]) if _budget_of(name) == 1.0 else None
+    return stage, str(name).split("/")[0]
+
+
+def _extraction_name(method: str, extraction: str) -> str:
+    """The stages.parquet name of the extraction an arm's learngene came from."""
+    return method if extraction in ("", "fixed") else f"{method}/{extraction}"
+
+
+def pretrain_share(ft: pd.DataFrame, stages: pd.DataFrame, col: str = "flops") -> pd.Series:
+    """Each descendant's share of the pre-training behind it (DESIGN section 3: a stage's cost is
+    shared equally by the descendants that use it). mmlg/tleg: its extraction's cost over the
+    (modality, depth, width) cells of that arm; pt_ft/csm: the pre-trained shape's cost (the row's
+    pretrain_flops or pretrain_device_s) over the modalities that use that shape at that budget.
+    col: "flops" or "device_s"."""
+    ext = {}
+    for _, r in stages[stages.stage == "extraction"].iterrows():
+        ext[str(r["name"])] = ext.get(str(r["name"]), 0.0) + float(r.get(col, 0) or 0)
+    names = [_extraction_name(m, e) for m, e in zip(ft.method, ft.extraction)]
+    n_cells = ft.assign(_n=names).groupby("_n")[CELL].apply(lambda d: len(d.drop_duplicates()))
+    lg = pd.Series([ext.get(n, 0.0) / max(1, int(n_cells.get(n, 1))) if m in LEARNGENE_METHODS else 0.0
+                    for n, m in zip(names, ft.method)], index=ft.index, dtype=float)
+    own = ft["pretrain_flops" if col == "flops" else "pretrain_device_s"].astype(float).fillna(0.0)
+    n_mod = ft.groupby(["arm", "depth", "width"]).modality.transform("nunique").clip(lower=1)
+    return lg + own / n_mod
+
+
 def total_cost_per_trial(ft: pd.DataFrame, stages: pd.DataFrame) -> pd.Series:
-    """Training FLOPs that produced each descendant: fine-tuning + its own pre-training (pt_ft, csm)
-    + an equal share of its learngene's extraction (mmlg, tleg)."""
-    n_desc = ft[ft.method.isin(LEARNGENE_METHODS)].groupby("method")[["modality", "depth", "width"]].apply(
-        lambda d: len(d.drop_duplicates()))
-    ext = {str(r["name"]): float(r["flops"]) for _, r in stages[stages.stage == "extraction"].iterrows()}
-    share = ft.method.map(lambda m: ext.get(m, 0.0) / max(1, int(n_desc.get(m, 1))) if m in ext else 0.0)
-    return ft.finetune_flops.astype(float) + ft.pretrain_flops.astype(float) + share
+    """Training FLOPs that produced each descendant: fine-tuning + its share of the pre-training behind
+    it (pretrain_share: its own shape's pre-training for pt_ft/csm, its learngene's extraction for
+    mmlg/tleg, each shared equally by the descendants that use it)."""
+    return ft.finetune_flops.astype(float) + pretrain_share(ft, stages, "flops")
 
 
 def pareto(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
@@ -156,32 +288,117 @@ def pareto(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- significance
-def compare_to_baselines(ft: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """MM-LG against every other method in each cell: mean difference, Welch t-test when each side
-    has >= MIN_SEEDS_TO_RANK seeds; otherwise the verdict says there are too few seeds."""
-    from scipy import stats
+def compare_to_baselines(ft: pd.DataFrame, confidence: float = stats.CONFIDENCE,
+                         alpha: float = 0.05) -> tuple[pd.DataFrame, str]:
+    """MM-LG (each extraction mode) against every other arm in each cell (task, depth, width): mean
+    test-score difference with its independent two-sample bootstrap CI, Welch's t-test, and the p-values
+    corrected over every comparison in the table (Holm, family-wise; Benjamini-Hochberg beside it).
+    Verdicts use Holm-corrected p < alpha only, and only where each side has >= MIN_SEEDS_TO_RANK seeds."""
     out = []
-    for key, cell in ft.groupby(["task", "depth", "width"]):
-        mm = cell[cell.method == "mmlg"].final_score
-        if mm.empty:
-            continue
-        for m, other in cell[cell.method != "mmlg"].groupby("method"):
-            o = other.final_score
-            n = min(len(mm), len(o))
-            diff = mm.mean() - o.mean()
-            if n < MIN_SEEDS_TO_RANK:
-                verdict, p = f"too few seeds (n={n}) to tell", float("nan")
-            else:
-                p = float(stats.ttest_ind(mm, o, equal_var=False).pvalue)
-                verdict = ("mmlg better" if diff > 0 else "mmlg worse") if p < 0.05 else "no significant difference"
-            out.append({"task": key[0], "depth": key[1], "width": key[2], "vs": m, "mmlg_mean": mm.mean(),
-                        "other_mean": o.mean(), "diff": diff, "n": n, "p_value": p, "verdict": verdict})
+    done = set()
+    for key, cell in ft.groupby(["task", "modality", "depth", "width"]):
+        for arm in sorted(cell[cell.method == "mmlg"].arm.unique()):
+            a = cell[cell.arm == arm].final_score.astype(float)
+            for other, og in cell[cell.arm != arm].groupby("arm"):
+                if (key, frozenset((arm, other))) in done:
+                    continue
+                done.add((key, frozenset((arm, other))))
+                b = og.final_score.astype(float)
+                d = stats.diff_ci(a, b, confidence)
+                n = min(len(a), len(b))
+                out.append({"task": key[0], "depth": key[2], "width": key[3], "arm": arm, "vs": other,
+                            "arm_mean": a.mean(), "vs_mean": b.mean(), "diff": d["diff"], "diff_lo": d["lo"],
+                            "diff_hi": d["hi"], "n_arm": len(a), "n_vs": len(b),
+                            "p_welch": stats.welch_p(a, b) if n >= MIN_SEEDS_TO_RANK else float("nan")})
     df = pd.DataFrame(out)
-    n_min = int(ft.groupby(["method", "modality", "depth", "width"]).seed.nunique().min()) if len(ft) else 0
-    note = (f"Each cell holds {n_min} seed(s); at least {MIN_SEEDS_TO_RANK} per method are needed for a Welch "
-            "t-test, so differences below are not ranked." if n_min < MIN_SEEDS_TO_RANK else
-            f"Welch t-tests over {n_min}+ seeds per method; p < 0.05 counts as a difference.")
+    if df.empty:
+        return df, "No MM-LG trials to compare."
+    df["p_holm"] = stats.holm(df.p_welch)
+    df["p_bh"] = stats.bh(df.p_welch)
+
+    def verdict(r):
+        n = min(r.n_arm, r.n_vs)
+        if n < MIN_SEEDS_TO_RANK:
+            return f"too few seeds (n={n}) to tell"
+        if math.isnan(r.p_holm):
+            return "not testable (no spread on either side)"
+        if r.p_holm < alpha:
+            return f"{r.arm} better" if r["diff"] > 0 else f"{r.arm} worse"
+        return "no significant difference"
+    df["verdict"] = df.apply(verdict, axis=1)
+    n_tested = int(df.p_welch.notna().sum())
+    n_min = int(ft.groupby(["arm"] + CELL).seed.nunique().min()) if len(ft) else 0
+    note = (f"Differences are MM-LG minus the other arm, in test-score points, with a {confidence:.0%} bootstrap "
+            f"interval (independent two-sample, scipy.stats.bootstrap). Welch t-tests where each side has at "
+            f"least {MIN_SEEDS_TO_RANK} seeds ({n_tested} of {len(df)} comparisons); p-values Holm-corrected over "
+            f"all {n_tested} tested comparisons in this table (p_bh: Benjamini-Hochberg, for reference). A "
+            f"verdict is a difference only where the Holm-corrected p < {alpha}.")
+    if n_min < MIN_SEEDS_TO_RANK:
+        note += (f" Some cells hold only {n_min} seed(s): at least {MIN_SEEDS_TO_RANK} per arm are needed to "
+                 "rank, so those differences are not ranked.")
     return df, note
+
+
+def equal_accuracy_table(ft: pd.DataFrame, stages: pd.DataFrame, confidence: float = stats.CONFIDENCE,
+                         n_resamples: int = stats.N_RESAMPLES) -> tuple[pd.DataFrame, dict]:
+    """Per cell and learngene arm (mmlg, mmlg/elastic, tleg, ...): the pre-training compute at which
+    PT+FT's ladder of budgets reaches the arm's mean test score (stats.equal_accuracy), against the
+    arm's own share of its extraction. Compute per descendant as pretrain_share counts it. Returns the
+    table and {(task, depth, width, arm): EqualAccuracy} for the plot."""
+    ft = ft.assign(_flops=pretrain_share(ft, stages, "flops"), _dev=pretrain_share(ft, stages, "device_s"))
+    rows, res = [], {}
+    for key, cell in ft.groupby(["task", "modality", "depth", "width"]):
+        pt = cell[cell.method == "pt_ft"]
+        if pt.empty:
+            continue
+        steps = [(b, g) for b, g in pt.groupby("pt_budget")]
+        ladder = [(float(g._flops.mean()), g.final_score.astype(float).values) for _, g in steps]
+        ladder_dev = [(float(g._dev.mean()), g.final_score.astype(float).values) for _, g in steps]
+        for arm, a in cell[cell.method.isin(LEARNGENE_METHODS)].groupby("arm"):
+            own, own_dev = float(a._flops.mean()), float(a._dev.mean())
+            ea = stats.equal_accuracy(ladder, a.final_score.astype(float).values, own, confidence, n_resamples,
+                                      seed=0)
+            res[(key[0], key[2], key[3], arm)] = ea
+            c_dev, kind_dev = (stats.crossing([c for c, _ in ladder_dev], [s.mean() for _, s in ladder_dev],
+                                              ea.target) if all(c > 0 for c, _ in ladder_dev) else
+                               (float("nan"), "undefined"))
+            rows.append({"task": key[0], "modality": key[1], "depth": key[2], "width": key[3], "arm": arm,
+                         "arm_score": ea.target, "n_arm": len(a), "budgets": ", ".join(f"{b:g}x" for b, _ in steps),
+                         "ladder_scores": ", ".join(f"{m:.3g}" for _, m, _ in ea.ladder),
+                         "kind": ea.kind, "pt_ft_flops": ea.compute, "pt_ft_flops_lo": ea.lo,
+                         "pt_ft_flops_hi": ea.hi, "arm_flops": own, "saved_flops": ea.saved,
+                         "ratio": ea.ratio, "ratio_lo": ea.lo / own if own > 0 else float("nan"),
+                         "ratio_hi": ea.hi / own if own > 0 else float("nan"),
+                         "frac_never": ea.frac_never, "frac_always": ea.frac_always,
+                         "pt_ft_device_s": c_dev, "kind_device_s": kind_dev, "arm_device_s": own_dev,
+                         "ratio_device_s": c_dev / own_dev if own_dev > 0 else float("nan")})
+    return pd.DataFrame(rows), res
+
+
+def equal_accuracy_sentence(r) -> str:
+    """One line per row of equal_accuracy_table, in words."""
+    h = _human
+    if r.kind == "never":
+        return (f"PT+FT does not reach it within the ladder (> {h(r.pt_ft_flops)} FLOPs); {r.arm} spends "
+                f"{h(r.arm_flops)}: saves more than {h(r.saved_flops)} FLOPs (> {r.ratio:.3g}x)")
+    if r.kind == "always":
+        return (f"PT+FT beats it at every budget (already at {h(r.pt_ft_flops)} FLOPs, the smallest); "
+                f"{r.arm} spends {h(r.arm_flops)}: saves at most {h(r.saved_flops)} FLOPs")
+    if r.kind != "crossing":
+        return "undefined (no ladder or no score)"
+    word = "saves" if r.saved_flops >= 0 else "costs more by"
+    return (f"PT+FT reaches it at {h(r.pt_ft_flops)} FLOPs ({stats.CONFIDENCE:.0%} interval "
+            f"{_off_ladder(r.pt_ft_flops_lo, True)} to {_off_ladder(r.pt_ft_flops_hi, True)}); {r.arm} spends "
+            f"{h(r.arm_flops)}: {word} {h(abs(r.saved_flops))} FLOPs (PT+FT needs {r.ratio:.3g}x)")
+
+
+def _off_ladder(v: float, words: bool = False) -> str:
+    """An interval bound of the crossing: -inf = PT+FT reaches the score below the ladder's smallest
+    budget, +inf = it does not reach it within the ladder."""
+    if math.isinf(v):
+        return ("below the ladder" if words else "below ladder") if v < 0 else \
+            ("beyond the ladder" if words else "beyond ladder")
+    return _human(v)
 
 
 # --------------------------------------------------------------------------- plots
@@ -217,10 +434,11 @@ def plot_score_vs_params(ft: pd.DataFrame, task: str) -> bytes:
     import matplotlib.pyplot as plt
     d = ft[ft.task == task]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for m, g in d.groupby("method"):
+    for arm, g in d.groupby("arm"):
         s = g.groupby("params").final_score.agg(["mean", "std"]).reset_index()
-        ax.errorbar(s.params, s["mean"], yerr=s["std"].fillna(0), marker="o", capsize=3, label=m,
-                    color=COLORS.get(m), linewidth=2.2 if m == "mmlg" else 1.2)
+        m = g.method.iloc[0]
+        ax.errorbar(s.params, s["mean"], yerr=s["std"].fillna(0), marker="o", capsize=3, label=arm,
+                    color=COLORS.get(m), linewidth=2.2 if m == "mmlg" else 1.2, **_arm_style(g))
     _log_x(ax)
     ax.set_xlabel("descendant parameters")
     ax.set_ylabel(f"{d.score_metric.iloc[0]} (%)")
@@ -261,15 +479,16 @@ def plot_pareto(ft: pd.DataFrame, task: str) -> tuple[bytes, pd.DataFrame]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     d = ft[ft.task == task]
-    pts = d.groupby(["method", "depth", "width"]).agg(score=("final_score", "mean"),
-                                                     cost=("total_flops", "mean")).reset_index()
+    pts = d.groupby(["arm", "depth", "width"]).agg(score=("final_score", "mean"), cost=("total_flops", "mean"),
+                                                  method=("method", "first")).reset_index()
     front = pareto(pts, "cost", "score")
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for m, g in pts.groupby("method"):
-        ax.scatter(g.cost, g.score, label=m, color=COLORS.get(m), s=36)
+    for arm, g in pts.groupby("arm"):
+        ax.scatter(g.cost, g.score, label=arm, color=COLORS.get(g.method.iloc[0]), s=36,
+                   marker="s" if "/" in arm else "o")
     ax.plot(front.cost, front.score, "k--", linewidth=1, label="Pareto frontier")
     for _, r in front.iterrows():
-        ax.annotate(f"{r.method} d{r.depth} w{r.width}", (r.cost, r.score), fontsize=7, xytext=(4, 4),
+        ax.annotate(f"{r.arm} d{r.depth} w{r.width}", (r.cost, r.score), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")
     _log_x(ax)
     ax.set_xlabel("total training FLOPs behind the descendant")
@@ -278,6 +497,71 @@ def plot_pareto(ft: pd.DataFrame, task: str) -> tuple[bytes, pd.DataFrame]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     return _fig_png(fig), front
+
+
+def _arm_style(g: pd.DataFrame) -> dict:
+    """Line style of an arm: dashed for a non-fixed extraction, fainter for smaller pt_ft budgets."""
+    m, e, b = g.method.iloc[0], g.extraction.iloc[0], float(g.pt_budget.iloc[0])
+    if m in LEARNGENE_METHODS and e not in ("", "fixed"):
+        return {"linestyle": "--"}
+    if m == "pt_ft" and b != 1.0:
+        return {"alpha": max(0.35, min(1.0, 0.5 + 0.25 * math.log2(b))) if b > 0 else 0.35, "linestyle": ":"}
+    return {}
+
+
+def plot_equal_accuracy(ft: pd.DataFrame, stages: pd.DataFrame, res: dict) -> bytes:
+    """One panel per cell: PT+FT's ladder (mean test score ± CI against pre-training FLOPs per
+    descendant), its isotonic fit, each learngene arm at its own compute, and the crossing."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    cells = sorted({k[:3] for k in res})
+    ncol = min(4, len(cells))
+    nrow = math.ceil(len(cells) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 2.9 * nrow), squeeze=False)
+    ft = ft.assign(_flops=pretrain_share(ft, stages, "flops"))
+    for ax, (task, depth, width) in zip(axes.flat, cells):
+        pt = ft[(ft.task == task) & (ft.depth == depth) & (ft.width == width) & (ft.method == "pt_ft")]
+        lad = []
+        for _, g in pt.groupby("pt_budget"):
+            ci = stats.mean_ci(g.final_score)
+            lad.append((float(g._flops.mean()), ci["mean"], ci["lo"], ci["hi"]))
+        lad.sort()
+        x = np.array([p[0] for p in lad])
+        y = np.array([p[1] for p in lad])
+        lo = np.array([p[2] if not math.isnan(p[2]) else p[1] for p in lad])
+        hi = np.array([p[3] if not math.isnan(p[3]) else p[1] for p in lad])
+        ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", color=COLORS["pt_ft"], capsize=2, linewidth=0,
+                    elinewidth=1, label="PT+FT ladder (mean, 95% CI)")
+        ax.plot(x, stats.isotonic(y, [len(pt[pt.pt_budget == b]) for b in sorted(pt.pt_budget.unique())])
+                if len(x) > 1 else y, color=COLORS["pt_ft"], linewidth=1, label="isotonic fit")
+        for (t, d, w, arm), ea in res.items():
+            if (t, d, w) != (task, depth, width):
+                continue
+            col = COLORS.get(arm.split("/")[0], "#333")
+            ax.axhline(ea.target, color=col, linestyle="--" if "/" in arm else "-", linewidth=0.8, alpha=0.7)
+            if ea.own_compute > 0:
+                ax.scatter([ea.own_compute], [ea.target], color=col, marker="D" if "/" in arm else "*",
+                           s=45 if "/" in arm else 110, zorder=5, label=f"{arm} (own compute, score)")
+            if ea.kind == "crossing":
+                ax.axvline(ea.compute, color=col, linestyle=":", linewidth=1)
+        _log_x(ax)
+        ax.set_title(f"{task} d{depth} w{width}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("pre-training FLOPs per descendant", fontsize=7)
+        ax.set_ylabel("test score (%)", fontsize=7)
+    for ax in list(axes.flat)[len(cells):]:
+        ax.axis("off")
+    handles = {}
+    for ax in axes.flat:
+        for h, lbl in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lbl, h)
+    fig.tight_layout()
+    fig.legend(list(handles.values()), list(handles), fontsize=7, loc="upper center", ncol=3,
+               bbox_to_anchor=(0.5, 0.0))
+    return _fig_png(fig)
 
 
 # --------------------------------------------------------------------------- assembly
@@ -311,27 +595,128 @@ def software_versions() -> dict:
     return out
 
 
+def reading_note(trials: pd.DataFrame, ft: pd.DataFrame) -> str:
+    sel = selection_split(trials)
+    lines = []
+    if sel == "val":
+        lines.append("**Selection on validation.** Every score in this report is a **test** score (`final_score`) "
+                     "of a trial chosen on the **validation** split: per cell (arm x shape), the search trial with "
+                     "the best validation score, then the other seeds at its hyper-parameters. The test split "
+                     "chose nothing.")
+    elif sel in ("test", "mixed"):
+        lines.append("**Note: selection used the test split.** These results predate validation splits "
+                     f"({'no' if sel == 'test' else 'some'} search trials carry a `val_score`), so "
+                     + ("each" if sel == "test" else "such a") + " cell's search trial was chosen by its test "
+                     "score, and the scores below are optimistic. Rerun the sweep to select on validation.")
+    else:
+        lines.append("**No hyper-parameter search** (every trial ran the configured hyper-parameters): nothing "
+                     "was selected, and every score is a test score (`final_score`).")
+    lines.append(f"**What a seed varies.** {SEED_NOTE}")
+    lines.append(f"**Statistics.** Means over seeds with {stats.CONFIDENCE:.0%} bootstrap intervals "
+                 f"(scipy.stats.bootstrap, BCa, percentile where BCa degenerates, {stats.N_RESAMPLES} resamples, "
+                 f"seeded); methods are ranked only with at least {MIN_SEEDS_TO_RANK} seeds a side, by Welch "
+                 "t-tests Holm-corrected over all comparisons in the report.")
+    return "\n\n".join(lines)
+
+
+def fixed_vs_elastic(ft: pd.DataFrame, method: str = "mmlg") -> str:
+    """A table: per modality, width and depth, the fixed and elastic extraction's test mean with its CI."""
+    d = ft[ft.method == method]
+    modes = sorted({e or "fixed" for e in d.extraction})
+    if not {"fixed", "elastic"} <= set(modes):
+        have = ", ".join(modes) or "none"
+        return f"_(this sweep ran {method} with {have} extraction only: no comparison)_"
+    rows = []
+    for (mod, w, dep), g in d.groupby(["modality", "width", "depth"]):
+        r = {"modality": mod, "width": w, "depth": dep}
+        vals = {}
+        for mode in ("fixed", "elastic"):
+            x = g[g.extraction.replace("", "fixed") == mode].final_score.astype(float)
+            ci = stats.mean_ci(x)
+            vals[mode] = x
+            r[f"{mode} mean"] = ci["mean"]
+            r[f"{mode} 95% CI"] = _ci(ci["lo"], ci["hi"])
+            r[f"{mode} n"] = ci["n"]
+        dd = stats.diff_ci(vals["elastic"], vals["fixed"])
+        r["elastic - fixed"] = dd["diff"]
+        r["diff 95% CI"] = _ci(dd["lo"], dd["hi"])
+        rows.append(r)
+    return (f"{method} test scores by extraction mode: `fixed` is the paper's rule (the learngene trained at the "
+            "auxiliary model's shape only), `elastic` also distils sampled descendant shapes at each step. The "
+            "verdicts (Holm-corrected) are in the table above.\n\n" + _md_table(pd.DataFrame(rows)))
+
+
+_BOUND = {"crossing": "", "never": "> ", "always": "<= "}
+
+
+def equal_accuracy_md(eq: pd.DataFrame) -> str:
+    if eq.empty:
+        return ("_(needs both PT+FT (pt_ft) and a learngene method (mmlg or tleg) in the same cells: none here)_")
+    head = (f"For each cell, PT+FT pre-trains the descendant's shape along a ladder of budgets (multiples of the "
+            f"extraction's sample budget); the ladder's points are (pre-training FLOPs, mean test score). The fit is "
+            f"an {stats.FIT}. Where that fit meets the learngene arm's mean test score is what PT+FT must spend to "
+            f"equal it. Compute saved at equal accuracy = that compute minus the arm's own pre-training compute; "
+            f"the ratio is PT+FT's over the arm's. Compute is per descendant: a learngene's extraction is shared "
+            f"equally by the cells it serves, a pre-trained shape by the modalities that use it (DESIGN section 3). "
+            f"Intervals: {stats.CONFIDENCE:.0%} percentile interval of the crossing over {stats.N_RESAMPLES} "
+            f"resamples of each arm's seeds (the ladder's budgets and the arm independently); a bound off the ladder "
+            f"is written as such. Beside it, the same crossing in measured device-seconds (point estimate).")
+    lines = [head, ""]
+    for r in eq.itertuples():
+        lines.append(f"- **{r.task} d{r.depth} w{r.width}, {r.arm}** (test {r.arm_score:.3g}, n={r.n_arm}): "
+                     + equal_accuracy_sentence(r) + ".")
+    lines.append("")
+
+    def bound(v, kind):
+        if kind == "never":
+            return f"> {_human(v)}"
+        if kind == "always":
+            return f"<= {_human(v)}"
+        return _human(v) if not math.isnan(v) else ""
+
+    def interval(lo, hi):
+        if math.isnan(lo) or math.isnan(hi):
+            return ""
+        return f"[{_off_ladder(lo)}, {_off_ladder(hi)}]"
+    show = pd.DataFrame({
+        "task": eq.task, "depth": eq.depth, "width": eq.width, "arm": eq.arm, "arm test": eq.arm_score,
+        "PT+FT ladder (budgets: scores)": [f"{b}: {s}" for b, s in zip(eq.budgets, eq.ladder_scores)],
+        "PT+FT FLOPs at equal accuracy": [bound(v, k) for v, k in zip(eq.pt_ft_flops, eq.kind)],
+        "95% interval": [interval(a, b) for a, b in zip(eq.pt_ft_flops_lo, eq.pt_ft_flops_hi)],
+        "arm FLOPs": [_human(v) for v in eq.arm_flops],
+        "saved FLOPs": [_BOUND.get(k, "") + _human(v) if k in _BOUND and not math.isnan(v) else ""
+                        for v, k in zip(eq.saved_flops, eq.kind)],
+        "ratio": [_BOUND.get(k, "") + f"{v:.3g}x" if k in _BOUND and not math.isnan(v) else ""
+                  for v, k in zip(eq.ratio, eq.kind)],
+        "ratio (device-s)": [_BOUND.get(k, "") + f"{v:.3g}x" if k in _BOUND and not math.isnan(v) else ""
+                             for v, k in zip(eq.ratio_device_s, eq.kind_device_s)],
+    })
+    lines.append(_md_table(show))
+    return "\n".join(lines)
+
+
 def build_report(out_dir) -> Path:
     out = Path(out_dir)
     trials, stages, hist, cfg, anc_meta = load_results(out)
     if trials.empty:
         raise UserError("OUTPUT", f"{out}/trials.parquet holds no trials", "run the sweep first")
     anc_spec = ModelSpec(**anc_meta["spec"]) if "spec" in anc_meta else cfg.ancestor.spec
-    ok = trials.task.notna()
-    if "status" in trials:  # errored trials are listed in trials.parquet, never scored or plotted
-        ok &= trials.status != "error"
-    ft = final_trials(trials[ok]).copy()
+    # errored trials are listed in trials.parquet, never scored or plotted (final_trials drops them)
+    ft = final_trials(trials).copy()
     ft["total_flops"] = total_cost_per_trial(ft, stages)
     sections: list[Section] = []
     figures: dict[str, bytes] = {}
 
+    # 0. how to read it
+    sections.append(Section("How the scores were chosen and what a seed varies", reading_note(trials, ft)))
     # 1. scores
     for task in sorted(ft.task.unique()):
         name = f"score_vs_params_{task}.png"
         figures[name] = plot_score_vs_params(ft, task)
         sections.append(Section(f"Score against descendant size: {task}",
                                 f"Test set: {ft[ft.task == task].dataset.iloc[0]}; metric: "
-                                f"{ft[ft.task == task].score_metric.iloc[0]}.", name))
+                                f"{ft[ft.task == task].score_metric.iloc[0]} (test scores of the trials chosen "
+                                "as the first section says).", name))
     # 2. costs
     ct = cost_table(trials, stages, cfg, anc_spec)
     figures["costs.png"] = plot_costs(ct)
@@ -364,16 +749,36 @@ def build_report(out_dir) -> Path:
         png, front = plot_pareto(ft, task)
         name = f"pareto_{task}.png"
         figures[name] = png
-        names = ", ".join(f"{r.method} (depth {r.depth}, width {r.width})" for _, r in front.iterrows())
+        names = ", ".join(f"{r.arm} (depth {r.depth}, width {r.width})" for _, r in front.iterrows())
         sections.append(Section(f"Pareto frontier, score against total cost: {task}",
-                                f"On the frontier: {names}. Total cost = fine-tuning FLOPs + the descendant's own "
-                                "pre-training (pt_ft, csm) + an equal share of its learngene's extraction "
-                                "(mmlg, tleg).", name))
+                                f"On the frontier: {names}. Total cost = fine-tuning FLOPs + the descendant's share of "
+                                "the pre-training behind it: its shape's pre-training (pt_ft, csm; shared by the "
+                                "modalities that use that shape) or its learngene's extraction (mmlg, tleg; shared "
+                                "by the cells it serves).", name))
     # 4. per cell
     ctab = cell_table(ft)
-    sections.append(Section("Mean score and spread over seeds, per grid cell", _md_table(ctab)))
+    show = ctab.assign(**{"95% CI": [_ci(a, b) for a, b in zip(ctab.ci_lo, ctab.ci_hi)]})[
+        ["task", "depth", "width", "arm", "params", "n", "mean", "95% CI", "std", "val_mean", "score_metric"]
+    ].rename(columns={"mean": "test mean", "val_mean": "val mean"}) if len(ctab) else ctab
+    sections.append(Section("Mean score and spread over seeds, per grid cell",
+                            f"Test scores (mean over seeds, {stats.CONFIDENCE:.0%} bootstrap CI of the mean, n seeds) "
+                            "of the validation-chosen trials; `val mean` is their validation score.\n\n"
+                            + _md_table(show)))
     comp, note = compare_to_baselines(ft)
-    sections.append(Section("MM-LG against each baseline", note + "\n\n" + _md_table(comp)))
+    if len(comp):
+        comp_show = comp.assign(**{"diff 95% CI": [_ci(a, b) for a, b in zip(comp.diff_lo, comp.diff_hi)]})[
+            ["task", "depth", "width", "arm", "vs", "arm_mean", "vs_mean", "diff", "diff 95% CI", "n_arm", "n_vs",
+             "p_welch", "p_holm", "p_bh", "verdict"]]
+    else:
+        comp_show = comp
+    sections.append(Section("MM-LG against each baseline", note + "\n\n" + _md_table(comp_show)))
+    sections.append(Section("Fixed against elastic extraction, at every width", fixed_vs_elastic(ft)))
+    # 5. savings at equal accuracy
+    eq, eq_res = equal_accuracy_table(ft, stages)
+    eq_md = equal_accuracy_md(eq)
+    if eq_res:
+        figures["equal_accuracy.png"] = plot_equal_accuracy(ft, stages, eq_res)
+    sections.append(Section("Savings at equal accuracy", eq_md, "equal_accuracy.png" if eq_res else None))
     # 5. provenance
     lg = stages[stages.stage == "extraction"]
     lg_fps = []
@@ -396,6 +801,10 @@ def build_report(out_dir) -> Path:
         for name, png in figures.items():
             (tmp / name).write_bytes(png)
         costs_out.to_parquet(tmp / "cost.parquet", index=False)
+        if len(eq):
+            eq.to_parquet(tmp / "equal_accuracy.parquet", index=False)
+        if len(comp):
+            comp.to_parquet(tmp / "comparisons.parquet", index=False)
         (tmp / "report.md").write_text(render_md(sections))
         (tmp / "report.html").write_text(render_html(sections, figures))
     return out / "report"

@@ -24,9 +24,11 @@ def test_report_has_every_section(finished):
     for title in ["Score against descendant size: image_classification", "Score against descendant size: "
                   "text_classification", "Pre-training compute and storage against PT+FT",
                   "Pareto frontier, score against total cost", "Mean score and spread over seeds, per grid cell",
-                  "MM-LG against each baseline", "Provenance: config, fingerprints, software"]:
+                  "MM-LG against each baseline", "Savings at equal accuracy",
+                  "Provenance: config, fingerprints, software"]:
         assert title in html and title in md, title
-    assert html.count("data:image/png;base64,") == 5  # 2 score plots, costs, 2 Pareto plots: self-contained
+    # 2 score plots, costs, 2 Pareto plots, equal accuracy: self-contained
+    assert html.count("data:image/png;base64,") == 6
     assert "<img" in html and 'src="http' not in html
     assert "fingerprint" in md and "ray " in md and "torch " in md
     anc = pd.read_json(finished / "ancestor.json", typ="series")
@@ -36,7 +38,9 @@ def test_report_has_every_section(finished):
     mm = cost.set_index("method").loc["mmlg"]
     assert 0 < mm.storage_vs_pt_ft and mm.pretrain_flops_measured > 0 and mm.pretrain_device_s_measured > 0
     # 3 seeds: the comparison runs a test instead of saying there are too few seeds
-    assert "Welch t-tests over 3+ seeds" in md
+    comp = pd.read_parquet(rep / "comparisons.parquet")
+    assert comp.p_welch.notna().all() and (comp.p_holm >= comp.p_welch).all() and "too few" not in md
+    assert "No hyper-parameter search" in md and "A seed varies fine-tuning only" in md
 
 
 def test_report_job_rebuilds_and_says_too_few_seeds(finished, tmp_path):
@@ -74,3 +78,123 @@ def test_paper_plan_prices_a_gpu_cluster(capsys):
     text = capsys.readouterr().out
     assert "h100 device-hours" in text and "149,620,737" in text  # the full-size ViT-B/16 descendant
     assert sweep_job.main(["--dry-run", "--set", "report.device=tpu9"]) == 2
+
+
+# --------------------------------------------------------------------------- constructed results (no training)
+NOISE = (-0.5, 0.0, 0.5)  # seeds 0, 1, 2: the mean is the centre exactly
+
+
+def _row(method, seed, test, val, *, phase="seeds", extraction="", budget=0.0, arm=None, lr=1e-3, pre=0.0,
+         status="ok", modality="image", depth=2, width=64):
+    task = {"image": "image_classification", "text": "text_classification"}[modality]
+    return {"trial": f"{method}-{extraction}-{budget}-{seed}-{lr}", "method": method, "modality": modality,
+            "task": task, "dataset": "constructed", "depth": depth, "width": width, "params": 1000 * width,
+            "seed": seed, "lr": lr, "weight_decay": 0.0, "score_metric": "top1", "final_score": test,
+            "final_top1": test, "val_score": val, "best_val_score": val, "phase": phase, "status": status,
+            "finetune_flops": 1e9, "pretrain_flops": pre, "pretrain_device_s": pre / 1e10, "extraction": extraction,
+            "pt_budget": budget, "arm": arm or method}
+
+
+def constructed_trials():
+    """One cell (image, depth 2, width 64). PT+FT's ladder is linear in log compute: 40 + 10 points per
+    doubling from 1e11 FLOPs (budget 0.25x) to 8e11 (2x). mmlg (fixed) scores 55: PT+FT reaches it at
+    2e11 * sqrt(2) FLOPs; mmlg's extraction cost 1e11 and serves this one cell. mmlg/elastic scores 90
+    (PT+FT never reaches it), tleg 30 (PT+FT beats it at every budget), scratch 45.
+    In every arm's search the trial with the best validation score (lr 1e-3) is not the one with the
+    best test score (lr 1e-2, whose test score is 99): selection on validation must ignore it."""
+    rows = []
+    arms = [("mmlg", "fixed", 0.0, "mmlg", 55.0, 0.0), ("mmlg", "elastic", 0.0, "mmlg/elastic", 90.0, 0.0),
+            ("tleg", "fixed", 0.0, "tleg", 30.0, 0.0), ("scratch", "", 0.0, "scratch", 45.0, 0.0)]
+    arms += [("pt_ft", "", b, f"pt_ft@{b:g}x", 40.0 + 10 * k, 1e11 * 2 ** k)
+             for k, b in enumerate((0.25, 0.5, 1.0, 2.0))]
+    for method, ext, budget, arm, score, pre in arms:
+        kw = dict(extraction=ext, budget=budget, arm=arm, pre=pre)
+        rows.append(_row(method, 0, score + NOISE[0], 80.0, phase="search", **kw))
+        rows.append(_row(method, 0, 99.0, 10.0, phase="search", lr=1e-2, **kw))  # best test, worst val
+        rows.append(_row(method, 0, 99.0, 99.0, phase="search", lr=3e-2, status="error", **kw))  # never counts
+        rows += [_row(method, s, score + NOISE[s], 80.0, **kw) for s in (1, 2)]
+    return pd.DataFrame(rows)
+
+
+def constructed_stages():
+    return pd.DataFrame([
+        {"stage": "ancestor", "name": "local", "flops": 5e12, "device_s": 100.0, "wall_s": 100.0, "artifact": ""},
+        {"stage": "extraction", "name": "mmlg", "flops": 1e11, "device_s": 10.0, "wall_s": 10.0, "artifact": "x"},
+        {"stage": "extraction", "name": "mmlg/elastic", "flops": 3e11, "device_s": 30.0, "wall_s": 30.0,
+         "artifact": "x"},
+        {"stage": "extraction", "name": "tleg", "flops": 1e11, "device_s": 10.0, "wall_s": 10.0, "artifact": "x"}]
+        + [{"stage": "pretrain", "name": f"pt_ft/i2x64-t2x32@{b:g}x", "flops": 1e11 * 2 ** k, "device_s": 10.0 * 2 ** k,
+            "wall_s": 1.0, "artifact": ""} for k, b in enumerate((0.25, 0.5, 1.0, 2.0))])
+
+
+def test_selection_uses_validation_never_test():
+    from mmlg_ray.report import final_trials, selection_split
+    t = constructed_trials()
+    ft = final_trials(t)
+    assert selection_split(t) == "val"
+    assert (ft.lr == 1e-3).all() and (ft.status != "error").all()
+    assert len(ft) == 8 * 3 and ft.groupby("arm").seed.nunique().eq(3).all()
+    assert ft[ft.arm == "mmlg"].final_score.mean() == pytest.approx(55.0)
+    # old results (no val_score): the test split chooses, and selection_split says so
+    old = t.drop(columns=["val_score", "best_val_score", "arm", "extraction", "pt_budget"])
+    assert selection_split(old) == "test"
+    assert (final_trials(old).lr == 1e-2).sum() > 0
+
+
+def test_constructed_report_has_savings_at_equal_accuracy(tmp_path):
+    import math
+
+    from mmlg_ray.report import build_report
+    out = tmp_path / "run"
+    out.mkdir()
+    constructed_trials().to_parquet(out / "trials.parquet")
+    constructed_stages().to_parquet(out / "stages.parquet")
+    rep = build_report(out)
+    md, html = (rep / "report.md").read_text(), (rep / "report.html").read_text()
+    for text in ("## Savings at equal accuracy", "Selection on validation", "What a seed varies",
+                 "fine-tuning only", "Fixed against elastic extraction", "PT+FT does not reach it within the ladder",
+                 "PT+FT beats it at every budget", "Holm", "95% CI"):
+        assert text in md, text
+    assert "Savings at equal accuracy" in html and "equal_accuracy.png" in md
+    eq = pd.read_parquet(rep / "equal_accuracy.parquet").set_index("arm")
+    mm = eq.loc["mmlg"]
+    assert mm.kind == "crossing" and mm.pt_ft_flops == pytest.approx(2e11 * math.sqrt(2))
+    assert mm.arm_flops == pytest.approx(1e11) and mm.saved_flops == pytest.approx(2e11 * math.sqrt(2) - 1e11)
+    assert mm.pt_ft_flops_lo < mm.pt_ft_flops < mm.pt_ft_flops_hi
+    assert mm.ratio_device_s == pytest.approx(2 * math.sqrt(2))  # device-s ladder 10 s x 2^k, mmlg 10 s
+    assert eq.loc["mmlg/elastic"].kind == "never" and eq.loc["tleg"].kind == "always"
+    comp = pd.read_parquet(rep / "comparisons.parquet")
+    # every test is corrected over the whole table: Holm's p is never below Welch's
+    assert (comp.p_holm >= comp.p_welch).all() and comp.p_welch.notna().all()
+    vs = comp.set_index(["arm", "vs"])
+    assert vs.loc[("mmlg", "scratch")].verdict == "mmlg better"
+    assert vs.loc[("mmlg", "scratch")]["diff"] == pytest.approx(10.0)
+    assert vs.loc[("mmlg/elastic", "tleg")].verdict == "mmlg/elastic better"
+    assert ("mmlg/elastic", "mmlg") not in vs.index or ("mmlg", "mmlg/elastic") not in vs.index  # once per pair
+
+
+def test_constructed_old_results_render_with_a_test_selection_note(tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    t = constructed_trials()
+    t = t[(t.extraction != "elastic") & ((t.method != "pt_ft") | (t.pt_budget == 1.0))]
+    t.drop(columns=["val_score", "best_val_score", "arm", "extraction", "pt_budget"]).to_parquet(
+        out / "trials.parquet")
+    constructed_stages().to_parquet(out / "stages.parquet")
+    assert report_job.main([str(out)]) == 0
+    md = (out / "report" / "report.md").read_text()
+    assert "selection used the test split" in md
+    assert "## Savings at equal accuracy" in md and "with fixed extraction only" in md
+
+
+def test_pretraining_is_shared_by_the_descendants_that_use_it():
+    from mmlg_ray.report import normalize, pretrain_share
+    rows = [_row("pt_ft", 0, 50.0, 50.0, budget=1.0, arm="pt_ft@1x", pre=8e11, modality=m) for m in ("image", "text")]
+    rows += [_row("mmlg", 0, 50.0, 50.0, extraction="fixed", modality=m, depth=d) for m in ("image", "text")
+             for d in (1, 2)]
+    rows += [_row("mmlg", 0, 50.0, 50.0, extraction="elastic", arm="mmlg/elastic", modality="image")]
+    ft = normalize(pd.DataFrame(rows))
+    share = pretrain_share(ft, constructed_stages(), "flops")
+    # one pre-trained shape serves image and text: half each; the fixed learngene serves 4 cells: a quarter
+    # each; the elastic one serves its one cell alone
+    assert share.tolist() == pytest.approx([4e11, 4e11] + [2.5e10] * 4 + [3e11])
