@@ -238,6 +238,16 @@ class DatasetConfig(_Strict):
     prefetch: int = Field(2, ge=1, description="streamed sets: batches each loader worker (or Ray ingest) keeps ready")
     shuffle_buffer: int = Field(1000, ge=1, description="streamed sets: samples in each reader's shuffle buffer")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _not_the_default_parts(cls, data):
+        """`data.corpus.kind=webdataset` over the default mixture: the default's parts go with it (parts
+        the user wrote beside another kind are still an error below)."""
+        if isinstance(data, dict) and data.get("kind") != "mixture" and data.get("parts") is not None:
+            if data["parts"] == _default_parts():
+                data = {k: v for k, v in data.items() if k != "parts"}
+        return data
+
     @field_validator("path")
     @classmethod
     def _exists(cls, v):
@@ -291,6 +301,15 @@ def local_corpus() -> "DatasetConfig":
     return DatasetConfig(kind="mixture", parts=[
         DatasetConfig(kind="fashion_mnist"),
         DatasetConfig(kind="openclipart", val_fraction=0.05, test_fraction=0.05)])
+
+
+_DEFAULT_PARTS: list = []
+
+
+def _default_parts() -> list:
+    if not _DEFAULT_PARTS:
+        _DEFAULT_PARTS.extend(p.model_dump(mode="json") for p in local_corpus().parts)
+    return _DEFAULT_PARTS
 
 
 class DataConfig(_Strict):
