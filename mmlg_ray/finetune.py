@@ -5,7 +5,9 @@
   text        text classification (local: Tux Paint caption -> stamp category): accuracy, plus a
               linear probe of the initialized features
   image_text  image-text retrieval (local: Tux Paint stamps and captions): R@1/5/10 both ways, and
-              zero-shot classification (local: Fashion-MNIST test images)
+              zero-shot classification on classes and prompts no training stage saw (local: MNIST
+              digits' test split with prompts of their own); its chance level is 1 / num_classes
+              (10% for the digits)
 
 Every task reports a primary metric under "score" so sweeps and schedulers compare like with like.
 Fine-tuning and evaluation run in the run's `precision` (see mmlg_ray.precision); metrics in fp32.
