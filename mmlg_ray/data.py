@@ -73,7 +73,7 @@ log = logging.getLogger("mmlg_ray")
 TUXPAINT_DIR = "/usr/share/tuxpaint/stamps"
 OPENCLIPART_DIR = "/usr/share/openclipart"
 OPENCLIPART_MAX_PIXELS = 16 * 10 ** 6  # 17 renders are larger: 72% of the decoding work for 0.3% of the set
-OPENCLIPART_VERSION = 1  # bump when the captions or the decoding change: a new cache key
+OPENCLIPART_VERSION = 2  # bump when the captions or the decoding change: a new cache key
 
 
 def to_input(images: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -784,7 +784,8 @@ def openclipart(cfg: DatasetConfig, split: str, field_name: str, image_size: int
                         "install openclipart-png openclipart-svg (sudo apt-get install openclipart-png "
                         "openclipart-svg) or point to a folder holding both")
     listing = sorted(str(p.relative_to(root)) for p in (root / "png").rglob("*.png"))
-    key = hashlib.sha1(("\n".join(listing) + f"|{image_size}|{OPENCLIPART_VERSION}").encode()).hexdigest()[:16]
+    tux = Path(TUXPAINT_DIR).is_dir()  # its stamps are left out of the clip art
+    key = hashlib.sha1(("\n".join(listing) + f"|{image_size}|{OPENCLIPART_VERSION}|{tux}").encode()).hexdigest()[:16]
 
     def build():
         from PIL import Image
@@ -812,11 +813,15 @@ def openclipart(cfg: DatasetConfig, split: str, field_name: str, image_size: int
                 too_big += 1
             except Exception as e:  # an unreadable render: left out, named
                 log.warning("openclipart: skipping %s (%s)", rel, type(e).__name__)
-        log.info("openclipart: decoded %d clip-art images at %dpx in %.0f s, left out %d renders over %d "
-                 "megapixels (cached for later runs)", len(imgs), image_size, time.time() - t0, too_big,
-                 OPENCLIPART_MAX_PIXELS // 10 ** 6)
-        return {"images": torch.stack(imgs), "paths": [k[0] for k in keep], "captions": [k[1] for k in keep],
-                "categories": [k[2] for k in keep]}
+        images = torch.stack(imgs)
+        seen = _downstream_duplicates(images, image_size, cache_dir)
+        log.info("openclipart: decoded %d clip-art images at %dpx in %.0f s; left out %d renders over %d "
+                 "megapixels and %d drawings that are Tux Paint stamps (cached for later runs)", len(imgs) - len(seen),
+                 image_size, time.time() - t0, too_big, OPENCLIPART_MAX_PIXELS // 10 ** 6, len(seen))
+        keep_i = [i for i in range(len(keep)) if i not in seen]
+        return {"images": images[keep_i], "paths": [keep[i][0] for i in keep_i],
+                "captions": [keep[i][1] for i in keep_i], "categories": [keep[i][2] for i in keep_i],
+                "downstream_duplicates": [keep[i][0] for i in sorted(seen)]}
 
     blob = _cached(cache_dir / "data" / f"openclipart-{key}.pt", build)
     caps, cats = blob["captions"], blob["categories"]
@@ -826,6 +831,31 @@ def openclipart(cfg: DatasetConfig, split: str, field_name: str, image_size: int
     classnames = sorted(set(cats))
     labels = torch.tensor([classnames.index(c) for c in cats])
     return Pairs("openclipart", blob["images"], caps, labels, classnames, ["a clip art of {}."]).subset(idx)
+
+
+def near_duplicates(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.97) -> set[int]:
+    """Indices of uint8 images in `a` (N, 3, S, S) whose pixel correlation with some image of `b` (same
+    size) exceeds `threshold`: the same drawing, whatever its file."""
+    def unit(x):
+        x = x.float().flatten(1)
+        x = x - x.mean(1, keepdim=True)
+        return x / x.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    ub = unit(b)
+    out = set()
+    for i in range(0, len(a), 2048):
+        best = (unit(a[i:i + 2048]) @ ub.t()).max(1).values
+        out |= {i + j for j in torch.nonzero(best > threshold).flatten().tolist()}
+    return out
+
+
+def _downstream_duplicates(images: torch.Tensor, image_size: int, cache_dir: Path) -> set[int]:
+    """Clip art that is also a Tux Paint stamp (about 10 drawings are in both packages): left out of
+    openclipart so that no training stage sees a downstream image. Nothing when Tux Paint is absent."""
+    if not Path(TUXPAINT_DIR).is_dir():
+        return set()
+    tux = DatasetConfig(kind="tuxpaint")
+    stamps = torch.cat([tuxpaint(tux, s, "data.retrieval", image_size, cache_dir).images for s in SPLITS])
+    return near_duplicates(images, stamps)
 
 
 def as_rgb(images: torch.Tensor, image_size: int) -> torch.Tensor:

@@ -217,6 +217,10 @@ def _mini_openclipart(tmp_path, n=6):
             svg = root / "svg" / rel.with_suffix(".svg")
             svg.write_text(svg.read_text(errors="replace").replace("<dc:title>", "<dc:xtitle>").replace(
                 "</dc:title>", "</dc:xtitle>"))
+    stamp = _real_pngs(1)[0]  # a Tux Paint stamp posing as clip art: left out (downstream image)
+    (root / "png" / "food" / "stamp.png").write_bytes(stamp.read_bytes())
+    svg = (root / "svg" / picked[0].relative_to(src / "png").with_suffix(".svg")).read_text(errors="replace")
+    (root / "svg" / "food" / "stamp.svg").write_text(svg)
     first = picked[0].relative_to(src / "png")
     (root / "png" / "dupes").mkdir()
     (root / "svg" / "dupes").mkdir()
@@ -236,6 +240,7 @@ def test_openclipart_reader(tmp_path, monkeypatch):
     assert all(c.startswith("a clip art of ") and len(c.split()) > 4 for c in caps)
     blob = torch.load(next(cache.glob("data/openclipart-*.pt")), weights_only=True)
     assert len(set(blob["paths"])) == 6 and not any(p.startswith("dupes/") for p in blob["paths"])
+    assert blob["downstream_duplicates"] == ["food/stamp.png"]
     tr = splits["train"]
     assert tr.images.dtype == torch.uint8 and tr.images.shape[1:] == (3, 16, 16) and tr.images.float().std() > 10
     assert list(cache.glob("data/openclipart-*.pt"))
