@@ -159,7 +159,8 @@ class TrainConfig(_Strict):
 
 
 class AncestorPretrain(TrainConfig):
-    steps: PosInt = 300
+    steps: PosInt = 600
+    batch_size: PosInt = 64
     log_every: PosInt = 50
 
 
@@ -297,11 +298,11 @@ class DatasetConfig(_Strict):
 
 def local_corpus() -> "DatasetConfig":
     """The local pre-training / extraction corpus: Fashion-MNIST + openclipart (clip art with titles and
-    keywords). Fashion-MNIST is capped at 12,000 images so that clip art is about a third of the corpus
+    keywords). Fashion-MNIST is capped at 4,000 images so that clip art is about 60% of the corpus
     (the ancestor's knowledge of pictures and words beyond ten garments comes from it); openclipart
     serves the corpus only: it keeps 5% each for validation and test."""
     return DatasetConfig(kind="mixture", parts=[
-        DatasetConfig(kind="fashion_mnist", max_samples=12000),
+        DatasetConfig(kind="fashion_mnist", max_samples=4000),
         DatasetConfig(kind="openclipart", val_fraction=0.05, test_fraction=0.05)])
 
 
