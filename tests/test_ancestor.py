@@ -48,3 +48,25 @@ def test_local_ancestor_is_cached_by_config(tiny_cfg, tiny_ancestor):
     again = get_ancestor(tiny_cfg)  # same config: read back from the cache, not re-trained
     assert again.fingerprint == tiny_ancestor.fingerprint
     assert again.cost["steps"] == tiny_cfg.ancestor.pretrain.steps
+
+
+def test_chance_mean_recall_is_exact():
+    """The analytic chance level equals the mean recall of random embeddings (many seeded draws),
+    duplicate captions counted as correct as in evaluate.retrieval_metrics."""
+    from mmlg_ray.ancestor import chance_mean_recall
+    from mmlg_ray.evaluate import retrieval_metrics
+    caps = [f"c{i}" for i in range(40)] + ["same"] * 5
+    g = torch.Generator().manual_seed(0)
+    draws = [retrieval_metrics(torch.randn(45, 8, generator=g), torch.randn(45, 8, generator=g), caps)["mean_recall"]
+             for _ in range(400)]
+    assert abs(sum(draws) / len(draws) - chance_mean_recall(caps)) < 0.6
+    assert abs(chance_mean_recall([str(i) for i in range(100)]) - 100 * (1 + 5 + 10) / 3 / 100) < 1e-9
+
+
+def test_local_ancestor_records_its_own_val_retrieval(tiny_cfg, tiny_ancestor):
+    """Measured on Tux Paint's validation split (which no training stage sees), kept in meta.json and
+    on the Ancestor, with its chance level."""
+    m = tiny_ancestor.meta["tuxpaint_val"]
+    assert m["split"] == "val" and 120 < m["pairs"] < 220
+    assert 2.0 < m["chance_mean_recall"] < 6.0 and 0 <= m["mean_recall"] <= 100
+    assert get_ancestor(tiny_cfg).meta["tuxpaint_val"] == m  # read back from the cache

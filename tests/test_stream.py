@@ -14,7 +14,8 @@ BAD = {"00000025.png": b"\x89PNG\r\n\x1a\n garbage, not an image", "00000030.txt
 
 
 def _shards(tmp_path, cache_dir, n=60, per_shard=20, labels=True, bad=True):
-    """fashion_mnist train samples as shards DIR/train-*.tar (+ 10 test samples in DIR/test-000000.tar);
+    """fashion_mnist train samples as shards DIR/train-*.tar (+ 10 test samples in DIR/test-000000.tar and
+    DIR/val-000000.tar);
     with `bad`, sample 25's image is garbage and sample 30 has no caption (in one shard)."""
     from mmlg_ray.data import Pairs
     fm = load_dataset(DatasetConfig(kind="fashion_mnist", max_samples=n), "train", image_size=16, cache_dir=cache_dir)
@@ -25,6 +26,7 @@ def _shards(tmp_path, cache_dir, n=60, per_shard=20, labels=True, bad=True):
     fm_test = load_dataset(DatasetConfig(kind="fashion_mnist", max_samples=10), "test", image_size=16,
                            cache_dir=cache_dir)
     write_webdataset(fm_test if labels else Pairs(fm.name, fm_test.images, fm_test.captions), out, 10, prefix="test")
+    write_webdataset(fm_test if labels else Pairs(fm.name, fm_test.images, fm_test.captions), out, 10, prefix="val")
     if bad:
         shard = paths[25 // per_shard]
         with tarfile.open(shard) as t:
@@ -41,7 +43,8 @@ def _shards(tmp_path, cache_dir, n=60, per_shard=20, labels=True, bad=True):
 
 def test_streamed_shards_skip_and_count_bad_samples(tmp_path, cache_dir):
     out = _shards(tmp_path, cache_dir)
-    cfg = DatasetConfig(kind="webdataset", path=str(out / "*.tar"), test_shards=str(out / "test-*.tar"))
+    cfg = DatasetConfig(kind="webdataset", path=str(out / "*.tar"), test_shards=str(out / "test-*.tar"),
+                        val_shards=str(out / "val-*.tar"))
     train = load_dataset(cfg, "train", image_size=16, cache_dir=cache_dir)
     assert [os.path.basename(s) for s in train.shards] == [f"train-00000{i}.tar" for i in range(3)]
     assert train.classnames[1] == "trouser"  # from dataset.json, written beside the shards
@@ -118,6 +121,7 @@ def test_csm_pretraining_on_webdataset(tiny_cfg, tiny_ancestor, tmp_path, cache_
     out = _shards(tmp_path, cache_dir, labels=False)
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.data.corpus = DatasetConfig(kind="webdataset", path=str(out / "*.tar"), test_shards=str(out / "test-*.tar"),
+                                    val_shards=str(out / "val-*.tar"),
                                     workers=1)
     data = corpus(cfg)
     assert data.classnames is None and not hasattr(data, "captions")
@@ -137,7 +141,8 @@ def test_streamed_corpus_extraction_on_ray(tiny_cfg, tiny_ancestor, ray_address,
     from mmlg_ray.learngene import load_learngene
     out = _shards(tmp_path, cache_dir, n=200, per_shard=50)
     cfg = tiny_cfg.model_copy(deep=True)
-    cfg.data.corpus = DatasetConfig(kind="webdataset", path=str(out / "*.tar"), test_shards=str(out / "test-*.tar"))
+    cfg.data.corpus = DatasetConfig(kind="webdataset", path=str(out / "*.tar"), test_shards=str(out / "test-*.tar"),
+                                    val_shards=str(out / "val-*.tar"))
     # 0.5 of the session's 2 CPUs for training, 0.25 per decoding task: room left beside what other tests hold
     cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.data_cpus = 2, 0.25, 0.25
     cost = extract_on_ray(cfg, tiny_ancestor, tmp_path / "lg.safetensors", storage=str(tmp_path / "ray"))
