@@ -200,7 +200,8 @@ def extraction_cost(aux_spec_: ModelSpec, teacher_spec: ModelSpec, steps, sample
     return {"steps": steps, "samples": samples, "wall_s": seconds, "device_s": seconds * n_devices,
             "devices": n_devices, "flops": flops + extra, "elastic_flops": extra,
             "extraction_mode": "elastic" if elastic is not None else "fixed",
-            "final_loss": (last or {}).get("loss")}
+            "final_loss": (last or {}).get("loss"), "final_elastic_loss": (last or {}).get("elastic"),
+            "final_distill_smallest": (last or {}).get("distill_smallest")}
 
 
 def finish_extraction(aux: AuxCLIP, out_path, cost: dict):
