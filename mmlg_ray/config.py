@@ -348,6 +348,10 @@ class ExtractionConfig(TrainConfig):
     distill_temperature: float = Field(1.0, gt=0)
     feature_weight: float = Field(0.0, ge=0)
     checkpoint_every: int = Field(40, ge=1)
+    elastic_weight: float = Field(
+        1.0, ge=0, description="elastic extraction: weight of the sampled descendant shapes' mean loss")
+    elastic_shapes: int = Field(
+        3, ge=1, description="elastic extraction: shapes distilled per step (largest, smallest, then random)")
 
 
 class LearngeneConfig(_Strict):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,8 @@ from .config import ModelSpec
 from .errors import UserError
 from .models import build_model, layer_name, layer_params, parse_layer_name
 from .select import select_inherited_state, select_layer_tensor
+
+EXTRACTION_MODES = ("fixed", "elastic")
 
 FORMAT_VERSION = 1
 
@@ -89,6 +92,7 @@ class LearngeneMeta:
     extraction: dict = field(default_factory=dict)
     cost: dict = field(default_factory=dict)
     tensors_sha256: str = ""
+    extraction_mode: str = "fixed"  # fixed (the paper's aux shape only) | elastic (also sampled grid shapes)
 
     @property
     def model_spec(self) -> ModelSpec:
@@ -286,38 +290,119 @@ def inherited_for(inherited: dict[str, torch.Tensor], spec_from: ModelSpec, spec
     return out
 
 
+# --------------------------------------------------------------------------- elastic extraction
+def shape_key(depth: int, width: int) -> str:
+    return f"d{depth}w{width}"
+
+
+@dataclass
+class ElasticPlan:
+    """Which descendant shapes an elastic extraction step distils (the sandwich rule of slimmable /
+    once-for-all training): the grid's largest shape (deepest, widest), its smallest, and `count - 2`
+    others drawn at random without replacement. A grid of at most `count` shapes is distilled whole
+    at every step. The draw depends only on (seed, step), so a resumed run draws what the
+    uninterrupted run would have. `specs` maps shape_key(depth, width) to the descendant's ModelSpec
+    (mmlg_ray.descend.descendant_spec of the ancestor), built exactly as descendants are."""
+
+    specs: dict[str, ModelSpec]
+    depths: list[int]
+    widths: list[int]
+    count: int = 3
+    weight: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        self.largest = shape_key(max(self.depths), max(self.widths))
+        self.smallest = shape_key(min(self.depths), min(self.widths))
+        self.keys = [shape_key(d, w) for d in sorted(self.depths) for w in sorted(self.widths)]
+
+    def at(self, step: int) -> list[str]:
+        fixed = list(dict.fromkeys([self.largest, self.smallest]))[:self.count]
+        rest = [k for k in self.keys if k not in fixed]
+        n = max(0, min(self.count - len(fixed), len(rest)))
+        drawn = random.Random(self.seed * 1_000_003 + step).sample(rest, n) if n else []
+        return fixed + drawn
+
+    def train_flops(self, steps: int, batch: float, start: int = 0) -> int:
+        """Training FLOPs (forward + backward) of the sampled shapes over steps start..steps-1, each
+        step on `batch` samples (the global batch)."""
+        from .cost import train_flops
+        per = {k: train_flops(s, "image_text", 1) for k, s in self.specs.items()}
+        return int(round(sum(per[k] for step in range(start, steps) for k in self.at(step)) * batch))
+
+    def describe(self) -> dict:
+        return {"depths": list(self.depths), "widths": list(self.widths), "shapes": self.count,
+                "weight": self.weight, "seed": self.seed}
+
+
 # --------------------------------------------------------------------------- the auxiliary CLIP
 class AuxCLIP(nn.Module):
     """A CLIP whose every residual-block tensor is computed from the learngene on each forward.
 
     The learngene tensors and the inherited non-layer tensors are the only trainable parameters.
+
+    Elastic extraction: `shapes` maps shape keys to descendant ModelSpecs; for each one the module
+    holds a parameter-free open_clip CLIP of that shape (a skeleton) and `forward(..., shapes=[keys])`
+    also runs those descendants, their layers expanded from the learngene and their non-layer
+    tensors width-selected from the inherited ones, exactly as mmlg_ray.descend initializes a
+    descendant, and differentiably, so their losses train the same tensors. All of it runs inside
+    this module's forward, where DeepSpeed ZeRO-3 gathers the partitioned parameters it touches.
     """
 
-    def __init__(self, learngene: Learngene, inherited: dict[str, torch.Tensor] | None = None):
+    def __init__(self, learngene: Learngene, inherited: dict[str, torch.Tensor] | None = None,
+                 shapes: dict[str, ModelSpec] | None = None):
         super().__init__()
         self.learngene = learngene
         spec = learngene.meta.model_spec
         clip = build_model(spec, "image_text")
-        for name, _ in list(clip.named_parameters()):
-            if parse_layer_name(name):
-                mod_name, attr = name.rsplit(".", 1)
-                mod = clip.get_submodule(mod_name)
-                del mod._parameters[attr]
-                setattr(mod, attr, None)  # a plain None attribute: repr() works (DeepSpeed ZeRO-3 prints it)
+        _strip_parameters(clip, layers_only=True)
         if inherited:
             missing, unexpected = clip.load_state_dict(inherited, strict=False)
             unexpected = [u for u in unexpected]
             if unexpected:
                 raise ValueError(f"inherited tensors not in the auxiliary CLIP: {unexpected[:5]}")
         self.clip = clip
+        self._inherited_names = [n for n, _ in clip.named_parameters()]
+        self.shape_specs = dict(shapes or {})
+        self.shapes = nn.ModuleDict()
+        with torch.random.fork_rng(devices=[]):  # skeletons do not move the caller's random stream
+            for key, s in self.shape_specs.items():
+                self.shapes[key] = _strip_parameters(build_model(s, "image_text"), layers_only=False)
 
     def layer_tensors(self):
         spec = self.learngene.meta.model_spec
         return {**self.learngene("image", spec.image_depth), **self.learngene("text", spec.text_depth)}
 
-    def forward(self, images=None, texts=None):
-        """(image features, text features, logit scale), features L2-normalized, as open_clip.CLIP."""
-        return functional_call(self.clip, self.layer_tensors(), (images, texts), strict=False)
+    def forward(self, images=None, texts=None, shapes=None):
+        """(image features, text features, logit scale), features L2-normalized, as open_clip.CLIP.
+        With `shapes` (keys of the elastic shapes): a tuple of such triples, the auxiliary model's
+        first, then one per listed shape."""
+        out = functional_call(self.clip, self.layer_tensors(), (images, texts), strict=False)
+        if shapes is None:
+            return out
+        return (out, *(self.shape_forward(k, images, texts) for k in shapes))
+
+    def live_inherited(self) -> dict[str, torch.Tensor]:
+        """The inherited non-layer parameters themselves (not detached), read by attribute so that
+        under ZeRO-3 each is gathered on access inside the forward."""
+        out = {}
+        for name in self._inherited_names:
+            mod, _, attr = name.rpartition(".")
+            out[name] = getattr(self.clip.get_submodule(mod) if mod else self.clip, attr)
+        return out
+
+    def shape_tensors(self, key: str) -> dict[str, torch.Tensor]:
+        """Every parameter of the elastic shape `key`, as mmlg_ray.descend.init_descendant builds it."""
+        spec_d = self.shape_specs[key]
+        lg_spec = self.learngene.meta.model_spec
+        out = {}
+        for tower in ("image", "text"):
+            out.update(self.learngene(tower, spec_d.depth(tower), spec_d.width(tower)))
+        out.update(inherited_for(self.live_inherited(), lg_spec, spec_d, ("image", "text")))
+        return out
+
+    def shape_forward(self, key: str, images=None, texts=None):
+        return functional_call(self.shapes[key], self.shape_tensors(key), (images, texts), strict=False)
 
     def inherited_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.clip.state_dict().items() if k != "attn_mask"}
@@ -330,6 +415,19 @@ class AuxCLIP(nn.Module):
             state = {**self.inherited_state(), **{k: v.detach() for k, v in self.layer_tensors().items()}}
         clip.load_state_dict(state)
         return clip
+
+
+def _strip_parameters(model: nn.Module, layers_only: bool) -> nn.Module:
+    """Remove the residual-block parameters (or all of them) from an open_clip model, leaving plain
+    None attributes that functional_call fills (repr() works: DeepSpeed ZeRO-3 prints modules)."""
+    for name, _ in list(model.named_parameters()):
+        if layers_only and not parse_layer_name(name):
+            continue
+        mod_name, _, attr = name.rpartition(".")
+        mod = model.get_submodule(mod_name) if mod_name else model
+        del mod._parameters[attr]
+        setattr(mod, attr, None)
+    return model
 
 
 # --------------------------------------------------------------------------- file format

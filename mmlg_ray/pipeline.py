@@ -18,7 +18,9 @@ from . import precision as amp
 from .config import Config, ModelSpec, TrainConfig
 from .data import load_dataset
 from .descend import descendant_spec, init_descendant
-from .learngene import AuxCLIP, Learngene, LearngeneMeta, load_learngene, save_learngene, split_state
+from .learngene import (EXTRACTION_MODES, AuxCLIP, ElasticPlan, Learngene, LearngeneMeta, load_learngene,
+                        save_learngene, split_state)
+from .learngene import shape_key as lg_shape_key
 from .models import build_model, towers_of
 from .train import (TorchEngine, contrastive_step, csm_step, extraction_step, resolve_device, run_loop)
 
@@ -81,40 +83,96 @@ def aux_spec(cfg: Config, ancestor_spec: ModelSpec) -> ModelSpec:
         text_depth=lg.aux_text_depth or ancestor_spec.text_depth))
 
 
-def build_aux(cfg: Config, ancestor, method: str | None = None, fit: bool = True) -> AuxCLIP:
+def check_mode(mode: str) -> str:
+    if mode not in EXTRACTION_MODES:
+        from .errors import UserError
+        raise UserError("extraction mode", f"{mode!r} is not an extraction mode", f"one of {list(EXTRACTION_MODES)}")
+    return mode
+
+
+def elastic_plan(cfg: Config, ancestor_spec: ModelSpec) -> ElasticPlan:
+    """The descendant shapes an elastic extraction distils: the grid's depths x widths, each built
+    by descendant_spec exactly as the sweep builds that descendant."""
+    g, ecfg = cfg.descendants.grid, cfg.learngene.extraction
+    specs = {lg_shape_key(d, w): descendant_spec(ancestor_spec, d, w) for d in g.depth for w in g.width}
+    return ElasticPlan(specs=specs, depths=list(g.depth), widths=list(g.width), count=ecfg.elastic_shapes,
+                       weight=ecfg.elastic_weight, seed=cfg.seed)
+
+
+def build_aux(cfg: Config, ancestor, method: str | None = None, fit: bool = True,
+              mode: str = "fixed") -> AuxCLIP:
     """The auxiliary CLIP: learngene (warm-started by a least-squares fit to the ancestor's layers)
-    plus the ancestor's non-layer tensors."""
+    plus the ancestor's non-layer tensors. mode=elastic adds the grid's descendant shapes."""
     method = method or cfg.learngene.method
+    check_mode(mode)
     schedule = cfg.learngene.schedule if method == "mmlg" else "tleg"
+    extraction = cfg.learngene.extraction.model_dump()
+    plan = elastic_plan(cfg, ancestor.spec) if mode == "elastic" else None
+    if plan is not None:
+        extraction["elastic"] = plan.describe()
     meta = LearngeneMeta(method=method, schedule=schedule, spec=aux_spec(cfg, ancestor.spec).model_dump(),
                          knots=cfg.learngene.learned_knots, ancestor_fingerprint=ancestor.fingerprint,
-                         extraction=cfg.learngene.extraction.model_dump())
+                         extraction=extraction, extraction_mode=mode)
     lg = Learngene(meta)
     if fit:
         err = lg.fit_to(ancestor.state, ancestor.spec)
         log.info("learngene %s: warm start fits the ancestor's layers to %.3f relative error", method, err)
     _, inherited = split_state(ancestor.state)
-    return AuxCLIP(lg, inherited)
+    return AuxCLIP(lg, inherited, shapes=plan.specs if plan is not None else None)
+
+
+def extraction_fingerprint(cfg: Config, mode: str = "fixed", *more: str) -> str:
+    """The cache key of an extraction: what its learngene depends on. Fixed mode ignores the
+    elastic settings (its key is what it was before they existed); elastic adds the mode and the
+    grid's depths and widths, whose shapes it distils."""
+    check_mode(mode)
+    sections = ("ancestor", "data.corpus", "learngene", "seed", "precision") + more
+    if mode == "fixed":
+        dumped = cfg.model_dump(mode="json")
+        for name in ("elastic_weight", "elastic_shapes"):
+            del dumped["learngene"]["extraction"][name]
+        return _fingerprint_of(dumped, sections)
+    return cfg.fingerprint(*sections, "descendants.grid.depth", "descendants.grid.width")
+
+
+def _fingerprint_of(dumped: dict, sections) -> str:
+    """Config.fingerprint over an edited dump of the config."""
+    import hashlib
+    import json
+
+    from .config import _dig
+    for ds in (dumped.get("data") or {}).values():
+        if isinstance(ds, dict):
+            ds.pop("workers", None)
+            ds.pop("prefetch", None)
+    picked = {s: _dig(dumped, s) for s in sections}
+    if picked.get("precision") == "fp32":
+        del picked["precision"]
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def learngene_name(cfg: Config, method: str, mode: str = "fixed") -> str:
-    """The learngene's file inside an output folder (local or URI), keyed by what it depends on."""
-    fp = cfg.fingerprint("ancestor", "data.corpus", "learngene", "seed", "precision")
-    return f"learngenes/{method}-{fp}.safetensors"
+    """The learngene's file inside an output folder (local or URI), keyed by what it depends on:
+    learngenes/<method>-<key>.safetensors (fixed), learngenes/<method>-elastic-<key>.safetensors."""
+    fp = extraction_fingerprint(cfg, mode)
+    return f"learngenes/{method}-{fp}.safetensors" if mode == "fixed" else \
+        f"learngenes/{method}-{mode}-{fp}.safetensors"
 
 
-def learngene_path(cfg: Config, out_dir: Path, method: str) -> Path:
-    return Path(out_dir) / learngene_name(cfg, method)
+def learngene_path(cfg: Config, out_dir: Path, method: str, mode: str = "fixed") -> Path:
+    return Path(out_dir) / learngene_name(cfg, method, mode)
 
 
 def extract(cfg: Config, ancestor, out_path, method: str | None = None, device=None, data=None,
             mode: str = "fixed") -> dict:
     """Stage 1 in one process: train the learngene through the auxiliary CLIP, write the file. In
-    bf16 / fp16 the student and the teacher both run under autocast; the learngene stays fp32."""
+    bf16 / fp16 the student and the teacher both run under autocast; the learngene stays fp32.
+    mode=elastic: each step also distils descendant shapes of the grid (see ElasticPlan)."""
     device = device or resolve_device(cfg.device)
     ecfg = cfg.learngene.extraction
     torch.manual_seed(cfg.seed)
-    aux = build_aux(cfg, ancestor, method).to(device)
+    aux = build_aux(cfg, ancestor, method, mode=mode).to(device)
+    plan = elastic_plan(cfg, ancestor.spec) if mode == "elastic" else None
     teacher = ancestor.model(device)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -122,23 +180,32 @@ def extract(cfg: Config, ancestor, out_path, method: str | None = None, device=N
     spec = aux.learngene.meta.model_spec
     engine = TorchEngine(aux, ecfg, precision=cfg.precision)
     batches = data.batches(ecfg.batch_size, spec.image_size, spec.context_length, seed=cfg.seed)
-    step_fn = extraction_step(aux, teacher, ecfg.distill_weight, ecfg.distill_temperature, ecfg.feature_weight)
+    step_fn = extraction_step(aux, teacher, ecfg.distill_weight, ecfg.distill_temperature, ecfg.feature_weight,
+                              elastic=plan)
+    name = aux.learngene.meta.method + ("/elastic" if plan is not None else "")
     try:
         res = run_loop(engine, batches, step_fn, ecfg.steps, log_every=ecfg.log_every,
-                       name=f"extract/{aux.learngene.meta.method}", device=device)
+                       name=f"extract/{name}", device=device)
     finally:
         _close(batches)
-    cost = extraction_cost(spec, ancestor.spec, res.steps, res.samples, res.seconds, 1, res.last)
+    cost = extraction_cost(spec, ancestor.spec, res.steps, res.samples, res.seconds, 1, res.last, elastic=plan)
     cost["precision"] = cfg.precision
     cost["skipped_samples"] = data.skipped  # corrupt / incomplete samples of a streamed corpus
     finish_extraction(aux, out_path, cost)
     return cost
 
 
-def extraction_cost(aux_spec_: ModelSpec, teacher_spec: ModelSpec, steps, samples, seconds, n_devices, last):
+def extraction_cost(aux_spec_: ModelSpec, teacher_spec: ModelSpec, steps, samples, seconds, n_devices, last,
+                    elastic: ElasticPlan | None = None):
+    """An extraction's cost. Elastic: the FLOPs also count the training (forward + backward) of every
+    descendant shape each step distilled (the teacher's forward is shared)."""
+    flops = costmod.extraction_flops(aux_spec_, teacher_spec, samples)
+    extra = elastic.train_flops(steps, samples / max(steps, 1)) if elastic is not None and steps else 0
     return {"steps": steps, "samples": samples, "wall_s": seconds, "device_s": seconds * n_devices,
-            "devices": n_devices, "flops": costmod.extraction_flops(aux_spec_, teacher_spec, samples),
-            "final_loss": (last or {}).get("loss")}
+            "devices": n_devices, "flops": flops + extra, "elastic_flops": extra,
+            "extraction_mode": "elastic" if elastic is not None else "fixed",
+            "final_loss": (last or {}).get("loss"), "final_elastic_loss": (last or {}).get("elastic"),
+            "final_distill_smallest": (last or {}).get("distill_smallest")}
 
 
 def finish_extraction(aux: AuxCLIP, out_path, cost: dict):

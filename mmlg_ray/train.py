@@ -239,20 +239,52 @@ def contrastive_step(model):
     return fn
 
 
-def extraction_step(aux, teacher, distill_weight: float, temperature: float, feature_weight: float):
+def extraction_step(aux, teacher, distill_weight: float, temperature: float, feature_weight: float,
+                    elastic=None, start_step: int = 0):
+    """The extraction loss: the auxiliary model's contrastive + distillation (+ feature) loss. With
+    `elastic` (a learngene.ElasticPlan), each step also distils the descendant shapes the plan draws
+    for that step, with the same loss against the same teacher outputs, averaged over the shapes and
+    weighted by elastic.weight. `aux` is the AuxCLIP or an engine wrapping it (DeepSpeed's): the
+    shapes run inside its forward. Steps are counted from `start_step` (a resumed run's first step),
+    one per call, so the draw at step s is the same in a resumed run."""
+    step = [start_step]
+
+    def student_loss(s_img, s_txt, s_scale, t_img, t_txt, t_scale, tokens):
+        l_clip = clip_loss(s_img, s_txt, s_scale, tokens)
+        l_kd = distill_loss(s_img, s_txt, s_scale, t_img, t_txt, t_scale, temperature)
+        loss = l_clip + distill_weight * l_kd
+        parts = {"clip": l_clip.detach(), "distill": l_kd.detach()}
+        if feature_weight > 0:
+            l_feat = feature_loss(s_img, s_txt, t_img, t_txt)
+            loss = loss + feature_weight * l_feat
+            parts["feature"] = l_feat.detach()
+        return loss, parts
+
     def fn(batch):
         images, tokens, _ = batch
         with torch.no_grad():
             t_img, t_txt, t_scale = teacher(images, tokens)
-        s_img, s_txt, s_scale = aux(images, tokens)
-        l_clip = clip_loss(s_img, s_txt, s_scale, tokens)
-        l_kd = distill_loss(s_img, s_txt, s_scale, t_img, t_txt, t_scale, temperature)
-        loss = l_clip + distill_weight * l_kd
-        metrics = {"loss": loss.detach(), "clip": l_clip.detach(), "distill": l_kd.detach()}
-        if feature_weight > 0:
-            l_feat = feature_loss(s_img, s_txt, t_img, t_txt)
-            loss = loss + feature_weight * l_feat
-            metrics["feature"] = l_feat.detach()
+        keys = elastic.at(step[0]) if elastic is not None else None
+        step[0] += 1
+        if keys is None:
+            outs = [aux(images, tokens)]
+        else:
+            outs = list(aux(images, tokens, shapes=keys))
+        loss, parts = student_loss(*outs[0], t_img, t_txt, t_scale, tokens)
+        metrics = {"loss": None, **parts}
+        if keys:
+            shape_losses = []
+            for key, out in zip(keys, outs[1:]):
+                l, p = student_loss(*out, t_img, t_txt, t_scale, tokens)
+                shape_losses.append(l)
+                if key == elastic.smallest:
+                    metrics["distill_smallest"] = p["distill"]
+                if key == elastic.largest:
+                    metrics["distill_largest"] = p["distill"]
+            l_el = torch.stack(shape_losses).mean()
+            loss = loss + elastic.weight * l_el
+            metrics["elastic"] = l_el.detach()
+        metrics["loss"] = loss.detach()
         return loss, metrics
     return fn
 

@@ -98,7 +98,7 @@ def _train_worker(config: dict):
     import torch
 
     from ..config import config_from_dict
-    from ..pipeline import build_aux, setup_runtime
+    from ..pipeline import build_aux, elastic_plan, setup_runtime
     from ..precision import dtype_of
     from ..train import Progress, extraction_step, run_loop
     from .data import corpus_batches
@@ -117,7 +117,10 @@ def _train_worker(config: dict):
     device = torch.device("cuda", torch.cuda.current_device()) if rs.use_gpu and torch.cuda.is_available() \
         else torch.device("cpu")
     ecfg = cfg.learngene.extraction
-    aux = build_aux(cfg, ancestor, config["method"], fit=True)  # same seed + fit on every rank: identical start
+    mode = config.get("mode", "fixed")
+    # same seed + fit on every rank: identical start
+    aux = build_aux(cfg, ancestor, config["method"], fit=True, mode=mode)
+    plan = elastic_plan(cfg, ancestor.spec) if mode == "elastic" else None  # every rank draws the same shapes
     import deepspeed  # noqa: F401  (imported before the capture: its logger's handler binds sys.stdout then)
     with captured_output("deepspeed.initialize", stderr=False):  # "DeepSpeed ...shm_comm_op built successfully"
         engine, ds_cfg = make_engine(cfg, aux, world)
@@ -140,7 +143,9 @@ def _train_worker(config: dict):
     bs = ds_cfg["train_micro_batch_size_per_gpu"]
     batches = corpus_batches(cfg, spec.image_size, spec.context_length, bs, rank, world,
                              seed=cfg.seed + 7919 * start)  # this rank's bs of every global batch
-    step_fn = extraction_step(engine, teacher, ecfg.distill_weight, ecfg.distill_temperature, ecfg.feature_weight)
+    # elastic: the sampled shapes run inside the engine's forward (ZeRO-3 gathers what they read there)
+    step_fn = extraction_step(engine, teacher, ecfg.distill_weight, ecfg.distill_temperature, ecfg.feature_weight,
+                              elastic=plan, start_step=start)
     if dtype != torch.float32:
         inner = step_fn
 
@@ -196,12 +201,14 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
                    name: str | None = None, mode: str = "fixed") -> dict:
     """Run the extraction as a Ray Train job and write the learngene file (a local path or a URI).
     Returns its cost. Every rank's ZeRO checkpoints go to `storage`; the driver reads the last one
-    back from there (never from a worker's disk) and consolidates it into the file."""
+    back from there (never from a worker's disk) and consolidates it into the file. mode=elastic
+    also distils the grid's descendant shapes at every step (pipeline.extract's loss)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ..pipeline import aux_spec, build_aux, extraction_cost, finish_extraction
+    from ..pipeline import (aux_spec, build_aux, check_mode, elastic_plan, extraction_cost, extraction_fingerprint,
+                            finish_extraction)
     from .data import skipped_count, trainer_datasets
     from .logs import train_logging
     from .settings import check_storage, ensure_ray, worker_resources
@@ -210,17 +217,18 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
     check_precision(cfg)
     ensure_ray(cfg)
     method = method or cfg.learngene.method
-    fp = cfg.fingerprint("ancestor", "data.corpus", "learngene", "seed", "precision", "ray.extraction",
-                         "ray.num_workers")
+    check_mode(mode)
+    fp = extraction_fingerprint(cfg, mode, "ray.extraction", "ray.num_workers")
     if storage is None:  # standalone: ray.storage_path, else beside the learngene file (lg.safetensors -> lg.ray/)
         storage = storage_uri(cfg, "") if cfg.ray.storage_path else _beside(out_path, ".ray")
     check_storage(cfg, storage)  # workers write their ZeRO shards there: shared by every node
-    name = name or f"extract-{method}-{fp}"
+    name = name or (f"extract-{method}-{fp}" if mode == "fixed" else f"extract-{method}-{mode}-{fp}")
     resources = worker_resources(rs)  # CPUs, a GPU, ray.worker_resources (e.g. on-demand nodes only)
     datasets, data_kw, skips = trainer_datasets(cfg, ancestor)  # a streamed corpus only
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "ancestor": ray.put(ancestor), "method": method,
+                           "mode": mode,
                            "fail_at_step": os.environ.get("MMLG_FAIL_AT_STEP")},
         scaling_config=ScalingConfig(num_workers=rs.num_workers, use_gpu=rs.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -243,19 +251,21 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
         with captured_output("DeepSpeed's zero_to_fp32"):  # its progress prints, shown only if it fails
             state = get_fp32_state_dict_from_zero_checkpoint(d, tag=TAG)
         progress = json.loads((Path(d) / "progress.json").read_text())
-    aux = build_aux(cfg, ancestor, method, fit=False)
+    aux = build_aux(cfg, ancestor, method, fit=False, mode=mode)
     missing, unexpected = aux.load_state_dict(state, strict=False)
     if [m for m in missing if m != "clip.attn_mask"] or unexpected:
         raise RuntimeError(f"consolidated ZeRO state does not match the auxiliary CLIP: {missing[:3]} {unexpected[:3]}")
     spec = aux_spec(cfg, ancestor.spec)
     samples = progress["step"] * max(1, cfg.learngene.extraction.batch_size // rs.num_workers) * rs.num_workers
+    plan = elastic_plan(cfg, ancestor.spec) if mode == "elastic" else None
     cost = extraction_cost(spec, ancestor.spec, progress["step"], samples, progress["wall_s"], rs.num_workers,
-                           metrics)
+                           metrics, elastic=plan)
     cost.update(driver_wall_s=driver_wall, zero_stage=rs.extraction.zero_stage, backend="ray_train+deepspeed",
                 precision=cfg.precision, final_lr=metrics.get("lr"),
                 resumed_from_step=int(metrics.get("resumed_from_step", 0)))
     cost["skipped_samples"] = skipped  # corrupt / incomplete samples of a streamed corpus, dropped by the reader
     with stor.writing(out_path) as local:  # the driver writes the file (a URI: uploaded once complete)
         finish_extraction(aux, local, cost)
-    log.info("extraction %s: wrote %s (%d steps, %.1f device-s)", method, out_path, cost["steps"], cost["device_s"])
+    log.info("extraction %s%s: wrote %s (%d steps, %.1f device-s)", method, "/elastic" if plan else "", out_path,
+             cost["steps"], cost["device_s"])
     return cost
