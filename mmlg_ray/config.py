@@ -159,8 +159,8 @@ class TrainConfig(_Strict):
 
 
 class AncestorPretrain(TrainConfig):
-    steps: PosInt = 600
-    batch_size: PosInt = 64
+    steps: PosInt = 500
+    batch_size: PosInt = 128
     log_every: PosInt = 50
 
 
@@ -179,7 +179,7 @@ class AncestorConfig(_Strict):
     arch: Optional[str] = None
     pretrained: Optional[str] = None
     checkpoint: Optional[str] = None
-    spec: ModelSpec = ModelSpec()
+    spec: ModelSpec = ModelSpec(head_width=32)  # 4 heads at width 128: descendants of width 32, 64, 96, 128
     pretrain: AncestorPretrain = AncestorPretrain()
 
     @model_validator(mode="after")

@@ -8,7 +8,7 @@ from . import cost
 from .config import Config, ModelSpec
 from .descend import descendant_spec
 from .models import towers_of
-from .pipeline import aux_spec, cells, learngene_arms, needs_pretraining, pretrain_name
+from .pipeline import aux_spec, cells, elastic_plan, learngene_arms, needs_pretraining, pretrain_name
 
 
 @dataclass
@@ -45,8 +45,10 @@ def make_plan(cfg: Config) -> Plan:
     ec = cfg.learngene.extraction
     samples = ec.steps * ec.batch_size
     for m, mode in learngene_arms(cfg):
-        add_stage("extraction", m if mode == "fixed" else f"{m}/{mode}",
-                  cost.extraction_flops(aux_spec(cfg, anc), anc, samples))
+        f = cost.extraction_flops(aux_spec(cfg, anc), anc, samples)
+        if mode == "elastic":  # the sampled descendant shapes' forward and backward passes too
+            f += elastic_plan(cfg, anc).train_flops(ec.steps, ec.batch_size)
+        add_stage("extraction", m if mode == "fixed" else f"{m}/{mode}", f)
     pre_steps = cfg.descendants.pretrain_steps or ec.steps
     for method, spec, budget in needs_pretraining(cfg, anc):
         n = max(1, round(pre_steps * budget)) * ec.batch_size
