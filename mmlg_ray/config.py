@@ -427,6 +427,7 @@ class DescendantsConfig(_Strict):
         for b in v:
             if not b > 0:
                 raise ConfigError("", f"{b} is not a positive budget", "every budget is a multiple > 0, e.g. 0.5")
+        v = [float(f"{b:g}") for b in v]  # as arm names and artifact names write it (6 significant digits)
         _no_duplicates("", v)
         return sorted(v)
 

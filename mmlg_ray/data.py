@@ -819,6 +819,8 @@ def openclipart(cfg: DatasetConfig, split: str, field_name: str, image_size: int
     blob = _cached(cache_dir / "data" / f"openclipart-{key}.pt", build)
     caps, cats = blob["captions"], blob["categories"]
     idx = grouped_split([normalize_caption(c) for c in caps], cats, cfg.val_fraction, cfg.test_fraction)[split]
+    said = _downstream_captions(image_size, cache_dir)  # a Tux Paint caption word for word: left out too
+    idx = [i for i in idx if normalize_caption(caps[i]) not in said]
     if cfg.max_samples:
         idx = idx[:cfg.max_samples]
     classnames = sorted(set(cats))
@@ -849,6 +851,17 @@ def _downstream_duplicates(images: torch.Tensor, image_size: int, cache_dir: Pat
     tux = DatasetConfig(kind="tuxpaint")
     stamps = torch.cat([tuxpaint(tux, s, "data.retrieval", image_size, cache_dir).images for s in SPLITS])
     return near_duplicates(images, stamps)
+
+
+def _downstream_captions(image_size: int, cache_dir: Path) -> set[str]:
+    """Tux Paint's normalized captions (every split): clip art whose caption is one of them word for
+    word ("a banana", "a penguin": about 70 drawings) is left out of openclipart, so that no training
+    stage sees a downstream caption either. Nothing when Tux Paint is absent."""
+    if not Path(TUXPAINT_DIR).is_dir():
+        return set()
+    tux = DatasetConfig(kind="tuxpaint")
+    return {normalize_caption(c) for s in SPLITS for c in tuxpaint(tux, s, "data.retrieval", image_size,
+                                                                   cache_dir).captions}
 
 
 def as_rgb(images: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -1087,11 +1100,25 @@ def is_streamed(cfg: DatasetConfig) -> bool:
     return cfg.kind in STREAMED_KINDS
 
 
+def _concat(a, b):
+    """Two splits of one set as one (in memory: concatenated; streamed: both index lists)."""
+    if isinstance(a, Pairs):
+        labels = None if a.labels is None or b.labels is None else torch.cat([a.labels, b.labels])
+        return Pairs(a.name, torch.cat([a.images, b.images]), a.captions + b.captions, labels, a.classnames,
+                     a.templates)
+    from dataclasses import replace
+    return replace(a, units=a.units + b.units, skipped_ids=set())
+
+
 def load_dataset(cfg: DatasetConfig, split: str, *, image_size: int, cache_dir: Path,
                  field_name: str = "data") -> Pairs | StreamingPairs:
     """Read one configured data set split ('train', 'val' or 'test'; disjoint by content): the local
     packaged sets (and a mixture of them) in memory, the others as streams (nothing is read here but
     their index: shard names, file lists)."""
+    if split == "trainval":  # a corpus: its validation split serves no stage, so it is trained on too
+        a, b = (load_dataset(cfg, s, image_size=image_size, cache_dir=cache_dir, field_name=field_name)
+                for s in ("train", "val"))
+        return _concat(a, b)
     _check_split(split, field_name)
     if cfg.kind == "mixture":
         return mixture(cfg, split, field_name, image_size, cache_dir)

@@ -38,11 +38,12 @@ def setup_runtime(cfg: Config | None = None, level=logging.INFO):
 
 
 def corpus(cfg: Config):
-    """The pre-training / extraction corpus, its train split: in memory for the packaged kinds and a
+    """The pre-training / extraction corpus, its train and validation splits: in memory for the packaged kinds and a
     `mixture` of them (local default: Fashion-MNIST + openclipart, concatenated as uint8 3 x S x S
     images at the ancestor's image size), streamed otherwise. Tux Paint is never part of it: it is a
     downstream task that no training stage before fine-tuning sees."""
-    return load_dataset(cfg.data.corpus, "train", image_size=cfg.ancestor.spec.image_size,
+    # train + val: no stage reads the corpus's validation split, so nothing of it is held back
+    return load_dataset(cfg.data.corpus, "trainval", image_size=cfg.ancestor.spec.image_size,
                         cache_dir=cfg.cache_path, field_name="data.corpus")
 
 

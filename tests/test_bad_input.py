@@ -145,7 +145,7 @@ CASES = [
     ("negative-trial-cpus", "sweep", lambda t: [S, "ray.tune.trial_cpus=-1"], "ray.tune.trial_cpus"),
     ("zero-checkpoint-every", "sweep", lambda t: [S, "learngene.extraction.checkpoint_every=0"],
      "learngene.extraction.checkpoint_every"),
-    ("width-not-whole-heads", "sweep", lambda t: [S, "descendants.grid.width=[96]"], "descendants.grid.width"),
+    ("width-not-whole-heads", "sweep", lambda t: [S, "descendants.grid.width=[100]"], "descendants.grid.width"),
     ("width-beyond-ancestor", "sweep", lambda t: [S, "descendants.grid.width=[256]"], "descendants.grid.width"),
     ("streamed-set-without-path", "sweep", lambda t: [S, "data.corpus.kind=webdataset"], "data.corpus.path"),
     ("shard-pattern-matches-nothing", "sweep", lambda t: [S, "data.corpus.kind=webdataset",

@@ -30,7 +30,7 @@ def test_dotted_overrides_are_typed():
 @pytest.mark.parametrize("override, field", [
     ("descendants.grid.depth=[0]", "descendants.grid.depth"),
     ("ancestor.spec.image_width=100", "ancestor.spec"),
-    ("descendants.grid.width=[96]", "descendants.grid.width"),
+    ("descendants.grid.width=[100]", "descendants.grid.width"),
     ("descendants.grid.method=[magic]", "descendants.grid.method"),
     ("descendants.grid.modality=[audio]", "descendants.grid.modality"),
     ("learngene.schedule=cubic", "learngene.schedule"),

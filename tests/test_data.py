@@ -266,7 +266,8 @@ def test_mixture_concatenates_in_memory(tmp_path, cache_dir):
     assert n_oc >= 3 and len(mix) == 40 + n_oc
     assert mix.images.shape[1:] == (3, 16, 16) and mix.images.dtype == torch.uint8
     assert mix.labels is None and mix.name == "fashion_mnist+openclipart"
-    assert any("clip art" in c for c in mix.captions[:20]) and any("photo" in c for c in mix.captions[:20])  # shuffled
+    oc_caps = set(load_dataset(oc, "train", image_size=16, cache_dir=cache_dir).captions)
+    assert any(c in oc_caps for c in mix.captions[:20]) and any("photo" in c for c in mix.captions[:20])  # shuffled
     images, tokens, labels = next(mix.batches(8, 16, 16))
     assert images.shape == (8, 3, 16, 16) and labels is None
     capped = load_dataset(cfg.model_copy(update={"max_samples": 10}), "train", image_size=16, cache_dir=cache_dir)
@@ -312,3 +313,29 @@ def test_zeroshot_must_be_unseen(tmp_path):
     with pytest.raises(UserError) as e:  # 'trouser' is a Fashion-MNIST class of the corpus
         zeroshot_unseen(cfg)
     assert str(e.value).startswith("data.zeroshot") and "trouser" in str(e.value)
+
+
+def test_no_tux_paint_caption_reaches_the_corpus(tmp_path, monkeypatch):
+    """Clip art whose caption is a Tux Paint caption word for word is left out of every split, and the
+    corpus (train + val of the mixture) holds none of Tux Paint's captions."""
+    import re
+    from mmlg_ray import data as D
+    root = _mini_openclipart(tmp_path)
+    tux = sorted(D._downstream_captions(16, tmp_path / "cache"))
+    assert "a penguin" in tux and len(tux) > 500  # the real package's captions
+    first = sorted((root / "png" / "food").glob("*.png"))[0]
+    svg = (root / "svg" / "food" / first.with_suffix(".svg").name).read_text(errors="replace")
+    (root / "png" / "food" / "leak.png").write_bytes(first.read_bytes())
+    (root / "svg" / "food" / "leak.svg").write_text(
+        re.sub(r"<dc:title>.*?</dc:title>", "<dc:title>penguin</dc:title>", svg, count=1, flags=re.S))
+    cfg = DatasetConfig(kind="openclipart", path=str(root), val_fraction=0.05, test_fraction=0.05)
+    caps = [c for s in SPLITS for c in load_dataset(cfg, s, image_size=16, cache_dir=tmp_path / "cache").captions]
+    assert len(caps) == 6 and "A penguin." not in caps
+    with monkeypatch.context() as m:  # the same tree without the filter: the planted entry is there
+        m.setattr(D, "_downstream_captions", lambda *a: set())
+        assert "A penguin." in [c for s in SPLITS for c in
+                                load_dataset(cfg, s, image_size=16, cache_dir=tmp_path / "cache").captions]
+    mix = DatasetConfig(kind="mixture", parts=[DatasetConfig(kind="fashion_mnist", max_samples=40), cfg])
+    corpus = load_dataset(mix, "trainval", image_size=16, cache_dir=tmp_path / "cache")
+    train, val = (load_dataset(mix, s, image_size=16, cache_dir=tmp_path / "cache") for s in ("train", "val"))
+    assert len(corpus) == len(train) + len(val) and not {D.normalize_caption(c) for c in corpus.captions} & set(tux)

@@ -91,16 +91,19 @@ def test_shards_cli_writes_labelled_sets(tmp_path, cache_dir):
     assert main(["--dataset", "fashion_mnist", "--out", str(out), "--max-samples", "30", "--samples-per-shard", "16",
                  "--cache-dir", str(cache_dir)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "test-000000.tar", "test-000001.tar",
-                                                      "train-000000.tar", "train-000001.tar"]
+                                                      "train-000000.tar", "train-000001.tar", "val-000000.tar",
+                                                      "val-000001.tar"]
     with tarfile.open(out / "train-000000.tar") as t:
         assert t.getnames()[:3] == ["00000000.png", "00000000.txt", "00000000.cls"]
     from mmlg_ray.config import load_config
     from mmlg_ray.finetune import load_task_data
     cfg = load_config(None, [f"cache_dir={cache_dir}", "data.image_classification.kind=webdataset",
                              f"data.image_classification.path={out}/train-*.tar",
-                             f"data.image_classification.test_shards={out}/test-*.tar"])
+                             f"data.image_classification.test_shards={out}/test-*.tar",
+                             f"data.image_classification.val_shards={out}/val-*.tar"])
     task = load_task_data(cfg, "image", 16)  # a classification set from shards: labels and class names
-    assert len(task.train.classnames) == 10 and len(task.test.shards) == 2
+    assert len(task.train.classnames) == 10 and len(task.test.shards) == 2 and len(task.val.shards) == 2
+    assert not set(task.val.shards) & (set(task.train.shards) | set(task.test.shards))
     # fine-tuning and scoring take streamed train and test sets (the probe and each evaluation: one pass)
     from mmlg_ray.config import FinetuneConfig, ModelSpec
     from mmlg_ray.finetune import finetune

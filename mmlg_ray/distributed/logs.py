@@ -155,9 +155,11 @@ def status_reporter(cfg: Config, phase: str):
     from ray.tune import CLIReporter
     pre = "job/" if phase == "seeds" else ""  # a seeds trial's spec is its config's "job"
     params = {f"{pre}cell": "cell", f"{pre}lr": "lr", f"{pre}weight_decay": "wd", f"{pre}seed": "seed"}
-    return CLIReporter(metric_columns={"score": "score", "training_iteration": "evals"}, parameter_columns=params,
-                       max_progress_rows=10, max_error_rows=10, max_column_length=32, print_intermediate_tables=True,
-                       max_report_frequency=int(cfg.ray.tune.status_every_s), metric="score", mode="max")
+    # the "best trial" line ranks by validation, as the search does; the test score is shown beside it
+    return CLIReporter(metric_columns={"val_score": "val", "score": "test", "training_iteration": "evals"},
+                       parameter_columns=params, max_progress_rows=10, max_error_rows=10, max_column_length=32,
+                       print_intermediate_tables=True, max_report_frequency=int(cfg.ray.tune.status_every_s),
+                       metric="val_score", mode="max")
 
 
 # --------------------------------------------------------------------------- TensorBoard, MLflow
@@ -174,6 +176,7 @@ def trial_run_name(trial) -> str:
     parts = cell.split("|")
     if len(parts) == 4:
         cell = f"{parts[0]}-{parts[1]}-d{parts[2]}-w{parts[3]}"
+    cell = cell.replace("/", "_").replace("@", "_")  # arms like mmlg/elastic, pt_ft@0.5x: one folder each
     return f"{cell}-seed{c.get('seed', 0)}-{trial.trial_id}"
 
 

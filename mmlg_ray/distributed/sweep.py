@@ -360,6 +360,17 @@ def _pretrain_task(cfg_json, ancestor, method, spec_json, budget, fail=False):
     return pretrain_descendant(cfg, ancestor, method, ModelSpec(**spec_json), budget=budget)
 
 
+def _pretrain_fingerprint(cfg: Config) -> str:
+    """What a pre-trained shape depends on: the ancestor, the corpus, the extraction's budget and
+    optimizer (its 1x budget), pretrain_steps, seed, precision; not the elastic extraction's settings."""
+    from ..pipeline import _fingerprint_of
+    dumped = cfg.model_dump(mode="json")
+    for name in ("elastic_weight", "elastic_shapes"):
+        dumped["learngene"]["extraction"].pop(name, None)
+    return _fingerprint_of(dumped, ("ancestor", "data.corpus", "learngene.extraction", "descendants.pretrain_steps",
+                                    "seed", "precision"))
+
+
 class PretrainFailed(JobFailed):
     """Some descendant shapes failed to pre-train; the others were written and a rerun reuses them."""
 
@@ -376,8 +387,7 @@ def _stage_pretrain(cfg: Config, anc, out: OutputDir, stages: list):
     from ..atomic import atomic_path, write_json
     results = {}
     todo = []
-    fp = cfg.fingerprint("ancestor", "data.corpus", "learngene.extraction", "descendants.pretrain_steps", "seed",
-                         "precision")
+    fp = _pretrain_fingerprint(cfg)
     shapes = needs_pretraining(cfg, anc.spec)
     for method, spec, budget in shapes:
         name = f"pretrained/{method}-{shape_key(spec)}-{budget:g}x-{fp}"
@@ -563,7 +573,9 @@ def run_sweep(cfg: Config, out_dir, resume: bool = False, fresh: bool = False) -
         t = r["cell"]
         if r["status"] == "error":
             continue
-        if t not in best or r["score_for_selection"] > best[t]["score_for_selection"]:
+        # a finished trial before one ASHA cut short (whose score is from fewer steps), then validation
+        if t not in best or (r["status"] == "finished", r["score_for_selection"]) > \
+                (best[t]["status"] == "finished", best[t]["score_for_selection"]):
             best[t] = r
     extra = [{"cell": t, "lr": best[t]["lr"], "weight_decay": best[t]["weight_decay"], "seed": s, "phase": "seeds"}
              for t in tags if t in best for s in cfg.descendants.seeds[1:]]
