@@ -22,7 +22,8 @@ from mmlg_ray import cost  # noqa: E402
 from mmlg_ray.config import load_config  # noqa: E402
 from mmlg_ray.descend import descendant_spec  # noqa: E402
 from mmlg_ray.learngene import Learngene, LearngeneMeta  # noqa: E402
-from mmlg_ray.pipeline import aux_spec, cells, needs_pretraining, shape_key  # noqa: E402
+from mmlg_ray.pipeline import (arm_name, aux_spec, cells, learngene_arms, needs_pretraining,  # noqa: E402
+                               shape_key)
 
 GB = 1e9
 
@@ -36,10 +37,10 @@ def main(argv=None) -> int:
     anc_b = cost.model_params(anc) * 4
     inherited_b = anc_b - sum(cost.tower_params(anc, t, layers_only=True) for t in ("image", "text")) * 4
     lg_b = {}
-    for m in [m for m in ("mmlg", "tleg") if m in cfg.descendants.grid.method]:
+    for m, mode in learngene_arms(cfg):  # one learngene per method and extraction mode
         meta = LearngeneMeta(method=m, schedule=cfg.learngene.schedule if m == "mmlg" else "tleg",
                              spec=aux_spec(cfg, anc).model_dump(), knots=cfg.learngene.learned_knots)
-        lg_b[m] = sum(math.prod(s) for s in Learngene.tensor_shapes(meta).values()) * 4 + inherited_b
+        lg_b[arm_name(m, mode)] = sum(math.prod(s) for s in Learngene.tensor_shapes(meta).values()) * 4 + inherited_b
     pre_b = {(m, shape_key(s), b): cost.model_params(s) * 4 for m, s, b in needs_pretraining(cfg, anc)}
     everything = anc_b + sum(lg_b.values()) + sum(pre_b.values())
     per_cell = cfg.ray.tune.num_samples + max(0, len(cfg.descendants.seeds) - 1)
@@ -48,8 +49,8 @@ def main(argv=None) -> int:
     for c in cells(cfg):
         if c.method in ("weight_selection", "heur_lg"):
             b = anc_b
-        elif c.method in lg_b:
-            b = lg_b[c.method]
+        elif c.learngene_key in lg_b:
+            b = lg_b[c.learngene_key]
         elif c.method in ("pt_ft", "csm"):
             b = pre_b[(c.method, shape_key(descendant_spec(anc, c.depth, c.width)), c.pt_budget)]
         else:

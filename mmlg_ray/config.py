@@ -297,8 +297,8 @@ class DatasetConfig(_Strict):
 
 
 def local_corpus() -> "DatasetConfig":
-    """The local pre-training / extraction corpus: Fashion-MNIST + openclipart (clip art with titles and
-    keywords). Fashion-MNIST is capped at 4,000 images so that clip art is about 60% of the corpus
+    """The local pre-training / extraction corpus: Fashion-MNIST + openclipart (clip art captioned "A
+    {title}."). Fashion-MNIST is capped at 4,000 images so that clip art is about 60% of the corpus
     (the ancestor's knowledge of pictures and words beyond ten garments comes from it); openclipart
     serves the corpus only: it keeps 5% each for validation and test."""
     return DatasetConfig(kind="mixture", parts=[

@@ -566,8 +566,8 @@ def grouped_split(groups: list[str], strata: list, val_fraction: float, test_fra
         gs = sorted(gs, key=lambda g: (_unit_hash(g, salt), g))
         n = len(gs)
         n_test, n_val = round(n * test_fraction), round(n * val_fraction)
-        if n >= 3:
-            n_test, n_val = max(1, n_test), max(1, n_val)
+        if n >= 3:  # at least one group each, for a split that is asked for at all
+            n_test, n_val = max(int(test_fraction > 0), n_test), max(int(val_fraction > 0), n_val)
             while n_test + n_val > n - 1:  # keep one group to train on
                 if n_val >= n_test and n_val > 1:
                     n_val -= 1
@@ -1044,6 +1044,9 @@ def split_shards(shards: list[str], split: str, test_fraction: float, test_shard
         n_val = min(len(left) - 1, max(1, round(len(shards) * val_fraction))) if val_fraction > 0 else 0
         val = left[:max(0, n_val)]
     vheld = {canon(s) for s in val}
+    if vheld & held:  # selection on a test shard would be selection on test
+        raise UserError(f"{field_name}.val_shards", f"{len(vheld & held)} shard(s) are both validation and test "
+                        f"shards (e.g. {sorted(vheld & held)[0]})", "name disjoint val_shards and test_shards")
     if split == "test":
         if not test:
             raise UserError(f"{field_name}.path", "a streamed test split needs at least 2 shards",

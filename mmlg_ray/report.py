@@ -805,6 +805,11 @@ def build_report(out_dir) -> Path:
         except Exception:
             lg_fps.append(f"{r['name']}: (artifact not readable from here: {r.get('artifact')})")
     prov = [f"- ancestor: `{anc_meta.get('source', '?')}`, fingerprint `{anc_meta.get('fingerprint', '?')}`",
+            *[f"- the ancestor's own retrieval on {k.removesuffix('_val')} (validation split, {m.get('pairs', '?')} "
+              f"pairs, before any fine-tuning): mean recall {m.get('mean_recall', float('nan')):.1f} against a "
+              f"chance level of {m.get('chance_mean_recall', float('nan')):.1f} "
+              f"({m.get('over_chance', float('nan')):.2f}x chance)"
+              for k, m in (anc_meta.get("own_retrieval") or {}).items()],
             "- learngene sha256: " + ("; ".join(f"`{x}`" for x in lg_fps) or "none"),
             f"- trials: {len(trials)} ({len(ft)} measuring the cells); built "
             f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",

@@ -50,5 +50,7 @@ def write_run_files(out: Path, cfg, ancestor=None) -> None:
     with atomic_path(out / "config.yaml") as tmp:
         tmp.write_text(dump_config(cfg))
     if ancestor is not None:
+        own = {k: v for k, v in (getattr(ancestor, "meta", None) or {}).items() if k.endswith("_val")}
         write_json(out / "ancestor.json", {"source": ancestor.source, "fingerprint": ancestor.fingerprint,
-                                           "spec": ancestor.spec.model_dump(), "cost": ancestor.cost})
+                                           "spec": ancestor.spec.model_dump(), "cost": ancestor.cost,
+                                           "own_retrieval": own})

@@ -339,3 +339,11 @@ def test_no_tux_paint_caption_reaches_the_corpus(tmp_path, monkeypatch):
     corpus = load_dataset(mix, "trainval", image_size=16, cache_dir=tmp_path / "cache")
     train, val = (load_dataset(mix, s, image_size=16, cache_dir=tmp_path / "cache") for s in ("train", "val"))
     assert len(corpus) == len(train) + len(val) and not {D.normalize_caption(c) for c in corpus.captions} & set(tux)
+
+
+def test_validation_and_test_shards_must_be_disjoint():
+    from mmlg_ray.data import split_shards
+    shards = ["s/a.tar", "s/b.tar", "s/c.tar"]
+    assert split_shards(shards, "val", 0.2, ["s/a.tar"], "data.retrieval", 0.2, ["s/b.tar"]) == ["s/b.tar"]
+    with pytest.raises(UserError, match="both validation and test"):
+        split_shards(shards, "train", 0.2, ["s/a.tar"], "data.retrieval", 0.2, ["./s/a.tar"])

@@ -33,6 +33,8 @@ def test_report_has_every_section(finished):
     assert "fingerprint" in md and "ray " in md and "torch " in md
     anc = pd.read_json(finished / "ancestor.json", typ="series")
     assert anc["fingerprint"] in md
+    own = anc["own_retrieval"]["tuxpaint_val"]  # the ancestor's own Tux Paint val retrieval, in the report
+    assert f"mean recall {own['mean_recall']:.1f} against a chance level of {own['chance_mean_recall']:.1f}" in md
     cost = pd.read_parquet(rep / "cost.parquet")
     assert {"mmlg", "pt_ft"} <= set(cost.method)
     mm = cost.set_index("method").loc["mmlg"]

@@ -433,8 +433,8 @@ def _stage_pretrain(cfg: Config, anc, out: OutputDir, stages: list):
             f"(first error: {str(failed[0][1]).strip().splitlines()[-1]}); the {len(results)} finished shapes "
             f"are in {out.uri('pretrained')} and a rerun reuses them") from failed[0][1]
     results = {(m, shape_key(sp), b): results[(m, shape_key(sp), b)] for m, sp, b in shapes}  # the grid's order
-    for (method, _, budget), (_, c) in results.items():
-        spec = next(sp for m, sp, b in shapes if (m, shape_key(sp), b) == (method, _, budget))
+    for method, spec, budget in shapes:
+        c = results[(method, shape_key(spec), budget)][1]
         stages.append({"stage": "pretrain", "name": pretrain_name(method, spec, budget), **_cost_cols(c)})
     return results
 
