@@ -41,13 +41,13 @@ def test_pretrain_stage_writes_each_shape_and_a_rerun_reuses_the_finished_ones(t
     stages = []
     fresh = OutputDir(od.target, tmp_path / "other-machine")  # e.g. a new head node: nothing staged
     results = _stage_pretrain(cfg, tiny_ancestor, fresh, stages)
-    assert list(results) == [("pt_ft", narrow), ("pt_ft", wide)]  # the grid's order
-    assert [s["name"] for s in stages] == [f"pt_ft/{narrow}", f"pt_ft/{wide}"]
+    assert list(results) == [("pt_ft", narrow, 1.0), ("pt_ft", wide, 1.0)]  # the grid's order
+    assert [s["name"] for s in stages] == [f"pt_ft/{narrow}@1x", f"pt_ft/{wide}@1x"]
     after = {o["Key"]: o["LastModified"] for o in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=key)["Contents"]}
     assert len(after) == 4 and all(after[k] == t for k, t in before.items())  # reused, not written again
     stored = json.loads(s3.client.get_object(Bucket=s3.bucket, Key=next(k for k in before if k.endswith(".json")))
                         ["Body"].read())
-    assert results[("pt_ft", wide)][1] == stored  # its measured cost is the first run's
+    assert results[("pt_ft", wide, 1.0)][1] == stored  # its measured cost is the first run's
 
 
 def test_sweep_with_its_output_on_s3(tiny_overrides, ray_address, s3):
