@@ -130,7 +130,9 @@ def test_csm_pretraining_on_webdataset(tiny_cfg, tiny_ancestor, tmp_path, cache_
     assert data.classnames is None and not hasattr(data, "captions")
     img, txt = csm_anchors(cfg, tiny_ancestor.model(torch.device("cpu")), data, torch.device("cpu"), n_images=20)
     fm = load_dataset(DatasetConfig(kind="fashion_mnist", max_samples=60), "train", image_size=16, cache_dir=cache_dir)
-    good = {c for i, c in enumerate(fm.captions) if i not in (25, 30)}
+    # the corpus is the train and val shards (no stage reads a corpus's val split); val holds 10 test samples
+    val = load_dataset(DatasetConfig(kind="fashion_mnist", max_samples=10), "test", image_size=16, cache_dir=cache_dir)
+    good = {c for i, c in enumerate(fm.captions) if i not in (25, 30)} | set(val.captions)
     assert img.shape == (20, cfg.ancestor.spec.embed_dim) and txt.shape == (len(good), cfg.ancestor.spec.embed_dim)
     spec = descendant_spec(tiny_ancestor.spec, 1, 64)
     state, cost = pretrain_descendant(cfg, tiny_ancestor, "csm", spec, device=torch.device("cpu"))
