@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DATA_PKGS := dataset-fashion-mnist tuxpaint-stamps-default openclipart-png openclipart-svg
 
-.PHONY: setup data venv run run-local study test bench paper-mini clean
+.PHONY: setup data venv run run-local rehearse study test bench paper-mini clean
 setup: data venv
 
 data:
@@ -32,6 +32,12 @@ run: setup
 
 run-local: setup
 	$(PY) jobs/sweep.py --config configs/local.yaml --backend local
+
+# the autoscaling rehearsal (jobs/rehearse.py): cluster.yaml's node types as fake nodes on this machine, the
+# local default submitted with `ray job submit`, one spot node preempted mid-sweep, the scale-down watched.
+# Timeline, checks and report in runs/rehearsal/
+rehearse: setup
+	RAY_USAGE_STATS_ENABLED=0 $(PY) jobs/rehearse.py --config configs/local.yaml --output runs/rehearsal
 
 # the CPU study (configs/study_cpu.yaml): all seven methods, fixed and elastic extraction, PT+FT's budget
 # ladder, 3 seeds; at most 75 minutes on 2 cores. Results and report in runs/study_cpu/
