@@ -209,18 +209,20 @@ def plot_timeline(timeline: pd.DataFrame, path: str | Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 3.2))
+    fig, ax = plt.subplots(figsize=(9, 3.4))
     for nt, g in timeline.groupby("node_type", sort=False):
         ax.step(g.t_s, g.nodes, where="post", label=nt)
     ev = timeline[timeline.event != ""].drop_duplicates(["t_s", "event"])
     ymax = max(1, int(timeline.nodes.max()))
+    tmax = float(timeline.t_s.max()) if len(timeline) else 1.0
     for i, (_, r) in enumerate(ev.drop_duplicates("t_s").iterrows()):
         ax.axvline(r.t_s, color="grey", ls=":", lw=1)
-        ax.text(r.t_s, ymax + 0.15 + 0.35 * (i % 3), r.event, fontsize=7, rotation=0, ha="left")
+        right = r.t_s > 0.6 * tmax   # labels near the right edge run leftwards
+        ax.text(r.t_s, ymax + 0.15 + 0.35 * (i % 3), r.event, fontsize=7, ha="right" if right else "left")
     ax.set_ylim(-0.1, ymax + 1.4)
     ax.set_xlabel("seconds since the head started")
     ax.set_ylabel("alive worker nodes")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     ax.set_title("Cluster rehearsal: worker nodes per node type")
     fig.tight_layout()
     from .atomic import atomic_path

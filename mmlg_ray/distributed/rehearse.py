@@ -95,6 +95,7 @@ class Rehearsal:
         self.tmp = Path(tempfile.mkdtemp(prefix="mmlg_rh."))   # short: Ray's socket paths live under it
         self._trial_seen: dict[str, float] = {}
         self._trials_started = False
+        self.killed: set[str] = set()     # node ids this rehearsal preempted
         self.classes: set[str] = set()   # every actor class seen (rehearsal.json)
 
     # -- the cluster -----------------------------------------------------------------------------
@@ -170,7 +171,8 @@ class Rehearsal:
         for n in nodes:
             nt = self.plan.type_of(n.resources_total or {})
             types[n.node_id] = nt
-            if nt is not None:
+            # a node killed here is gone, though the GCS lists it alive until its health checks fail
+            if nt is not None and n.node_id not in self.killed:
                 counts[nt] += 1
         t = time.time() - self.t0
         actors = list_actors(address=addr, filters=[("state", "=", "ALIVE")], limit=10000, timeout=10,
@@ -199,6 +201,7 @@ class Rehearsal:
         """Kill every process of one fake node at once, as a spot reclaim does (no drain, no warning)."""
         pids = _our_pids(self.token, node_id)
         _kill(pids)
+        self.killed.add(node_id)
         self.preempted = f"preempted {node_type} node …{node_id[-5:]} ({len(pids)} processes killed)"
         self.event(f"preempted {node_type} …{node_id[-5:]}", node_type)
 
