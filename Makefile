@@ -45,7 +45,7 @@ study: setup
 	RAY_USAGE_STATS_ENABLED=0 $(PY) jobs/sweep.py --config study_cpu
 
 test: setup
-	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q --durations=15
 
 bench: setup
 	$(PY) benchmarks/extraction_throughput.py
