@@ -6,14 +6,16 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DATA_PKGS := dataset-fashion-mnist tuxpaint-stamps-default openclipart-png openclipart-svg
+# Debian packages: the data the default run reads, and chromium (headless), which the report's test opens
+DATA_PKGS := dataset-fashion-mnist tuxpaint-stamps-default openclipart-png openclipart-svg chromium
 
 .PHONY: setup data venv run run-local rehearse study test bench paper-mini clean
 setup: data venv
 
 data:
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -d /usr/share/tuxpaint/stamps ] || \
-	    [ ! -d /usr/share/openclipart/png ] || [ ! -d /usr/share/openclipart/svg ]; then \
+	    [ ! -d /usr/share/openclipart/png ] || [ ! -d /usr/share/openclipart/svg ] || \
+	    ! command -v chromium >/dev/null; then \
 	  echo "installing Debian data packages: $(DATA_PKGS)"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DATA_PKGS) >/dev/null; \
 	fi

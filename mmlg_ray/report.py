@@ -1,18 +1,17 @@
 """The cost-comparison report of a finished sweep: report.html (self-contained, plots embedded),
-report.md (same content, plots beside it as PNG) and cost.parquet, under OUTPUT/report/.
+report.md (same content, plots beside it as PNG) and its tables as Parquet, under OUTPUT/report/.
+Sections are built from results and the cost model (SECTIONS) and rendered by mmlg_ray.render.
 
     python jobs/report.py OUTPUT
 """
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import html
 import io
 import json
 import math
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -24,18 +23,12 @@ from .config import Config, ModelSpec, config_from_dict, dump_config
 from .descend import descendant_spec
 from .errors import UserError
 from .pipeline import aux_spec
+from .render import Bullets, Code, Figure, Para, Section, Table, render_html, render_md
 
 LEARNGENE_METHODS = ("mmlg", "tleg")
 MIN_SEEDS_TO_RANK = 3
 COLORS = {"mmlg": "#d62728", "tleg": "#ff7f0e", "weight_selection": "#2ca02c", "heur_lg": "#9467bd",
           "scratch": "#7f7f7f", "pt_ft": "#1f77b4", "csm": "#8c564b"}
-
-
-@dataclass
-class Section:
-    title: str
-    md: str  # markdown body (tables, text)
-    figure: str | None = None  # png file name
 
 
 def load_results(out: Path):
@@ -440,23 +433,56 @@ def _fig_png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _ci_points(d: pd.DataFrame, by, cost: str | None = None) -> pd.DataFrame:
+    """Per group of `by`: the mean test score over seeds with its bootstrap CI (stats.mean_ci; a
+    single seed has no interval and is drawn without a bar), and the mean of `cost` if given."""
+    rows = []
+    for key, g in d.groupby(by):
+        key = key if isinstance(key, tuple) else (key,)
+        ci = stats.mean_ci(g.final_score.astype(float))
+        r = dict(zip([by] if isinstance(by, str) else by, key))
+        r.update(mean=ci["mean"], lo=ci["lo"], hi=ci["hi"], n=ci["n"], method=g.method.iloc[0])
+        if cost:
+            r["cost"] = float(g[cost].astype(float).mean())
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def _legend_outside(ax):
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
+def _marker(arm: str) -> str:
+    """A point's marker: squares for a non-fixed extraction, one triangle or diamond per PT+FT budget."""
+    if arm.startswith("pt_ft@"):
+        return {0.25: "v", 0.5: "^", 1.0: "o", 2.0: "D", 4.0: "P"}.get(_budget_of(arm), "X")
+    return "s" if "/" in arm else "o"
+
+
+def _yerr(p: pd.DataFrame, col: str = "mean"):
+    """matplotlib's asymmetric error bars from lo/hi columns (zero where there is no interval)."""
+    lo = (p[col] - p.lo).where(p.lo.notna(), 0.0).clip(lower=0)
+    hi = (p.hi - p[col]).where(p.hi.notna(), 0.0).clip(lower=0)
+    return [lo.values, hi.values]
+
+
 def plot_score_vs_params(ft: pd.DataFrame, task: str) -> bytes:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     d = ft[ft.task == task]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(8.4, 4.2))
     for arm, g in d.groupby("arm"):
-        s = g.groupby("params").final_score.agg(["mean", "std"]).reset_index()
+        s = _ci_points(g, "params")
         m = g.method.iloc[0]
-        ax.errorbar(s.params, s["mean"], yerr=s["std"].fillna(0), marker="o", capsize=3, label=arm,
+        ax.errorbar(s.params, s["mean"], yerr=_yerr(s), marker="o", capsize=3, label=arm,
                     color=COLORS.get(m), linewidth=2.2 if m == "mmlg" else 1.2, **_arm_style(g))
     _log_x(ax)
     ax.set_xlabel("descendant parameters")
     ax.set_ylabel(f"{d.score_metric.iloc[0]} (%)")
-    ax.set_title(f"{task}: score vs size (mean ± std over seeds)")
+    ax.set_title(f"{task}: score vs size (mean, {stats.CONFIDENCE:.0%} CI over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    _legend_outside(ax)
     return _fig_png(fig)
 
 
@@ -491,13 +517,12 @@ def plot_pareto(ft: pd.DataFrame, task: str) -> tuple[bytes, pd.DataFrame]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     d = ft[ft.task == task]
-    pts = d.groupby(["arm", "depth", "width"]).agg(score=("final_score", "mean"), cost=("total_flops", "mean"),
-                                                  method=("method", "first")).reset_index()
+    pts = _ci_points(d, ["arm", "depth", "width"], cost="total_flops").rename(columns={"mean": "score"})
     front = pareto(pts, "cost", "score")
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(8.4, 4.2))
     for arm, g in pts.groupby("arm"):
-        ax.scatter(g.cost, g.score, label=arm, color=COLORS.get(g.method.iloc[0]), s=36,
-                   marker="s" if "/" in arm else "o")
+        ax.errorbar(g.cost, g.score, yerr=_yerr(g, "score"), label=arm, color=COLORS.get(g.method.iloc[0]),
+                    markersize=6, marker=_marker(arm), linestyle="none", capsize=2, elinewidth=1)
     ax.plot(front.cost, front.score, "k--", linewidth=1, label="Pareto frontier")
     for _, r in front.iterrows():
         ax.annotate(f"{r.arm} d{r.depth} w{r.width}", (r.cost, r.score), fontsize=7, xytext=(4, 4),
@@ -505,9 +530,9 @@ def plot_pareto(ft: pd.DataFrame, task: str) -> tuple[bytes, pd.DataFrame]:
     _log_x(ax)
     ax.set_xlabel("total training FLOPs behind the descendant")
     ax.set_ylabel("score (%)")
-    ax.set_title(f"{task}: score vs total cost")
+    ax.set_title(f"{task}: score vs total cost (mean, {stats.CONFIDENCE:.0%} CI)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    _legend_outside(ax)
     return _fig_png(fig), front
 
 
@@ -554,8 +579,12 @@ def plot_equal_accuracy(ft: pd.DataFrame, stages: pd.DataFrame, res: dict) -> by
             col = COLORS.get(arm.split("/")[0], "#333")
             ax.axhline(ea.target, color=col, linestyle="--" if "/" in arm else "-", linewidth=0.8, alpha=0.7)
             if ea.own_compute > 0:
-                ax.scatter([ea.own_compute], [ea.target], color=col, marker="D" if "/" in arm else "*",
-                           s=45 if "/" in arm else 110, zorder=5, label=f"{arm} (own compute, score)")
+                a = ft[(ft.task == task) & (ft.depth == depth) & (ft.width == width) & (ft.arm == arm)]
+                ci = stats.mean_ci(a.final_score)
+                err = [[ea.target - ci["lo"]], [ci["hi"] - ea.target]] if not math.isnan(ci["lo"]) else None
+                ax.errorbar([ea.own_compute], [ea.target], yerr=err, color=col, marker="D" if "/" in arm else "*",
+                            markersize=6 if "/" in arm else 11, zorder=5, capsize=2, linestyle="none",
+                            label=f"{arm} (own compute, score, 95% CI)")
             if ea.kind == "crossing":
                 ax.axvline(ea.compute, color=col, linestyle=":", linewidth=1)
         _log_x(ax)
@@ -576,30 +605,213 @@ def plot_equal_accuracy(ft: pd.DataFrame, stages: pd.DataFrame, res: dict) -> by
     return _fig_png(fig)
 
 
+def plot_spend(summary: pd.DataFrame, device: str) -> bytes:
+    """Per arm, device-hours by stage: measured (left) and priced from the run's FLOP counts (right)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 0.9 + 0.42 * max(2, len(summary))), sharey=True)
+    shades = {"extraction": "#d62728", "pretrain": "#1f77b4", "finetune": "#bbbbbb"}
+    y = range(len(summary))
+    for ax, kind, title in ((axes[0], "measured", "measured device-hours"),
+                            (axes[1], "plan", f"device-hours from FLOPs on {device}")):
+        left = [0.0] * len(summary)
+        for stage in SPEND_STAGES:
+            col = f"{stage} h ({kind})"
+            if col not in summary:
+                continue
+            v = summary[col].fillna(0.0).tolist()
+            ax.barh(list(y), v, left=left, color=shades[stage], label=stage)
+            left = [a + b for a, b in zip(left, v)]
+        money = summary[f"total $ ({kind})"].tolist()
+        for yi, (x, m) in enumerate(zip(left, money)):
+            ax.annotate(f"${m:.3g}", (x, yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        ax.margins(x=0.15)
+    axes[0].set_yticks(list(y), summary.arm.tolist(), fontsize=8)
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    h, lbl = axes[1].get_legend_handles_labels()
+    fig.legend(h, lbl, fontsize=7, loc="upper center", ncol=len(lbl), bbox_to_anchor=(0.5, 0.0))
+    return _fig_png(fig)
+
+
+def plot_score_vs_money(cells: pd.DataFrame, targets: dict, task: str) -> bytes:
+    """One task: each cell's mean test score (95% CI over seeds) against the money one descendant of
+    it costs on its own; the targets as horizontal lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    d = cells[cells.task == task]
+    fig, ax = plt.subplots(figsize=(8.4, 4.2))
+    for arm, g in d.groupby("arm"):
+        ax.errorbar(g.money_alone, g["mean"], yerr=_yerr(g), marker=_marker(arm), linestyle="none",
+                    capsize=2, color=COLORS.get(g.method.iloc[0]), label=arm)
+    for (name, v), ls in zip(targets.items(), ("--", ":", "-.")):
+        ax.axhline(v, color="#444", linestyle=ls, linewidth=1, label=f"target: {name} ({v:.3g})")
+    if len(d) and (d.money_alone > 0).all():
+        _log_x(ax)
+    ax.set_xlabel("$ per descendant, alone (fine-tuning + the whole stage behind it)")
+    ax.set_ylabel(f"{d.score_metric.iloc[0] if len(d) else 'score'} (%)")
+    ax.set_title(f"{task}: score vs money (mean, {stats.CONFIDENCE:.0%} CI)")
+    ax.grid(alpha=0.3)
+    _legend_outside(ax)
+    return _fig_png(fig)
+
+
+# --------------------------------------------------------------------------- money
+SPEND_STAGES = ("extraction", "pretrain", "finetune")
+SHARING_RULE = ("A stage that serves several descendants is counted once per method: one extraction serves "
+                "every cell of its learngene arm; one pre-training per shape (and budget) serves PT+FT's image, "
+                "text and image-text descendants of that shape. The ancestor serves every method that reads it "
+                "(the learngene methods, weight_selection, heur_lg, csm): its cost is on its own row and charged "
+                "to none of them.")
+
+
+def _num(df: pd.DataFrame, col: str) -> pd.Series:
+    return df[col].astype(float).fillna(0.0) if col in df else pd.Series(0.0, index=df.index)
+
+
+def priced_dtype(cfg: Config, table: dict) -> str:
+    """The precision the FLOPs-priced device-hours assume: the run's own (the config's `precision`)
+    where the price table has a peak for it on report.device, else report.dtype."""
+    try:
+        costmod.device_hours(1.0, cfg.report.device, cfg.precision, table)
+        return cfg.precision
+    except (KeyError, TypeError, UserError):
+        return cfg.report.dtype
+
+
+def spend_table(trials: pd.DataFrame, stages: pd.DataFrame, cfg: Config, table: dict) -> pd.DataFrame:
+    """What this sweep spent, per arm and stage (SHARING_RULE): each stage's FLOPs (the run's count)
+    and measured device-seconds, as device-hours and money on report.device at report.pricing;
+    beside them the device-hours and money the cost model gives for the same FLOPs (priced_dtype).
+    Fine-tuning sums every trial of the arm (search, seeds and errored: all were paid for)."""
+    t = normalize(trials)
+    dev, pricing, dtype = cfg.report.device, cfg.report.pricing, priced_dtype(cfg, table)
+    st = stages.assign(flops=_num(stages, "flops"), device_s=_num(stages, "device_s"), name=stages["name"].astype(str))
+    rows = []
+
+    def add(arm, method, stage, runs, flops, device_s):
+        h, ph = device_s / 3600, costmod.device_hours(flops, dev, dtype, table)
+        rows.append({"arm": arm, "method": method, "stage": stage, "runs": int(runs), "flops": float(flops),
+                     "device_s": float(device_s), "device_h": h, "money": costmod.money(h, dev, pricing, table),
+                     "plan_device_h": ph, "plan_money": costmod.money(ph, dev, pricing, table)})
+    anc = st[st.stage == "ancestor"]
+    if len(anc):
+        add("(ancestor)", "", "ancestor", len(anc), anc.flops.sum(), anc.device_s.sum())
+    order = {m: i for i, m in enumerate(COLORS)}
+    arms = t.drop_duplicates("arm").assign(_o=lambda d: d.method.map(order).fillna(99)).sort_values(["_o", "arm"])
+    for r in arms.itertuples():
+        if r.method in LEARNGENE_METHODS:
+            g = st[(st.stage == "extraction") & (st.name == _extraction_name(r.method, r.extraction))]
+            if len(g):
+                add(r.arm, r.method, "extraction", len(g), g.flops.sum(), g.device_s.sum())
+        elif r.method in ("pt_ft", "csm"):
+            pre = st[st.stage == "pretrain"]
+            own = pre.name.str.split("/").str[0].str.split("@").str[0] == r.method
+            if r.method == "pt_ft":
+                own &= pre.name.map(_budget_of) == float(r.pt_budget)
+            g = pre[own]
+            if len(g):
+                add(r.arm, r.method, "pretrain", len(g), g.flops.sum(), g.device_s.sum())
+        g = t[t.arm == r.arm]
+        add(r.arm, r.method, "finetune", len(g), _num(g, "finetune_flops").sum(), _num(g, "finetune_device_s").sum())
+    return pd.DataFrame(rows)
+
+
+def spend_summary(spend: pd.DataFrame) -> pd.DataFrame:
+    """One row per arm: device-hours per stage, measured and from FLOPs, and the totals in money."""
+    rows = []
+    for arm, g in spend.groupby("arm", sort=False):
+        r = {"arm": arm}
+        for kind, h, m in (("measured", "device_h", "money"), ("plan", "plan_device_h", "plan_money")):
+            for stage in SPEND_STAGES + ("ancestor",):
+                x = g[g.stage == stage]
+                if len(x):
+                    r[f"{stage} h ({kind})"] = float(x[h].sum())
+            r[f"total h ({kind})"] = float(g[h].sum())
+            r[f"total $ ({kind})"] = float(g[m].sum())
+        rows.append(r)
+    df = pd.DataFrame(rows)
+    cols = ["arm"] + [f"{s} h ({k})" for k in ("measured", "plan") for s in SPEND_STAGES + ("ancestor",)
+                      if f"{s} h ({k})" in df] + [f"total {u} ({k})" for k in ("measured", "plan") for u in ("h", "$")]
+    return df[cols]
+
+
+def _stage_whole(ft: pd.DataFrame, stages: pd.DataFrame) -> pd.Series:
+    """Device-seconds of the whole stage behind each descendant (unshared): its learngene's extraction
+    for mmlg/tleg, its shape's pre-training for pt_ft/csm, nothing for the others."""
+    ext = stages[stages.stage == "extraction"].groupby(stages["name"].astype(str)).apply(
+        lambda g: _num(g, "device_s").sum()) if len(stages) else pd.Series(dtype=float)
+    lg = [float(ext.get(_extraction_name(m, e), 0.0)) if m in LEARNGENE_METHODS else 0.0
+          for m, e in zip(ft.method, ft.extraction)]
+    return pd.Series(lg, index=ft.index) + _num(ft, "pretrain_device_s")
+
+
+TARGET_FRACTION = 0.9
+TARGET_RULE = (f"Targets per task: the scratch baseline's best cell (its highest mean test score over the "
+               f"shapes it ran), and {TARGET_FRACTION:.0%} of the best mean test score of any arm and shape. An arm reaches a target "
+               "with the cheapest shape whose mean test score (over seeds, of the validation-chosen trials) is at "
+               "least the target; its confidence interval is beside it, and 'surely' means the interval's lower "
+               "bound reaches the target too. Cheapest = least money for one descendant alone: its fine-tuning "
+               "(mean over its seeds) plus the whole stage behind it (the extraction, or its shape's pre-training; "
+               "the ancestor is charged to no method), as a team pays who needs just this one model; the 'in this "
+               "sweep' column charges only its share of that stage (SHARING). Money = measured device-hours x the "
+               "price of report.device.")
+
+
+def cost_to_target(ft: pd.DataFrame, stages: pd.DataFrame, cfg: Config, table: dict
+                   ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """TARGET_RULE. Returns (per task, target and arm: the cheapest cell reaching it; the cells with
+    their score CI and money; {task: {target name: score}})."""
+    dev, pricing = cfg.report.device, cfg.report.pricing
+    d = ft.assign(_share=pretrain_share(ft, stages, "device_s"), _whole=_stage_whole(ft, stages),
+                  _ft=_num(ft, "finetune_device_s"))
+    rows = []
+    for key, g in d.groupby(["task", "arm", "modality", "depth", "width"]):
+        ci = stats.mean_ci(g.final_score.astype(float))
+        alone = (g._ft.mean() + g._whole.mean()) / 3600
+        shared = (g._ft.mean() + g._share.mean()) / 3600
+        rows.append(dict(zip(["task", "arm", "modality", "depth", "width"], key), method=g.method.iloc[0],
+                         score_metric=g.score_metric.iloc[0], mean=ci["mean"], lo=ci["lo"], hi=ci["hi"], n=ci["n"],
+                         device_h_alone=alone, money_alone=costmod.money(alone, dev, pricing, table),
+                         device_h_shared=shared, money_shared=costmod.money(shared, dev, pricing, table)))
+    cells = pd.DataFrame(rows)
+    targets, out = {}, []
+    for task, c in cells.groupby("task"):
+        tg = {}
+        if (c.method == "scratch").any():
+            tg["scratch's best"] = float(c[c.method == "scratch"]["mean"].max())
+        tg[f"{TARGET_FRACTION:.0%} of the best"] = TARGET_FRACTION * float(c["mean"].max())
+        targets[task] = tg
+        for name, v in tg.items():
+            block = []
+            for arm, a in c.groupby("arm"):
+                ok = a[a["mean"] >= v]
+                r = {"task": task, "target": name, "target_score": v, "arm": arm, "reached": len(ok) > 0}
+                if len(ok):
+                    b = ok.sort_values(["money_alone", "mean"], ascending=[True, False]).iloc[0]
+                    r.update({k: b[k] for k in ("modality", "depth", "width", "mean", "lo", "hi", "n",
+                                                "device_h_alone", "money_alone", "device_h_shared", "money_shared")})
+                    r["surely"] = bool(not math.isnan(b.lo) and b.lo >= v)
+                block.append(r)
+            b = pd.DataFrame(block)
+            b["cheapest"] = False
+            if b.reached.any():
+                b.loc[b[b.reached].money_alone.astype(float).idxmin(), "cheapest"] = True
+            out.append(b.sort_values(["reached", "money_alone"], ascending=[False, True], na_position="last"))
+    res = pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+    return res, cells, targets
+
+
 # --------------------------------------------------------------------------- assembly
-def _md_table(df: pd.DataFrame, floatfmt: str = ".3g") -> str:
-    if df.empty:
-        return "_(none)_"
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in df.iterrows():
-        cells = []
-        for c in cols:
-            v = r[c]
-            if isinstance(v, float):
-                cells.append("" if math.isnan(v) else format(v, floatfmt))
-            elif isinstance(v, int) and abs(v) >= 10000:
-                cells.append(f"{v:,}")
-            else:
-                cells.append(str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def software_versions() -> dict:
     import importlib.metadata as md
     out = {"python": platform.python_version()}
-    for pkg in ("mmlg_ray", "torch", "open_clip_torch", "ray", "deepspeed", "optuna", "pyarrow", "pandas"):
+    for pkg in ("mmlg_ray", "torch", "open_clip_torch", "ray", "deepspeed", "optuna", "pyarrow", "pandas",
+                "jinja2", "matplotlib"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -607,37 +819,39 @@ def software_versions() -> dict:
     return out
 
 
-def reading_note(trials: pd.DataFrame, ft: pd.DataFrame) -> str:
+def reading_note(trials: pd.DataFrame, ft: pd.DataFrame) -> list:
     sel = selection_split(trials)
-    lines = []
     if sel == "val":
-        lines.append("**Selection on validation.** Every score in this report is a **test** score (`final_score`) "
-                     "of a trial chosen on the **validation** split: per cell (arm x shape), the search trial with "
-                     "the best validation score, then the other seeds at its hyper-parameters. The test split "
-                     "chose nothing.")
+        first = Para("Every score in this report is a test score (final_score) of a trial chosen on the validation "
+                     "split: per cell (arm x shape), the search trial with the best validation score, then the "
+                     "other seeds at its hyper-parameters. The test split chose nothing.",
+                     lead="Selection on validation.")
     elif sel in ("test", "mixed"):
-        lines.append("**Note: selection used the test split.** These results predate validation splits "
-                     f"({'no' if sel == 'test' else 'some'} search trials carry a `val_score`), so "
+        first = Para("These results predate validation splits "
+                     f"({'no' if sel == 'test' else 'some'} search trials carry a val_score), so "
                      + ("each" if sel == "test" else "such a") + " cell's search trial was chosen by its test "
-                     "score, and the scores below are optimistic. Rerun the sweep to select on validation.")
+                     "score, and the scores below are optimistic. Rerun the sweep to select on validation.",
+                     lead="Note: selection used the test split.")
     else:
-        lines.append("**No hyper-parameter search** (every trial ran the configured hyper-parameters): nothing "
-                     "was selected, and every score is a test score (`final_score`).")
-    lines.append(f"**What a seed varies.** {SEED_NOTE}")
-    lines.append(f"**Statistics.** Means over seeds with {stats.CONFIDENCE:.0%} bootstrap intervals "
-                 f"(scipy.stats.bootstrap, BCa, percentile where BCa degenerates, {stats.N_RESAMPLES} resamples, "
-                 f"seeded); methods are ranked only with at least {MIN_SEEDS_TO_RANK} seeds a side, by Welch "
-                 "t-tests Holm-corrected over all comparisons in the report.")
-    return "\n\n".join(lines)
+        first = Para("Every trial ran the configured hyper-parameters: nothing was selected, and every score "
+                     "is a test score (final_score).", lead="No hyper-parameter search.")
+    return [first, Para(SEED_NOTE, lead="What a seed varies."),
+            Para(f"Means over seeds with {stats.CONFIDENCE:.0%} bootstrap intervals (scipy.stats.bootstrap, BCa, "
+                 f"percentile where BCa degenerates, {stats.N_RESAMPLES} resamples, seeded); every plotted score "
+                 "carries that interval as an error bar (a cell with one seed has none). Methods are ranked only "
+                 f"with at least {MIN_SEEDS_TO_RANK} seeds a side, by Welch t-tests Holm-corrected within a "
+                 "family of comparisons.", lead="Statistics."),
+            Para("Costs are single measurements or exact counts (a stage runs once; FLOPs are counted, not "
+                 "sampled): they carry no interval.", lead="Costs.")]
 
 
-def fixed_vs_elastic(ft: pd.DataFrame, method: str = "mmlg") -> str:
-    """A table: per modality, width and depth, the fixed and elastic extraction's test mean with its CI."""
+def fixed_vs_elastic(ft: pd.DataFrame, method: str = "mmlg") -> list:
+    """Blocks: per modality, width and depth, the fixed and elastic extraction's test mean with its CI."""
     d = ft[ft.method == method]
     modes = sorted({e or "fixed" for e in d.extraction})
     if not {"fixed", "elastic"} <= set(modes):
         have = ", ".join(modes) or "none"
-        return f"_(this sweep ran {method} with {have} extraction only: no comparison)_"
+        return [Para(f"(this sweep ran {method} with {have} extraction only: no comparison)")]
     rows = []
     for (mod, w, dep), g in d.groupby(["modality", "width", "depth"]):
         r = {"modality": mod, "width": w, "depth": dep}
@@ -653,17 +867,17 @@ def fixed_vs_elastic(ft: pd.DataFrame, method: str = "mmlg") -> str:
         r["elastic - fixed"] = dd["diff"]
         r["diff 95% CI"] = _ci(dd["lo"], dd["hi"])
         rows.append(r)
-    return (f"{method} test scores by extraction mode: `fixed` is the paper's rule (the learngene trained at the "
-            "auxiliary model's shape only), `elastic` also distils sampled descendant shapes at each step. The "
-            "verdicts (Holm-corrected) are in the table above.\n\n" + _md_table(pd.DataFrame(rows)))
+    return [Para(f"{method} test scores by extraction mode: fixed is the paper's rule (the learngene trained at the "
+                 "auxiliary model's shape only), elastic also distils sampled descendant shapes at each step. The "
+                 "verdicts (Holm-corrected) are in the section above."), Table(pd.DataFrame(rows))]
 
 
 _BOUND = {"crossing": "", "never": "> ", "always": "<= "}
 
 
-def equal_accuracy_md(eq: pd.DataFrame) -> str:
+def equal_accuracy_blocks(eq: pd.DataFrame) -> list:
     if eq.empty:
-        return ("_(needs both PT+FT (pt_ft) and a learngene method (mmlg or tleg) in the same cells: none here)_")
+        return [Para("(needs both PT+FT (pt_ft) and a learngene method (mmlg or tleg) in the same cells: none here)")]
     head = (f"For each cell, PT+FT pre-trains the descendant's shape along a ladder of budgets (multiples of the "
             f"extraction's sample budget); the ladder's points are (pre-training FLOPs, mean test score). The fit is "
             f"an {stats.FIT}. Where that fit meets the learngene arm's mean test score is what PT+FT must spend to "
@@ -673,11 +887,8 @@ def equal_accuracy_md(eq: pd.DataFrame) -> str:
             f"Intervals: {stats.CONFIDENCE:.0%} percentile interval of the crossing over {stats.N_RESAMPLES} "
             f"resamples of each arm's seeds (the ladder's budgets and the arm independently); a bound off the ladder "
             f"is written as such. Beside it, the same crossing in measured device-seconds (point estimate).")
-    lines = [head, ""]
-    for r in eq.itertuples():
-        lines.append(f"- **{r.task} d{r.depth} w{r.width}, {r.arm}** (test {r.arm_score:.3g}, n={r.n_arm}): "
-                     + equal_accuracy_sentence(r) + ".")
-    lines.append("")
+    items = [f"{r.task} d{r.depth} w{r.width}, {r.arm} (test {r.arm_score:.3g}, n={r.n_arm}): "
+             + equal_accuracy_sentence(r) + "." for r in eq.itertuples()]
 
     def bound(v, kind):
         if kind == "never":
@@ -703,48 +914,121 @@ def equal_accuracy_md(eq: pd.DataFrame) -> str:
         "ratio (device-s)": [_BOUND.get(k, "") + f"{v:.3g}x" if k in _BOUND and not math.isnan(v) else ""
                              for v, k in zip(eq.ratio_device_s, eq.kind_device_s)],
     })
-    lines.append(_md_table(show))
-    return "\n".join(lines)
+    return [Para(head), Bullets(items), Table(show)]
 
 
-def build_report(out_dir) -> Path:
-    out = Path(out_dir)
-    trials, stages, hist, cfg, anc_meta = load_results(out)
-    if trials.empty:
-        raise UserError("OUTPUT", f"{out}/trials.parquet holds no trials", "run the sweep first")
-    anc_spec = ModelSpec(**anc_meta["spec"]) if "spec" in anc_meta else cfg.ancestor.spec
-    # errored trials are listed in trials.parquet, never scored or plotted (final_trials drops them)
-    ft = final_trials(trials).copy()
-    ft["total_flops"] = total_cost_per_trial(ft, stages)
-    sections: list[Section] = []
-    figures: dict[str, bytes] = {}
+@dataclass
+class ReportData:
+    """What a section builder reads: the run's tables and config, the validation-chosen trials (ft),
+    the price table, and `tables`, where a builder leaves DataFrames to be written as
+    OUTPUT/report/<name>.parquet."""
+    out: Path
+    trials: pd.DataFrame
+    stages: pd.DataFrame
+    hist: pd.DataFrame
+    cfg: Config
+    anc_meta: dict
+    anc_spec: ModelSpec
+    ft: pd.DataFrame
+    prices: dict
+    tables: dict = field(default_factory=dict)
 
-    # 0. how to read it
-    sections.append(Section("How the scores were chosen and what a seed varies", reading_note(trials, ft)))
-    # 1. scores
-    for task in sorted(ft.task.unique()):
-        name = f"score_vs_params_{task}.png"
-        figures[name] = plot_score_vs_params(ft, task)
-        sections.append(Section(f"Score against descendant size: {task}",
-                                f"Test set: {ft[ft.task == task].dataset.iloc[0]}; metric: "
-                                f"{ft[ft.task == task].score_metric.iloc[0]} (test scores of the trials chosen "
-                                "as the first section says).", name))
-    # 2. costs
-    ct = cost_table(trials, stages, cfg, anc_spec)
-    figures["costs.png"] = plot_costs(ct)
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(self.ft.task.unique())
+
+    def rate(self) -> str:
+        rc = self.cfg.report
+        return (f"{rc.device} at ${costmod.money(1.0, rc.device, rc.pricing, self.prices):.3g} per device-hour "
+                f"({rc.pricing})")
+
+
+def sec_reading(d: ReportData) -> list[Section]:
+    return [Section("How the scores were chosen and what a seed varies", reading_note(d.trials, d.ft))]
+
+
+def sec_scores(d: ReportData) -> list[Section]:
+    out = []
+    for task in d.tasks:
+        t = d.ft[d.ft.task == task]
+        out.append(Section(f"Score against descendant size: {task}", [
+            Para(f"Test set: {t.dataset.iloc[0]}; metric: {t.score_metric.iloc[0]} (test scores of the trials chosen "
+                 f"as the first section says; error bars: {stats.CONFIDENCE:.0%} bootstrap CI of the mean over "
+                 "seeds)."),
+            Figure(f"score_vs_params_{task}.png", plot_score_vs_params(d.ft, task), f"score against size, {task}")],
+            group="Score against descendant size"))
+    return out
+
+
+def sec_spend(d: ReportData) -> list[Section]:
+    spend = spend_table(d.trials, d.stages, d.cfg, d.prices)
+    summary = spend_summary(spend)
+    d.tables["spend"] = spend
+    dtype = priced_dtype(d.cfg, d.prices)
+    long = spend.rename(columns={"flops": "FLOPs (run)", "device_s": "device-s (measured)",
+                                 "device_h": "device-h (measured)", "money": "$ (measured)",
+                                 "plan_device_h": f"device-h (FLOPs at {dtype})", "plan_money": "$ (from FLOPs)"})
+    return [Section("Device-hours and money per method and stage", [
+        Para(f"What this sweep spent, per arm (a method with its extraction mode or pre-training budget) and stage, "
+             f"priced on {d.rate()}. Measured: device-seconds the stages and trials recorded (wall time x devices, "
+             f"evaluation passes included). From FLOPs: the run's FLOP count through the cost model at {dtype} "
+             "(peak x utilization from the price table), what a plan would have said for the same work. "
+             "Measured money is right only when the run ran on report.device's device type.", lead="Spend."),
+        Para(SHARING_RULE, lead="Shared stages."),
+        Figure("spend.png", plot_spend(summary[summary.arm != "(ancestor)"], d.cfg.report.device),
+               "device-hours per arm and stage"),
+        Table(summary, "Per arm: device-hours by stage and totals"),
+        Table(long.drop(columns=["method"]), "Per arm and stage (runs: stage runs, or trials for finetune)")])]
+
+
+def sec_cost_to_target(d: ReportData) -> list[Section]:
+    res, cells, targets = cost_to_target(d.ft, d.stages, d.cfg, d.prices)
+    d.tables["cost_to_target"] = res
+    blocks = [Para(TARGET_RULE.replace("(SHARING)", "(the shared-stage rule of the section above)"),
+                   lead="Rule.")]
+    for task in d.tasks:
+        r = res[res.task == task]
+        for name, v in targets.get(task, {}).items():
+            x = r[r.target == name]
+            best = x[x.cheapest]
+            if len(best):
+                b = best.iloc[0]
+                blocks.append(Para(f"cheapest: {b.arm} at depth {int(b.depth)}, width {int(b.width)} "
+                                   f"({b['mean']:.3g}, CI {_ci(b.lo, b.hi)}), ${b.money_alone:.3g} alone "
+                                   f"({b.device_h_alone:.3g} device-h), ${b.money_shared:.3g} in this sweep.",
+                                   lead=f"{task}, target {name} = {v:.3g}:"))
+            else:
+                blocks.append(Para("no arm reaches it.", lead=f"{task}, target {name} = {v:.3g}:"))
+        show = r.assign(**{"95% CI": [_ci(a, b) if ok else "" for a, b, ok in zip(r.get("lo", []), r.get("hi", []),
+                                                                                      r.reached)],
+                           "shape": [f"d{int(a)} w{int(b)}" if ok else "not reached"
+                                     for a, b, ok in zip(r.get("depth", []), r.get("width", []), r.reached)]})
+        cols = ["target", "target_score", "arm", "shape", "mean", "95% CI", "n", "surely", "device_h_alone",
+                "money_alone", "device_h_shared", "money_shared", "cheapest"]
+        show = show[[c for c in cols if c in show]].rename(columns={
+            "target_score": "target score", "mean": "test mean", "device_h_alone": "device-h alone",
+            "money_alone": "$ alone", "device_h_shared": "device-h in sweep", "money_shared": "$ in sweep"})
+        blocks += [Figure(f"score_vs_money_{task}.png", plot_score_vs_money(cells, targets.get(task, {}), task),
+                          f"score against money, {task}"), Table(show, f"{task}: the cheapest shape per arm")]
+    return [Section("Cost to reach a target score", blocks)]
+
+
+def sec_pretraining(d: ReportData) -> list[Section]:
+    ct = cost_table(d.trials, d.stages, d.cfg, d.anc_spec)
+    d.tables["cost"] = ct
     mm = ct.set_index("method")
-    lines = []
+    blocks = []
     if "mmlg" in mm.index and "pt_ft" in mm.index:
         r = mm.loc["mmlg"]
         ra, rm = r.pretrain_ratio_pt_ft_over_method_analytic, r.pretrain_ratio_pt_ft_over_method_measured
-        lines.append(
-            f"**MM-LG against PT+FT on this descendant set:** MM-LG stores {r.storage_vs_pt_ft * 100:.1f}% of the "
-            f"parameters PT+FT stores (paper: ~25%). Pre-training all {int(mm.loc['pt_ft'].get('n_shapes', 0)) or ''} "
-            f"descendant shapes costs {ra:.2f}x the extraction analytically"
-            + (f" and {rm:.2f}x in measured device-seconds" if not math.isnan(rm) else "")
+        blocks.append(Para(
+            f"MM-LG stores {r.storage_vs_pt_ft * 100:.1f}% of the parameters PT+FT stores (paper: ~25%). Pre-training "
+            f"all {int(mm.loc['pt_ft'].get('n_shapes', 0)) or ''} descendant shapes costs {ra:.2f}x the extraction "
+            "analytically" + (f" and {rm:.2f}x in measured device-seconds" if not math.isnan(rm) else "")
             + " (paper: ~2.8x)" + ("; here the extraction costs more than PT+FT, because the descendant set is "
                                     "small next to the ancestor" if ra < 1 else "")
-            + ". The ratio grows with the number of descendant sizes: PT+FT pays per size, MM-LG once.")
+            + ". The ratio grows with the number of descendant sizes: PT+FT pays per size, MM-LG once.",
+            lead="MM-LG against PT+FT on this descendant set:"))
     show = ct[["method", "stored_params", "storage_vs_pt_ft", "pretrain_flops_analytic", "pretrain_flops_measured",
                "pretrain_device_s_measured", "pretrain_ratio_pt_ft_over_method_analytic",
                "pretrain_ratio_pt_ft_over_method_measured"]].rename(columns={
@@ -753,50 +1037,121 @@ def build_report(out_dir) -> Path:
                    "pretrain_device_s_measured": "pre-train device-s (measured)",
                    "pretrain_ratio_pt_ft_over_method_analytic": "PT+FT / method (FLOPs)",
                    "pretrain_ratio_pt_ft_over_method_measured": "PT+FT / method (device-s)"})
-    notes = "\n".join(f"- {r.method}: {r.note}" for r in ct.itertuples())
-    sections.append(Section("Pre-training compute and storage against PT+FT",
-                            "\n\n".join(lines + [_md_table(show), notes]), "costs.png"))
-    # 3. Pareto
-    for task in sorted(ft.task.unique()):
-        png, front = plot_pareto(ft, task)
-        name = f"pareto_{task}.png"
-        figures[name] = png
+    blocks += [Table(show), Bullets([f"{r.method}: {r.note}" for r in ct.itertuples()]),
+               Para("Bars are exact counts (parameters, FLOPs) and single measurements (device-seconds): no "
+                    "interval applies."),
+               Figure("costs.png", plot_costs(ct), "storage and pre-training compute")]
+    return [Section("Pre-training compute and storage against PT+FT", blocks)]
+
+
+def sec_pareto(d: ReportData) -> list[Section]:
+    out = []
+    for task in d.tasks:
+        png, front = plot_pareto(d.ft, task)
         names = ", ".join(f"{r.arm} (depth {r.depth}, width {r.width})" for _, r in front.iterrows())
-        sections.append(Section(f"Pareto frontier, score against total cost: {task}",
-                                f"On the frontier: {names}. Total cost = fine-tuning FLOPs + the descendant's share of "
-                                "the pre-training behind it: its shape's pre-training (pt_ft, csm; shared by the "
-                                "modalities that use that shape) or its learngene's extraction (mmlg, tleg; shared "
-                                "by the cells it serves).", name))
-    # 4. per cell
-    ctab = cell_table(ft)
+        out.append(Section(f"Pareto frontier, score against total cost: {task}", [
+            Para(f"On the frontier (by mean score): {names}. Total cost = fine-tuning FLOPs + the descendant's share "
+                 "of the pre-training behind it: its shape's pre-training (pt_ft, csm; shared by the modalities that "
+                 "use that shape) or its learngene's extraction (mmlg, tleg; shared by the cells it serves). Error "
+                 f"bars: {stats.CONFIDENCE:.0%} CI of the mean score over seeds."),
+            Figure(f"pareto_{task}.png", png, f"Pareto frontier, {task}")],
+            group="Pareto frontier, score against total cost"))
+    return out
+
+
+def sec_cells(d: ReportData) -> list[Section]:
+    ctab = cell_table(d.ft)
     show = ctab.assign(**{"95% CI": [_ci(a, b) for a, b in zip(ctab.ci_lo, ctab.ci_hi)]})[
         ["task", "depth", "width", "arm", "params", "n", "mean", "95% CI", "std", "val_mean", "score_metric"]
     ].rename(columns={"mean": "test mean", "val_mean": "val mean"}) if len(ctab) else ctab
-    sections.append(Section("Mean score and spread over seeds, per grid cell",
-                            f"Test scores (mean over seeds, {stats.CONFIDENCE:.0%} bootstrap CI of the mean, n seeds) "
-                            "of the validation-chosen trials; `val mean` is their validation score.\n\n"
-                            + _md_table(show)))
-    comp, note = compare_to_baselines(ft)
+    comp, note = compare_to_baselines(d.ft)
     if len(comp):
+        d.tables["comparisons"] = comp
         comp_show = comp.assign(**{"diff 95% CI": [_ci(a, b) for a, b in zip(comp.diff_lo, comp.diff_hi)]})[
             ["task", "depth", "width", "arm", "vs", "family", "arm_mean", "vs_mean", "diff", "diff 95% CI", "n_arm",
              "n_vs", "p_welch", "p_holm", "p_bh", "verdict"]]
     else:
         comp_show = comp
-    sections.append(Section("MM-LG against each baseline", note + "\n\n" + _md_table(comp_show)))
-    sections.append(Section("Fixed against elastic extraction, at every width", fixed_vs_elastic(ft)))
-    # 5. savings at equal accuracy
-    eq, eq_res = equal_accuracy_table(ft, stages)
-    eq_md = equal_accuracy_md(eq)
+    return [Section("Mean score and spread over seeds, per grid cell", [
+                Para(f"Test scores (mean over seeds, {stats.CONFIDENCE:.0%} bootstrap CI of the mean, n seeds) of the "
+                     "validation-chosen trials; val mean is their validation score."), Table(show)]),
+            Section("MM-LG against each baseline", [Para(note.replace("*", "")), Table(comp_show)]),
+            Section("Fixed against elastic extraction, at every width", fixed_vs_elastic(d.ft))]
+
+
+def sec_equal_accuracy(d: ReportData) -> list[Section]:
+    eq, eq_res = equal_accuracy_table(d.ft, d.stages)
+    if len(eq):
+        d.tables["equal_accuracy"] = eq
+    blocks = [Para("The learngene arm's own compute is its extraction's cost shared equally by the descendants it "
+                   "initialized in this sweep, so that side of the saving shrinks as a sweep grows more sizes from one "
+                   "extraction (the unshared extraction cost is in the cost table above); PT+FT's side is its ladder, "
+                   "measured per shape. The ancestor's own pre-training is counted on neither side.")]
+    blocks += equal_accuracy_blocks(eq)
     if eq_res:
-        figures["equal_accuracy.png"] = plot_equal_accuracy(ft, stages, eq_res)
-    eq_md = ("The learngene arm's own compute is its extraction's cost shared equally by the descendants it "
-             "initialized in this sweep, so that side of the saving shrinks as a sweep grows more sizes from one "
-             "extraction (the unshared extraction cost is in the cost table above); PT+FT's side is its ladder, "
-             "measured per shape. The ancestor's own pre-training is counted on neither side.\n\n" + eq_md)
-    sections.append(Section("Savings at equal accuracy", eq_md, "equal_accuracy.png" if eq_res else None))
-    # 5. provenance
-    lg = stages[stages.stage == "extraction"]
+        blocks.append(Figure("equal_accuracy.png", plot_equal_accuracy(d.ft, d.stages, eq_res),
+                             "PT+FT's ladder against each learngene arm"))
+    return [Section("Savings at equal accuracy", blocks)]
+
+
+def plan_against_run(d: ReportData) -> tuple[list[str], pd.DataFrame]:
+    """The dry-run plan's assumptions in words, and a table of what it would count against what ran."""
+    t, cfg = normalize(d.trials), d.cfg
+    fc, tune = cfg.descendants.finetune, cfg.ray.tune
+    n_seeds = len(cfg.descendants.seeds)
+    n_cells = t.groupby(ARM_KEYS + CELL, dropna=False).ngroups
+    per_cell = tune.num_samples + max(0, n_seeds - 1)
+    full, cache = 0.0, {}
+    for key, n in t.groupby(["modality", "depth", "width"]).size().items():
+        try:
+            spec = cache.setdefault(key[1:], descendant_spec(d.anc_spec, int(key[1]), int(key[2])))
+            full += costmod.train_flops(spec, key[0], fc.steps * fc.batch_size) * n
+        except Exception:  # a shape the current ancestor spec cannot grow (old results): no full budget
+            full = float("nan")
+    ran = float(_num(t, "finetune_flops").sum())
+    stopped = int(t.stopped_early.fillna(False).astype(bool).sum()) if "stopped_early" in t else 0
+    searched = "phase" in t and t.phase.notna().any()
+    dtype = priced_dtype(cfg, d.prices)
+    try:
+        dev = d.prices[cfg.report.device]
+        peak = f"{dev['peak_tflops'][dtype]:g} TFLOP/s peak x {dev['utilization']:g} utilization"
+    except (KeyError, TypeError):
+        peak = "the price table's peak x utilization"
+    words = [
+        f"Trials: the plan counts every grid cell as ray.tune.num_samples ({tune.num_samples}) search trials plus "
+        f"the other {max(0, n_seeds - 1)} seed(s): {n_cells} x {per_cell} = {n_cells * per_cell} trials here, "
+        f"whatever --backend says; the local backend runs each cell once per seed ({n_cells * n_seeds}). This run: "
+        f"{len(t)} trials ({'Ray backend, with a search phase' if searched else 'no search phase'}).",
+        f"Fine-tuning: the plan charges each trial its full budget (descendants.finetune.steps {fc.steps} x batch "
+        f"{fc.batch_size}), an upper bound: ASHA (grace_period {tune.grace_period}, reduction_factor "
+        f"{tune.reduction_factor}) stops trials early on the Ray backend. This run: {_human(ran)} of "
+        f"{_human(full) if not math.isnan(full) else '?'} full-budget fine-tuning FLOPs"
+        + (f" ({ran / full:.0%})" if full and not math.isnan(full) else "") + f"; {stopped} trial(s) stopped early.",
+        "Evaluation: excluded. The plan's FLOPs and every FLOP column of this report count training only (forward + "
+        "backward = 3 forward passes, teacher forward passes included in extraction); the validation passes every "
+        f"eval_every ({fc.eval_every}) steps and the final test pass are not counted. Measured device-seconds "
+        "include them.",
+        f"Precision: the plan prices every stage at report.dtype ({cfg.report.dtype}); this run's precision setting "
+        f"is {cfg.precision}, and this report's FLOPs-priced device-hours use {dtype}, at {peak} on "
+        f"{cfg.report.device}.",
+        "The ancestor: priced on its own row (its pre-training when it is the local ancestor, nothing when it is a "
+        "downloaded checkpoint), charged to no method.",
+    ]
+    table = pd.DataFrame([
+        {"quantity": "trials", "plan": n_cells * per_cell, "run": len(t)},
+        {"quantity": "fine-tuning FLOPs", "plan": full, "run": ran},
+        {"quantity": "trials stopped early", "plan": 0, "run": stopped}])
+    return words, table
+
+
+def sec_plan(d: ReportData) -> list[Section]:
+    words, table = plan_against_run(d)
+    return [Section("What the dry-run plan assumes, against what ran", [
+        Para("`jobs/sweep.py --dry-run` prices a sweep before it runs. Its rules:"), Bullets(words), Table(table)])]
+
+
+def sec_provenance(d: ReportData) -> list[Section]:
+    lg = d.stages[d.stages.stage == "extraction"]
     lg_fps = []
     from .learngene import load_learngene
     for _, r in lg.iterrows():
@@ -804,31 +1159,55 @@ def build_report(out_dir) -> Path:
             lg_fps.append(f"{r['name']}: {load_learngene(r['artifact']).meta.tensors_sha256}")
         except Exception:
             lg_fps.append(f"{r['name']}: (artifact not readable from here: {r.get('artifact')})")
-    prov = [f"- ancestor: `{anc_meta.get('source', '?')}`, fingerprint `{anc_meta.get('fingerprint', '?')}`",
-            *[f"- the ancestor's own retrieval on {k.removesuffix('_val')} (validation split, {m.get('pairs', '?')} "
-              f"pairs, before any fine-tuning): mean recall {m.get('mean_recall', float('nan')):.1f} against a "
-              f"chance level of {m.get('chance_mean_recall', float('nan')):.1f} "
-              f"({m.get('over_chance', float('nan')):.2f}x chance)"
-              for k, m in (anc_meta.get("own_retrieval") or {}).items()],
-            "- learngene sha256: " + ("; ".join(f"`{x}`" for x in lg_fps) or "none"),
-            f"- trials: {len(trials)} ({len(ft)} measuring the cells); built "
+    m = d.anc_meta
+    prov = [f"ancestor: {m.get('source', '?')}, fingerprint {m.get('fingerprint', '?')}",
+            *[f"the ancestor's own retrieval on {k.removesuffix('_val')} (validation split, {v.get('pairs', '?')} "
+              f"pairs, before any fine-tuning): mean recall {v.get('mean_recall', float('nan')):.1f} against a "
+              f"chance level of {v.get('chance_mean_recall', float('nan')):.1f} "
+              f"({v.get('over_chance', float('nan')):.2f}x chance)"
+              for k, v in (m.get("own_retrieval") or {}).items()],
+            "learngene sha256: " + ("; ".join(lg_fps) or "none"),
+            f"trials: {len(d.trials)} ({len(d.ft)} measuring the cells); built "
             f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
-            "- software: " + ", ".join(f"{k} {v}" for k, v in software_versions().items()),
-            "", "```yaml", dump_config(cfg).strip(), "```"]
-    sections.append(Section("Provenance: config, fingerprints, software", "\n".join(prov)))
-    costs_out = ct.copy()
+            "software: " + ", ".join(f"{k} {v}" for k, v in software_versions().items())]
+    return [Section("Provenance: config, fingerprints, software",
+                    [Bullets(prov), Code(dump_config(d.cfg).strip(), "yaml")])]
 
-    with atomic_dir(out / "report") as tmp:
-        for name, png in figures.items():
-            (tmp / name).write_bytes(png)
-        costs_out.to_parquet(tmp / "cost.parquet", index=False)
-        if len(eq):
-            eq.to_parquet(tmp / "equal_accuracy.parquet", index=False)
-        if len(comp):
-            comp.to_parquet(tmp / "comparisons.parquet", index=False)
-        (tmp / "report.md").write_text(render_md(sections))
-        (tmp / "report.html").write_text(render_html(sections, figures))
-    return out / "report"
+
+# The report's sections, in order: each builder reads ReportData and returns its sections (none when it
+# has nothing to show). To add one, write `def sec_x(d: ReportData) -> list[Section]` and insert it here;
+# the table of contents follows.
+SECTIONS = [sec_reading, sec_scores, sec_spend, sec_cost_to_target, sec_pretraining, sec_pareto, sec_cells,
+            sec_equal_accuracy, sec_plan, sec_provenance]
+
+
+def load_report_data(out_dir) -> ReportData:
+    out = Path(out_dir)
+    trials, stages, hist, cfg, anc_meta = load_results(out)
+    if trials.empty:
+        raise UserError("OUTPUT", f"{out}/trials.parquet holds no trials", "run the sweep first")
+    anc_spec = ModelSpec(**anc_meta["spec"]) if "spec" in anc_meta else cfg.ancestor.spec
+    # errored trials are listed in trials.parquet, never scored or plotted (final_trials drops them)
+    ft = final_trials(trials).copy()
+    ft["total_flops"] = total_cost_per_trial(ft, stages)
+    return ReportData(out, trials, stages, hist, cfg, anc_meta, anc_spec, ft, costmod.price_table(cfg.report))
+
+
+def build_report(out_dir, sections=None) -> Path:
+    """OUTPUT/report/: report.html (self-contained), report.md with its PNGs, and the tables the
+    sections left (cost.parquet, spend.parquet, cost_to_target.parquet, ...)."""
+    d = load_report_data(out_dir)
+    secs = [s for build in (sections or SECTIONS) for s in build(d)]
+    with atomic_dir(d.out / "report") as tmp:
+        for s in secs:
+            for f in s.figures:
+                (tmp / f.name).write_bytes(f.png)
+        for name, df in d.tables.items():
+            if len(df):
+                df.to_parquet(tmp / f"{name}.parquet", index=False)
+        (tmp / "report.md").write_text(render_md(secs))
+        (tmp / "report.html").write_text(render_html(secs))
+    return d.out / "report"
 
 
 def build_output_report(out) -> str:
@@ -842,78 +1221,3 @@ def build_output_report(out) -> str:
     build_report(od.local)
     od.push("report")
     return od.uri("report/report.html")
-
-
-def render_md(sections: list[Section]) -> str:
-    parts = ["# mmlg_ray sweep report", ""]
-    for s in sections:
-        parts += [f"## {s.title}", "", s.md, ""]
-        if s.figure:
-            parts += [f"![{s.title}]({s.figure})", ""]
-    return "\n".join(parts)
-
-
-def _md_to_html(md: str) -> str:
-    """Enough markdown for our own output: tables, paragraphs, bullet lists, code blocks, bold."""
-    out, lines, i = [], md.splitlines(), 0
-    while i < len(lines):
-        ln = lines[i]
-        if ln.startswith("```"):
-            j = i + 1
-            while j < len(lines) and not lines[j].startswith("```"):
-                j += 1
-            out.append("<pre>" + html.escape("\n".join(lines[i + 1:j])) + "</pre>")
-            i = j + 1
-            continue
-        if ln.startswith("|"):
-            rows = []
-            while i < len(lines) and lines[i].startswith("|"):
-                rows.append(lines[i])
-                i += 1
-            head = [c.strip() for c in rows[0].strip("|").split("|")]
-            body = [[c.strip() for c in r.strip("|").split("|")] for r in rows[2:]]
-            t = "<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"
-            for r in body:
-                t += "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
-            out.append(t + "</tbody></table>")
-            continue
-        if ln.startswith("- "):
-            items = []
-            while i < len(lines) and lines[i].startswith("- "):
-                items.append(lines[i][2:])
-                i += 1
-            out.append("<ul>" + "".join(f"<li>{_inline(x)}</li>" for x in items) + "</ul>")
-            continue
-        if ln.strip():
-            out.append(f"<p>{_inline(ln)}</p>")
-        i += 1
-    return "\n".join(out)
-
-
-def _inline(text: str) -> str:
-    import re
-    t = html.escape(text)
-    t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
-    t = re.sub(r"`(.+?)`", r"<code>\1</code>", t)
-    return re.sub(r"_\((.+?)\)_", r"<i>(\1)</i>", t)
-
-
-def render_html(sections: list[Section], figures: dict[str, bytes]) -> str:
-    css = ("body{font-family:system-ui,sans-serif;max-width:1180px;margin:24px auto;padding:0 16px;color:#222}"
-           "h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}"
-           "table{border-collapse:collapse;font-size:12px;margin:8px 0;display:block;overflow-x:auto}"
-           "th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}th{background:#f4f4f4}"
-           "td:first-child,th:first-child{text-align:left}img{max-width:100%}"
-           "pre{background:#f7f7f7;padding:8px;font-size:11px;overflow-x:auto}nav a{margin-right:12px}")
-    toc = "".join(f'<a href="#s{i}">{html.escape(s.title.split(":")[0])}</a>' for i, s in enumerate(sections)
-                  if not s.title.endswith(tuple(f": {t}" for t in ("retrieval", "text_classification"))))
-    body = [f"<!doctype html><html><head><meta charset='utf-8'><title>mmlg_ray sweep report</title>"
-            f"<style>{css}</style></head><body><h1>mmlg_ray sweep report</h1><nav>{toc}</nav>"]
-    for i, s in enumerate(sections):
-        body.append(f'<h2 id="s{i}">{html.escape(s.title)}</h2>')
-        body.append(_md_to_html(s.md))
-        if s.figure:
-            b64 = base64.b64encode(figures[s.figure]).decode()
-            body.append(f'<img alt="{html.escape(s.title)}" src="data:image/png;base64,{b64}">')
-    body.append("</body></html>")
-    return "\n".join(body)

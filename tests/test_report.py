@@ -25,11 +25,36 @@ def test_report_has_every_section(finished):
                   "text_classification", "Pre-training compute and storage against PT+FT",
                   "Pareto frontier, score against total cost", "Mean score and spread over seeds, per grid cell",
                   "MM-LG against each baseline", "Savings at equal accuracy",
-                  "Provenance: config, fingerprints, software"]:
+                  "Device-hours and money per method and stage", "Cost to reach a target score",
+                  "What the dry-run plan assumes, against what ran", "Provenance: config, fingerprints, software"]:
         assert title in html and title in md, title
-    # 2 score plots, costs, 2 Pareto plots, equal accuracy: self-contained
-    assert html.count("data:image/png;base64,") == 6
+    # 2 score plots, spend, 2 score-vs-money plots, costs, 2 Pareto plots, equal accuracy: self-contained
+    assert html.count("data:image/png;base64,") == 9
     assert "<img" in html and 'src="http' not in html
+    # the contents list each section present, one entry per task under its group
+    import re
+    anchors = re.findall(r'<section id="([^"]+)">', html)
+    nav = html.split("<nav", 1)[1].split("</nav>", 1)[0]
+    assert len(anchors) == len(set(anchors)) and all(f'href="#{a}"' in nav for a in anchors)
+    assert nav.count(">image_classification<") == 2 and nav.count(">text_classification<") == 2
+    # money per arm and stage: one extraction for mmlg, one pre-training per shape for pt_ft (its image
+    # and text descendants share it), every trial's fine-tuning
+    spend = pd.read_parquet(rep / "spend.parquet")
+    stages = pd.read_parquet(finished / "stages.parquet")
+    trials = pd.read_parquet(finished / "trials.parquet")
+    ext = spend[(spend.arm == "mmlg") & (spend.stage == "extraction")]
+    assert ext.runs.tolist() == [1] and ext.device_s.iloc[0] == pytest.approx(
+        stages[(stages.stage == "extraction") & (stages.name == "mmlg")].device_s.sum())
+    pre = spend[(spend.arm == "pt_ft@1x") & (spend.stage == "pretrain")]
+    assert pre.runs.iloc[0] == (stages.stage == "pretrain").sum() == trials[trials.method == "pt_ft"][
+        ["depth", "width"]].drop_duplicates().shape[0]
+    fine = spend[spend.stage == "finetune"]
+    assert fine.device_s.sum() == pytest.approx(trials.finetune_device_s.sum()) and (fine.money > 0).all()
+    assert "Shared stages." in md and "counted once per method" in md
+    assert "upper bound" in md and "Evaluation: excluded" in md and "ASHA" in md
+    target = pd.read_parquet(rep / "cost_to_target.parquet")
+    assert set(target.task) == {"image_classification", "text_classification"}
+    assert target.groupby(["task", "target"]).cheapest.sum().eq(1).all()
     assert "fingerprint" in md and "ray " in md and "torch " in md
     anc = pd.read_json(finished / "ancestor.json", typ="series")
     assert anc["fingerprint"] in md
@@ -173,6 +198,19 @@ def test_constructed_report_has_savings_at_equal_accuracy(tmp_path):
     assert vs.loc[("mmlg", "scratch")]["diff"] == pytest.approx(10.0)
     assert vs.loc[("mmlg/elastic", "tleg")].verdict == "mmlg/elastic better"
     assert ("mmlg/elastic", "mmlg") not in vs.index or ("mmlg", "mmlg/elastic") not in vs.index  # once per pair
+    # spend: each stage once per arm; cost to reach a target: only mmlg/elastic reaches 90% of the best (90)
+    spend = pd.read_parquet(rep / "spend.parquet").set_index(["arm", "stage"])
+    assert spend.loc[("mmlg/elastic", "extraction")].device_s == 30.0 and spend.loc[("pt_ft@2x", "pretrain")].runs == 1
+    assert spend.loc[("(ancestor)", "ancestor")].device_s == 100.0
+    tg = pd.read_parquet(rep / "cost_to_target.parquet")
+    t90 = tg[tg.target == "90% of the best"]
+    assert t90.target_score.iloc[0] == pytest.approx(81.0)
+    assert t90[t90.reached].arm.tolist() == ["mmlg/elastic"] and t90[t90.cheapest].arm.tolist() == ["mmlg/elastic"]
+    from mmlg_ray import cost
+    price = cost.money(30 / 3600, "cpu-2core", "on_demand", cost.price_table())  # the default report.device
+    assert t90[t90.reached].money_alone.iloc[0] == pytest.approx(price)
+    ts = tg[tg.target == "scratch's best"].set_index("arm")
+    assert ts.target_score.iloc[0] == pytest.approx(45.0) and not ts.loc["tleg"].reached and ts.loc["mmlg"].surely
 
 
 def test_constructed_old_results_render_with_a_test_selection_note(tmp_path):
@@ -200,3 +238,69 @@ def test_pretraining_is_shared_by_the_descendants_that_use_it():
     # one pre-trained shape serves image and text: half each; the fixed learngene serves 4 cells: a quarter
     # each; the elastic one serves its one cell alone
     assert share.tolist() == pytest.approx([4e11, 4e11] + [2.5e10] * 4 + [3e11])
+
+
+# --------------------------------------------------------------------------- the report in a browser
+PROBE = """<script>
+addEventListener("load", () => {
+  const imgs = [...document.images].map(i => {
+    const r = i.getBoundingClientRect();
+    return {alt: i.alt, complete: i.complete, w: i.naturalWidth, h: i.naturalHeight,
+            x: r.left + scrollX, y: r.top + scrollY, rw: r.width, rh: r.height};
+  });
+  const p = document.createElement("pre");
+  p.id = "probe";
+  p.textContent = JSON.stringify({imgs: imgs, height: document.documentElement.scrollHeight});
+  document.body.appendChild(p);
+});
+</script>"""
+
+
+def _chromium() -> str:
+    import shutil
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        pytest.fail("chromium is not installed: `make setup` (its `data` target) installs the Debian package "
+                    "chromium, or run `apt-get install -y chromium`")
+    return path
+
+
+def _headless(*args, timeout=120) -> str:
+    import subprocess
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           "--force-device-scale-factor=1", "--virtual-time-budget=10000", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_report_renders_in_headless_chromium_with_every_plot_drawn(finished, tmp_path):
+    import json
+    import re
+
+    import numpy as np
+    from PIL import Image
+    html = (finished / "report" / "report.html").read_text()
+    n_imgs = html.count("<img ")
+    assert n_imgs >= 9
+    # the report itself, plus a probe script that lists each image as the browser decoded and laid it out
+    probe = tmp_path / "probe.html"
+    probe.write_text(html.replace("</body>", PROBE + "</body>"))
+    dom = _headless("--window-size=1280,2000", "--dump-dom", probe.as_uri())
+    info = json.loads(__import__("html").unescape(re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S).group(1)))
+    assert len(info["imgs"]) == n_imgs
+    for im in info["imgs"]:
+        assert im["complete"] and im["w"] > 0 and im["h"] > 0 and im["rw"] > 0, im  # decoded and laid out
+    # a screenshot of the whole page (the report file itself, no probe): every plot's area is drawn
+    shot = tmp_path / "report.png"
+    height = int(info["height"])
+    _headless(f"--window-size=1280,{height}", f"--screenshot={shot}", (finished / "report" / "report.html").as_uri())
+    px = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert px.shape[:2] == (height, 1280) and px.std() > 10  # not blank
+    for im in info["imgs"]:
+        x, y, w, h = (int(round(im[k])) for k in ("x", "y", "rw", "rh"))
+        area = px[y:y + h, x:x + w]
+        assert area.size, im["alt"]
+        ink = (area.min(axis=2) < 200).mean()  # pixels darker than near-white: axes, text, marks
+        color = (area.max(axis=2) - area.min(axis=2) > 80).mean()  # saturated pixels: the plotted data
+        assert ink > 0.005 and color > 0.0005, (im["alt"], ink, color)
