@@ -204,8 +204,8 @@ def expected_trials(cfg) -> int:
     return n * cfg.ray.tune.num_samples + n * (len(cfg.descendants.seeds) - 1)
 
 
-def plot_timeline(timeline: pd.DataFrame, path: str | Path) -> Path:
-    """Nodes over time per node type, events marked: a PNG at path."""
+def plot_timeline(timeline: pd.DataFrame, path: str | Path | None = None):
+    """Nodes over time per node type, events marked: a PNG at path (returned), or its bytes without one."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -225,6 +225,12 @@ def plot_timeline(timeline: pd.DataFrame, path: str | Path) -> Path:
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     ax.set_title("Cluster rehearsal: worker nodes per node type")
     fig.tight_layout()
+    if path is None:
+        import io
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        return buf.getvalue()
     from .atomic import atomic_path
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -1177,8 +1177,37 @@ def sec_provenance(d: ReportData) -> list[Section]:
 # The report's sections, in order: each builder reads ReportData and returns its sections (none when it
 # has nothing to show). To add one, write `def sec_x(d: ReportData) -> list[Section]` and insert it here;
 # the table of contents follows.
+def sec_rehearsal(d: ReportData) -> list[Section]:
+    """A rehearsed sweep (jobs/rehearse.py): worker nodes per node type over time, events marked, and the
+    rehearsal's checks."""
+    path = d.out / "cluster_timeline.parquet"
+    if not path.exists():
+        return []
+    from . import rehearsal
+    tl = pd.read_parquet(path)
+    try:
+        summary = json.loads((d.out / "rehearsal.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    blocks = [Para("cluster.yaml's node types as fake nodes on one machine (Ray's fake_multinode provider, CPUs "
+                   "standing in for GPUs), the job submitted with ray job submit, one spot node preempted "
+                   "mid-sweep (every process of it killed at once). Nodes are sampled every "
+                   f"{tl.t_s.drop_duplicates().diff().median():.0f} s; the idle timeout was "
+                   f"{summary.get('idle_timeout_s', float('nan')):.0f} s.", lead="What ran."),
+              Figure("cluster_timeline.png", rehearsal.plot_timeline(tl), "worker nodes per node type over time")]
+    types = set(tl.node_type)
+    ev = (tl[tl.event != ""].groupby(["t_s", "event"], sort=True).node_type
+          .agg(lambda x: "all" if set(x) == types else ", ".join(sorted(set(x)))).reset_index())
+    if len(ev):
+        blocks.append(Table(ev[["t_s", "node_type", "event"]], "Events (node_type: the type it concerns, or all)"))
+    if summary.get("checks"):
+        blocks.append(Table(pd.DataFrame(summary["checks"]), f"The rehearsal's checks: {summary.get('wall_s', '?')} "
+                            f"s wall, {summary.get('trials', '?')} of {summary.get('expected_trials', '?')} trials"))
+    return [Section("Cluster rehearsal: autoscaling and preemption", blocks)]
+
+
 SECTIONS = [sec_reading, sec_scores, sec_spend, sec_cost_to_target, sec_pretraining, sec_pareto, sec_cells,
-            sec_equal_accuracy, sec_plan, sec_provenance]
+            sec_equal_accuracy, sec_rehearsal, sec_plan, sec_provenance]
 
 
 def load_report_data(out_dir) -> ReportData:

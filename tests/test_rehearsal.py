@@ -148,7 +148,8 @@ def test_tiny_rehearsal_end_to_end(tiny_overrides, tmp_path):
     token = f"MMLG_REHEARSAL={summary['token']}"
     token_procs = [p for p in os.listdir("/proc") if p.isdigit() and _has_env(p, token)]
     assert not token_procs, token_procs
-    assert (out / "report" / "report.html").exists()
+    html = (out / "report" / "report.html").read_text()   # the report of a rehearsed sweep shows its timeline
+    assert "Cluster rehearsal: autoscaling and preemption" in html and 'alt="worker nodes per node type' in html
 
 
 def _has_env(pid: str, kv: str) -> bool:
