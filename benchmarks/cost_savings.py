@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mmlg_ray import cost  # noqa: E402
 from mmlg_ray.config import ModelSpec, load_config  # noqa: E402
 from mmlg_ray.descend import descendant_spec  # noqa: E402
-from mmlg_ray.pipeline import aux_spec  # noqa: E402
+from mmlg_ray.learngene import aux_spec  # noqa: E402
 from mmlg_ray.plan import ancestor_spec_of  # noqa: E402
 
 PAPER = {"MM-LG storage": 0.25, "MM-LG compute": 2.8, "TLEG storage": 1 / 19, "TLEG compute": 5.0}

@@ -23,7 +23,7 @@ from .atomic import atomic_dir
 from .config import Config, ModelSpec, config_from_dict, dump_config
 from .descend import descendant_spec
 from .errors import UserError
-from .pipeline import aux_spec
+from .learngene import aux_spec
 
 LEARNGENE_METHODS = ("mmlg", "tleg")
 MIN_SEEDS_TO_RANK = 3
