@@ -558,10 +558,23 @@ class RayConfig(_Strict):
 
 class ReportConfig(_Strict):
     device: str = Field("cpu-2core", description="device type for predicted device-hours and money")
-    dtype: Literal["fp32", "bf16"] = "fp32"
     pricing: Literal["on_demand", "spot"] = "on_demand"
     prices_file: Optional[str] = Field(None, description="YAML price table replacing mmlg_ray/prices.yaml")
-    prices: dict = Field(default_factory=dict, description="per-device overrides merged over the table")
+    prices: dict = Field(default_factory=dict, description="overrides merged deeply over the table, "
+                         "e.g. {a10g: {peak_tflops: {bf16: 60}}} keeps a10g's other peaks")
+    ancestor: Literal["sunk", "charge"] = Field(
+        "sunk", description="the ancestor's cost: sunk (shown apart, excluded from every method) or charge "
+        "(split equally among the methods that read it)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        if isinstance(data, dict) and "dtype" in data:  # earlier runs' config.yaml carry it: read, never fail
+            import warnings
+            data = {k: v for k, v in data.items() if k != "dtype"}
+            warnings.warn("report.dtype is ignored: each stage is priced at the precision it runs in (the "
+                          "top-level `precision`, and `tf32` for fp32 on a GPU); remove it", stacklevel=2)
+        return data
 
 
 URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")  # pyarrow.fs opens these
