@@ -284,6 +284,13 @@ def _arm_of(t) -> "object":
             for m, e, b in zip(t["method"], ext, bud)]
 
 
+def _precisions(stages, default: str) -> list[str]:
+    """Each stages row's recorded precision; `default` (the run's) where none was recorded."""
+    if "precision" not in stages:
+        return [default] * len(stages)
+    return [p if p in ("fp32", "bf16", "fp16") else default for p in stages["precision"]]
+
+
 def method_costs(trials, stages, *, device: str, pricing: str = "on_demand", table: dict | None = None,
                  precision: str = "fp32", tf32: bool = False, ancestor: str = "sunk"):
     """Per arm: the stages it uses, each counted once, plus all its trials' fine-tuning; the
@@ -309,7 +316,7 @@ def method_costs(trials, stages, *, device: str, pricing: str = "on_demand", tab
     for c in ("flops", "device_s"):
         s[c] = s[c].astype(float).fillna(0.0) if c in s else 0.0
     s["_arm"] = [stage_arm(a, b) for a, b in zip(s["stage"], s["name"])] if len(s) else []
-    prec = s["precision"].fillna(precision).astype(str) if "precision" in s else pd.Series(precision, index=s.index)
+    prec = _precisions(s, precision)
     s["_hours"] = [device_hours(f, device, run_dtype(p, tf32, on_gpu), table) for f, p in zip(s.flops, prec)]
     ft_dtype = run_dtype(precision, tf32, on_gpu)
     anc = s[s._arm.isna()]
@@ -350,7 +357,7 @@ def stage_costs(stages, *, device: str, pricing: str = "on_demand", table: dict 
     table = table or price_table()
     on_gpu = "tf32" in _entry(device, table)["peak_tflops"]
     s = stages.copy()
-    prec = s["precision"].fillna(precision).astype(str) if "precision" in s else [precision] * len(s)
+    prec = _precisions(s, precision)
     s["arm"] = [stage_arm(a, b) for a, b in zip(s["stage"], s["name"])]
     s["dtype"] = [run_dtype(p, tf32, on_gpu) for p in prec]
     dev_s = s["device_s"].astype(float).fillna(0.0) if "device_s" in s else 0.0 * s.index

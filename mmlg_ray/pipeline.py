@@ -457,4 +457,5 @@ def _cost_cols(c: dict) -> dict:
     c = c or {}
     return {"steps": int(c.get("steps", 0) or 0), "samples": int(c.get("samples", 0) or 0),
             "wall_s": float(c.get("wall_s", 0.0) or 0.0), "device_s": float(c.get("device_s", 0.0) or 0.0),
-            "flops": float(c.get("flops", 0) or 0), "skipped_samples": int(c.get("skipped_samples", 0) or 0)}
+            "flops": float(c.get("flops", 0) or 0), "skipped_samples": int(c.get("skipped_samples", 0) or 0),
+            "precision": str(c.get("precision") or "")}  # the stage's precision ("": not recorded), priced by cost

@@ -149,7 +149,7 @@ def assumptions(cfg: Config, backend: str, dtypes: dict, prices, per_cell: int) 
         + (f" (tf32={cfg.tf32})" if cfg.precision == "fp32" else "") + f" -> priced at the {'/'.join(dt)} peak of "
         f"{dev}: {'/'.join(f'{d.peak_tflops[x]:g}' for x in dt)} TFLOP/s x utilisation {d.utilization:g} "
         "(an assumption until calibrated: cost.calibrate_utilization)",
-        f"FLOPs: forward + backward = 3 x forward (multiply-add = 2), attention included; optimizer, data loading "
+        "FLOPs: forward + backward = 3 x forward (multiply-add = 2), attention included; optimizer, data loading "
         "and communication not counted",
         f"price: {prices.provider} {prices.region}, {d.instance} ({d.gpus_per_instance} device(s)) {rc.pricing} "
         f"${getattr(d, rc.pricing)}/device-hour (table dated {d.price_date}; {prices.checked})",
