@@ -191,7 +191,8 @@ def format_plan(p: Plan) -> str:
     lines += ["", f"Total: {p.total_flops:.3g} training FLOPs = {p.device_hours:.4g} {p.device} device-hours "
               f"= ${p.money:,.2f} ({p.pricing})"]
     if p.head_instance:
-        lines.append(f"Head node: {p.head_instance} >= {p.head_hours:.3g} h = ${p.head_money:,.2f} (on-demand); "
+        lines.append(f"Head node (cluster.yaml's; none on a local Ray instance): {p.head_instance} >= "
+                     f"{p.head_hours:.3g} h = ${p.head_money:,.2f} (on-demand); "
                      f"with it: ${p.money + p.head_money:,.2f}")
     lines += ["", "Assumptions:"] + [f"  - {a}" for a in p.assumptions]
     return "\n".join(lines)
