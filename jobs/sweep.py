@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep from the output folder")
     p.add_argument("--fresh", action="store_true",
                    help="start this experiment over: delete its earlier Tune state (stage artifacts are kept)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and its predicted cost; train nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan and its predicted cost for --backend (assumptions listed); train nothing")
     p.add_argument("--backend", choices=["ray", "local"], default="ray")
     a = p.parse_args(argv)
     cfg = config_from_args(a)
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     if a.dry_run:
         from mmlg_ray.plan import format_plan, make_plan
         preflight.prices(cfg)
-        print(format_plan(make_plan(cfg)))
+        print(format_plan(make_plan(cfg, backend=a.backend)))
         return 0
     # every bad path, file or data set is reported now, before Ray starts or a folder is made
     preflight.sweep(cfg, out, output_field="--output" if a.output else "output_dir", backend=a.backend)

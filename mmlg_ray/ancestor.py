@@ -193,7 +193,7 @@ def local_ancestor(cfg: Config, device=None) -> Ancestor:
         log.info("ancestor: reusing cached pre-trained CLIP %s", folder)
         _own_retrieval_into(cfg, meta, state, device, meta_path)
         return Ancestor(cfg.ancestor.spec, state, meta["fingerprint"], f"local:{key}", meta.get("cost", {}), meta)
-    from .pipeline import pretrain_clip
+    from .pretrain import pretrain_clip
     log.info("ancestor: pre-training the local default CLIP on %s (cached at %s)",
              "+".join(cfg.data.corpus.kinds()), folder)
     state, cost = pretrain_clip(cfg, cfg.ancestor.spec, cfg.ancestor.pretrain, seed=cfg.seed, name="ancestor",

@@ -16,23 +16,14 @@ from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+from .spec import ConfigError, ModelSpec, _Strict  # noqa: F401 (re-exported: config.ModelSpec, config.ConfigError)
 
 MODALITIES = ("image", "text", "image_text")
 METHODS = ("mmlg", "tleg", "weight_selection", "heur_lg", "scratch", "pt_ft", "csm")
 SCHEDULES = ("tleg", "convex", "constant", "learned")
-
-
-class ConfigError(ValueError):
-    """Raised by validators: `field` is relative to the model being validated (load_config prefixes
-    the model's location, e.g. "width" inside descendants.grid; "" in a field validator: that field),
-    `fix` says what to write instead."""
-
-    def __init__(self, field: str, message: str, fix: str):
-        self.field, self.message, self.fix = field, message, fix
-        super().__init__(f"{field}: {message} (fix: {fix})")
 
 
 # constrained numbers as reusable types: a subclass that changes a default (`steps: PosInt = 40`)
@@ -50,101 +41,6 @@ def _no_duplicates(field: str, values: list) -> None:
         if v in seen:
             raise ConfigError(field, f"{v!r} is listed twice in {list(values)}", "list each value once")
         seen.add(v)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-# open_clip config keys that ModelSpec holds as typed fields (never as flags)
-_VISION_SHAPE_KEYS = {"layers": "image_depth", "width": "image_width", "head_width": "head_width",
-                      "mlp_ratio": "mlp_ratio", "patch_size": "patch_size", "image_size": "image_size"}
-_TEXT_SHAPE_KEYS = {"layers": "text_depth", "width": "text_width", "heads": "text_head_width (width / heads)",
-                    "mlp_ratio": "text_mlp_ratio", "context_length": "context_length", "vocab_size": "vocab_size"}
-
-
-class ModelSpec(_Strict):
-    """Shape and architecture flags of a two-tower open_clip CLIP (or one of its towers).
-
-    The shape fields are what descendants change (depth, width per tower); everything else is the
-    ancestor's architecture and is carried unchanged into the learngene and every descendant:
-    per-tower head width and MLP ratio, QuickGELU, and any further open_clip `vision_cfg` /
-    `text_cfg` field (layer scale, attentional pooling, pool types, no_causal_mask,
-    final_ln_after_pool, proj_bias, norm/act kwargs, ...) verbatim in `vision_flags` / `text_flags`.
-    Features the learngene cannot carry yet are refused with an error naming them
-    (models.unsupported_features), never dropped.
-    """
-
-    image_depth: int = Field(4, ge=1)
-    text_depth: int = Field(4, ge=1)
-    image_width: int = Field(128, ge=1)
-    text_width: int = Field(128, ge=1)
-    head_width: int = Field(64, ge=1, description="image-tower head width (and the text tower's unless text_head_width)")
-    text_head_width: Optional[int] = Field(None, ge=1, description="text-tower head width (ViT-H-14: 64 vs 80)")
-    mlp_ratio: float = Field(4.0, gt=0, description="image-tower MLP ratio (and the text tower's unless text_mlp_ratio)")
-    text_mlp_ratio: Optional[float] = Field(None, gt=0)
-    patch_size: int = Field(8, ge=1)
-    image_size: int = Field(32, ge=1)
-    context_length: int = Field(32, ge=2)
-    vocab_size: int = Field(49408, ge=2)
-    embed_dim: int = Field(64, ge=1)
-    quick_gelu: bool = False
-    vision_flags: dict = Field(default_factory=dict, description="further open_clip vision_cfg fields")
-    text_flags: dict = Field(default_factory=dict, description="further open_clip text_cfg fields")
-
-    @model_validator(mode="after")
-    def _check(self):
-        for tower in ("image", "text"):
-            w, hw = self.width(tower), self.head_width_of(tower)
-            if w % hw:
-                raise ConfigError(f"{tower}_width", f"{w} is not a multiple of the {tower} head width {hw}",
-                                  f"use a multiple of {hw}")
-            shared = max(self.image_width, self.text_width)
-            if shared % hw:
-                raise ConfigError(f"{tower}_width", f"the learngene's shared width {shared} is not whole {tower} "
-                                  f"heads of {hw}", f"make the wider tower a multiple of {hw}")
-            if self.mlp_hidden(tower) < 1:
-                raise ConfigError(f"{tower}_width", f"{tower}_width * mlp_ratio is below 1",
-                                  "raise the width or the MLP ratio")
-        if self.image_size % self.patch_size:
-            raise ConfigError("image_size", f"{self.image_size} is not a multiple of patch_size={self.patch_size}",
-                              "use a multiple of patch_size")
-        for side, flags, shape in (("vision_flags", self.vision_flags, _VISION_SHAPE_KEYS),
-                                   ("text_flags", self.text_flags, _TEXT_SHAPE_KEYS)):
-            clash = sorted(set(flags) & set(shape))
-            if clash:
-                raise ConfigError(f"{side}.{clash[0]}", "is a shape field", f"set it as {shape[clash[0]]}")
-        if self.vision_flags or self.text_flags:
-            from .models import unsupported_features  # open_clip is imported only for flagged specs
-            bad = unsupported_features(self.vision_flags, self.text_flags)
-            if bad:
-                raise ConfigError("vision_flags" if any(k in self.vision_flags for k in bad[:1]) else "text_flags",
-                                  f"{bad[0]} is not supported yet by the learngene",
-                                  "use an architecture without it")
-        return self
-
-    def heads(self, tower: str) -> int:
-        return self.width(tower) // self.head_width_of(tower)
-
-    def head_width_of(self, tower: str) -> int:
-        return self.text_head_width or self.head_width if tower == "text" else self.head_width
-
-    def mlp_ratio_of(self, tower: str) -> float:
-        return self.text_mlp_ratio or self.mlp_ratio if tower == "text" else self.mlp_ratio
-
-    def mlp_hidden(self, tower: str, width: int | None = None) -> int:
-        """open_clip's MLP width for this tower at `width` (int(width * mlp_ratio), as open_clip computes it)."""
-        return int((width or self.width(tower)) * self.mlp_ratio_of(tower))
-
-    def layer_scale(self, tower: str) -> float | None:
-        """The tower's layer-scale init value (None: no layer scale, no ls_1/ls_2 tensors)."""
-        return (self.vision_flags if tower == "image" else self.text_flags).get("ls_init_value")
-
-    def depth(self, tower: str) -> int:
-        return getattr(self, f"{tower}_depth")
-
-    def width(self, tower: str) -> int:
-        return getattr(self, f"{tower}_width")
 
 
 class TrainConfig(_Strict):
@@ -558,10 +454,23 @@ class RayConfig(_Strict):
 
 class ReportConfig(_Strict):
     device: str = Field("cpu-2core", description="device type for predicted device-hours and money")
-    dtype: Literal["fp32", "bf16"] = "fp32"
     pricing: Literal["on_demand", "spot"] = "on_demand"
     prices_file: Optional[str] = Field(None, description="YAML price table replacing mmlg_ray/prices.yaml")
-    prices: dict = Field(default_factory=dict, description="per-device overrides merged over the table")
+    prices: dict = Field(default_factory=dict, description="overrides merged deeply over the table, "
+                         "e.g. {a10g: {peak_tflops: {bf16: 60}}} keeps a10g's other peaks")
+    ancestor: Literal["sunk", "charge"] = Field(
+        "sunk", description="the ancestor's cost: sunk (shown apart, excluded from every method) or charge "
+        "(split equally among the methods that read it)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        if isinstance(data, dict) and "dtype" in data:  # earlier runs' config.yaml carry it: read, never fail
+            import warnings
+            data = {k: v for k, v in data.items() if k != "dtype"}
+            warnings.warn("report.dtype is ignored: each stage is priced at the precision it runs in (the "
+                          "top-level `precision`, and `tf32` for fp32 on a GPU); remove it", stacklevel=2)
+        return data
 
 
 URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")  # pyarrow.fs opens these

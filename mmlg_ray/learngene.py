@@ -516,3 +516,13 @@ def _load_learngene(path, name=None) -> LoadedLearngene:
         raise UserError("--learngene", f"{shown} is corrupt: tensor checksum {digest[:12]} does not match "
                         f"the recorded {meta.tensors_sha256[:12]}", "re-run the extraction")
     return LoadedLearngene(meta, tensors)
+
+
+# --------------------------------------------------------------------------- the auxiliary CLIP's shape
+def aux_spec(cfg, ancestor_spec: ModelSpec) -> ModelSpec:
+    """The auxiliary CLIP the learngene is extracted through: the ancestor's shape at the
+    learngene's auxiliary depths (cfg.learngene.aux_image_depth / aux_text_depth; 0: the ancestor's)."""
+    lg = cfg.learngene
+    return ancestor_spec.model_copy(update=dict(
+        image_depth=lg.aux_image_depth or ancestor_spec.image_depth,
+        text_depth=lg.aux_text_depth or ancestor_spec.text_depth))

@@ -17,7 +17,7 @@ from torch import nn
 import open_clip
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower, _build_vision_tower
 
-from .config import ModelSpec
+from .spec import ModelSpec, unsupported_features  # noqa: F401 (re-exported)
 from .errors import UserError
 
 TOWERS = ("image", "text")
@@ -39,7 +39,6 @@ LAYER_PREFIX = {"image": "visual.transformer.resblocks.", "text": "transformer.r
 # The open_clip config fields that ModelSpec holds as typed fields (everything else is a flag).
 _VISION_SHAPE = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size"}
 _TEXT_SHAPE = {"layers", "width", "heads", "mlp_ratio", "context_length", "vocab_size"}
-_TOP_OK = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "cast_dtype"}
 
 
 def layer_params(spec: ModelSpec, tower: str) -> tuple[str, ...]:
@@ -75,63 +74,6 @@ def tower_of_name(name: str) -> str | None:
 
 
 # --------------------------------------------------------------------------- architecture support
-def unsupported_features(vision: dict, text: dict, top: dict | None = None) -> list[str]:
-    """Features of an open_clip model config that the learngene cannot carry (yet), each named the way
-    open_clip's config names it. Empty: the architecture is supported exactly."""
-    bad = []
-    top = top or {}
-    if top.get("multimodal_cfg"):
-        bad.append("multimodal_cfg (CoCa's multimodal text decoder)")
-    vf = {f.name for f in dataclasses.fields(CLIPVisionCfg)}
-    tf = {f.name for f in dataclasses.fields(CLIPTextCfg)}
-    for k in vision:
-        if k not in vf:
-            bad.append(f"vision_cfg.{k} (not an open_clip vision_cfg field)")
-    for k in text:
-        if k not in tf:
-            bad.append(f"text_cfg.{k} (not an open_clip text_cfg field)")
-    if vision.get("timm_model_name"):
-        bad.append(f"vision_cfg.timm_model_name={vision['timm_model_name']} (a timm image tower, not a ViT "
-                   "of residual blocks)")
-    if isinstance(vision.get("layers"), (list, tuple)):
-        bad.append("vision_cfg.layers as a list (a ModifiedResNet image tower)")
-    if text.get("hf_model_name"):
-        bad.append(f"text_cfg.hf_model_name={text['hf_model_name']} (a Hugging Face text tower)")
-    if top.get("custom_text"):
-        bad.append("custom_text (CustomTextCLIP parameter layout)")
-    if top.get("init_logit_bias") is not None:
-        bad.append("init_logit_bias (SigLIP's sigmoid loss)")
-    if top.get("nonscalar_logit_scale"):
-        bad.append("nonscalar_logit_scale")
-    for k in set(top) - _TOP_OK - {"custom_text", "multimodal_cfg", "init_logit_bias", "nonscalar_logit_scale"}:
-        bad.append(f"{k} (top-level model config field)")
-    for side, cfg in (("vision_cfg", vision), ("text_cfg", text)):
-        if cfg.get("block_type") not in (None, "default"):
-            bad.append(f"{side}.block_type={cfg['block_type']}")
-        for k in ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc"):
-            if cfg.get(k):
-                bad.append(f"{side}.{k} (custom attention block)")
-        if cfg.get("output_tokens"):
-            bad.append(f"{side}.output_tokens")
-        if cfg.get("pool_type") == "none":
-            bad.append(f"{side}.pool_type=none (no pooled embedding)")
-    if vision.get("pos_embed_type", "learnable") != "learnable":
-        bad.append(f"vision_cfg.pos_embed_type={vision['pos_embed_type']}")
-    if isinstance(vision.get("attentional_pool"), str):
-        bad.append(f"vision_cfg.attentional_pool={vision['attentional_pool']} (open_clip's untested "
-                   "parallel/cascade pooler)")
-    if isinstance(vision.get("image_size"), (list, tuple)) and len(set(vision["image_size"])) > 1:
-        bad.append("vision_cfg.image_size non-square")
-    if text.get("hf_tokenizer_name"):
-        bad.append(f"text_cfg.hf_tokenizer_name={text['hf_tokenizer_name']} (a Hugging Face tokenizer; the "
-                   "data pipeline tokenizes with open_clip's BPE)")
-    if text.get("embed_cls"):
-        bad.append("text_cfg.embed_cls (CoCa's appended class token)")
-    if text.get("proj_type", "linear") != "linear":
-        bad.append(f"text_cfg.proj_type={text['proj_type']}")
-    return bad
-
-
 def spec_from_open_clip_cfg(cfg: dict, name: str = "model", field: str = "ancestor.arch") -> ModelSpec:
     """A ModelSpec that builds exactly open_clip's model of this config, or a UserError naming the
     first feature the learngene cannot carry."""

@@ -16,13 +16,14 @@ import torch
 from . import cost as costmod
 from . import precision as amp
 from .config import Config, ModelSpec, TrainConfig
-from .data import load_dataset
 from .descend import descendant_spec, init_descendant
-from .learngene import (EXTRACTION_MODES, AuxCLIP, ElasticPlan, Learngene, LearngeneMeta, load_learngene,
-                        save_learngene, split_state)
+from .learngene import (EXTRACTION_MODES, AuxCLIP, ElasticPlan, Learngene, LearngeneMeta, aux_spec,  # noqa: F401
+                        load_learngene, save_learngene, split_state)
 from .learngene import shape_key as lg_shape_key
 from .models import build_model, towers_of
-from .train import (TorchEngine, contrastive_step, csm_step, extraction_step, resolve_device, run_loop)
+from .pretrain import close_batches as _close
+from .pretrain import corpus, pretrain_clip  # noqa: F401 (re-exported: callers import them from here)
+from .train import TorchEngine, csm_step, extraction_step, resolve_device, run_loop
 
 log = logging.getLogger("mmlg_ray")
 
@@ -37,53 +38,7 @@ def setup_runtime(cfg: Config | None = None, level=logging.INFO):
         amp.set_tf32(cfg.tf32)
 
 
-def corpus(cfg: Config):
-    """The pre-training / extraction corpus, its train and validation splits: in memory for the packaged kinds and a
-    `mixture` of them (local default: Fashion-MNIST + openclipart, concatenated as uint8 3 x S x S
-    images at the ancestor's image size), streamed otherwise. Tux Paint is never part of it: it is a
-    downstream task that no training stage before fine-tuning sees."""
-    # train + val: no stage reads the corpus's validation split, so nothing of it is held back
-    return load_dataset(cfg.data.corpus, "trainval", image_size=cfg.ancestor.spec.image_size,
-                        cache_dir=cfg.cache_path, field_name="data.corpus")
-
-
-# --------------------------------------------------------------------------- pre-training (CLIP loss)
-def pretrain_clip(cfg: Config, spec: ModelSpec, tcfg: TrainConfig, seed: int = 0, name: str = "pretrain",
-                  device=None, data=None) -> tuple[dict, dict]:
-    """Contrastive pre-training of a CLIP of `spec` on the corpus, in cfg.precision (fp32 master
-    weights). Returns (state dict, cost)."""
-    device = device or resolve_device(cfg.device)
-    torch.manual_seed(seed)
-    model = build_model(spec, "image_text").to(device)
-    data = data or corpus(cfg)
-    engine = TorchEngine(model, tcfg, precision=cfg.precision)
-    batches = data.batches(tcfg.batch_size, spec.image_size, spec.context_length, seed=seed)
-    try:
-        res = run_loop(engine, batches, contrastive_step(model), tcfg.steps, log_every=tcfg.log_every,
-                       name=name, device=device)
-    finally:
-        _close(batches)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "attn_mask"}
-    c = {"steps": res.steps, "samples": res.samples, "wall_s": res.seconds, "device_s": res.seconds,
-         "flops": costmod.train_flops(spec, "image_text", res.samples), "final_loss": res.last.get("loss"),
-         "precision": cfg.precision, "skipped_samples": data.skipped}
-    return state, c
-
-
-def _close(batches):
-    """Stop a streamed set's loader workers (in-memory batches are plain generators)."""
-    if hasattr(batches, "close"):
-        batches.close()
-
-
 # --------------------------------------------------------------------------- extraction
-def aux_spec(cfg: Config, ancestor_spec: ModelSpec) -> ModelSpec:
-    lg = cfg.learngene
-    return ancestor_spec.model_copy(update=dict(
-        image_depth=lg.aux_image_depth or ancestor_spec.image_depth,
-        text_depth=lg.aux_text_depth or ancestor_spec.text_depth))
-
-
 def check_mode(mode: str) -> str:
     if mode not in EXTRACTION_MODES:
         from .errors import UserError
@@ -502,4 +457,5 @@ def _cost_cols(c: dict) -> dict:
     c = c or {}
     return {"steps": int(c.get("steps", 0) or 0), "samples": int(c.get("samples", 0) or 0),
             "wall_s": float(c.get("wall_s", 0.0) or 0.0), "device_s": float(c.get("device_s", 0.0) or 0.0),
-            "flops": float(c.get("flops", 0) or 0), "skipped_samples": int(c.get("skipped_samples", 0) or 0)}
+            "flops": float(c.get("flops", 0) or 0), "skipped_samples": int(c.get("skipped_samples", 0) or 0),
+            "precision": str(c.get("precision") or "")}  # the stage's precision ("": not recorded), priced by cost

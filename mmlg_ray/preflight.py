@@ -12,7 +12,7 @@ What is checked (object-store URIs, "s3://..." and the like, are left to the cod
   data sets                the packaged sets are installed; a streamed set's index (shard glob,
                            captions.csv, annotations) is there and a classification set has classes
   ancestor                 an open_clip pretrained tag exists and its weights can be downloaded
-  report                   report.prices_file parses, report.device and report.dtype are in it
+  report                   report.prices_file parses and validates; report.device has a peak for the dtype each stage runs in
 
 No Ray import here; jobs/ call these right after parsing the config.
 """
@@ -264,15 +264,18 @@ def _packaged(d, field: str) -> None:
 
 
 def prices(cfg: Config) -> None:
-    from .cost import price_table
+    """The price table loads and validates; report.device is in it with a report.pricing price and a
+    peak for the dtype every stage runs in (cost.stage_dtypes)."""
+    from .cost import peak_flops, price_table, stage_dtypes
     table = price_table(cfg.report)
     r = cfg.report
     if r.device not in table:
         raise UserError("report.device", f"{r.device!r} is not in the price table", f"use one of {sorted(table)}")
-    entry = table[r.device]
-    if not isinstance(entry, dict) or r.pricing not in entry or r.dtype not in (entry.get("peak_tflops") or {}):
-        raise UserError("report.device", f"the price table's entry for {r.device!r} lacks {r.pricing} or "
-                        f"peak_tflops.{r.dtype}", "give on_demand, spot, peak_tflops {fp32, bf16} and utilization")
+    if table[r.device].get(r.pricing) is None:
+        raise UserError("report.pricing", f"the price table has no {r.pricing} price for {r.device}",
+                        "use report.pricing=on_demand, or give the price in report.prices")
+    for dt in sorted(set(stage_dtypes(cfg, r.device, table).values())):
+        peak_flops(r.device, dt, table)
 
 
 def precision(cfg: Config) -> None:

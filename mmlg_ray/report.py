@@ -22,7 +22,7 @@ from .atomic import atomic_dir
 from .config import Config, ModelSpec, config_from_dict, dump_config
 from .descend import descendant_spec
 from .errors import UserError
-from .pipeline import aux_spec
+from .learngene import aux_spec
 from .render import Bullets, Code, Figure, Para, Section, Table, render_html, render_md
 
 LEARNGENE_METHODS = ("mmlg", "tleg")
