@@ -196,14 +196,6 @@ def check_rehearsal(timeline: pd.DataFrame, placements: pd.DataFrame, plan: Clus
     return checks
 
 
-def expected_trials(cfg) -> int:
-    """Tune trials the sweep runs: num_samples per grid cell in the search phase, one per cell and
-    further seed in the seeds phase."""
-    from .pipeline import cells
-    n = len(cells(cfg))
-    return n * cfg.ray.tune.num_samples + n * (len(cfg.descendants.seeds) - 1)
-
-
 def plot_timeline(timeline: pd.DataFrame, path: str | Path | None = None):
     """Nodes over time per node type, events marked: a PNG at path (returned), or its bytes without one."""
     import matplotlib

@@ -35,6 +35,14 @@ log = logging.getLogger("mmlg_ray")
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def expected_trials(cfg: Config) -> int:
+    """Tune trials the sweep runs: num_samples per grid cell in the search phase, one per cell and
+    further seed in the seeds phase."""
+    from ..pipeline import cells
+    n = len(cells(cfg))
+    return n * cfg.ray.tune.num_samples + n * (len(cfg.descendants.seeds) - 1)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -288,11 +296,11 @@ class Rehearsal:
         trials_path = self.out / "trials.parquet"
         trials = pd.read_parquet(trials_path) if trials_path.exists() else None
         checks = R.check_rehearsal(tl, placements.drop_duplicates(["actor_id", "node_id"]), self.plan,
-                                   job_status=status, trials=trials, expected_trials=R.expected_trials(self.cfg),
+                                   job_status=status, trials=trials, expected_trials=expected_trials(self.cfg),
                                    preempted=self.preempted, scaled_down=scaled_down)
         R.plot_timeline(tl, self.out / "cluster_timeline.png")
         summary = {"token": self.token, "wall_s": round(wall, 1), "job_status": status, "trials": None if trials is None else len(trials),
-                   "expected_trials": R.expected_trials(self.cfg), "preempted": self.preempted,
+                   "expected_trials": expected_trials(self.cfg), "preempted": self.preempted,
                    "idle_timeout_s": self.plan.config["idle_timeout_minutes"] * 60, "samples": len(self.samples),
                    "sample_errors": errors[:5], "actor_classes": sorted(self.classes), "job_overrides": self.job_sets,
                    "events": [{"t_s": round(e["t_s"], 1), "event": e["text"]} for e in self.events],
