@@ -674,13 +674,9 @@ def _num(df: pd.DataFrame, col: str) -> pd.Series:
 
 
 def priced_dtype(cfg: Config, table: dict) -> str:
-    """The precision the FLOPs-priced device-hours assume: the run's own (the config's `precision`)
-    where the price table has a peak for it on report.device, else report.dtype."""
-    try:
-        costmod.device_hours(1.0, cfg.report.device, cfg.precision, table)
-        return cfg.precision
-    except (KeyError, TypeError, UserError):
-        return cfg.report.dtype
+    """The precision the FLOPs-priced device-hours assume: the one the run's stages run in on
+    report.device (cost.stage_dtypes: the config's `precision`, TF32 for fp32 on a GPU with tf32 on)."""
+    return costmod.stage_dtypes(cfg, table=table)["finetune"]
 
 
 def spend_table(trials: pd.DataFrame, stages: pd.DataFrame, cfg: Config, table: dict) -> pd.DataFrame:
@@ -1119,8 +1115,8 @@ def plan_against_run(d: ReportData) -> tuple[list[str], pd.DataFrame]:
         peak = "the price table's peak x utilization"
     words = [
         f"Trials: the plan counts every grid cell as ray.tune.num_samples ({tune.num_samples}) search trials plus "
-        f"the other {max(0, n_seeds - 1)} seed(s): {n_cells} x {per_cell} = {n_cells * per_cell} trials here, "
-        f"whatever --backend says; the local backend runs each cell once per seed ({n_cells * n_seeds}). This run: "
+        f"the other {max(0, n_seeds - 1)} seed(s) on the Ray backend: {n_cells} x {per_cell} = {n_cells * per_cell} "
+        f"trials here; the local backend runs each cell once per seed ({n_cells * n_seeds}). This run: "
         f"{len(t)} trials ({'Ray backend, with a search phase' if searched else 'no search phase'}).",
         f"Fine-tuning: the plan charges each trial its full budget (descendants.finetune.steps {fc.steps} x batch "
         f"{fc.batch_size}), an upper bound: ASHA (grace_period {tune.grace_period}, reduction_factor "
@@ -1131,11 +1127,14 @@ def plan_against_run(d: ReportData) -> tuple[list[str], pd.DataFrame]:
         "backward = 3 forward passes, teacher forward passes included in extraction); the validation passes every "
         f"eval_every ({fc.eval_every}) steps and the final test pass are not counted. Measured device-seconds "
         "include them.",
-        f"Precision: the plan prices every stage at report.dtype ({cfg.report.dtype}); this run's precision setting "
-        f"is {cfg.precision}, and this report's FLOPs-priced device-hours use {dtype}, at {peak} on "
-        f"{cfg.report.device}.",
+        f"Precision: the plan and this report price each stage at the precision it runs in (precision "
+        f"{cfg.precision}, tf32 {cfg.tf32}): {dtype} on {cfg.report.device}, at {peak}.",
         "The ancestor: priced on its own row (its pre-training when it is the local ancestor, nothing when it is a "
-        "downloaded checkpoint), charged to no method.",
+        "downloaded checkpoint); report.ancestor is "
+        + (f"'{cfg.report.ancestor}': " if hasattr(cfg.report, "ancestor") else "")
+        + ("charged to no method (a sunk cost every method shares)." if getattr(cfg.report, "ancestor", "sunk") == "sunk"
+           else "split equally among the methods that read it in the plan; this report's spend table still shows it "
+                "on its own row."),
     ]
     table = pd.DataFrame([
         {"quantity": "trials", "plan": n_cells * per_cell, "run": len(t)},

@@ -100,8 +100,7 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
 
 
 def test_paper_plan_prices_a_gpu_cluster(capsys):
-    assert sweep_job.main(["--dry-run", "--config", "configs/paper_vitb16.yaml", "--set", "report.device=h100",
-                           "--set", "report.dtype=bf16"]) == 0
+    assert sweep_job.main(["--dry-run", "--config", "configs/paper_vitb16.yaml", "--set", "report.device=h100"]) == 0
     text = capsys.readouterr().out
     assert "h100 device-hours" in text and "149,620,737" in text  # the full-size ViT-B/16 descendant
     assert sweep_job.main(["--dry-run", "--set", "report.device=tpu9"]) == 2
