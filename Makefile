@@ -37,8 +37,9 @@ run-local: setup
 
 # the autoscaling rehearsal (jobs/rehearse.py): cluster.yaml's node types as fake nodes on this machine, the
 # local default submitted with `ray job submit`, one spot node preempted mid-sweep, the scale-down watched.
-# Timeline, checks and report in runs/rehearsal/
+# Timeline, checks and report in runs/rehearsal/ (an earlier rehearsal there is deleted first)
 rehearse: setup
+	rm -rf runs/rehearsal
 	RAY_USAGE_STATS_ENABLED=0 $(PY) jobs/rehearse.py --config configs/local.yaml --output runs/rehearsal
 
 # the CPU study (configs/study_cpu.yaml): all seven methods, fixed and elastic extraction, PT+FT's budget

@@ -129,11 +129,22 @@ def job_overrides(cfg, plan: ClusterPlan, cpus_per_gpu: int = 1) -> list[str]:
                         "mark spot types with node_config.InstanceMarketOptions.MarketType: spot")
     wres = dict(cfg.ray.worker_resources) or {k: 0.01 for k in plan.types[od[0]].custom}
     tres = dict(cfg.ray.tune.trial_resources) or {k: 0.01 for k in plan.types[sp[0]].custom}
-    ext_nodes = sum(plan.config["available_node_types"][n]["max_workers"] for n in od)
-    if cfg.ray.num_workers > ext_nodes * cpus_per_gpu:
-        raise UserError("ray.num_workers", f"is {cfg.ray.num_workers}, more workers than the rehearsal's "
-                        f"{ext_nodes} on-demand node(s) of {cpus_per_gpu} CPU can hold",
-                        f"--set ray.num_workers={ext_nodes * cpus_per_gpu}, or raise --max-per-type")
+    provided = {k for t in plan.types.values() for k in t.custom}
+    for field_, res in (("ray.worker_resources", wres), ("ray.tune.trial_resources", tres)):
+        missing = sorted(set(res) - provided)
+        if missing:
+            raise UserError(field_, f"asks for {missing}, which no worker type of the cluster config provides "
+                            f"(they provide {sorted(provided)})", "name a resource of a cluster.yaml worker type")
+    if cfg.ray.tune.trial_workers > 1:
+        raise UserError("ray.tune.trial_workers", f"is {cfg.ray.tune.trial_workers}; the rehearsal runs "
+                        "single-worker trials (a fake node stands in for one GPU node)",
+                        "--set ray.tune.trial_workers=1")
+    # each fake node has gpus x cpus_per_gpu CPUs and each extraction worker takes cpus_per_gpu of them
+    slots = sum(plan.config["available_node_types"][n]["max_workers"] * max(1, plan.types[n].gpus) for n in od)
+    if cfg.ray.num_workers > slots:
+        raise UserError("ray.num_workers", f"is {cfg.ray.num_workers}, more extraction workers than the "
+                        f"rehearsal's on-demand nodes hold ({slots})",
+                        f"--set ray.num_workers={slots}, or raise --max-per-type")
     fmt = lambda d: "{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}"  # noqa: E731
     return [f"ray.worker_resources={fmt(wres)}", f"ray.tune.trial_resources={fmt(tres)}",
             "ray.use_gpu=false", "ray.tune.trial_gpus=0", f"ray.cpus_per_worker={cpus_per_gpu}",
@@ -175,7 +186,8 @@ def check_rehearsal(timeline: pd.DataFrame, placements: pd.DataFrame, plan: Clus
     ext_types = sorted(set(ext.node_type)) if len(ext) else []
     ok = bool(ext_types) and set(ext_types) <= set(plan.ondemand_types())
     checks.append(Check("extraction only on on-demand node types", ok,
-                        f"extraction workers seen on {ext_types or 'no node'} (on-demand: {plan.ondemand_types()})"))
+                        f"extraction workers seen on {ext_types or 'no node'} (on-demand: {plan.ondemand_types()}; the job asks "
+                        "by ray.worker_resources)"))
     tr = placements[placements.kind == "trial"] if len(placements) else placements
     tr_types = sorted(set(tr.node_type)) if len(tr) else []
     ok = bool(tr_types) and set(tr_types) <= set(plan.types) and bool(set(tr_types) & set(plan.spot_types()))
@@ -188,8 +200,14 @@ def check_rehearsal(timeline: pd.DataFrame, placements: pd.DataFrame, plan: Clus
     else:
         dup = int(trials.duplicated(["phase", "trial_id"]).sum())
         n = len(trials)
-        checks.append(Check("every trial exactly once in trials.parquet", dup == 0 and n == expected_trials,
-                            f"{n} rows for {expected_trials} planned trials, {dup} duplicated"))
+        # an errored row would be a trial (the preempted one, say) that ran out of retries
+        err = int((trials.status == "error").sum()) if "status" in trials else 0
+        checks.append(Check("every trial exactly once in trials.parquet, none errored",
+                            dup == 0 and n == expected_trials and err == 0,
+                            f"{n} rows for {expected_trials} planned trials, {dup} duplicated, {err} errored"))
+    ts = timeline.t_s.drop_duplicates().sort_values()
+    gap = float(ts.diff().max()) if len(ts) > 1 else float("inf")
+    checks.append(Check("the cluster sampled at least every 5 s", gap <= 5.0, f"longest gap {gap:.1f} s"))
     last = timeline[timeline.t_s == timeline.t_s.max()]
     checks.append(Check("back to zero worker nodes after the idle timeout", scaled_down and int(last.nodes.sum()) == 0,
                         f"{int(last.nodes.sum()) if len(last) else '?'} worker nodes at the end"))
@@ -202,6 +220,8 @@ def plot_timeline(timeline: pd.DataFrame, path: str | Path | None = None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 3.4))
+    if timeline.empty:
+        timeline = pd.DataFrame({"t_s": [0.0], "node_type": ["(no sample)"], "nodes": [0], "event": [""]})
     for nt, g in timeline.groupby("node_type", sort=False):
         ax.step(g.t_s, g.nodes, where="post", label=nt)
     ev = timeline[timeline.event != ""].drop_duplicates(["t_s", "event"])

@@ -75,6 +75,11 @@ def test_job_overrides_ask_for_cluster_node_types(cluster):
     # more extraction workers than the fake on-demand nodes hold: one line naming the field
     with pytest.raises(UserError, match="ray.num_workers"):
         R.job_overrides(load_config(None, ["ray.num_workers=3"]), plan)
+    # work no fake node could hold would wait for the job timeout: refused up front
+    with pytest.raises(UserError, match="ray.tune.trial_workers"):
+        R.job_overrides(load_config(None, ["ray.tune.trial_workers=2"]), plan)
+    with pytest.raises(UserError, match="ray.worker_resources"):
+        R.job_overrides(load_config(None, ["ray.worker_resources={gpu_node: 0.01}"]), plan)
 
 
 def _timeline(counts, events=()):
@@ -93,7 +98,7 @@ def test_timeline_and_checks_on_constructed_runs(cluster):
     assert tl[tl.event.str.startswith("preempted")].node_type.tolist() == ["gpu_a10g_spot"]
     assert len(tl[tl.event == "job succeeded"]) == 2
     good = pd.DataFrame([{"kind": "extraction", "node_type": "gpu_a10g"}, {"kind": "trial", "node_type": "gpu_a10g_spot"}])
-    trials = pd.DataFrame({"phase": ["search", "search", "seeds"], "trial_id": ["a", "b", "c"]})
+    trials = pd.DataFrame({"phase": ["search", "search", "seeds"], "trial_id": ["a", "b", "c"], "status": "finished"})
     kw = dict(job_status="SUCCEEDED", trials=trials, expected_trials=3, preempted="preempted x", scaled_down=True)
     assert all(c.ok for c in R.check_rehearsal(tl, good, plan, **kw))
 
@@ -106,11 +111,17 @@ def test_timeline_and_checks_on_constructed_runs(cluster):
     bad = pd.DataFrame([{"kind": "extraction", "node_type": "gpu_a10g_spot"}, {"kind": "trial", "node_type": "gpu_a10g_spot"}])
     assert failed(pl=bad) == {"extraction only on on-demand node types"}
     # a trial recorded twice (a retried trial written again), or one missing
-    assert failed(trials=pd.concat([trials, trials.iloc[:1]])) == {"every trial exactly once in trials.parquet"}
-    assert failed(expected_trials=4) == {"every trial exactly once in trials.parquet"}
+    assert failed(trials=pd.concat([trials, trials.iloc[:1]])) == {"every trial exactly once in trials.parquet, none errored"}
+    assert failed(expected_trials=4) == {"every trial exactly once in trials.parquet, none errored"}
+    # the preempted trial ran out of retries: its row says error
+    assert failed(trials=trials.assign(status=["finished", "error", "finished"])) == {
+        "every trial exactly once in trials.parquet, none errored"}
     # nodes up at the start, or not down at the end
     assert "workers start from zero" in failed(tl=_timeline([(1, 0), (2, 2), (0, 0)]))
     assert "back to zero worker nodes after the idle timeout" in failed(tl=_timeline([(0, 0), (2, 2), (0, 1)]))
+    sparse = tl[tl.t_s != 4.0].copy()   # a sample missing: a 4-s gap is fine, a 6-s one is not
+    assert "the cluster sampled at least every 5 s" not in failed(tl=sparse)
+    assert "the cluster sampled at least every 5 s" in failed(tl=sparse[sparse.t_s != 6.0])
     assert failed(job_status="FAILED", preempted=None) == {"the job succeeded", "a worker node was preempted mid-sweep"}
     png = R.plot_timeline(tl, Path(os.environ.get("TMPDIR", "/tmp")) / f"tl-{os.getpid()}.png")
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
@@ -143,7 +154,7 @@ def test_tiny_rehearsal_end_to_end(tiny_overrides, tmp_path):
     assert tl.event.str.startswith("preempted gpu_a10g_spot").any()
     summary = json.loads((out / "rehearsal.json").read_text())
     assert summary["trials"] == summary["expected_trials"] == 3
-    assert all(c["ok"] for c in summary["checks"]) and len(summary["checks"]) == 7
+    assert all(c["ok"] for c in summary["checks"]) and len(summary["checks"]) == 8
     # the rehearsal left no process of its cluster behind
     token = f"MMLG_REHEARSAL={summary['token']}"
     token_procs = [p for p in os.listdir("/proc") if p.isdigit() and _has_env(p, token)]

@@ -81,7 +81,9 @@ class Rehearsal:
                  job_timeout_s: float = 3600.0):
         self.cfg, self.config_arg, self.sets, self.out = cfg, config_arg, list(sets), Path(out)
         self.cpus_per_gpu, self.sample_s, self.preempt_after_s = cpus_per_gpu, sample_s, preempt_after_s
-        self.scale_down_wait_s, self.job_timeout_s = scale_down_wait_s, job_timeout_s
+        # the autoscaler's idle timeout, its 5-s update period, and the GCS noticing a node's exit
+        self.scale_down_wait_s = max(scale_down_wait_s, 3 * idle_timeout_s + 60)
+        self.job_timeout_s = job_timeout_s
         try:
             cluster = yaml.safe_load(Path(cluster_yaml).read_text())
         except (OSError, yaml.YAMLError) as e:
@@ -125,6 +127,7 @@ class Rehearsal:
                f"--node-ip-address={self.ip}", f"--num-cpus={int(head_res.get('CPU', 0))}",
                f"--num-gpus={int(head_res.get('GPU', 0))}", f"--resources={json.dumps(custom)}",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}",
+               f"--ray-client-server-port={_free_port()}",
                f"--dashboard-agent-listen-port={_free_port()}", f"--autoscaling-config={cfg_path}",
                "--disable-usage-stats"]
         log.info("rehearsal: starting the head (GCS port %d, dashboard 127.0.0.1:%d, files in %s)",
@@ -185,15 +188,20 @@ class Rehearsal:
         t = time.time() - self.t0
         actors = list_actors(address=addr, filters=[("state", "=", "ALIVE")], limit=10000, timeout=10,
                              raise_on_missing_output=False)
+        # a trial seen in this sample makes every Train worker of it a trial's (single-worker trials: none)
+        if any(a.class_name.endswith("ImplicitFunc") for a in actors):
+            self._trials_started = True
         for a in actors:
             self.classes.add(a.class_name)
+            if a.node_id not in types:  # a node that joined between the two calls: the next sample has it
+                continue
             kind = ("extraction" if a.class_name == "RayTrainWorker" and not self._trials_started
                     else "trial" if a.class_name.endswith("ImplicitFunc") else None)   # Tune's function trainable
             if kind is None:
                 continue
             if kind == "trial":
                 self._trials_started = True
-            nt = types.get(a.node_id, "head")
+            nt = types[a.node_id]
             self.placements.append({"t_s": t, "kind": kind, "class_name": a.class_name, "actor_id": a.actor_id,
                                     "node_id": a.node_id, "node_type": nt or "head"})
             if kind == "trial" and nt in self.plan.spot_types():
@@ -208,6 +216,9 @@ class Rehearsal:
     def preempt(self, node_id: str, node_type: str) -> None:
         """Kill every process of one fake node at once, as a spot reclaim does (no drain, no warning)."""
         pids = _our_pids(self.token, node_id)
+        if not pids:  # its processes are not visible here (/proc unreadable?): nothing was preempted
+            log.warning("rehearsal: no process of node %s found to kill", node_id)
+            return
         _kill(pids)
         self.killed.add(node_id)
         self.preempted = f"preempted {node_type} node …{node_id[-5:]} ({len(pids)} processes killed)"
@@ -272,7 +283,13 @@ class Rehearsal:
             self.event("rehearsal interrupted")
         finally:
             stop_watch.set()
-            self.stop()
+            # a second Ctrl-C / SIGTERM must not cut the cleanup short and leave fake nodes running
+            saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                self.stop()
+            finally:
+                for sig, h in saved.items():
+                    signal.signal(sig, h)
         wall = time.time() - self.t0
         rc = self.finish(status, scaled_down, wall, errors)
         return 130 if status == "INTERRUPTED" else rc
