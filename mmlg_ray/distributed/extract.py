@@ -107,6 +107,9 @@ def _train_worker(config: dict):
     cfg = config_from_dict(config["cfg"])
     rs = cfg.ray
     setup_runtime(cfg)
+    # this worker's CPUs, not cfg.threads (the driver's, or a bare loop's): N workers x cfg.threads threads
+    # on N x cpus_per_worker cores oversubscribe them, and every step waits on the slowest thread
+    torch.set_num_threads(max(1, int(rs.cpus_per_worker)))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     quiet_worker(rank)
@@ -158,6 +161,7 @@ def _train_worker(config: dict):
     t_prev = [time.perf_counter()]
     wall = [float(config.get("prior_wall_s", 0.0))]
     samples = [0]
+    step_s: list[float] = []  # each step's seconds (this attempt's), reported with step_times
 
     def report(step: int, metrics: dict, final: bool = False):
         now = time.perf_counter()
@@ -165,6 +169,8 @@ def _train_worker(config: dict):
         t_prev[0] = now
         out = {k: float(v) for k, v in metrics.items()}
         out.update(step=step, wall_s=wall[0], world=world, lr=float(engine.get_lr()[0]))
+        if config.get("step_times"):
+            out["step_s"] = list(step_s)
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=TAG)
             if rank == 0:  # one writer: every rank's files merge into one checkpoint folder
@@ -181,6 +187,7 @@ def _train_worker(config: dict):
                        log_every=min(ecfg.log_every, chunk_end - chunk_start), name=f"extract/rank{rank}",
                        device=device, progress=lines)
         samples[0] += res.samples * world
+        step_s.extend(res.step_s)
         last = res.last
         chunk_start = chunk_end
         report(chunk_end, {**last, "samples": samples[0], "resumed_from_step": start})
@@ -198,11 +205,12 @@ def _beside(path, suffix: str) -> str:
 
 
 def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *, storage: str | None = None,
-                   name: str | None = None, mode: str = "fixed") -> dict:
+                   name: str | None = None, mode: str = "fixed", step_times: bool = False) -> dict:
     """Run the extraction as a Ray Train job and write the learngene file (a local path or a URI).
     Returns its cost. Every rank's ZeRO checkpoints go to `storage`; the driver reads the last one
     back from there (never from a worker's disk) and consolidates it into the file. mode=elastic
-    also distils the grid's descendant shapes at every step (pipeline.extract's loss)."""
+    also distils the grid's descendant shapes at every step (pipeline.extract's loss). step_times: the
+    cost also holds rank 0's seconds of every step (`step_s`, benchmarks/extraction_throughput.py)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -228,7 +236,7 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "ancestor": ray.put(ancestor), "method": method,
-                           "mode": mode,
+                           "mode": mode, "step_times": step_times,
                            "fail_at_step": os.environ.get("MMLG_FAIL_AT_STEP")},
         scaling_config=ScalingConfig(num_workers=rs.num_workers, use_gpu=rs.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -263,6 +271,8 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
     cost.update(driver_wall_s=driver_wall, zero_stage=rs.extraction.zero_stage, backend="ray_train+deepspeed",
                 precision=cfg.precision, final_lr=metrics.get("lr"),
                 resumed_from_step=int(metrics.get("resumed_from_step", 0)))
+    if step_times:
+        cost["step_s"] = list(metrics.get("step_s") or [])
     cost["skipped_samples"] = skipped  # corrupt / incomplete samples of a streamed corpus, dropped by the reader
     with stor.writing(out_path) as local:  # the driver writes the file (a URI: uploaded once complete)
         finish_extraction(aux, local, cost)
