@@ -245,16 +245,22 @@ def contrastive_step(model):
 
 
 def extraction_step(aux, teacher, distill_weight: float, temperature: float, feature_weight: float,
-                    elastic=None, start_step: int = 0):
+                    elastic=None, start_step: int = 0, gather=None):
     """The extraction loss: the auxiliary model's contrastive + distillation (+ feature) loss. With
     `elastic` (a learngene.ElasticPlan), each step also distils the descendant shapes the plan draws
     for that step, with the same loss against the same teacher outputs, averaged over the shapes and
     weighted by elastic.weight. `aux` is the AuxCLIP or an engine wrapping it (DeepSpeed's): the
     shapes run inside its forward. Steps are counted from `start_step` (a resumed run's first step),
-    one per call, so the draw at step s is the same in a resumed run."""
+    one per call, so the draw at step s is the same in a resumed run.
+
+    `gather` (data-parallel workers: distributed.extract) concatenates a tensor over the ranks, in rank order,
+    with gradients flowing back to each rank's slice: the contrastive and distillation losses then see the
+    whole global batch as their negatives, the same loss a single process computes on it."""
     step = [start_step]
+    same = (lambda t: t) if gather is None else gather
 
     def student_loss(s_img, s_txt, s_scale, t_img, t_txt, t_scale, tokens):
+        s_img, s_txt, t_img, t_txt, tokens = (same(t) for t in (s_img, s_txt, t_img, t_txt, tokens))
         l_clip = clip_loss(s_img, s_txt, s_scale, tokens)
         l_kd = distill_loss(s_img, s_txt, s_scale, t_img, t_txt, t_scale, temperature)
         loss = l_clip + distill_weight * l_kd

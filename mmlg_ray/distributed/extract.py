@@ -148,7 +148,7 @@ def _train_worker(config: dict):
                              seed=cfg.seed + 7919 * start)  # this rank's bs of every global batch
     # elastic: the sampled shapes run inside the engine's forward (ZeRO-3 gathers what they read there)
     step_fn = extraction_step(engine, teacher, ecfg.distill_weight, ecfg.distill_temperature, ecfg.feature_weight,
-                              elastic=plan, start_step=start)
+                              elastic=plan, start_step=start, gather=gather_global_batch if world > 1 else None)
     if dtype != torch.float32:
         inner = step_fn
 
@@ -193,6 +193,17 @@ def _train_worker(config: dict):
         report(chunk_end, {**last, "samples": samples[0], "resumed_from_step": start})
         if fail_at and start == 0 and chunk_end >= fail_at:
             raise RuntimeError(f"injected failure after step {chunk_end} (MMLG_FAIL_AT_STEP)")
+
+
+def gather_global_batch(t: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a global batch -> the global batch (ranks in order), as open_clip's
+    gather_with_grad: the functional all-gather's backward reduce-scatters (sums) every rank's gradient of
+    each slice back to its rank. Each rank computes the same loss on the global batch; its gradient through
+    its own slice is then world x the single-process one, and DeepSpeed's mean over the ranks makes it
+    exactly the gradient one process gets on the whole batch (tests/test_global_batch.py)."""
+    import torch.distributed as dist
+    from torch.distributed._functional_collectives import all_gather_single  # torch's replacement for
+    return all_gather_single(t.contiguous(), 0, dist.group.WORLD)            # torch.distributed.nn's all_gather
 
 
 def _beside(path, suffix: str) -> str:
