@@ -1163,7 +1163,8 @@ def sec_provenance(d: ReportData) -> list[Section]:
             *[f"the ancestor's own retrieval on {k.removesuffix('_val')} (validation split, {v.get('pairs', '?')} "
               f"pairs, before any fine-tuning): mean recall {v.get('mean_recall', float('nan')):.1f} against a "
               f"chance level of {v.get('chance_mean_recall', float('nan')):.1f} "
-              f"({v.get('over_chance', float('nan')):.2f}x chance)"
+              f"({v.get('over_chance', float('nan')):.2f}x chance; one-sided permutation test against chance, "
+              f"{v.get('permutations', '?')} random pairings: p = {v.get('p_vs_chance', float('nan')):.3g})"
               for k, v in (m.get("own_retrieval") or {}).items()],
             "learngene sha256: " + ("; ".join(lg_fps) or "none"),
             f"trials: {len(d.trials)} ({len(d.ft)} measuring the cells); built "

@@ -63,10 +63,27 @@ def test_chance_mean_recall_is_exact():
     assert abs(chance_mean_recall([str(i) for i in range(100)]) - 100 * (1 + 5 + 10) / 3 / 100) < 1e-9
 
 
+def test_permutation_p_separates_knowledge_from_chance():
+    """Embeddings that pair each image with its caption (plus noise) give the smallest p the test can give;
+    unrelated embeddings give a p that is not small."""
+    from mmlg_ray.ancestor import permutation_p
+    from mmlg_ray.evaluate import retrieval_metrics
+    g = torch.Generator().manual_seed(1)
+    caps = [f"c{i}" for i in range(60)]
+    txt = torch.nn.functional.normalize(torch.randn(60, 16, generator=g), dim=-1)
+    img = torch.nn.functional.normalize(txt + 0.8 * torch.randn(60, 16, generator=g), dim=-1)
+    p, n = permutation_p(img, txt, caps, retrieval_metrics(img, txt, caps)["mean_recall"], permutations=199)
+    assert n == 199 and p == 1 / 200
+    other = torch.nn.functional.normalize(torch.randn(60, 16, generator=g), dim=-1)
+    p, _ = permutation_p(other, txt, caps, retrieval_metrics(other, txt, caps)["mean_recall"], permutations=199)
+    assert p > 0.05
+
+
 def test_local_ancestor_records_its_own_val_retrieval(tiny_cfg, tiny_ancestor):
     """Measured on Tux Paint's validation split (which no training stage sees), kept in meta.json and
     on the Ancestor, with its chance level."""
     m = tiny_ancestor.meta["tuxpaint_val"]
     assert m["split"] == "val" and 120 < m["pairs"] < 220
     assert 2.0 < m["chance_mean_recall"] < 6.0 and 0 <= m["mean_recall"] <= 100
+    assert m["permutations"] == 999 and 1 / 1000 <= m["p_vs_chance"] <= 1
     assert get_ancestor(tiny_cfg).meta["tuxpaint_val"] == m  # read back from the cache
