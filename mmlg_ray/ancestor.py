@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .atomic import atomic_path, write_json
-from .config import Config, ModelSpec
+from .config import IN_MEMORY_KINDS, Config, ModelSpec
 from .errors import UserError
 from .learngene import state_fingerprint
 from .models import build_model
@@ -181,6 +181,39 @@ def own_retrieval(cfg: Config, state: dict, spec: ModelSpec, device=None) -> dic
     return m
 
 
+def corpus_retrieval(cfg: Config, state: dict, spec: ModelSpec, device=None, max_pairs: int = 500,
+                     permutations: int = 199) -> dict:
+    """The ancestor's retrieval on the held-out test split of each in-memory part of its corpus (local: Fashion-MNIST's
+    t10k, openclipart's 5%): what it learnt, measured on pairs no stage trains on, beside its transfer to a
+    downstream set (own_retrieval). At most `max_pairs` pairs per part (a fixed random draw); streamed corpora
+    are left out (nothing is read from a cluster's object store for this). Keys `<kind>_test`."""
+    from .data import load_dataset
+    from .evaluate import embed, retrieval_metrics
+    from .train import resolve_device
+    c = cfg.data.corpus
+    parts = c.parts if c.kind == "mixture" else [c]
+    if any(p.kind not in IN_MEMORY_KINDS for p in parts):
+        return {}
+    device = device or resolve_device(cfg.device)
+    model = build_model(spec, "image_text")
+    model.load_state_dict(state)
+    model = model.to(device).eval()
+    out = {}
+    for i, part in enumerate(parts):
+        data = load_dataset(part, "test", image_size=spec.image_size, cache_dir=cfg.cache_path,
+                            field_name=f"data.corpus.parts[{i}]" if c.kind == "mixture" else "data.corpus")
+        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:max_pairs].tolist()
+        with torch.no_grad():
+            e = embed(model, data.subset(idx), spec.image_size, spec.context_length, device, precision=cfg.precision)
+        m = retrieval_metrics(e["image"], e["text"], e["captions"])
+        m.update(set=data.name, split="test", pairs=len(idx), chance_mean_recall=chance_mean_recall(e["captions"]))
+        m["over_chance"] = m["mean_recall"] / max(m["chance_mean_recall"], 1e-9)
+        m["p_vs_chance"], m["permutations"] = permutation_p(e["image"], e["text"], e["captions"], m["mean_recall"],
+                                                           permutations)
+        out[f"{part.kind}_test"] = m
+    return out
+
+
 def permutation_p(img: torch.Tensor, txt: torch.Tensor, captions: list[str], observed: float,
                   permutations: int = 999, seed: int = 0) -> tuple[float, int]:
     """One-sided permutation test of "this retrieval is no better than chance": the same embeddings with the
@@ -223,11 +256,17 @@ def local_ancestor(cfg: Config, device=None) -> Ancestor:
 
 
 def _own_retrieval_into(cfg: Config, meta: dict, state: dict, device, meta_path) -> None:
-    """meta[f"{data.retrieval.kind}_val"]: the ancestor's own validation retrieval (measured once; an older cache entry
-    without it gets it on first reuse)."""
+    """meta[f"{data.retrieval.kind}_val"]: the ancestor's own validation retrieval on the downstream set, and
+    meta["corpus_test"]: its retrieval on its corpus's held-out test split (measured once; an older cache entry
+    without them gets them on first reuse)."""
     key = f"{cfg.data.retrieval.kind}_val"
-    if isinstance(meta.get(key), dict) and "p_vs_chance" in meta[key]:
+    if isinstance(meta.get(key), dict) and "p_vs_chance" in meta[key] and "corpus_test" in meta:
         return
+    meta["corpus_test"] = corpus_retrieval(cfg, state, cfg.ancestor.spec, device)
+    for k, c in meta["corpus_test"].items():
+        log.info("ancestor: %s retrieval over %d held-out pairs of its corpus: mean recall %.1f (chance %.1f, %.1fx, "
+                 "permutation p %.3g)", k, c["pairs"], c["mean_recall"], c["chance_mean_recall"], c["over_chance"],
+                 c["p_vs_chance"])
     m = own_retrieval(cfg, state, cfg.ancestor.spec, device)
     meta[key] = m
     log.info("ancestor: own %s val retrieval over %d pairs: mean recall %.1f (chance %.1f, %.1fx, permutation "

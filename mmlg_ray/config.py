@@ -250,12 +250,23 @@ class ExtractionConfig(TrainConfig):
         3, ge=1, description="elastic extraction: shapes distilled per step (largest, smallest, then random)")
 
 
+def drop_defaults_added_later(dumped: dict) -> None:
+    """Settings added after artifacts were cached enter a cache key only when they are not their default
+    (the behaviour before they existed), so those artifacts keep their keys."""
+    lg = dumped.get("learngene")
+    if isinstance(lg, dict) and lg.get("shared") == "all":
+        del lg["shared"]
+
+
 class LearngeneConfig(_Strict):
     method: Literal["mmlg", "tleg"] = "mmlg"
     schedule: Literal["tleg", "convex", "constant", "learned"] = "tleg"
     learned_knots: int = Field(4, ge=2)
     aux_image_depth: Optional[int] = Field(None, ge=1)
     aux_text_depth: Optional[int] = Field(None, ge=1)
+    shared: Literal["all", "attention"] = Field(
+        "all", description="mmlg: the part of each residual block both towers share: all (the paper's multimodal "
+        "block) or attention (the attention half shared, each tower's MLP its own, as TLEG's)")
     extraction: ExtractionConfig = ExtractionConfig()
 
 
@@ -524,6 +535,7 @@ class Config(_Strict):
             if isinstance(ds, dict):
                 ds.pop("workers", None)
                 ds.pop("prefetch", None)
+        drop_defaults_added_later(data)
         picked = {s: _dig(data, s) for s in sections} if sections else data
         if sections and picked.get("precision") == "fp32":
             del picked["precision"]

@@ -93,6 +93,7 @@ class LearngeneMeta:
     cost: dict = field(default_factory=dict)
     tensors_sha256: str = ""
     extraction_mode: str = "fixed"  # fixed (the paper's aux shape only) | elastic (also sampled grid shapes)
+    shared: str = "all"  # mmlg: the part of each block both towers share: all | attention (MLP per tower)
 
     @property
     def model_spec(self) -> ModelSpec:
@@ -111,11 +112,23 @@ class LearngeneMeta:
         s = self.model_spec
         return max(s.mlp_hidden("image"), s.mlp_hidden("text"))
 
-    def base_block(self, tower: str) -> tuple[str, int]:
-        """(block name, its width) of the block that multiplies a(l, L) for this tower."""
-        if self.method == "mmlg":
-            return "multimodal", self.shared_width
-        return f"base.{tower}", self.width(tower)
+    def shares(self, param: str) -> bool:
+        """Whether both towers read this block tensor from the multimodal block."""
+        return self.method == "mmlg" and (self.shared == "all" or is_attention_param(param))
+
+    def base_block(self, tower: str, param: str) -> tuple[str, int, bool]:
+        """(block name, its width, shared) of the block that multiplies a(l, L) for this tower's `param`."""
+        if self.shares(param):
+            return "multimodal", self.shared_width, True
+        return f"base.{tower}", self.width(tower), False
+
+
+SHARED_PARTS = ("all", "attention")
+
+
+def is_attention_param(param: str) -> bool:
+    """The attention half of a residual block (its LayerNorm, projections and layer-scale); the rest is the MLP."""
+    return param.startswith(("ln_1.", "attn.", "ls_1."))
 
 
 def expand_tower(get, meta: LearngeneMeta, tower: str, depth: int, width: int | None = None,
@@ -130,7 +143,6 @@ def expand_tower(get, meta: LearngeneMeta, tower: str, depth: int, width: int | 
     tw, hw = spec.width(tower), spec.head_width_of(tower)
     width = width or tw
     t_hidden, d_hidden = spec.mlp_hidden(tower), spec.mlp_hidden(tower, width)
-    base, base_w = meta.base_block(tower)
     params = layer_params(spec, tower)
     knots_a = get(f"coeff.{tower}.a") if meta.schedule == "learned" else None
     knots_b = get(f"coeff.{tower}.b") if meta.schedule == "learned" else None
@@ -139,8 +151,10 @@ def expand_tower(get, meta: LearngeneMeta, tower: str, depth: int, width: int | 
         t = select_layer_tensor(p, t, w_from, tw, hw, t_hidden) if (w_from, h_from) != (tw, t_hidden) else t
         return select_layer_tensor(p, t, tw, width, hw, d_hidden)
 
-    base_hidden = meta.shared_hidden if meta.method == "mmlg" else t_hidden
-    sel_base = {p: narrow(p, get(f"{base}.{p}"), base_w, base_hidden) for p in params}
+    sel_base = {}
+    for p in params:
+        base, base_w, shared = meta.base_block(tower, p)
+        sel_base[p] = narrow(p, get(f"{base}.{p}"), base_w, meta.shared_hidden if shared else t_hidden)
     sel_uni = {p: narrow(p, get(f"unimodal.{tower}.{p}"), tw, t_hidden) for p in params}
     out = {}
     for layer in range(depth):
@@ -182,14 +196,19 @@ class Learngene(nn.Module):
             if spec.width(t) % spec.head_width_of(t) or meta.shared_width % spec.head_width_of(t):
                 raise ValueError(f"learngene: the shared width {meta.shared_width} and the {t} width "
                                  f"{spec.width(t)} must be whole {t} heads of {spec.head_width_of(t)}")
+        if meta.shared not in SHARED_PARTS:
+            raise ValueError(f"learngene: shared={meta.shared!r} is not one of {SHARED_PARTS}")
         if meta.method == "mmlg":
-            blocks = {"multimodal": (meta.shared_width, meta.shared_hidden, any(ls.values()))}
+            blocks = {"multimodal": (meta.shared_width, meta.shared_hidden, any(ls.values()), True)}
+            if meta.shared != "all":  # the part not shared: per tower, as TLEG's base blocks
+                blocks.update({f"base.{t}": (spec.width(t), spec.mlp_hidden(t), ls[t], False) for t in ("image", "text")})
         else:
-            blocks = {f"base.{t}": (spec.width(t), spec.mlp_hidden(t), ls[t]) for t in ("image", "text")}
-        blocks.update({f"unimodal.{t}": (spec.width(t), spec.mlp_hidden(t), ls[t]) for t in ("image", "text")})
-        for block, (w, h, has_ls) in blocks.items():
+            blocks = {f"base.{t}": (spec.width(t), spec.mlp_hidden(t), ls[t], False) for t in ("image", "text")}
+        blocks.update({f"unimodal.{t}": (spec.width(t), spec.mlp_hidden(t), ls[t], None) for t in ("image", "text")})
+        for block, (w, h, has_ls, shared) in blocks.items():
             for p, shape in block_shapes(w, h, has_ls).items():
-                shapes[f"{block}.{p}"] = shape
+                if shared is None or meta.method != "mmlg" or meta.shares(p) == shared:
+                    shapes[f"{block}.{p}"] = shape
         if meta.schedule == "learned":
             for t in ("image", "text"):
                 shapes[f"coeff.{t}.a"] = (meta.knots,)

@@ -68,7 +68,8 @@ def build_aux(cfg: Config, ancestor, method: str | None = None, fit: bool = True
         extraction["elastic"] = plan.describe()
     meta = LearngeneMeta(method=method, schedule=schedule, spec=aux_spec(cfg, ancestor.spec).model_dump(),
                          knots=cfg.learngene.learned_knots, ancestor_fingerprint=ancestor.fingerprint,
-                         extraction=extraction, extraction_mode=mode)
+                         extraction=extraction, extraction_mode=mode,
+                         shared=cfg.learngene.shared if method == "mmlg" else "all")
     lg = Learngene(meta)
     if fit:
         err = lg.fit_to(ancestor.state, ancestor.spec)
@@ -96,11 +97,12 @@ def _fingerprint_of(dumped: dict, sections) -> str:
     import hashlib
     import json
 
-    from .config import _dig
+    from .config import _dig, drop_defaults_added_later
     for ds in (dumped.get("data") or {}).values():
         if isinstance(ds, dict):
             ds.pop("workers", None)
             ds.pop("prefetch", None)
+    drop_defaults_added_later(dumped)
     picked = {s: _dig(dumped, s) for s in sections}
     if picked.get("precision") == "fp32":
         del picked["precision"]

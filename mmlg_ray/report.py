@@ -1160,9 +1160,11 @@ def sec_provenance(d: ReportData) -> list[Section]:
             lg_fps.append(f"{r['name']}: (artifact not readable from here: {r.get('artifact')})")
     m = d.anc_meta
     prov = [f"ancestor: {m.get('source', '?')}, fingerprint {m.get('fingerprint', '?')}",
-            *[f"the ancestor's own retrieval on {k.removesuffix('_val')} (validation split, {v.get('pairs', '?')} "
-              f"pairs, before any fine-tuning): mean recall {v.get('mean_recall', float('nan')):.1f} against a "
-              f"chance level of {v.get('chance_mean_recall', float('nan')):.1f} "
+            *[f"the ancestor's own retrieval on {v.get('set', k)} ("
+              + ("validation split, a downstream set no training stage sees" if k.endswith("_val") else
+                 "held-out test split of its own corpus")
+              + f", {v.get('pairs', '?')} pairs, before any fine-tuning): mean recall "
+              f"{v.get('mean_recall', float('nan')):.1f} against a chance level of {v.get('chance_mean_recall', float('nan')):.1f} "
               f"({v.get('over_chance', float('nan')):.2f}x chance; one-sided permutation test against chance, "
               f"{v.get('permutations', '?')} random pairings: p = {v.get('p_vs_chance', float('nan')):.3g})"
               for k, v in (m.get("own_retrieval") or {}).items()],

@@ -50,7 +50,9 @@ def write_run_files(out: Path, cfg, ancestor=None) -> None:
     with atomic_path(out / "config.yaml") as tmp:
         tmp.write_text(dump_config(cfg))
     if ancestor is not None:
-        own = {k: v for k, v in (getattr(ancestor, "meta", None) or {}).items() if k.endswith("_val")}
+        meta = getattr(ancestor, "meta", None) or {}
+        own = {k: v for k, v in meta.items() if k.endswith("_val")}
+        own.update(meta.get("corpus_test") or {})  # its corpus's held-out test split, per part
         write_json(out / "ancestor.json", {"source": ancestor.source, "fingerprint": ancestor.fingerprint,
                                            "spec": ancestor.spec.model_dump(), "cost": ancestor.cost,
                                            "own_retrieval": own})

@@ -86,4 +86,10 @@ def test_local_ancestor_records_its_own_val_retrieval(tiny_cfg, tiny_ancestor):
     assert m["split"] == "val" and 120 < m["pairs"] < 220
     assert 2.0 < m["chance_mean_recall"] < 6.0 and 0 <= m["mean_recall"] <= 100
     assert m["permutations"] == 999 and 1 / 1000 <= m["p_vs_chance"] <= 1
+    # and on its corpus's held-out test split, each part apart, at most 500 pairs each
+    held = tiny_ancestor.meta["corpus_test"]
+    assert set(held) == {f"{p.kind}_test" for p in tiny_cfg.data.corpus.parts}
+    for c in held.values():
+        assert c["split"] == "test" and 0 < c["pairs"] <= 500 and c["permutations"] == 199
+        assert 0 < c["chance_mean_recall"] < 100 and 1 / 200 <= c["p_vs_chance"] <= 1
     assert get_ancestor(tiny_cfg).meta["tuxpaint_val"] == m  # read back from the cache

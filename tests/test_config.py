@@ -37,6 +37,7 @@ def test_dotted_overrides_are_typed():
     ("descendants.pt_budgets=[]", "descendants.pt_budgets"),
     ("descendants.grid.extraction=[fixed, fixed]", "descendants.grid.extraction"),
     ("descendants.grid.extraction=[sliced]", "descendants.grid.extraction"),
+    ("learngene.shared=mlp", "learngene.shared"),
     ("learngene.schedule=cubic", "learngene.schedule"),
     ("data.retrieval.path=/does/not/exist", "data.retrieval.path"),
     ("learngene.extraction.stpes=3", "learngene.extraction.stpes"),

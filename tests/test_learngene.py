@@ -68,6 +68,41 @@ def test_tleg_learngene_has_no_shared_block():
                                lg.get(f"base.image.{p}") + 0.5 * lg.get(f"unimodal.image.{p}"))
 
 
+@pytest.mark.parametrize("width", [None, 64])
+def test_attention_only_sharing_shares_attention_and_keeps_each_towers_mlp(width, tmp_path):
+    """learngene.shared=attention: the multimodal block holds only the attention half (at the wider tower's
+    width, narrowed per tower); each tower's MLP half comes from its own base block, as TLEG's."""
+    from mmlg_ray.learngene import is_attention_param
+    meta = LearngeneMeta(method="mmlg", schedule="tleg", spec=SPEC.model_dump(), shared="attention")
+    lg = _randomized(meta)
+    names = set(lg.state_tensors())
+    attn = [p for p in LAYER_PARAMS if is_attention_param(p)]
+    mlp = [p for p in LAYER_PARAMS if not is_attention_param(p)]
+    assert attn and mlp and {"ln_1.weight", "attn.in_proj_weight"} <= set(attn) and "mlp.c_fc.weight" in mlp
+    assert {n for n in names if n.startswith("multimodal.")} == {f"multimodal.{p}" for p in attn}
+    for tower in ("image", "text"):
+        assert {n for n in names if n.startswith(f"base.{tower}.")} == {f"base.{tower}.{p}" for p in mlp}
+        d, depth = width or SPEC.width(tower), 4
+        out = lg(tower, depth, width)
+        for l in range(depth):
+            for p in LAYER_PARAMS:
+                base = select_layer_tensor(p, lg.get(f"multimodal.{p}"), 128, d, 64) if p in attn else \
+                    select_layer_tensor(p, lg.get(f"base.{tower}.{p}"), SPEC.width(tower), d, 64)
+                u = select_layer_tensor(p, lg.get(f"unimodal.{tower}.{p}"), SPEC.width(tower), d, 64)
+                torch.testing.assert_close(out[layer_name(tower, l, p)], base + l / depth * u)
+    # between the two in size, and the setting survives the file
+    n = {s: sum(t.numel() for t in _randomized(LearngeneMeta(method=m, schedule="tleg", spec=SPEC.model_dump(),
+                                                               shared=sh)).state_tensors().values())
+         for s, m, sh in (("mmlg", "mmlg", "all"), ("attention", "mmlg", "attention"), ("tleg", "tleg", "all"))}
+    assert n["mmlg"] < n["attention"] < n["tleg"]
+    aux = AuxCLIP(lg)
+    save_learngene(tmp_path / "lg.safetensors", lg, aux.inherited_state())
+    back = load_learngene(tmp_path / "lg.safetensors")
+    assert back.meta.shared == "attention"
+    for k, v in back.expand("text", 3, width).items():
+        torch.testing.assert_close(v, lg("text", 3, width)[k])
+
+
 def test_learned_schedule_starts_as_tleg():
     meta = LearngeneMeta(method="mmlg", schedule="learned", spec=SPEC.model_dump(), knots=4)
     lg = Learngene(meta)
