@@ -253,14 +253,14 @@ def extraction_step(aux, teacher, distill_weight: float, temperature: float, fea
     shapes run inside its forward. Steps are counted from `start_step` (a resumed run's first step),
     one per call, so the draw at step s is the same in a resumed run.
 
-    `gather` (data-parallel workers: distributed.extract) concatenates a tensor over the ranks, in rank order,
+    `gather` (data-parallel workers: distributed.extract) concatenates tensors over the ranks, in rank order,
     with gradients flowing back to each rank's slice: the contrastive and distillation losses then see the
     whole global batch as their negatives, the same loss a single process computes on it."""
     step = [start_step]
-    same = (lambda t: t) if gather is None else gather
 
     def student_loss(s_img, s_txt, s_scale, t_img, t_txt, t_scale, tokens):
-        s_img, s_txt, t_img, t_txt, tokens = (same(t) for t in (s_img, s_txt, t_img, t_txt, tokens))
+        if gather is not None:
+            s_img, s_txt, t_img, t_txt, tokens = gather(s_img, s_txt, t_img, t_txt, tokens)
         l_clip = clip_loss(s_img, s_txt, s_scale, tokens)
         l_kd = distill_loss(s_img, s_txt, s_scale, t_img, t_txt, t_scale, temperature)
         loss = l_clip + distill_weight * l_kd

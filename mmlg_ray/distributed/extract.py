@@ -195,15 +195,27 @@ def _train_worker(config: dict):
             raise RuntimeError(f"injected failure after step {chunk_end} (MMLG_FAIL_AT_STEP)")
 
 
-def gather_global_batch(t: torch.Tensor) -> torch.Tensor:
-    """This rank's slice of a global batch -> the global batch (ranks in order), as open_clip's
-    gather_with_grad: the functional all-gather's backward reduce-scatters (sums) every rank's gradient of
-    each slice back to its rank. Each rank computes the same loss on the global batch; its gradient through
-    its own slice is then world x the single-process one, and DeepSpeed's mean over the ranks makes it
-    exactly the gradient one process gets on the whole batch (tests/test_global_batch.py)."""
+def gather_global_batch(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each tensor: this rank's slice of a global batch (batch first) -> the global batch (ranks in order), as
+    open_clip's gather_with_grad: the functional all-gather's backward reduce-scatters (sums) every rank's
+    gradient of each slice back to its rank. Each rank computes the same loss on the global batch; its gradient
+    through its own slice is then world x the single-process one, and DeepSpeed's mean over the ranks makes it
+    exactly the gradient one process gets on the whole batch (tests/test_global_batch.py). Tensors of one dtype
+    travel in one collective (the step's features and the teacher's: one all-gather, one reduce-scatter)."""
+    import torch
     import torch.distributed as dist
     from torch.distributed._functional_collectives import all_gather_single  # torch's replacement for
-    return all_gather_single(t.contiguous(), 0, dist.group.WORLD)            # torch.distributed.nn's all_gather
+    groups: dict = {}                                                        # torch.distributed.nn's all_gather
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    out: list = [None] * len(tensors)
+    for idx in groups.values():
+        flat = [tensors[i].reshape(len(tensors[i]), -1) for i in idx]
+        cols = [f.shape[1] for f in flat]
+        full = all_gather_single(torch.cat(flat, 1).contiguous(), 0, dist.group.WORLD)
+        for i, part in zip(idx, full.split(cols, 1)):
+            out[i] = part.reshape(len(part), *tensors[i].shape[1:])
+    return out
 
 
 def _beside(path, suffix: str) -> str:
