@@ -86,6 +86,26 @@ def _finished_trials(run_dir: Path) -> dict[str, int]:
     return done
 
 
+def _terminated_in_tune_state(run_dir: Path) -> set[str]:
+    """Trial ids that Tune's saved experiment state records as TERMINATED. Tune saves that state after a
+    trial's final result, so a driver killed in between resumes the trial from its last checkpoint (Tune's
+    at-least-once semantics): only trials recorded here are certain not to run again."""
+    ids = set()
+    for f in run_dir.glob("ray/search-*/experiment_state-*.json"):
+        try:
+            entries = json.loads(f.read_text()).get("trial_data", [])
+        except (json.JSONDecodeError, OSError):  # being written
+            continue
+        ids |= {t["trial_id"] for t in (json.loads(e[0]) for e in entries) if t.get("status") == "TERMINATED"}
+    return ids
+
+
+def _settled_trials(run_dir: Path) -> dict[str, int]:
+    """Finished trials (final report written) that Tune's saved state records as terminated."""
+    done = _terminated_in_tune_state(run_dir)
+    return {name: n for name, n in _finished_trials(run_dir).items() if name.split("_")[2] in done}
+
+
 def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_address, tmp_path, caplog, capsys):
     out = tmp_path / "sweep"
     sets = tiny_overrides + [
@@ -96,13 +116,14 @@ def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_a
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 400
     try:
-        while time.time() < deadline and proc.poll() is None and not _finished_trials(out):
+        while time.time() < deadline and proc.poll() is None and not _settled_trials(out):
             time.sleep(0.5)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep
         proc.wait()
         log.close()
-    before = _finished_trials(out)
+    before = _settled_trials(out)
+    unsettled = {k: n for k, n in _finished_trials(out).items() if k not in before}
     assert before, (tmp_path / "first.log").read_text()[-3000:]
     assert not (out / "trials.parquet").exists()
 
@@ -127,6 +148,11 @@ def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_a
     after = _finished_trials(out)
     for name, n_lines in before.items():
         assert after[name] == n_lines
+    # finished but not yet recorded by Tune when the driver died: resumed from the trial's checkpoint, not rerun
+    for name, n_lines in unsettled.items():
+        rj = next(out.glob(f"ray/search-*/{name}/result.json"))
+        rows = [json.loads(ln) for ln in rj.read_text().splitlines() if ln.strip()]
+        assert len(rows) == n_lines or rows[-1]["resumed_from_step"] > 0, name
     documented = ["trial", "method", "modality", "depth", "width", "image_depth", "text_depth", "heads", "params",
                   "seed", "lr", "weight_decay", "task", "final_score", "best_score", "epochs", "stopped_early",
                   "finetune_wall_s", "finetune_device_s", "finetune_flops", "pretrain_wall_s", "pretrain_flops",
