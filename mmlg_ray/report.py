@@ -22,7 +22,7 @@ from .atomic import atomic_dir
 from .config import Config, ModelSpec, config_from_dict, dump_config
 from .descend import descendant_spec
 from .errors import UserError
-from .learngene import aux_spec
+from .learngene import Learngene, LearngeneMeta, aux_spec
 from .render import Bullets, Code, Figure, Para, Section, Table, render_html, render_md
 
 LEARNGENE_METHODS = ("mmlg", "tleg")
@@ -169,12 +169,15 @@ def cost_table(trials: pd.DataFrame, stages: pd.DataFrame, cfg: Config, anc_spec
     samples = ec.steps * ec.batch_size
     pre_samples = (cfg.descendants.pretrain_steps or ec.steps) * ec.batch_size
     ax = aux_spec(cfg, anc_spec)
-    lg_layers = costmod.layer_params(max(ax.image_width, ax.text_width), max(
-        ax.mlp_ratio_of(t) for t in ("image", "text"))) + sum(
-        costmod.layer_params(ax.width(t), ax.mlp_ratio_of(t)) for t in ("image", "text"))
+    lg = cfg.learngene
+    # the learngene files' own tensor sets (shared block or not, learned-schedule knots, layer-scale gammas)
+    lg_layers, tleg_layers = (
+        sum(math.prod(shape) for shape in Learngene.tensor_shapes(LearngeneMeta(
+            method=m, schedule=lg.schedule if m == "mmlg" else "tleg", spec=ax.model_dump(), knots=lg.learned_knots,
+            shared=lg.shared if m == "mmlg" else "all")).values())
+        for m in ("mmlg", "tleg"))
     lg_inherited = costmod.model_params(ax) - costmod.tower_params(ax, "image", True) - costmod.tower_params(
         ax, "text", True)
-    tleg_layers = 2 * sum(costmod.layer_params(ax.width(t), ax.mlp_ratio_of(t)) for t in ("image", "text"))
     measured = {}
     for _, r in stages.iterrows():
         key = _stage_key(r["stage"], r["name"])
@@ -194,7 +197,8 @@ def cost_table(trials: pd.DataFrame, stages: pd.DataFrame, cfg: Config, anc_spec
 
     extraction_flops = costmod.extraction_flops(ax, anc_spec, samples)
     row("mmlg", lg_layers + lg_inherited, extraction_flops, ("extraction", "mmlg"),
-        "learngene (shared + unimodal blocks) + inherited tensors; one extraction")
+        "learngene (shared + unimodal blocks" + (", the MLP half per tower" if lg.shared == "attention" else "")
+        + ") + inherited tensors; one extraction")
     row("tleg", tleg_layers + lg_inherited, extraction_flops, ("extraction", "tleg"),
         "per-tower A, B blocks + inherited tensors; one extraction")
     for lgm, stored in (("mmlg", lg_layers + lg_inherited), ("tleg", tleg_layers + lg_inherited)):

@@ -64,6 +64,11 @@ def test_report_has_every_section(finished):
     assert {"mmlg", "pt_ft"} <= set(cost.method)
     mm = cost.set_index("method").loc["mmlg"]
     assert 0 < mm.storage_vs_pt_ft and mm.pretrain_flops_measured > 0 and mm.pretrain_device_s_measured > 0
+    # MM-LG's stored parameters are its learngene file's, exactly (shared block, unimodal blocks, inherited)
+    from mmlg_ray.learngene import load_learngene
+    st = pd.read_parquet(finished / "stages.parquet")
+    lg_file = load_learngene(st[(st.stage == "extraction") & (st.name == "mmlg")].artifact.iloc[0])
+    assert mm.stored_params == sum(t.numel() for t in lg_file.tensors.values())
     # 3 seeds: the comparison runs a test instead of saying there are too few seeds
     comp = pd.read_parquet(rep / "comparisons.parquet")
     assert comp.p_welch.notna().all() and (comp.p_holm >= comp.p_welch).all() and "too few" not in md
