@@ -240,6 +240,7 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
 
     from ..pipeline import (aux_spec, build_aux, check_mode, elastic_plan, extraction_cost, extraction_fingerprint,
                             finish_extraction)
+    from .actors import train_run_ends
     from .data import skipped_count, trainer_datasets
     from .logs import train_logging
     from .settings import check_storage, ensure_ray, worker_resources
@@ -269,8 +270,14 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
         datasets=datasets, **data_kw,
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
-    driver_wall = time.perf_counter() - t0
+    try:
+        with train_run_ends():  # returned or raised: the run's controller, workers and data actors are gone
+            result = trainer.fit()
+            driver_wall = time.perf_counter() - t0  # the run only, not the wait for its actors to end
+    except BaseException:
+        if skips is not None:  # the corpus's skip counter too (skipped_count ends it on success)
+            ray.kill(skips)
+        raise
     skipped = skipped_count(skips)
     if result.error:
         raise result.error
