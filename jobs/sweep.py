@@ -41,12 +41,8 @@ def main(argv=None) -> int:
         return 0
     # every bad path, file or data set is reported now, before Ray starts or a folder is made
     preflight.sweep(cfg, out, output_field="--output" if a.output else "output_dir", backend=a.backend)
-    if a.backend == "local":
-        from mmlg_ray.pipeline import run_local
-        path = run_local(cfg, out)
-    else:
-        from mmlg_ray.distributed.sweep import run_sweep
-        path = run_sweep(cfg, out, resume=a.resume, fresh=a.fresh)
+    from mmlg_ray.cli import sweep
+    path = sweep(cfg, out, backend=a.backend, resume=a.resume, fresh=a.fresh)
     print(f"results in {path}")
     return 0
 

@@ -30,3 +30,65 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args) -> Config:
     return load_config(args.config, args.overrides)
+
+
+def sweep(cfg: Config, out, backend: str = "ray", resume: bool = False, fresh: bool = False):
+    """jobs/sweep.py after its preflight: the --resume / --fresh rules, then the job on its executor.
+    Without either flag, an interrupted experiment is refused and a finished one only has its report
+    rebuilt; --fresh deletes this experiment's earlier Tune state (stage artifacts are kept)."""
+    import logging
+
+    from . import storage as stor
+    from .job import LocalExecutor, run
+    from .storage import OutputDir
+    log = logging.getLogger("mmlg_ray")
+    if resume and fresh:
+        raise UserError("--fresh", "--fresh starts the experiment over and --resume continues it", "pass one of them")
+    od = OutputDir(out, cfg.cache_path)
+    fp = cfg.experiment_fingerprint()  # the experiment's identity: result-affecting settings only
+    if not resume and not fresh and _holds_results(od, cfg, fp):
+        from .report import build_output_report
+        from .results import write_run_files
+        log.info("sweep: %s already holds the results of this experiment; rebuilding the report only", od)
+        write_run_files(od.local, cfg)  # operational and report settings may have changed
+        od.push("config.yaml")
+        build_output_report(od)
+        return od.target if od.remote else od.local
+    storage, previous = None, []
+    if backend == "ray":
+        from .distributed.settings import storage_uri
+        from .distributed.sweep import RayExecutor, previous_state
+        storage = storage_uri(cfg, od.target)
+        previous = previous_state(storage, fp)
+        executor = RayExecutor()
+    else:
+        executor = LocalExecutor()
+    if previous and fresh:
+        for p in previous:
+            log.info("sweep: --fresh: removing the earlier experiment state %s", p)
+            stor.remove(p)
+    elif previous and not resume:
+        raise UserError("--resume", f"an interrupted sweep of this experiment exists under {storage}",
+                        "add --resume to continue it, or --fresh to start it over")
+    elif resume and not previous:
+        log.warning("sweep: --resume: no earlier run of this experiment (%s) under %s; starting it", fp, storage)
+    return run(cfg, od.target, executor, resume=resume and bool(previous), storage=storage)
+
+
+def _holds_results(out, cfg: Config, fp: str) -> bool:
+    """The output folder (local or URI) has the tables of this experiment identity (experiment.json,
+    written with the tables; an older folder without it: the very same config.yaml)."""
+    import json
+    if out.fetch("trials.parquet") is None:
+        return False
+    exp = out.read_text("experiment.json")
+    if exp is not None:
+        exp = json.loads(exp)
+        if exp.get("fingerprint") != fp:
+            return False
+        if not exp.get("complete", True):
+            raise UserError("--resume", f"{out} holds this experiment's results, but some grid cells have no "
+                            "finished trial", "add --resume to retry its errored trials, or --fresh to start it over")
+        return True
+    from .config import dump_config
+    return out.read_text("config.yaml") == dump_config(cfg)

@@ -414,7 +414,10 @@ class MLflowSettings(_Strict):
 
 
 class TuneSettings(_Strict):
-    num_samples: int = Field(2, ge=1, description="Optuna trials per grid cell (search phase, first seed)")
+    num_samples: int = Field(2, ge=1, description="search trials per grid cell (first seed)")
+    startup_samples: Optional[int] = Field(
+        None, ge=1, description="common random candidates per descendant shape before each cell's Optuna TPE "
+        "adapts; default: num_samples up to 4, else max(4, num_samples // 3)")
     max_concurrent: int = Field(2, ge=1)
     search_space: SearchSpace = SearchSpace()
     grace_period: int = Field(1, ge=1, description="ASHA: evaluations before a trial can be stopped")
@@ -547,6 +550,7 @@ class Config(_Strict):
     # ray.tune.trial_workers is in it: data-parallel fine-tuning shards each batch over its workers.
     RESULT_SECTIONS: ClassVar[tuple[str, ...]] = (
         "seed", "precision", "ancestor", "data", "learngene", "descendants", "ray.tune.num_samples",
+        "ray.tune.startup_samples",
         "ray.tune.search_space", "ray.tune.grace_period", "ray.tune.reduction_factor", "ray.tune.trial_workers")
 
     def experiment_fingerprint(self) -> str:

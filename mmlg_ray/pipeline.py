@@ -1,6 +1,6 @@
 """The pipeline's stages as plain functions (no Ray): ancestor, extraction, descendant pre-training
-(pt_ft / csm), and a trial (initialize + fine-tune + score). `run_local` chains them in one process;
-the Ray layer (mmlg_ray.distributed) runs the same stages on Ray Train and Ray Tune."""
+(pt_ft / csm), and a trial (initialize + fine-tune + score). mmlg_ray.job chains them, on an
+in-process executor or the Ray layer's (mmlg_ray.distributed)."""
 from __future__ import annotations
 
 import itertools
@@ -240,54 +240,7 @@ def csm_anchors(cfg: Config, teacher, data, device, n_images: int = 256, n_texts
 
 
 # --------------------------------------------------------------------------- cells and trials
-LEARNGENE_METHODS = ("mmlg", "tleg")
-PRETRAINED_METHODS = ("pt_ft", "csm")
-
-
-def arm_name(method: str, extraction: str = "", pt_budget: float = 0.0) -> str:
-    """The name tables show: a method with its extraction mode (elastic) or pre-training budget (pt_ft)."""
-    if method in LEARNGENE_METHODS and extraction == "elastic":
-        return f"{method}/elastic"
-    if method == "pt_ft":
-        return f"pt_ft@{pt_budget:g}x"
-    return method
-
-
-def parse_arm(arm: str) -> tuple[str, str, float]:
-    """arm_name's inverse: (method, extraction, pt_budget)."""
-    if arm.startswith("pt_ft@"):
-        return "pt_ft", "", float(arm[len("pt_ft@"):].rstrip("x"))
-    method, _, mode = arm.partition("/")
-    if method in LEARNGENE_METHODS:
-        return method, mode or "fixed", 0.0
-    return method, "", 1.0 if method == "csm" else 0.0
-
-
-@dataclass(frozen=True)
-class Cell:
-    modality: str
-    depth: int
-    width: int
-    method: str
-    extraction: str = ""    # learngene methods: fixed | elastic
-    pt_budget: float = 0.0  # pt_ft: multiple of the extraction's sample budget; csm: 1
-
-    @property
-    def arm(self) -> str:
-        return arm_name(self.method, self.extraction, self.pt_budget)
-
-    @property
-    def tag(self) -> str:
-        return f"{self.arm}-{self.modality}-d{self.depth}-w{self.width}"
-
-    @property
-    def learngene_key(self) -> str | None:
-        """The learngene this cell grows from (one per method and extraction mode)."""
-        return arm_name(self.method, self.extraction) if self.method in LEARNGENE_METHODS else None
-
-    @property
-    def pretrained_key(self) -> tuple[str, float] | None:
-        return (self.method, self.pt_budget) if self.method in PRETRAINED_METHODS else None
+from .arms import LEARNGENE_METHODS, PRETRAINED_METHODS, Cell, arm_name, parse_arm  # noqa: E402,F401
 
 
 def arms(cfg: Config) -> list[tuple[str, str, float]]:
@@ -402,57 +355,6 @@ def needs_pretraining(cfg: Config, ancestor_spec: ModelSpec) -> list[tuple[str, 
 def pretrain_name(method: str, spec: ModelSpec, budget: float) -> str:
     """A pre-trained shape's name in stages.parquet and in its artifact's file name."""
     return f"{method}/{shape_key(spec)}@{budget:g}x"
-
-
-def run_local(cfg: Config, out_dir: str | os.PathLike | None = None) -> Path | str:
-    """The whole pipeline in this process (no Ray): ancestor, learngenes, descendant pre-training,
-    every trial of the grid x seeds at the configured fine-tuning hyper-parameters; Parquet tables."""
-    from .report import build_output_report
-    from .results import write_run_files, write_tables
-    from .storage import OutputDir
-    setup_runtime(cfg)
-    od = OutputDir(out_dir or cfg.output_dir, cfg.cache_path)  # a folder, or a URI staged locally
-    out = od.local
-    device = resolve_device(cfg.device)
-    from .ancestor import get_ancestor
-    anc = get_ancestor(cfg, device)
-    write_run_files(out, cfg, anc)
-    od.push("config.yaml")
-    od.push("ancestor.json")
-    stages = [{"stage": "ancestor", "name": anc.source, **_cost_cols(anc.cost)}]
-    learngenes = {}
-    for method, mode in learngene_arms(cfg):
-        name = learngene_name(cfg, method, mode)
-        path = od.fetch(name)
-        if path is None:
-            path = od.path(name)
-            extract(cfg, anc, path, method=method, device=device, mode=mode)
-            od.push(name)
-        lg = load_learngene(path)
-        key = arm_name(method, mode)
-        learngenes[key] = lg
-        stages.append({"stage": "extraction", "name": key, "artifact": od.uri(name), **_cost_cols(lg.meta.cost)})
-    pretrained = {}
-    for method, spec, budget in needs_pretraining(cfg, anc.spec):
-        state, c = pretrain_descendant(cfg, anc, method, spec, device, budget=budget)
-        pretrained[(method, shape_key(spec), budget)] = (state, c)
-        stages.append({"stage": "pretrain", "name": pretrain_name(method, spec, budget), **_cost_cols(c)})
-    rows = []
-    from .finetune import load_task_data
-    data_cache = {}
-    for cell in cells(cfg):
-        spec = descendant_spec(anc.spec, cell.depth, cell.width)
-        if cell.modality not in data_cache:
-            data_cache[cell.modality] = load_task_data(cfg, cell.modality, spec.image_size)
-        for seed in cfg.descendants.seeds:
-            log.info("trial %s seed %d", cell.tag, seed)
-            rows.append(run_trial(cfg, cell, seed, ancestor=anc, learngenes=learngenes, pretrained=pretrained,
-                                  task_data=data_cache[cell.modality], device=device))
-    write_tables(out, rows, stages)
-    for name in ("stages.parquet", "history.parquet", "trials.parquet"):
-        od.push(name)
-    build_output_report(od)
-    return od.target if od.remote else out
 
 
 def _cost_cols(c: dict) -> dict:

@@ -44,10 +44,9 @@ def ancestor_spec_of(cfg: Config) -> ModelSpec:
 
 
 def trials_per_cell(cfg: Config, backend: str = "ray") -> int:
-    """ray: the Optuna search's num_samples at the first seed, then one trial per further seed;
-    local (run_local): one trial per seed at the configured hyper-parameters."""
-    n_seeds = len(cfg.descendants.seeds)
-    return cfg.ray.tune.num_samples + max(0, n_seeds - 1) if backend == "ray" else n_seeds
+    """The search's num_samples at the first seed, then one trial per further seed (both backends
+    run the same search, mmlg_ray.search)."""
+    return cfg.ray.tune.num_samples + max(0, len(cfg.descendants.seeds) - 1)
 
 
 def make_plan(cfg: Config, backend: str = "ray") -> Plan:

@@ -18,6 +18,7 @@ import pandas as pd
 
 from . import cost as costmod
 from . import stats
+from .arms import arm_name  # noqa: F401 (re-exported: tables and tests name arms through it)
 from .atomic import atomic_dir
 from .config import Config, ModelSpec, config_from_dict, dump_config
 from .descend import descendant_spec
@@ -54,15 +55,6 @@ ARM_KEYS = ["method", "extraction", "pt_budget"]
 SEED_NOTE = ("A seed varies fine-tuning only (data order, task head, scratch init); the ancestor, the learngenes "
              "and the pre-trained shapes are shared across seeds, so intervals and tests cover fine-tuning "
              "variance, not the variance of pre-training or extraction.")
-
-
-def arm_name(method: str, extraction: str = "", pt_budget: float = 0.0) -> str:
-    """The name a table shows: the plain method for fixed extraction, method/elastic, pt_ft@0.5x."""
-    if method == "pt_ft":
-        return f"pt_ft@{float(pt_budget):g}x"
-    if extraction and extraction != "fixed":
-        return f"{method}/{extraction}"
-    return method
 
 
 def normalize(trials: pd.DataFrame) -> pd.DataFrame:
@@ -104,7 +96,7 @@ def selection_split(trials: pd.DataFrame) -> str:
 def _ok(t: pd.DataFrame) -> pd.Series:
     ok = t.task.notna() if "task" in t else pd.Series(True, index=t.index)
     if "status" in t:
-        ok &= t.status != "error"
+        ok &= ~t.status.isin(["error", "superseded", "running"])
     return ok
 
 

@@ -23,9 +23,24 @@ def _run_actors(before: set[str] | None = None) -> dict[str, tuple[str, str]]:
             if a.class_name in RUN_CLASSES and a.actor_id not in (before or ())}
 
 
-@pytest.mark.parametrize("outcome", ["returns", "raises"])
-def test_no_train_actor_outlives_the_extraction(tiny_cfg, tiny_ancestor, ray_address, tmp_path, cache_dir,
-                                                 monkeypatch, outcome):
+def assert_no_run_actor_alive(before: set[str]) -> None:
+    """Polls (10 s at most: actor death is asynchronous) until none of the Train run's actors started
+    since `before` is alive; the run must have started them (so the check means something)."""
+    returned = time.monotonic()
+    while True:
+        run = _run_actors(before)
+        alive = sorted(c for c, state in run.values() if state != "DEAD")
+        if not alive or time.monotonic() > returned + 10:
+            break
+        time.sleep(0.5)
+    assert {"TrainController", "RayTrainWorker", "DatasetManager", "SkipCounter"} <= {c for c, _ in run.values()}
+    assert not alive, f"alive {time.monotonic() - returned:.1f} s after extract_on_ray returned: {alive}"
+
+
+def test_no_train_actor_outlives_a_failed_extraction(tiny_cfg, tiny_ancestor, ray_address, tmp_path, cache_dir,
+                                                     monkeypatch):
+    """A run that raises (a worker crash, no retry allowed). A run that returns: test_stream's
+    streamed extraction makes the same check."""
     import ray.train
 
     from mmlg_ray.config import DatasetConfig
@@ -40,22 +55,7 @@ def test_no_train_actor_outlives_the_extraction(tiny_cfg, tiny_ancestor, ray_add
     cfg.learngene.extraction.steps = 6
     cfg.learngene.extraction.checkpoint_every = 6
     before = set(_run_actors())
-    out = tmp_path / "lg.safetensors"
-    if outcome == "raises":  # a worker crashes after its last report, and no retry is allowed
-        monkeypatch.setenv("MMLG_FAIL_AT_STEP", "6")
-        with pytest.raises(ray.train.TrainingFailedError):
-            extract_on_ray(cfg, tiny_ancestor, out, storage=str(tmp_path / "ray"))
-    else:
-        assert extract_on_ray(cfg, tiny_ancestor, out, storage=str(tmp_path / "ray"))["steps"] == 6
-    returned = time.monotonic()
-    deadline = returned + 10  # actor death is asynchronous: a short grace, never minutes
-    while True:
-        run = _run_actors(before)
-        alive = sorted(c for c, state in run.values() if state != "DEAD")
-        if not alive or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    # the run did start them (so the check means something) ...
-    assert {"TrainController", "RayTrainWorker", "DatasetManager", "SkipCounter"} <= {c for c, _ in run.values()}
-    # ... and none is alive once extract_on_ray is back
-    assert not alive, f"alive {time.monotonic() - returned:.1f} s after extract_on_ray returned: {alive}"
+    monkeypatch.setenv("MMLG_FAIL_AT_STEP", "6")
+    with pytest.raises(ray.train.TrainingFailedError):
+        extract_on_ray(cfg, tiny_ancestor, tmp_path / "lg.safetensors", storage=str(tmp_path / "ray"))
+    assert_no_run_actor_alive(before)

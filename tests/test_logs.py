@@ -125,7 +125,7 @@ def test_the_log_has_stage_lines_status_tables_and_no_repeated_lines(sweep_run):
     no per-trial result or config box; outside the status tables no line (time stamp and Ray's
     process prefix removed) more than MAX_REPEATS times."""
     _, _, text = sweep_run
-    for stage in ("ancestor", "extraction mmlg", "pretrain", "search", "seeds", "tables", "report"):
+    for stage in ("ancestor", "extraction mmlg", "pretrain", "trials", "tables", "report"):
         assert re.search(rf"stage {stage}: started", text), stage
         assert re.search(rf"stage {stage}: done in \d", text), stage
     assert "== Status ==" in text

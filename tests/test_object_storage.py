@@ -17,37 +17,42 @@ def _parquet(s3, key) -> pd.DataFrame:
 def test_pretrain_stage_writes_each_shape_and_a_rerun_reuses_the_finished_ones(tiny_cfg, tiny_ancestor,
                                                                                ray_address, s3, tmp_path,
                                                                                monkeypatch):
-    from mmlg_ray.distributed.sweep import PretrainFailed, _stage_pretrain
-    from mmlg_ray.pipeline import needs_pretraining, shape_key
+    """Each pre-training task writes its shape to the bucket itself (weights, then the sidecar with
+    its cost and content hash); the driver never holds a pre-trained state."""
+    from mmlg_ray.distributed.sweep import RayExecutor
+    from mmlg_ray.job import pretrain_jobs, split_pretraining
+    from mmlg_ray.pipeline import shape_key
     from mmlg_ray.storage import OutputDir
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.descendants.grid.method = ["pt_ft"]
     cfg.descendants.grid.width = [64, 128]  # two shapes
     cfg.ray.tune.trial_cpus = 1.0
-    narrow, wide = [shape_key(s) for _, s, _ in needs_pretraining(cfg, tiny_ancestor.spec)]
     key = f"pretrain/{uuid.uuid4().hex[:8]}"
     od = OutputDir(f"s3://{s3.bucket}/{key}", tmp_path / "staging")
+    jobs = pretrain_jobs(cfg, tiny_ancestor.spec, od)
+    narrow, wide = [shape_key(j.spec) for j in jobs]
     monkeypatch.setenv("MMLG_FAIL_PRETRAIN", f"pt_ft/{narrow}")  # its task raises on every attempt
-    with pytest.raises(PretrainFailed) as e:
-        _stage_pretrain(cfg, tiny_ancestor, od, [])
-    msg = str(e.value)
-    assert "1 of 2" in msg and f"pt_ft/{narrow}" in msg and wide not in msg and "rerun reuses" in msg
+    done, failed = RayExecutor().start_pretraining(cfg, tiny_ancestor, None, jobs, wait=False).wait()
+    assert [n for n, _ in failed] == [f"pt_ft/{narrow}@1x"] and list(done) == [f"pt_ft/{wide}@1x"]
+    assert "injected failure" in str(failed[0][1])
     written = s3.keys(key)
     assert sorted(k.rsplit(".", 1)[-1] for k in written) == ["json", "safetensors"]
     assert all(f"/pretrained/pt_ft-{wide}-1x-" in k for k in written)  # the finished shape is there, the failed not
     before = {o["Key"]: o["LastModified"] for o in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=key)["Contents"]}
-
-    monkeypatch.delenv("MMLG_FAIL_PRETRAIN")
-    stages = []
-    fresh = OutputDir(od.target, tmp_path / "other-machine")  # e.g. a new head node: nothing staged
-    results = _stage_pretrain(cfg, tiny_ancestor, fresh, stages)
-    assert list(results) == [("pt_ft", narrow, 1.0), ("pt_ft", wide, 1.0)]  # the grid's order
-    assert [s["name"] for s in stages] == [f"pt_ft/{narrow}@1x", f"pt_ft/{wide}@1x"]
-    after = {o["Key"]: o["LastModified"] for o in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=key)["Contents"]}
-    assert len(after) == 4 and all(after[k] == t for k, t in before.items())  # reused, not written again
     stored = json.loads(s3.client.get_object(Bucket=s3.bucket, Key=next(k for k in before if k.endswith(".json")))
                         ["Body"].read())
-    assert results[("pt_ft", wide, 1.0)][1] == stored  # its measured cost is the first run's
+    assert stored["ref"]["uri"].startswith(f"s3://{s3.bucket}/{key}/pretrained/") and len(stored["ref"]["sha256"]) == 64
+    assert stored == done[f"pt_ft/{wide}@1x"]  # what the task returned is what it wrote
+
+    monkeypatch.delenv("MMLG_FAIL_PRETRAIN")
+    fresh = OutputDir(od.target, tmp_path / "other-machine")  # e.g. a new head node: nothing staged
+    reused, todo = split_pretraining(pretrain_jobs(cfg, tiny_ancestor.spec, fresh))
+    assert list(reused) == [f"pt_ft/{wide}@1x"] and [shape_key(j.spec) for j in todo] == [narrow]
+    assert reused[f"pt_ft/{wide}@1x"]["cost"] == stored["cost"]  # its measured cost is the first run's
+    done, failed = RayExecutor().start_pretraining(cfg, tiny_ancestor, None, todo, wait=True).wait()
+    assert not failed and list(done) == [f"pt_ft/{narrow}@1x"]
+    after = {o["Key"]: o["LastModified"] for o in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=key)["Contents"]}
+    assert len(after) == 4 and all(after[k] == t for k, t in before.items())  # reused, not written again
 
 
 def test_sweep_with_its_output_on_s3(tiny_overrides, ray_address, s3):
@@ -70,8 +75,8 @@ def test_sweep_with_its_output_on_s3(tiny_overrides, ray_address, s3):
     # Ray Train's ZeRO checkpoints, Ray Tune's experiment state and the trial's own checkpoint (uploaded
     # by the trial's worker process) went to the bucket's ray/ folder
     assert [f for f in files if f.startswith("ray/extract-mmlg-") and "/checkpoint_" in f]
-    assert [f for f in files if f.startswith("ray/search-") and "experiment_state" in f]
-    assert [f for f in files if f.startswith("ray/search-") and "/checkpoint_" in f]
+    assert [f for f in files if f.startswith("ray/sweep-") and "experiment_state" in f]
+    assert [f for f in files if f.startswith("ray/sweep-") and "/checkpoint_" in f]
     trials = _parquet(s3, f"{key}/trials.parquet")
     assert len(trials) == 1 and set(trials.method) == {"mmlg"} and (trials.status == "finished").all()
     stages = _parquet(s3, f"{key}/stages.parquet")

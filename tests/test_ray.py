@@ -79,7 +79,7 @@ def test_bf16_extraction_on_ray_yields_an_fp32_learngene(tiny_cfg, tiny_ancestor
 
 def _finished_trials(run_dir: Path) -> dict[str, int]:
     done = {}
-    for rj in run_dir.glob("ray/search-*/*/result.json"):
+    for rj in run_dir.glob("ray/sweep-*/*/result.json"):
         lines = [ln for ln in rj.read_text().splitlines() if ln.strip()]
         if any(json.loads(ln).get("final_report") for ln in lines):
             done[rj.parent.name] = len(lines)
@@ -91,7 +91,7 @@ def _terminated_in_tune_state(run_dir: Path) -> set[str]:
     trial's final result, so a driver killed in between resumes the trial from its last checkpoint (Tune's
     at-least-once semantics): only trials recorded here are certain not to run again."""
     ids = set()
-    for f in run_dir.glob("ray/search-*/experiment_state-*.json"):
+    for f in run_dir.glob("ray/sweep-*/experiment_state-*.json"):
         try:
             entries = json.loads(f.read_text()).get("trial_data", [])
         except (json.JSONDecodeError, OSError):  # being written
@@ -128,14 +128,19 @@ def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_a
     assert not (out / "trials.parquet").exists()
 
     from jobs import sweep as sweep_job
-    # the experiment's identity is its result-affecting config: an operational change (concurrency, the
-    # report's prices) neither hides the interrupted run nor lets it be started over by mistake
-    ops = ["ray.tune.max_concurrent=1", "report.pricing=spot", "threads=2"]
+    # the experiment's identity is its result-affecting config: an operational change (the report's
+    # prices, threads) neither hides the interrupted run nor lets it be started over by mistake
+    ops = ["report.pricing=spot", "threads=2"]
     assert sweep_job.main(["--output", str(out)] + sum((["--set", s] for s in sets + ops), [])) == 2
     assert "--resume" in capsys.readouterr().err
+    # a setting the restored Tune experiment would silently keep from its first run is refused, named
+    baked = ["ray.tune.max_concurrent=1"]
+    assert sweep_job.main(["--output", str(out), "--resume"] + sum((["--set", s] for s in sets + ops + baked), [])) == 2
+    err = capsys.readouterr().err
+    assert "ray.tune.max_concurrent" in err and "--fresh" in err and len(err.strip().splitlines()) == 1
     with caplog.at_level(logging.INFO, logger="mmlg_ray"):
         assert sweep_job.main(["--output", str(out), "--resume"] + sum((["--set", s] for s in sets + ops), [])) == 0
-    assert "restored the ASHA rungs of" in caplog.text  # the scheduler's state came back with the searcher's
+    assert "restored the plan of" in caplog.text  # the search's records (and so its rungs) came back
 
     trials = pd.read_parquet(out / "trials.parquet")
     cells = 3
@@ -150,7 +155,7 @@ def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_a
         assert after[name] == n_lines
     # finished but not yet recorded by Tune when the driver died: resumed from the trial's checkpoint, not rerun
     for name, n_lines in unsettled.items():
-        rj = next(out.glob(f"ray/search-*/{name}/result.json"))
+        rj = next(out.glob(f"ray/sweep-*/{name}/result.json"))
         rows = [json.loads(ln) for ln in rj.read_text().splitlines() if ln.strip()]
         assert len(rows) == n_lines or rows[-1]["resumed_from_step"] > 0, name
     documented = ["trial", "method", "modality", "depth", "width", "image_depth", "text_depth", "heads", "params",
@@ -198,7 +203,7 @@ def test_trial_with_a_two_worker_torchtrainer_reaches_tune(tiny_overrides, ray_a
 
 def _result_lines(run_dir: Path) -> list[list[dict]]:
     return [[json.loads(ln) for ln in rj.read_text().splitlines() if ln.strip()]
-            for rj in sorted(run_dir.glob("ray/search-*/*/result.json"))]
+            for rj in sorted(run_dir.glob("ray/sweep-*/*/result.json"))]
 
 
 def _one_trial_argv(tiny_overrides, ray_address, out: Path, max_failures: int) -> list[str]:
@@ -235,24 +240,79 @@ def test_trial_whose_worker_is_killed_resumes_from_its_checkpoint(tiny_overrides
     assert len(_result_lines(out)) == 1
 
 
-def test_trial_that_fails_for_good_is_on_record_and_the_job_fails(tiny_overrides, ray_address, tmp_path, monkeypatch,
-                                                                   capsys):
-    """ray.max_failures=0: the killed trial is not retried. It stays in trials.parquet with status
-    `error` and its error's first line, and the job exits 1 naming the cell left without a result."""
+def _argv(tiny_overrides, ray_address, out: Path, extra: list[str]) -> list[str]:
+    sets = tiny_overrides + [f"ray.address={ray_address}", "descendants.grid.method=[scratch]",
+                             "descendants.seeds=[0,1]", "descendants.finetune.steps=30",
+                             "descendants.finetune.eval_every=10", "ray.max_failures=0"] + extra
+    return ["--output", str(out)] + sum((["--set", s] for s in sets), [])
+
+
+def test_resume_after_a_trial_failed_for_good_completes_with_the_cells_seed_reruns(tiny_overrides, ray_address,
+                                                                                  tmp_path, monkeypatch, capsys):
+    """The issue's reproduction: 2 cells, one search trial each, ray.max_failures=0, one trial SIGKILLed
+    mid-trial. The job exits 1 naming that cell; --resume retries the trial (from its checkpoint), and
+    the cell gets its seed re-run with its (now finished) best hyper-parameters: each trial once."""
     from jobs import sweep as sweep_job
-    out = tmp_path / "failed"
+    out = tmp_path / "resume"
+    argv = _argv(tiny_overrides, ray_address, out, ["descendants.grid.modality=[image,text]", "ray.tune.num_samples=1"])
     monkeypatch.setenv("MMLG_KILL_TRIAL_AT_STEP", "10")
-    argv = _one_trial_argv(tiny_overrides, ray_address, out, max_failures=0)
+    monkeypatch.setenv("MMLG_KILL_TRIAL_WHERE", json.dumps({"cell": "scratch|image|2|64"}))
     assert sweep_job.main(argv) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("failed: 1 of 1 grid cells have no finished trial (scratch|image|2|64)")
-    trials = pd.read_parquet(out / "trials.parquet")
-    assert len(trials) == 1
-    row = trials.iloc[0]
-    assert row.status == "error" and not row.stopped_early
-    assert "died" in row.error.lower() and "\n" not in row.error
-    assert row.epochs == 1 and row.best_score == row.final_score  # what it reported before dying is kept
-    # the incomplete experiment is not "done": a plain rerun asks for --resume (retries) or --fresh
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "1 of 2 grid cells are incomplete" in err and "scratch|image|2|64" in err and "--resume" in err
+    first = pd.read_parquet(out / "trials.parquet")
+    assert sorted(zip(first.modality, first.phase, first.status)) == [
+        ("image", "search", "error"), ("text", "search", "finished"), ("text", "seeds", "finished")]
+    dead = first[first.modality == "image"].iloc[0]  # on record: its error's first line, what it reported
+    assert "died" in dead.error.lower() and "\n" not in dead.error and not dead.stopped_early
+    assert dead.epochs == 1 and dead.best_score == dead.final_score
     assert json.loads((out / "experiment.json").read_text())["complete"] is False
-    assert sweep_job.main(argv) == 2
-    assert "--resume" in capsys.readouterr().err
+    assert sweep_job.main(argv) == 2  # incomplete: a plain rerun asks for --resume or --fresh
+    capsys.readouterr()
+
+    monkeypatch.delenv("MMLG_KILL_TRIAL_AT_STEP")
+    assert sweep_job.main(argv + ["--resume"]) == 0
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == 4 and trials.trial_id.is_unique and (trials.status == "finished").all()
+    image = trials[trials.modality == "image"].set_index("phase")
+    assert image.loc["search", "trial_id"] == first[first.modality == "image"].trial_id.iloc[0]  # retried, same trial
+    assert image.loc["search", "resumed_from_step"] == 10  # from its checkpoint, not from step 0
+    assert image.loc["seeds", "seed"] == 1 and image.loc["seeds", "lr"] == image.loc["search", "lr"]
+    assert set(trials[trials.modality == "text"].trial_id) == set(first[first.modality == "text"].trial_id)  # kept
+    assert json.loads((out / "experiment.json").read_text())["complete"] is True
+
+
+def test_a_best_trial_that_changes_on_resume_gets_new_seed_reruns_and_the_old_ones_are_superseded(
+        tiny_overrides, ray_address, tmp_path, monkeypatch):
+    """A cell's better candidate dies; its seed re-run goes ahead at the worse one. On --resume the better
+    one finishes, the cell's best changes, and its seed re-run runs again at the new best hyper-parameters;
+    the earlier one stays on record as `superseded`, outside every result."""
+    from jobs import sweep as sweep_job
+    from mmlg_ray.report import final_trials
+    from mmlg_ray.search import shape_candidates
+    out = tmp_path / "best"
+    lr = (1e-8, 1e-2)
+    c0, c1 = shape_candidates(0, "image|1|128", 2, lr, (0.0, 0.2))
+    assert c0["lr"] < 1e-7 < 1e-3 < c1["lr"]  # candidate 0 cannot learn in 30 steps, candidate 1 can
+    argv = _argv(tiny_overrides, ray_address, out, [
+        "descendants.grid.modality=[image]", "descendants.grid.depth=[1]", "descendants.grid.width=[128]",
+        "ray.tune.num_samples=2", f"ray.tune.search_space.lr=[{lr[0]},{lr[1]}]", "ray.tune.grace_period=3"])
+    monkeypatch.setenv("MMLG_KILL_TRIAL_AT_STEP", "10")
+    monkeypatch.setenv("MMLG_KILL_TRIAL_WHERE", json.dumps({"candidate": 1}))
+    assert sweep_job.main(argv) == 1
+    first = pd.read_parquet(out / "trials.parquet")
+    old_seed = first[first.phase == "seeds"]
+    assert len(old_seed) == 1 and old_seed.lr.iloc[0] == pytest.approx(c0["lr"])
+    monkeypatch.delenv("MMLG_KILL_TRIAL_AT_STEP")
+    assert sweep_job.main(argv + ["--resume"]) == 0
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == 4 and trials.trial_id.is_unique
+    search = trials[trials.phase == "search"].set_index("candidate")
+    assert (search.status == "finished").all()
+    assert search.loc[1, "val_score"] > search.loc[0, "val_score"], search[["lr", "val_score"]]
+    seeds = trials[trials.phase == "seeds"].set_index("trial_id")
+    assert seeds.loc[old_seed.trial_id.iloc[0], "status"] == "superseded"
+    new = seeds[seeds.status == "finished"]
+    assert len(new) == 1 and new.lr.iloc[0] == pytest.approx(c1["lr"]) and new.seed.iloc[0] == 1
+    chosen = final_trials(trials)
+    assert set(chosen.trial_id) == {search.loc[1, "trial_id"], new.index[0]}  # the superseded row is in no result

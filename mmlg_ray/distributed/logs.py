@@ -131,20 +131,7 @@ def captured_output(what: str, stderr: bool = True):
 
 
 # --------------------------------------------------------------------------- stage lines
-def _dur(s: float) -> str:
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
-
-
-class Stage:
-    """One log line when a stage of the main job starts, one when it ends (with its wall time)."""
-
-    def __init__(self, name: str, detail: str = ""):
-        self.name, self.t0 = name, time.perf_counter()
-        log.info("stage %s: started%s", name, f" ({detail})" if detail else "")
-
-    def done(self, detail: str = "") -> None:
-        log.info("stage %s: done in %s%s", self.name, _dur(time.perf_counter() - self.t0),
-                 f"; {detail}" if detail else "")
+from ..stagelog import Stage, _dur  # noqa: E402,F401 (the core's)
 
 
 # --------------------------------------------------------------------------- Tune's status table
@@ -180,6 +167,13 @@ def trial_run_name(trial) -> str:
     return f"{cell}-seed{c.get('seed', 0)}-{trial.trial_id}"
 
 
+def trial_phase(trial, default: str) -> str:
+    """The trial's own phase (search | seeds), from its config; else the experiment's."""
+    c = dict(trial.config or {})
+    c.update(c.get("job") or {})
+    return str(c.get("phase") or default)
+
+
 def _tensorboard_callback(root: Path | None, phase: str):
     from ray.tune.logger import TBXLoggerCallback
 
@@ -192,7 +186,7 @@ def _tensorboard_callback(root: Path | None, phase: str):
                 return super().log_trial_start(trial)
             if trial in self._trial_writer:
                 self._trial_writer[trial].close()
-            logdir = root / phase / trial_run_name(trial)
+            logdir = root / trial_phase(trial, phase) / trial_run_name(trial)
             logdir.mkdir(parents=True, exist_ok=True)
             self._trial_writer[trial] = self._summary_writer_cls(str(logdir), flush_secs=30)
             self._trial_result[trial] = {}
@@ -228,8 +222,15 @@ def _mlflow_callback(cfg: Config, out, phase: str):
         # MLflow 3 keeps its file store in maintenance mode and refuses it unless opted in; a file
         # store asked for by name is what the user wants
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    return MLflowLoggerCallback(tracking_uri=uri, experiment_name=cfg.ray.tune.mlflow.experiment,
-                                tags={"phase": phase, "experiment": cfg.experiment_fingerprint()})
+    class PhaseTagged(MLflowLoggerCallback):
+        """MLflow's run per trial, tagged with the trial's own phase (search | seeds)."""
+
+        def log_trial_start(self, trial):
+            self.tags = {**base, "phase": trial_phase(trial, phase)}
+            return super().log_trial_start(trial)
+
+    base = {"phase": phase, "experiment": cfg.experiment_fingerprint()}
+    return PhaseTagged(tracking_uri=uri, experiment_name=cfg.ray.tune.mlflow.experiment, tags=dict(base))
 
 
 def tune_callbacks(cfg: Config, out, phase: str) -> list:

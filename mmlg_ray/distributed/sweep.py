@@ -1,219 +1,175 @@
-"""The descendant sweep on Ray Tune, and the whole main job around it.
+"""The main job on Ray: `RayExecutor` runs mmlg_ray.job's stages on Ray Train (extraction), Ray tasks
+(pre-training) and Ray Tune (trials).
 
-Stages, each skipped when its artifact exists for the same config:
-  ancestor     local default: pre-trained once and cached; clusters: loaded (open_clip tag / file)
-  extraction   one learngene per learngene method in the grid (mmlg, tleg), on Ray Train + DeepSpeed
-  pretrain     pt_ft / csm: each descendant shape pre-trained on the corpus, as parallel Ray tasks,
-               measured (their cost is what the report compares against)
-  search       Ray Tune over the grid depth x width x modality x method: within every cell an Optuna
-               searcher proposes fine-tuning hyper-parameters (lr, weight decay) and an ASHA scheduler
-               of that cell cuts weak trials (scores of different tasks are never compared); first seed.
-               Both optimise the validation score (`val_score`), never the test score
-  seeds        every cell's best hyper-parameters (by validation) re-run with the other seeds
-  tables       trials.parquet, history.parquet, stages.parquet, written atomically
+The trials are one Tune experiment, `sweep-<experiment fingerprint>`, driven by the core's SweepPlan
+(mmlg_ray.search) through a Tune Searcher (`PlanSearcher`: which trial runs next: common random
+candidates per shape, then Optuna TPE per cell, then each cell's seed re-runs once its search has
+ended) and a Tune TrialScheduler (`PlanScheduler`: asynchronous successive halving per cell, on the
+validation score; seed re-runs are never cut). The plan's state is its trial records, saved with
+Tune's searcher checkpoint; the rungs are rebuilt from them on restore.
 
-A sweep started again with --resume restores both Tune experiments from the output folder: finished
-trials are not run again and each trial appears once in trials.parquet.
+Pre-training runs as Ray tasks while the trials that need no pre-trained shape already run; a pt_ft
+or csm cell starts once its shape is written. Each task writes its shape to the output store itself.
+
+A resumed run (--resume) restores the experiment (errored trials retried, unfinished ones continued).
+A restored Tune run never takes new trials, so seed re-runs that the restored run cannot add (a cell
+whose search trials had all errored, or whose best trial changed) run as a follow-up Tune experiment
+named by its own trial list, `seeds-<fingerprint>-<digest>`, listed in `rounds-<fingerprint>.json`
+under the storage path: itself restorable, never re-run once done. A seed re-run at hyper-parameters
+its cell no longer chooses is kept in trials.parquet as `superseded`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-import pickle
 import tempfile
 import time
 from pathlib import Path
 
+from ..arms import Cell
 from ..config import Config, TuneSettings
-from ..errors import JobFailed, UserError
-from ..pipeline import (Cell, arm_name, cells, learngene_arms, learngene_name, needs_pretraining, parse_arm,
-                        pretrain_name, shape_key)
-from ..storage import OutputDir
+from ..errors import UserError
+from ..job import Executor, PretrainJob, _Done, pretrain_and_write, trial_inputs
+from ..search import FINISHED, METRIC
 from .. import storage as stor
-from .logs import Stage, check_logging, quiet_worker, status_reporter, train_logging, tune_callbacks
-from .settings import check_storage, ensure_ray, pretrain_task_options, storage_uri, trial_resources, trial_worker_resources
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+from .logs import quiet_worker, status_reporter, train_logging, tune_callbacks
+from .settings import pretrain_task_options, trial_resources, trial_worker_resources
 
 log = logging.getLogger("mmlg_ray")
-METRIC, MODE = "val_score", "max"  # search and early stopping read validation, never test
+MODE = "max"
 EVAL_KEYS = {"score", "top1", "accuracy", "mean_recall", "zeroshot_top1", "step", "epoch", "train_loss", "val_score",
              "val_top1", "val_accuracy", "val_mean_recall"}
+# the Tune settings a restored experiment keeps from its first run (Tuner.restore reuses them)
+BAKED = ("ray.max_failures", "ray.tune.max_concurrent", "ray.tune.status_every_s", "ray.tune.tensorboard",
+         "ray.tune.mlflow")
 
 
-# --------------------------------------------------------------------------- per-cell search + scheduling
-def _cell_key(config: dict) -> str:
-    return config["cell"]
+# --------------------------------------------------------------------------- search and scheduling
+_LIVE: dict = {}  # experiment name -> its PlanSearcher in this (the driver's) process
 
 
-def make_cell_searcher(cfg: Config, cell_tags: list[str], seed0: int, scheduler=None):
-    from ray.tune.search import Searcher
-    from ray.tune.search.optuna import OptunaSearch
-    from ray import tune
+# Module-level classes: Tune pickles both into the experiment (tuner.pkl), and a class pickled by
+# reference keeps this module's globals (a class made in a function would be pickled by value, with
+# a private copy of _LIVE, and a restored searcher would register where nobody looks).
+class PlanSearcher(Searcher):
+    """Tune's side of the core SweepPlan: suggest() asks the plan for the next trial, completions go
+    back to it; its checkpoint is the plan's records (JSON)."""
 
-    space_cfg = cfg.ray.tune.search_space
-    n = cfg.ray.tune.num_samples
+    def __init__(self, plan, name: str):
+        super().__init__(metric=METRIC, mode=MODE)
+        self.plan, self.name = plan, name
+        _LIVE[name] = self
 
-    class CellSearcher(Searcher):
-        """One OptunaSearch per grid cell, `n` suggestions each, round-robin over cells.
+    def set_search_properties(self, metric, mode, config, **spec):
+        _LIVE[self.name] = self  # the instance Tune really drives
+        return True
 
-        Tune saves a searcher's state with every experiment checkpoint but never a scheduler's; this
-        searcher also carries the per-cell ASHA state of `scheduler` (the same object in the Tuner's
-        pickled state), so a restored experiment keeps its rungs."""
-
-        def __init__(self):
-            super().__init__(metric=METRIC, mode=MODE)
-            self.scheduler = scheduler
-            self.cells = list(cell_tags)
-            self.count = {c: 0 for c in self.cells}
-            self.owner: dict[str, str] = {}
-            self.subs = {}
-            for i, c in enumerate(self.cells):
-                space = {"lr": tune.loguniform(*space_cfg.lr), "weight_decay": tune.uniform(*space_cfg.weight_decay)}
-                # converted here, as OptunaSearch would (which warns, once per cell, when it has to)
-                sub = OptunaSearch(space=OptunaSearch.convert_search_space(space), metric=METRIC, mode=MODE,
-                                   seed=(cfg.seed * 1000 + i) % 2 ** 32)
-                self.subs[c] = sub
-            self.cursor = 0
-
-        def suggest(self, trial_id):
-            for _ in range(len(self.cells)):
-                c = self.cells[self.cursor % len(self.cells)]
-                self.cursor += 1
-                if self.count[c] < n:
-                    cfg_ = self.subs[c].suggest(trial_id)
-                    if cfg_ is None:
-                        return None
-                    self.count[c] += 1
-                    self.owner[trial_id] = c
-                    return {**cfg_, "cell": c, "seed": seed0, "phase": "search"}
+    def suggest(self, trial_id):
+        job = self.plan.next_trial(trial_id, ready=_ready)
+        if job == FINISHED:
             return Searcher.FINISHED
+        return job
 
-        def on_trial_result(self, trial_id, result):
-            if trial_id in self.owner:
-                self.subs[self.owner[trial_id]].on_trial_result(trial_id, result)
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if error:
+            self.plan.complete(trial_id, "error")
+            return
+        result = result or {}
+        status = "finished" if result.get("final_report") else "stopped_early"
+        self.plan.complete(trial_id, status, result.get(METRIC))
 
-        def on_trial_complete(self, trial_id, result=None, error=False):
-            if trial_id in self.owner:
-                self.subs[self.owner[trial_id]].on_trial_complete(trial_id, result, error)
+    def save(self, checkpoint_path):
+        Path(checkpoint_path).write_text(json.dumps(self.plan.state()))
 
-        def save(self, checkpoint_path):
-            subs = {}
-            for c, s in self.subs.items():
-                with tempfile.NamedTemporaryFile(delete=False) as f:
-                    tmp = f.name
-                s.save(tmp)
-                subs[c] = Path(tmp).read_bytes()
-                os.unlink(tmp)
-            with open(checkpoint_path, "wb") as f:
-                pickle.dump({"count": self.count, "owner": self.owner, "cursor": self.cursor, "subs": subs,
-                             "asha": pickle.dumps(self.scheduler.by_cell) if self.scheduler is not None else None}, f)
-
-        def restore(self, checkpoint_path):
-            with open(checkpoint_path, "rb") as f:
-                st = pickle.load(f)
-            self.count, self.owner, self.cursor = st["count"], st["owner"], st["cursor"]
-            for c, blob in st["subs"].items():
-                with tempfile.NamedTemporaryFile(delete=False) as f:
-                    f.write(blob)
-                self.subs[c].restore(f.name)
-                os.unlink(f.name)
-            if self.scheduler is not None and st.get("asha"):
-                self.scheduler.by_cell = pickle.loads(st["asha"])
-                log.info("sweep: restored the ASHA rungs of %d cells", len(self.scheduler.by_cell))
-
-    return CellSearcher()
+    def restore(self, checkpoint_path):
+        self.plan.load_state(json.loads(Path(checkpoint_path).read_text()))
+        _LIVE[self.name] = self
+        log.info("sweep: restored the plan of %d trials (%d running when it stopped)", len(self.plan.records),
+                 len(self.plan.running()))
 
 
-def make_cell_scheduler(cfg: Config, max_t: int):
-    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+class PlanScheduler(FIFOScheduler):
+    """Asynchronous successive halving per grid cell, decided by the plan (whose rungs are its records:
+    a restored run keeps them); a trial restarted by --resume is running again."""
 
-    tcfg = cfg.ray.tune
+    def __init__(self, name: str, max_t: int):
+        super().__init__()
+        self.name, self.max_t = name, max_t
 
-    class CellASHA(FIFOScheduler):
-        """An ASHA scheduler per grid cell: a trial is only ever compared with trials of its cell."""
+    def _plan(self):
+        return _LIVE[self.name].plan
 
-        def __init__(self):
-            super().__init__()
-            self.by_cell: dict[str, AsyncHyperBandScheduler] = {}
+    def on_trial_add(self, tc, trial):
+        if trial.status == Trial.PENDING and self.name in _LIVE:
+            self._plan().resumed(trial.trial_id)
 
-        def _sched(self, trial):
-            c = _cell_key(trial.config)
-            if c not in self.by_cell:
-                s = AsyncHyperBandScheduler(time_attr="training_iteration", max_t=max_t,
-                                            grace_period=min(tcfg.grace_period, max_t),
-                                            reduction_factor=tcfg.reduction_factor)
-                s.set_search_properties(METRIC, MODE)
-                self.by_cell[c] = s
-            return self.by_cell[c]
+    def on_trial_result(self, tc, trial, result):
+        if METRIC not in result or result.get("final_report") or self.name not in _LIVE:
+            return TrialScheduler.CONTINUE
+        stop = self._plan().observe(trial.trial_id, int(result.get("training_iteration", 0)), result[METRIC])
+        return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
 
-        def set_search_properties(self, metric, mode, **spec):
+    def debug_string(self):
+        return f"asynchronous successive halving per cell (max {self.max_t} evaluations)"
+
+
+class _Pretraining:
+    """The pre-training tasks of a run, watched from the driver: ready(name) for the searcher
+    (polled at most once a second per shape), wait() at the end."""
+
+    def __init__(self, refs: dict, names_of_cells: dict):
+        self.refs, self.cells = refs, names_of_cells  # task name -> ObjectRef; cell key -> task name
+        self.state: dict[str, str] = {}
+        self.polled: dict[str, float] = {}
+        self.results: dict = {}
+
+    def ready(self, name: str) -> bool:
+        import ray
+        if name not in self.refs or self.state.get(name):
             return True
+        now = time.monotonic()
+        if now - self.polled.get(name, 0) < 1.0:
+            return False
+        self.polled[name] = now
+        done, _ = ray.wait([self.refs[name]], timeout=0)
+        if done:
+            self.state[name] = "done"
+        return bool(done)
 
-        def on_trial_add(self, tc, trial):
-            self._sched(trial).on_trial_add(tc, trial)
+    def wait(self):
+        import ray
+        done, failed = {}, []
+        for name, ref in self.refs.items():
+            try:
+                done[name] = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 (a task's error, or its worker / node lost more often than retried)
+                cause = getattr(e, "cause", None)
+                err = cause if isinstance(cause, UserError) else e
+                log.error("pretrain %s failed: %s", name, str(err).strip().splitlines()[-1])
+                failed.append((name, err))
+        return done, failed
 
-        def on_trial_result(self, tc, trial, result):
-            return self._sched(trial).on_trial_result(tc, trial, result)
 
-        def on_trial_complete(self, tc, trial, result):
-            self._sched(trial).on_trial_complete(tc, trial, result)
+_PRETRAINING: dict = {"watch": None}
 
-        def on_trial_remove(self, tc, trial):
-            self._sched(trial).on_trial_remove(tc, trial)
 
-        def on_trial_error(self, tc, trial):
-            self._sched(trial).on_trial_error(tc, trial)
-
-        def debug_string(self):
-            return f"Per-cell ASHA over {len(self.by_cell)} cells (max_t={max_t})"
-
-    return CellASHA()
+def _ready(cell_key: str) -> bool:
+    """A cell's inputs exist: its pre-trained shape is written (cells of other methods: always)."""
+    w = _PRETRAINING["watch"]
+    if w is None:
+        return True
+    name = w.cells.get(cell_key)
+    return name is None or w.ready(name)
 
 
 # --------------------------------------------------------------------------- the trial
 _TASK_DATA: dict = {}
-_ARTIFACTS: dict = {}  # a reused trial actor keeps the last artifacts it fetched
-
-
-def _fetch(ref):
-    """An artifact from the object store (each was put there once by the driver), cached per actor."""
-    import ray
-    if not isinstance(ref, ray.ObjectRef):
-        return ref
-    key = ref.hex()
-    if key not in _ARTIFACTS:
-        if len(_ARTIFACTS) >= 4:
-            _ARTIFACTS.clear()
-        _ARTIFACTS[key] = ray.get(ref)
-    return _ARTIFACTS[key]
-
-
-def share_artifacts(anc, learngenes: dict, pretrained: dict) -> dict:
-    """Each artifact put into the object store once, by reference: a trial fetches only what its
-    cell's method needs (the ancestor's weights only for weight_selection / heur_lg, its own
-    learngene, its own pre-trained shape), never one object holding everything."""
-    import ray
-    from ..ancestor import Ancestor
-    light = Ancestor(anc.spec, {}, anc.fingerprint, anc.source, anc.cost)  # spec only
-    return {"ancestor_spec": light, "ancestor": ray.put(anc),
-            "learngenes": {m: ray.put(lg) for m, lg in learngenes.items()},
-            "pretrained": [(k, ray.put(v)) for k, v in pretrained.items()]}
-
-
-def _artifacts_for(ctx: dict, cell):
-    """(ancestor, learngenes, pretrained) for one cell, fetched by reference."""
-    from ..descend import descendant_spec
-    from ..pipeline import shape_key
-    anc = ctx["ancestor_spec"]
-    if cell.method in ("weight_selection", "heur_lg"):
-        anc = _fetch(ctx["ancestor"])
-    lk = cell.learngene_key
-    learngenes = {lk: _fetch(ctx["learngenes"][lk])} if lk in ctx["learngenes"] else {}
-    key = (cell.method, shape_key(descendant_spec(anc.spec, cell.depth, cell.width)), cell.pt_budget)
-    pretrained = {k: _fetch(ref) for k, ref in ctx["pretrained"] if tuple(k) == key}
-    return anc, learngenes, pretrained
-
-
 CKPT_FILE = "finetune.pt"
 
 
@@ -254,13 +210,16 @@ def _run_cell_trial(config: dict, ctx: dict, report, rank: int = 0, world: int =
     setup_runtime(cfg)
     quiet_worker(rank)
     torch.set_num_threads(max(1, int(cfg.ray.tune.trial_cpus)))
-    cell = cell_of(config["cell"])
+    cell = Cell.of(config["cell"])
     total = cfg.descendants.finetune.steps
-    anc, learngenes, pretrained = _artifacts_for(ctx, cell)
+    anc, learngenes, pretrained = trial_inputs(ctx, cell)  # by reference, through the node-local cache
     resume = _load_checkpoint(get_checkpoint() if get_checkpoint else None)
     if resume is not None:
         log.info("trial %s: resuming from its checkpoint at step %d", config["cell"], resume["step"])
-    kill_at = int(ctx.get("kill_trial_at_step") or 0)  # fault injection (tests): SIGKILL, first attempt only
+    # fault injection (tests): SIGKILL at this step, first attempt only, of the trials whose config matches
+    # MMLG_KILL_TRIAL_WHERE (a JSON object of config fields; empty: every trial)
+    where = ctx.get("kill_trial_where") or {}
+    kill_at = int(ctx.get("kill_trial_at_step") or 0) if all(config.get(k) == v for k, v in where.items()) else 0
 
     def on_eval(step, metrics, snapshot):
         if step >= total:
@@ -315,7 +274,7 @@ def trial_fn(config: dict, ctx=None):
     with a checkpoint. With ray.tune.trial_workers > 1 the fine-tuning runs data-parallel in a
     TorchTrainer whose rank-0 metrics reach Tune (and its scheduler) through TuneReportCallback."""
     from ray import tune
-    if "job" in config:  # seeds phase: the grid value is the whole trial spec
+    if "job" in config:  # a follow-up seeds round: the grid value is the whole trial spec
         config = {**config, **config["job"]}
     tcfg = ctx["cfg"]["ray"]["tune"]
     if tcfg["trial_workers"] <= 1:
@@ -339,326 +298,190 @@ def trial_fn(config: dict, ctx=None):
     trainer.fit()
 
 
-def cell_tag(c: Cell) -> str:
-    return f"{c.arm}|{c.modality}|{c.depth}|{c.width}"
 
-
-def cell_of(tag: str) -> Cell:
-    arm, mod, d, w = tag.split("|")
-    return Cell(mod, int(d), int(w), *parse_arm(arm))
-
-
-# --------------------------------------------------------------------------- stages
-def _pretrain_task(cfg_json, ancestor, method, spec_json, budget, fail=False):
+# --------------------------------------------------------------------------- the executor
+def _pretrain_task(cfg_json, ancestor_ref, job: PretrainJob, fail=False):
+    from ..ancestor import Ancestor
+    from ..artifacts import load
     from ..config import ModelSpec, config_from_dict
-    from ..pipeline import pretrain_descendant, setup_runtime
+    from ..pipeline import setup_runtime
+    from safetensors.torch import load_file
     if fail:  # fault injection for tests (MMLG_FAIL_PRETRAIN), like extraction's MMLG_FAIL_AT_STEP
-        raise RuntimeError(f"injected failure of pre-training {method} (MMLG_FAIL_PRETRAIN)")
+        raise RuntimeError(f"injected failure of pre-training {job.name} (MMLG_FAIL_PRETRAIN)")
     cfg = config_from_dict(cfg_json)
     setup_runtime(cfg)
     quiet_worker()
-    return pretrain_descendant(cfg, ancestor, method, ModelSpec(**spec_json), budget=budget)
+    spec, fpr, source, ref = ancestor_ref
+    state = load(ref, "ancestor", lambda p: load_file(str(p)), cfg.cache_path) if ref and job.method == "csm" else {}
+    return pretrain_and_write(cfg, Ancestor(ModelSpec(**spec), state, fpr, source), job)
 
 
-def _pretrain_fingerprint(cfg: Config) -> str:
-    """What a pre-trained shape depends on: the ancestor, the corpus, the extraction's budget and
-    optimizer (its 1x budget), pretrain_steps, seed, precision; not the elastic extraction's settings."""
-    from ..pipeline import _fingerprint_of
-    dumped = cfg.model_dump(mode="json")
-    for name in ("elastic_weight", "elastic_shapes"):
-        dumped["learngene"]["extraction"].pop(name, None)
-    return _fingerprint_of(dumped, ("ancestor", "data.corpus", "learngene.extraction", "descendants.pretrain_steps",
-                                    "seed", "precision"))
+def _digest(jobs: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(jobs, sort_keys=True).encode()).hexdigest()[:10]
 
 
-class PretrainFailed(JobFailed):
-    """Some descendant shapes failed to pre-train; the others were written and a rerun reuses them."""
+class RayExecutor(Executor):
+    name = "ray"
 
+    def open(self, cfg, od, storage, resume):
+        from .extract import check_precision
+        from .logs import check_logging
+        from .settings import check_storage, ensure_ray
+        if {"mmlg", "tleg"} & set(cfg.descendants.grid.method):
+            check_precision(cfg)
+        check_logging(cfg, od.target)
+        ensure_ray(cfg)
+        check_storage(cfg, storage)
+        check_artifact_root(cfg, od.target)
 
-def _stage_pretrain(cfg: Config, anc, out: OutputDir, stages: list):
-    """pt_ft / csm pre-training of each descendant shape as parallel Ray tasks. Each shape's weights
-    and cost are written to the output folder (a URI: uploaded) as soon as its task finishes, so a
-    failed shape, a lost driver or a rerun keeps every shape that had finished; after all tasks are
-    done, one error names the shapes that failed. A task is retried on the loss of its worker or
-    node (ray.max_failures times), never on an exception of its own."""
-    import ray
-    from safetensors.torch import load_file, save_file
+    def extract(self, cfg, anc, uri, method, mode, storage):
+        from .extract import extract_on_ray
+        extract_on_ray(cfg, anc, uri, method=method, storage=storage, mode=mode)
 
-    from ..atomic import atomic_path, write_json
-    results = {}
-    todo = []
-    fp = _pretrain_fingerprint(cfg)
-    shapes = needs_pretraining(cfg, anc.spec)
-    for method, spec, budget in shapes:
-        name = f"pretrained/{method}-{shape_key(spec)}-{budget:g}x-{fp}"
-        weights, cost = out.fetch(name + ".safetensors"), out.fetch(name + ".json")
-        if weights is not None and cost is not None:
-            results[(method, shape_key(spec), budget)] = (load_file(str(weights)), json.loads(cost.read_text()))
-            log.info("pretrain %s: reusing %s", pretrain_name(method, spec, budget), out.uri(name + ".safetensors"))
-        else:
-            todo.append((method, spec, budget, name))
-    failed = []
-    if todo:
+    def start_pretraining(self, cfg, anc, anc_ref, jobs, wait):
+        import ray
+        from ..pipeline import cells, shape_key
+        from ..descend import descendant_spec
+        if not jobs:
+            return _Done({}, [])
         remote = ray.remote(**pretrain_task_options(cfg.ray.tune), max_retries=cfg.ray.max_failures,
                             retry_exceptions=False)(_pretrain_task)
         inject = os.environ.get("MMLG_FAIL_PRETRAIN", "")  # "method/shape" of a shape whose task must fail
-        anc_ref = ray.put(anc)
-        pending = {remote.remote(cfg.model_dump(mode="json"), anc_ref, m, s.model_dump(), b,
-                                 fail=inject in (f"{m}/{shape_key(s)}", pretrain_name(m, s, b))): (m, s, b, n)
-                   for m, s, b, n in todo}
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            method, spec, budget, name = pending.pop(ready[0])
-            try:
-                state, c = ray.get(ready[0])
-            except Exception as e:  # a task's error, or its worker / node lost more often than retried
-                log.error("pretrain %s failed: %s", pretrain_name(method, spec, budget),
-                          str(e).strip().splitlines()[-1])
-                failed.append((pretrain_name(method, spec, budget), e))
-                continue
-            with atomic_path(out.path(name + ".safetensors")) as tmp:
-                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-            write_json(out.path(name + ".json"), c)
-            out.push(name + ".safetensors")
-            out.push(name + ".json")  # last: a shape counts as finished once both are there
-            log.info("pretrain %s: wrote %s", pretrain_name(method, spec, budget), out.uri(name + ".safetensors"))
-            results[(method, shape_key(spec), budget)] = (state, c)
-    if failed:
-        user = [e for _, e in failed if isinstance(e, UserError)]
-        if user:  # bad input (e.g. an unreadable corpus): the usual one line (not Ray's traceback), exit 2
-            raise UserError(user[0].field, user[0].message, user[0].fix)
-        names = ", ".join(n for n, _ in failed)
-        raise PretrainFailed(
-            f"pre-training failed for {len(failed)} of {len(todo)} descendant shapes: {names} "
-            f"(first error: {str(failed[0][1]).strip().splitlines()[-1]}); the {len(results)} finished shapes "
-            f"are in {out.uri('pretrained')} and a rerun reuses them") from failed[0][1]
-    results = {(m, shape_key(sp), b): results[(m, shape_key(sp), b)] for m, sp, b in shapes}  # the grid's order
-    for method, spec, budget in shapes:
-        c = results[(method, shape_key(spec), budget)][1]
-        stages.append({"stage": "pretrain", "name": pretrain_name(method, spec, budget), **_cost_cols(c)})
-    return results
+        a = (anc.spec.model_dump(), anc.fingerprint, anc.source, anc_ref.to_json() if anc_ref else None)
+        cfg_json = cfg.model_dump(mode="json")
+        refs = {j.name: remote.options(name=f"pretrain {j.name}").remote(
+            cfg_json, a, j, fail=inject in (f"{j.method}/{shape_key(j.spec)}", j.name)) for j in jobs}
+        by_key = {(j.method, shape_key(j.spec), j.budget): j.name for j in jobs}
+        cell_names = {}
+        for c in cells(cfg):
+            if c.pretrained_key:
+                k = (c.method, shape_key(descendant_spec(anc.spec, c.depth, c.width)), c.pt_budget)
+                if k in by_key:
+                    cell_names[c.key] = by_key[k]
+        watch = _Pretraining(refs, cell_names)
+        if wait:
+            done, failed = watch.wait()
+            return _Done(done, failed)
+        return watch
+
+    def run_trials(self, cfg, plan, ctx, pretraining, fp, storage, od):
+        return run_tune(cfg, plan, ctx, pretraining, fp, storage, od)
 
 
-def _cost_cols(c):
-    from ..pipeline import _cost_cols as cc
-    return cc(c)
+def check_artifact_root(cfg: Config, target) -> None:
+    """Trials and pre-training tasks read and write stage artifacts in the output store itself: on
+    a multi-node cluster it must be a URI or a folder every node mounts."""
+    import ray
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if stor.is_uri(target) or cfg.ray.storage_shared or nodes <= 1:
+        return
+    raise UserError("--output", f"{target} is a local folder, but this Ray cluster has {nodes} nodes: trials on "
+                    "other nodes read the stage artifacts from it", "put the output on s3://..., or on a folder "
+                    "every node mounts and set ray.storage_shared=true")
 
 
-# --------------------------------------------------------------------------- the main job
-def run_sweep(cfg: Config, out_dir, resume: bool = False, fresh: bool = False) -> Path | str:
-    """The main job. `resume` continues the interrupted Tune experiments of this experiment identity
-    (Config.experiment_fingerprint) from storage; `fresh` deletes them first and starts over. Without
-    either, an interrupted experiment is refused, and a finished one only has its report rebuilt.
-    `out_dir` is a local folder or a URI (s3://...): its files are staged locally and uploaded as
-    they are written, and what it already holds is read back from there."""
+def _tuner(cfg, name, storage, od, trainable, phase, **kw):
     from ray import tune
-    from ray.tune import RunConfig, TuneConfig, Tuner
+    from ray.tune import RunConfig, Tuner
+    # a trial lost with its worker (preempted node, killed process) is retried up to ray.max_failures
+    # times from its latest checkpoint (one kept per trial: each evaluation's)
+    return Tuner(trainable, run_config=RunConfig(
+        storage_path=storage, name=name, verbose=1, progress_reporter=status_reporter(cfg, phase),
+        callbacks=tune_callbacks(cfg, od.target, phase), checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures)), **kw)
 
-    from ..ancestor import get_ancestor
-    from ..learngene import load_learngene
-    from ..pipeline import setup_runtime
-    from ..report import build_output_report
-    from ..atomic import write_json
-    from ..results import write_run_files, write_tables
-    from .extract import check_precision, extract_on_ray
 
-    setup_runtime(cfg)
-    import torch
-    # the driver's own stages (local ancestor pre-training, consolidation) may use every core here;
-    # a job's driver inherits OMP_NUM_THREADS=1 from Ray otherwise
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    # a local folder, or a URI (s3://...) whose files are staged locally and uploaded as written
-    od = OutputDir(out_dir, cfg.cache_path)
-    out = od.local
-    storage = storage_uri(cfg, od.target)
-    fp = cfg.experiment_fingerprint()  # the experiment's identity: result-affecting settings only
-    if resume and fresh:
-        raise UserError("--fresh", "--fresh starts the experiment over and --resume continues it", "pass one of them")
-    if not resume and not fresh and _holds_results(od, cfg, fp):
-        log.info("sweep: %s already holds the results of this experiment; rebuilding the report only", od)
-        write_run_files(out, cfg)  # operational and report settings may have changed
-        od.push("config.yaml")
-        build_output_report(od)
-        return od.target if od.remote else out
-    if {"mmlg", "tleg"} & set(cfg.descendants.grid.method):
-        check_precision(cfg)  # before any work (or --fresh's deletion), not after the ancestor
-    check_logging(cfg, od.target)
-    previous = [p for p in (f"{storage}/search-{fp}", f"{storage}/seeds-{fp}") if stor.exists(p)]
-    if previous and fresh:
-        for p in previous:
-            log.info("sweep: --fresh: removing the earlier experiment state %s", p)
-            stor.remove(p)
-    elif previous and not resume:
-        raise UserError("--resume", f"an interrupted sweep of this experiment exists under {storage}",
-                        "add --resume to continue it, or --fresh to start it over")
-    elif resume and not previous:
-        log.warning("sweep: --resume: no earlier run of this experiment (%s) under %s; starting it", fp, storage)
-    out.mkdir(parents=True, exist_ok=True)
-    ensure_ray(cfg)
-    check_storage(cfg, storage)
-    t_job = time.perf_counter()
+def _restore(path, trainable):
+    from ray.tune import Tuner
+    return Tuner.restore(path, trainable=trainable, resume_errored=True, resume_unfinished=True)
 
-    # ancestor
-    st = Stage("ancestor", cfg.ancestor.source)
-    anc = get_ancestor(cfg)
-    st.done(f"fingerprint {anc.fingerprint[:12]}")
-    stages = [{"stage": "ancestor", "name": anc.source, **_cost_cols(anc.cost)}]
-    write_run_files(out, cfg, anc)
-    od.push("config.yaml")
-    od.push("ancestor.json")
-    # learngenes: the driver writes each one (consolidated from the ZeRO checkpoint in storage)
-    learngenes = {}
-    for method, mode in learngene_arms(cfg):
-        key = arm_name(method, mode)
-        name = learngene_name(cfg, method, mode)
-        path = od.fetch(name)
-        st = Stage(f"extraction {key}")
-        if path is not None:
-            log.info("extraction %s: reusing %s", key, od.uri(name))
-        else:
-            path = od.path(name)
-            extract_on_ray(cfg, anc, path, method=method, storage=storage, mode=mode)
-            od.push(name)
-        learngenes[key] = load_learngene(path)
-        st.done(od.uri(name))
-        stages.append({"stage": "extraction", "name": key, "artifact": od.uri(name),
-                       **_cost_cols(learngenes[key].meta.cost)})
-    # descendant pre-training (pt_ft, csm)
-    st = Stage("pretrain", "pt_ft / csm descendant shapes")
-    pretrained = _stage_pretrain(cfg, anc, od, stages)
-    st.done(f"{len(pretrained)} shapes")
 
-    ctx = {"cfg": cfg.model_dump(mode="json"), **share_artifacts(anc, learngenes, pretrained), "storage": storage,
-           "kill_trial_at_step": os.environ.get("MMLG_KILL_TRIAL_AT_STEP")}
+def run_tune(cfg, plan, ctx, pretraining, fp, storage, od) -> list[dict]:
+    """The trials of `plan` on Ray Tune: the sweep experiment, then any follow-up seeds round."""
+    from ray import tune
+    from ray.tune import TuneConfig
     tcfg = cfg.ray.tune
-    # a multi-worker trial only drives its TorchTrainer: a sliver of CPU, its workers hold the rest
-    resources = trial_resources(tcfg)
-    trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), resources)
-    grid = cells(cfg)
-    tags = [cell_tag(c) for c in grid]
-    fcfg = cfg.descendants.finetune
-    max_t = -(-fcfg.steps // fcfg.eval_every)
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), trial_resources(tcfg))
+    name = f"sweep-{fp}"
+    path = f"{storage}/{name}"
+    check_baked(cfg, storage, fp)
+    plan_searcher = PlanSearcher(plan, name)
+    _PRETRAINING["watch"] = pretraining if isinstance(pretraining, _Pretraining) else None
+    try:
+        if _restorable(path):
+            log.info("sweep: resuming %s", path)
+            tuner = _restore(path, trainable)
+        else:
+            n = len(plan.cells) * (plan.settings.num_samples + max(0, len(plan.settings.seeds) - 1))
+            tuner = _tuner(cfg, name, storage, od, trainable, "sweep", tune_config=TuneConfig(
+                search_alg=plan_searcher, scheduler=PlanScheduler(name, plan.settings.max_t), num_samples=n,
+                reuse_actors=True))  # the plan bounds concurrency: Tune's ConcurrencyLimiter would drop the
+                # completion of a trial retried on resume (it is not among its live trials), and the plan with it
+        grid = tuner.fit()
+        live = _LIVE.get(name)
+        if live is not None and live.plan is not plan:  # a restored run drives its own copy of the plan
+            plan.load_state(live.plan.state())
+        rows = _rows(grid, plan)
+    finally:
+        _PRETRAINING["watch"] = None
+        _LIVE.pop(name, None)
+    if plan.running():
+        return rows  # interrupted: the job says so and writes nothing
+    # follow-up seeds rounds: earlier ones first (restored: continued, or read back), then a new one
+    index = f"{storage}/rounds-{fp}.json"
+    rounds = json.loads(stor.read_text(index)) if stor.exists(index) else []
+    for r in rounds:
+        rows += _round(cfg, plan, f"{storage}/{r['name']}", trainable, r["jobs"], restore=True, od=od, storage=storage)
+    jobs = [j for c in plan.cells for j in plan.seed_jobs(c)]
+    if jobs and not plan.running():
+        r = {"name": f"seeds-{fp}-{_digest(jobs)}", "jobs": jobs}
+        rounds.append(r)
+        with stor.writing(index) as tmp:
+            Path(tmp).write_text(json.dumps(rounds, indent=1))
+        rows += _round(cfg, plan, f"{storage}/{r['name']}", trainable, jobs, restore=False, od=od, storage=storage)
+    return rows
 
-    def phase(name: str, **tuner_kw):
-        """A Tune experiment of this sweep: restored from storage with --resume, else new."""
-        path = f"{storage}/{name}-{fp}"
-        if resume and _restorable(path):
-            log.info("sweep: resuming %s from %s", name, path)
-            # the seeds phase's grid is given again: a driver killed while that phase was starting may
-            # have stored no usable param_space, and its restored trials would lack their "job"
-            return Tuner.restore(path, trainable=trainable, resume_errored=True, resume_unfinished=True,
-                                 param_space=tuner_kw.get("param_space"))
-        # a trial lost with its worker (preempted node, killed process) is retried up to
-        # ray.max_failures times from its latest checkpoint (one kept per trial: each evaluation's)
-        return Tuner(trainable, run_config=RunConfig(
-            storage_path=storage, name=f"{name}-{fp}", verbose=1, progress_reporter=status_reporter(cfg, name),
-            callbacks=tune_callbacks(cfg, od.target, name), checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures)), **tuner_kw)
 
-    # search phase: Optuna per cell + ASHA per cell, first seed
-    scheduler = make_cell_scheduler(cfg, max_t)
-    tuner = phase("search", tune_config=TuneConfig(
-        search_alg=make_cell_searcher(cfg, tags, cfg.descendants.seeds[0], scheduler), scheduler=scheduler,
-        num_samples=len(tags) * tcfg.num_samples, max_concurrent_trials=tcfg.max_concurrent, reuse_actors=True))
-    st = Stage("search", f"{len(tags)} cells x {tcfg.num_samples} Optuna samples, seed {cfg.descendants.seeds[0]}")
-    search = tuner.fit()
-    _check_complete(search, "search", len(tags) * tcfg.num_samples)
-    rows = _rows(search)
-    st.done(f"{len(rows)} trials")
-
-    # seeds phase: each cell's best hyper-parameters (by validation score) with the remaining seeds
-    # (errored trials never count)
-    best = {}
-    for r in rows:
-        t = r["cell"]
-        if r["status"] == "error":
-            continue
-        # a finished trial before one ASHA cut short (whose score is from fewer steps), then validation
-        if t not in best or (r["status"] == "finished", r["score_for_selection"]) > \
-                (best[t]["status"] == "finished", best[t]["score_for_selection"]):
-            best[t] = r
-    extra = [{"cell": t, "lr": best[t]["lr"], "weight_decay": best[t]["weight_decay"], "seed": s, "phase": "seeds"}
-             for t in tags if t in best for s in cfg.descendants.seeds[1:]]
-    if extra:
-        tuner2 = phase("seeds", param_space={"job": tune.grid_search(extra)},
-                       tune_config=TuneConfig(max_concurrent_trials=tcfg.max_concurrent, reuse_actors=True))
-        st = Stage("seeds", f"{len(extra)} trials: each cell's best hyper-parameters, seeds {cfg.descendants.seeds[1:]}")
-        seeds_grid = tuner2.fit()
-        _check_complete(seeds_grid, "seeds", len(extra))
-        seeded = _rows(seeds_grid)
-        rows += seeded
-        st.done(f"{len(seeded)} trials")
-    failed = _failure_summary(rows, tags)
-    for r in rows:
-        r.pop("score_for_selection", None)
-        r.pop("cell", None)
-    st = Stage("tables")
-    write_tables(out, rows, stages)
-    # complete: every cell has a finished trial; an incomplete experiment is not "done" for a plain rerun
-    write_json(out / "experiment.json", {"fingerprint": fp, "sections": list(cfg.RESULT_SECTIONS),
-                                         "complete": failed is None})
-    # trials.parquet last: with experiment.json it marks a finished run
-    for name in ("stages.parquet", "history.parquet", "experiment.json", "trials.parquet"):
-        od.push(name)
-    st.done(str(od))
-    if any(r["status"] != "error" for r in rows):
-        st = Stage("report")
-        build_output_report(od)
-        st.done(od.uri("report/report.html"))
-        log.info("sweep: %d trials in %.0f s; tables in %s; report %s", len(rows), time.perf_counter() - t_job, od,
-                 od.uri("report/report.html"))
+def _round(cfg, plan, path, trainable, jobs, restore, od, storage) -> list[dict]:
+    from ray import tune
+    from ray.tune import TuneConfig
+    from ..stagelog import Stage
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    if restore and _restorable(path):
+        tuner = _restore(path, trainable)
     else:
-        log.warning("sweep: no trial ran to its end; tables in %s, no report", od)
-    if failed:
-        raise JobFailed(failed)
-    return od.target if od.remote else out
+        tuner = _tuner(cfg, name, storage, od, trainable, "seeds", param_space={"job": tune.grid_search(jobs)},
+                       tune_config=TuneConfig(max_concurrent_trials=cfg.ray.tune.max_concurrent, reuse_actors=True))
+    st = Stage("seeds", f"{len(jobs)} seed re-runs at their cells' current best hyper-parameters ({name})")
+    grid = tuner.fit()
+    out = []
+    for row in _rows(grid, None):
+        job = {k: row[k] for k in ("seed", "lr", "weight_decay")}
+        plan.add(row["trial_id"], {"cell": row["cell"], "phase": "seeds", **job})
+        if row["status"] != "running":
+            plan.complete(row["trial_id"], row["status"], row.get("val_score"))
+        out.append(row)
+    st.done(f"{len(out)} trials")
+    return out
 
 
-def _check_complete(result_grid, phase: str, expected: int) -> None:
-    """Tune returns from fit() on Ctrl-C (or a job stopped with SIGINT) with trials still pending or
-    running: nothing is recorded then (no tables, no experiment.json), and --resume continues."""
-    trials = result_grid._experiment_analysis.trials
-    ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-    if ended < expected:
-        raise JobFailed(f"the {phase} phase was interrupted with {expected - ended} of {expected} trials unfinished; "
-                        "rerun with --resume to continue it")
-
-
-def _failure_summary(rows: list[dict], tags: list[str]) -> str | None:
-    """Logs one line on the errored trials; returns the job's failure message when a grid cell has no
-    finished trial (its results would be missing from every comparison), else None."""
-    errored = [r for r in rows if r["status"] == "error"]
-    if errored:
-        first = {}
-        for r in errored:
-            first.setdefault(r["cell"], r["error"])
-        log.warning("sweep: %d of %d trials errored, in %d cells: %s", len(errored), len(rows), len(first),
-                    "; ".join(f"{c}: {e}" for c, e in first.items()))
-    finished = {r["cell"] for r in rows if r["status"] == "finished"}
-    missing = [t for t in tags if t not in finished]
-    if missing:
-        return (f"{len(missing)} of {len(tags)} grid cells have no finished trial ({', '.join(missing[:5])}"
-                f"{', ...' if len(missing) > 5 else ''}); trials.parquet lists each trial's status and error; "
-                "rerun with --resume to retry the errored trials")
-    return None
-
-
-def _holds_results(out: OutputDir, cfg: Config, fp: str) -> bool:
-    """The output folder (local or URI) has the tables of this experiment identity (experiment.json,
-    written with the tables; an older folder without it: the very same config.yaml)."""
-    if out.fetch("trials.parquet") is None:
-        return False
-    exp = out.read_text("experiment.json")
-    if exp is not None:
-        exp = json.loads(exp)
-        if exp.get("fingerprint") != fp:
-            return False
-        if not exp.get("complete", True):
-            raise UserError("--resume", f"{out} holds this experiment's results, but some grid cells have no "
-                            "finished trial", "add --resume to retry its errored trials, or --fresh to start it over")
-        return True
-    from ..config import dump_config
-    return out.read_text("config.yaml") == dump_config(cfg)
+def check_baked(cfg: Config, storage: str, fp: str) -> None:
+    """A restored Tune run keeps the settings of its first run (Tuner.restore reuses them): refuse a
+    resume that changes one, naming it, rather than record settings that do not hold."""
+    from ..config import _dig
+    path = f"{storage}/settings-{fp}.json"
+    now = {k: _dig(cfg.model_dump(mode="json"), k) for k in BAKED}
+    if stor.exists(path):
+        was = json.loads(stor.read_text(path))
+        changed = [k for k in BAKED if k in was and was[k] != now[k]]
+        if changed:
+            k = changed[0]
+            raise UserError(k, f"changed from {was[k]!r} to {now[k]!r} since the interrupted run, whose restored Tune "
+                            f"experiment keeps its first run's value ({', '.join(changed)} changed)",
+                            f"set {k}={json.dumps(was[k])} to resume, or start over with --fresh")
+        return
+    with stor.writing(path) as tmp:
+        Path(tmp).write_text(json.dumps(now, indent=1))
 
 
 def _restorable(path: str) -> bool:
@@ -670,6 +493,15 @@ def _restorable(path: str) -> bool:
     if not Tuner.can_restore(path):
         return False
     return bool(stor.list_files(path, "experiment_state-*.json", recursive=False))
+
+
+def previous_state(storage: str, fp: str) -> list[str]:
+    """This experiment's Tune state under the storage path (what --fresh removes)."""
+    names = [f"sweep-{fp}", f"rounds-{fp}.json", f"settings-{fp}.json"]
+    index = f"{storage}/rounds-{fp}.json"
+    if stor.exists(index):
+        names += [r["name"] for r in json.loads(stor.read_text(index))]
+    return [f"{storage}/{n}" for n in names if stor.exists(f"{storage}/{n}")]
 
 
 def _error_line(err) -> str:
@@ -685,11 +517,12 @@ def _error_line(err) -> str:
     return f"{type(err).__name__}: {text}"[:300]
 
 
-def _rows(result_grid) -> list[dict]:
+def _rows(result_grid, plan) -> list[dict]:
     """One row per trial from a Tune ResultGrid (its stored state, so resumed runs count once), with
-    its `status`: finished, stopped_early (cut by ASHA), or error (and the error's first line). A
-    trial that errored before its first report still has its row (its cell, seed and
-    hyper-parameters, no scores)."""
+    its `status`: finished, stopped_early (cut by ASHA), error (and the error's first line), or
+    running (interrupted; never written). A trial that errored before its first report still has
+    its row (its cell, seed and hyper-parameters, no scores). `plan`: the sweep's, whose records
+    say which trials ended (a follow-up round's trials: from their results)."""
     rows = []
     for res in result_grid:
         m = dict(res.metrics or {})
@@ -701,8 +534,12 @@ def _rows(result_grid) -> list[dict]:
         trial_id = str(m.get("trial_id") or res.path.rstrip("/").rsplit("/", 1)[-1])
         status = "error" if res.error is not None else \
             ("finished" if m.get("final_report") else "stopped_early")
+        rec = plan.records.get(trial_id) if plan is not None else None
+        if status != "error" and not m.get("final_report") and (
+                (rec is not None and rec["status"] == "running") or (plan is None)):
+            status = "running"  # neither finished, errored nor cut: interrupted
         if not m.get("trial"):  # no report at all: describe it from its config
-            c = cell_of(cfg["cell"])
+            c = Cell.of(cfg["cell"])
             m = {"trial": f"{c.tag}-s{cfg['seed']}", "method": c.method, "arm": c.arm, "extraction": c.extraction,
                  "pt_budget": c.pt_budget, "modality": c.modality, "depth": c.depth, "width": c.width,
                  "seed": int(cfg["seed"]), "lr": float(cfg["lr"]), "weight_decay": float(cfg["weight_decay"])}
@@ -722,13 +559,13 @@ def _rows(result_grid) -> list[dict]:
                     row[f"best_{k}"] = float(v)
             row["epochs"] = len(hist)
         row["phase"] = cfg["phase"]
+        row["candidate"] = int(cfg.get("candidate", -1))  # a shape's common candidate (search), the chosen one (seeds)
         row["status"] = status
         row["error"] = _error_line(res.error) if res.error is not None else ""
         row["stopped_early"] = status == "stopped_early"
         row["trial_id"] = trial_id
         row["trial"] = f"{row['trial']}-{trial_id}"
         row["cell"] = cfg["cell"]
-        row["score_for_selection"] = float(m.get("val_score", float("-inf")))  # validation, never test
         for k in [k for k in row if k in EVAL_KEYS or k.startswith(("i2t_", "t2i_"))]:
             row.pop(k)
         for k in [k for k in row if k in ("training_iteration", "time_this_iter_s", "time_total_s", "timestamp",
