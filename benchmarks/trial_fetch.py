@@ -1,13 +1,17 @@
-"""What one Tune trial fetches from Ray's object store, before and after artifacts by reference.
+"""What the driver holds and what each trial and pre-training task reads, at a config's scale, for
+three generations of the sweep engine.
 
     .venv/bin/python benchmarks/trial_fetch.py [--config configs/paper_vitb16.yaml]
 
-Before (one `tune.with_parameters` object): every trial fetched the ancestor, every learngene and
-every pre-trained pt_ft / csm shape. After (mmlg_ray.distributed.sweep.share_artifacts): each
-artifact is put once and a trial fetches only what its method needs (_artifacts_for): the ancestor
-for weight_selection / heur_lg, its own learngene for mmlg / tleg, its own shape for pt_ft / csm,
-nothing for scratch. Sizes are fp32 bytes of the tensors (analytic, from the config's shapes: the
-learngene's own tensor shapes plus the ancestor's non-layer tensors it carries)."""
+v1 (one `tune.with_parameters` object): every trial fetched the ancestor, every learngene and every
+pre-trained shape. v2 (stop 16): each artifact put into the object store once by the driver, which
+first fetched every pre-trained state back from its task; each pt_ft / csm task was given the
+ancestor. v3, now (artifacts by reference, mmlg_ray.artifacts / mmlg_ray.job.trial_inputs): every
+stage writes its artifact to the output store and hands on a URI + sha256; a pre-training task
+writes its own shape; a trial reads only its cell's artifact, through a node-local cache keyed by
+the hash (downloaded once per node, loaded once per worker process); nothing passes through the
+driver. Sizes are fp32 bytes of the tensors (analytic, from the config's shapes: the learngene's own
+tensor shapes plus the ancestor's non-layer tensors it carries)."""
 from __future__ import annotations
 
 import argparse
@@ -60,16 +64,26 @@ def main(argv=None) -> int:
     print(f"config {a.config}: {sum(n.values())} trials; ancestor {anc_b / GB:.2f} GB, "
           + ", ".join(f"{m} learngene {b / GB:.3f} GB" for m, b in lg_b.items())
           + f", {len(pre_b)} pre-trained shapes {sum(pre_b.values()) / GB:.2f} GB")
-    print(f"before: every trial fetched one object of {everything / GB:.2f} GB "
-          f"({everything / 4 / 1e9:.2f} B parameters); {sum(n.values()) * everything / 1e12:.1f} TB over the sweep "
-          "(less with reused actors)")
-    print("after (largest fetch per trial, by method):")
+    n_csm = sum(1 for k in pre_b if k[0] == "csm")
+    lg_max = max(lg_b.values(), default=0)
+    print("\nthe driver holds (peak, GB):")
+    print(f"  v1 {everything / GB:7.2f}  ancestor + every learngene + every pre-trained state, in one object")
+    print(f"  v2 {everything / GB:7.2f}  the same, fetched back from the tasks and put once each")
+    print(f"  v3 {(anc_b + lg_max) / GB:7.2f}  the ancestor (extraction's teacher) and the one learngene it "
+          "consolidates; no pre-trained state ever")
+    print("\npre-training tasks read (GB, all tasks):")
+    print(f"  v1/v2 {len(pre_b) * anc_b / GB:7.2f}  the ancestor, every task ({len(pre_b)} tasks)")
+    print(f"  v3    {n_csm * anc_b / GB:7.2f}  the ancestor, csm tasks only ({n_csm}); pt_ft reads nothing")
+    print("\neach trial reads (largest, by method; v2 and v3 alike, v3 from the output store through the "
+          "node-local cache):")
     total = 0
     for m in n:
         print(f"  {m:<17} {after[m] / GB:7.3f} GB  x {n[m]} trials")
         total += after[m] * n[m]
-    print(f"after: {total / 1e12:.2f} TB over the sweep (upper bound; an actor reused for the same artifact "
-          "fetches it once)")
+    print(f"  v1: {sum(n.values()) * everything / 1e12:.1f} TB over the sweep; v2/v3: at most {total / 1e12:.2f} TB "
+          "(v3: each artifact downloaded once per node, loaded once per worker process)")
+    print(f"\nwhat travels through the object store: v2 {everything / GB:.2f} GB of artifacts; v3 the trial "
+          "context (references, a few kB) and the extraction's ancestor for its Train workers")
     return 0
 
 

@@ -42,7 +42,11 @@ def main(argv=None) -> int:
     # every bad path, file or data set is reported now, before Ray starts or a folder is made
     preflight.sweep(cfg, out, output_field="--output" if a.output else "output_dir", backend=a.backend)
     from mmlg_ray.cli import sweep
-    path = sweep(cfg, out, backend=a.backend, resume=a.resume, fresh=a.fresh)
+    if a.backend == "local":
+        from mmlg_ray.job import LocalExecutor as Executor
+    else:
+        from mmlg_ray.distributed.sweep import RayExecutor as Executor
+    path = sweep(cfg, out, Executor(), resume=a.resume, fresh=a.fresh)
     print(f"results in {path}")
     return 0
 

@@ -32,14 +32,15 @@ def config_from_args(args) -> Config:
     return load_config(args.config, args.overrides)
 
 
-def sweep(cfg: Config, out, backend: str = "ray", resume: bool = False, fresh: bool = False):
-    """jobs/sweep.py after its preflight: the --resume / --fresh rules, then the job on its executor.
-    Without either flag, an interrupted experiment is refused and a finished one only has its report
-    rebuilt; --fresh deletes this experiment's earlier Tune state (stage artifacts are kept)."""
+def sweep(cfg: Config, out, executor, resume: bool = False, fresh: bool = False):
+    """jobs/sweep.py after its preflight: the --resume / --fresh rules, then the job on `executor`
+    (mmlg_ray.job.LocalExecutor, or the Ray layer's RayExecutor). Without either flag, an interrupted
+    experiment is refused and a finished one only has its report rebuilt; --fresh deletes this
+    experiment's earlier Tune state (stage artifacts are kept)."""
     import logging
 
     from . import storage as stor
-    from .job import LocalExecutor, run
+    from .job import run
     from .storage import OutputDir
     log = logging.getLogger("mmlg_ray")
     if resume and fresh:
@@ -54,15 +55,9 @@ def sweep(cfg: Config, out, backend: str = "ray", resume: bool = False, fresh: b
         od.push("config.yaml")
         build_output_report(od)
         return od.target if od.remote else od.local
-    storage, previous = None, []
-    if backend == "ray":
-        from .distributed.settings import storage_uri
-        from .distributed.sweep import RayExecutor, previous_state
-        storage = storage_uri(cfg, od.target)
-        previous = previous_state(storage, fp)
-        executor = RayExecutor()
-    else:
-        executor = LocalExecutor()
+    executor.check(cfg, od)  # the executor's own settings, before anything is written or started
+    storage = executor.storage(cfg, od)
+    previous = executor.previous_state(storage, fp)
     if previous and fresh:
         for p in previous:
             log.info("sweep: --fresh: removing the earlier experiment state %s", p)

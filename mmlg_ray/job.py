@@ -66,7 +66,7 @@ def pretrain_jobs(cfg: Config, ancestor_spec: ModelSpec, od: OutputDir) -> list[
             for m, s, b in needs_pretraining(cfg, ancestor_spec)]
 
 
-def pretrain_and_write(cfg: Config, ancestor, job: PretrainJob, device=None) -> dict:
+def pretrain_and_write(cfg: Config, ancestor, job: PretrainJob, device=None, hold_s: float = 0.0) -> dict:
     """Pre-train one shape and write it to the output store (weights, then the sidecar with its cost
     and content hash: a reader that sees the sidecar sees a complete artifact). Returns the sidecar."""
     import torch
@@ -74,7 +74,11 @@ def pretrain_and_write(cfg: Config, ancestor, job: PretrainJob, device=None) -> 
 
     from . import storage as stor
     from .pipeline import pretrain_descendant
+    started = time.time()
     state, cost = pretrain_descendant(cfg, ancestor, job.method, job.spec, device, budget=job.budget)
+    if hold_s:  # tests (MMLG_HOLD_PRETRAIN_S, read by the driver): a shape that takes this much longer
+        time.sleep(hold_s)
+    cost = {**cost, "started_at": started, "ended_at": time.time()}  # wall clock: the job's stage timeline
     with stor.writing(job.weights) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
         sha = art.file_sha256(tmp)
@@ -148,6 +152,17 @@ class Executor:
     """Runs the stages; the job below owns their order and bookkeeping."""
     name = "local"
 
+    def check(self, cfg: Config, od: OutputDir) -> None:
+        """Refuse bad settings of this executor before anything is written or started."""
+
+    def storage(self, cfg: Config, od: OutputDir) -> str | None:
+        """Where this executor keeps its resumable state (None: it keeps none)."""
+        return None
+
+    def previous_state(self, storage: str | None, fp: str) -> list[str]:
+        """This experiment's resumable state from an earlier run (what --fresh removes)."""
+        return []
+
     def open(self, cfg: Config, od: OutputDir, storage: str | None, resume: bool) -> None: ...
 
     def extract(self, cfg: Config, anc, uri: str, method: str, mode: str, storage: str | None) -> None:
@@ -196,7 +211,8 @@ class LocalExecutor(Executor):
         done, failed = {}, []
         for j in jobs:
             try:
-                done[j.name] = pretrain_and_write(cfg, anc, j, self.device)
+                done[j.name] = pretrain_and_write(cfg, anc, j, self.device,
+                                                  hold_s=float(os.environ.get("MMLG_HOLD_PRETRAIN_S") or 0))
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 (the others still run; one error names them all)
@@ -266,7 +282,7 @@ def run(cfg: Config, out_dir, executor: Executor, resume: bool = False, storage:
     from .learngene import load_learngene
     from .pipeline import _cost_cols, cells, learngene_arms, learngene_name, setup_runtime
     from .report import build_output_report
-    from .results import write_run_files, write_tables
+    from .results import write_parquet, write_run_files, write_tables
     from .search import SearchSettings, SweepPlan
     from .stagelog import Stage
 
@@ -330,9 +346,9 @@ def run(cfg: Config, out_dir, executor: Executor, resume: bool = False, storage:
     st = stage("trials", f"{len(grid)} cells x {cfg.ray.tune.num_samples} search trials + "
                f"{len(cfg.descendants.seeds) - 1} seed re-runs each")
     rows = executor.run_trials(cfg, plan, ctx, pretraining, fp, storage, od)
-    ended(st, f"{len(rows)} trials", "trials", "search + seeds")
+    st.done(f"{len(rows)} trials")
     done, failed = pretraining.wait()
-    ended(st_pre, f"{len(done)} written, {len(failed)} failed", "pretrain", "pt_ft / csm")
+    st_pre.done(f"{len(done)} written, {len(failed)} failed")
     side = {**reused, **done}
     for j in jobs:
         if j.name in side:
@@ -350,13 +366,13 @@ def run(cfg: Config, out_dir, executor: Executor, resume: bool = False, storage:
         r.pop("cell", None)
     st = stage("tables")
     write_tables(out, rows, stages)
-    write_json(out / "timeline.json", {"stages": timeline, "t0": timeline[0]["start"] if timeline else None})
+    write_parquet(timeline_frame(timeline, done, rows), out / "timeline.parquet")
     write_json(out / "experiment.json", {"fingerprint": fp, "sections": list(cfg.RESULT_SECTIONS),
                                          "complete": not missing and not failed, "backend": executor.name})
     # trials.parquet last: with experiment.json it marks a finished run
-    for name in ("stages.parquet", "history.parquet", "timeline.json", "experiment.json", "trials.parquet"):
+    for name in ("stages.parquet", "history.parquet", "timeline.parquet", "experiment.json", "trials.parquet"):
         od.push(name)
-    ended(st, str(od), "tables", "tables")
+    st.done(str(od))
     if any(r["status"] in ("finished", "stopped_early") for r in rows):
         st = stage("report")
         build_output_report(od)
@@ -409,3 +425,27 @@ def failure_summary(rows: list[dict], missing: list[str], n_cells: int) -> str |
                 f"re-runs are lacking): {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}; trials.parquet "
                 "lists each trial's status and error; rerun with --resume to retry the errored trials")
     return None
+
+
+def timeline_frame(driver: list[dict], pretrained: dict, rows: list[dict]):
+    """When each piece of work ran (wall clock, seconds from the job's start): the driver's stages,
+    each shape pre-trained in this run, each trial's last attempt. stage, name, start_s, end_s, what
+    (the method a trial's cell grows, for the plot's colours)."""
+    import pandas as pd
+    out = [{"stage": d["stage"], "name": d["name"], "start": d["start"], "end": d["end"], "what": d["stage"]}
+           for d in driver]
+    for name, side in pretrained.items():
+        c = side.get("cost") or {}
+        if c.get("started_at"):
+            out.append({"stage": "pretrain", "name": name, "start": c["started_at"], "end": c["ended_at"],
+                        "what": "pretrain"})
+    for r in rows:
+        if r.get("started_at") and r.get("ended_at") and r.get("status") != "superseded":
+            needs = "needs a pre-trained shape" if r.get("method") in ("pt_ft", "csm") else "needs none"
+            out.append({"stage": "trial", "name": r["trial"], "start": r["started_at"], "end": r["ended_at"],
+                        "what": f"{r.get('phase', 'trial')}, {needs}"})
+    df = pd.DataFrame(out, columns=["stage", "name", "start", "end", "what"])
+    if len(df):
+        t0 = df.start.min()
+        df["start_s"], df["end_s"] = df.start - t0, df.end - t0
+    return df

@@ -308,6 +308,7 @@ def run_trial(cfg: Config, cell: Cell, seed: int, *, lr: float | None = None, we
         "pretrain_flops": pre[1]["flops"] if pre else 0,
     }
     t0 = time.perf_counter()
+    row["started_at"] = time.time()  # wall clock of this attempt's start: the job's stage timeline
     prior = float(resume["seconds"]) if resume else 0.0
     row["resumed_from_step"] = int(resume["step"]) if resume else 0
 
@@ -327,6 +328,7 @@ def run_trial(cfg: Config, cell: Cell, seed: int, *, lr: float | None = None, we
         "finetune_wall_s": summary["seconds"], "finetune_device_s": summary["seconds"] * world,
         "finetune_flops": costmod.train_flops(spec, cell.modality, summary["samples"]),
         "linear_probe_init": summary.get("linear_probe_init", float("nan")),
+        "ended_at": time.time(),
     })
     for k, v in summary["final"].items():
         if k not in ("step", "epoch"):

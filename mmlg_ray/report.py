@@ -816,7 +816,10 @@ def reading_note(trials: pd.DataFrame, ft: pd.DataFrame) -> list:
     if sel == "val":
         first = Para("Every score in this report is a test score (final_score) of a trial chosen on the validation "
                      "split: per cell (arm x shape), the search trial with the best validation score, then the "
-                     "other seeds at its hyper-parameters. The test split chose nothing.",
+                     "other seeds at its hyper-parameters. The test split chose nothing. Every arm of a shape "
+                     "was searched on the same hyper-parameter candidates (common random numbers) until each "
+                     "cell's own Optuna TPE took over (ray.tune.startup_samples), so arms of a shape differ in "
+                     "their initialization, not in their draw.",
                      lead="Selection on validation.")
     elif sel in ("test", "mixed"):
         first = Para("These results predate validation splits "
@@ -1204,8 +1207,52 @@ def sec_rehearsal(d: ReportData) -> list[Section]:
     return [Section("Cluster rehearsal: autoscaling and preemption", blocks)]
 
 
+def plot_timeline(tl: pd.DataFrame) -> bytes:
+    """A bar per piece of work over the job's wall clock: the driver's stages, each pre-trained shape,
+    each trial (coloured by phase and by whether its cell needs a pre-trained shape)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    order = {"ancestor": 0, "extraction": 1, "pretrain": 2, "trial": 3}
+    tl = tl.assign(o=tl.stage.map(order).fillna(4)).sort_values(["o", "start_s"]).reset_index(drop=True)
+    kinds = list(dict.fromkeys(tl.what))
+    colours = dict(zip(kinds, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.12 * len(tl) + 1.2)))
+    for i, r in tl.iterrows():
+        ax.barh(i, max(r.end_s - r.start_s, 0.2), left=r.start_s, color=colours[r.what], height=0.8)
+    ax.set_yticks([])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds from the job's start")
+    from matplotlib.patches import Patch
+    ax.legend(handles=[Patch(color=colours[k], label=k) for k in kinds], fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return _fig_png(fig)
+
+
+def sec_timeline(d: ReportData) -> list[Section]:
+    """When each stage, pre-training task and trial ran: trials that need no pre-trained shape start
+    while the shapes pre-train; a pt_ft / csm trial starts once its shape is written."""
+    path = d.out / "timeline.parquet"
+    if not path.exists():
+        return []
+    tl = pd.read_parquet(path)
+    if tl.empty:
+        return []
+    pre = tl[tl.stage == "pretrain"]
+    trials = tl[tl.stage == "trial"]
+    lines = [f"{len(trials)} trials, {len(pre)} shapes pre-trained in this run, over "
+             f"{tl.end_s.max():.0f} s of wall clock."]
+    if len(pre) and len(trials):
+        early = trials[(trials.start_s < pre.end_s.max()) & trials.what.str.contains("needs none")]
+        lines.append(f"{len(early)} trials of methods that need no pre-trained shape started before the last "
+                     f"shape was written (at {pre.end_s.max():.0f} s).")
+    d.tables["timeline"] = tl[["stage", "name", "what", "start_s", "end_s"]]
+    return [Section("Stage timeline", [Para(" ".join(lines)),
+                                       Figure("timeline.png", plot_timeline(tl), "what ran when")])]
+
+
 SECTIONS = [sec_reading, sec_scores, sec_spend, sec_cost_to_target, sec_pretraining, sec_pareto, sec_cells,
-            sec_equal_accuracy, sec_rehearsal, sec_plan, sec_provenance]
+            sec_equal_accuracy, sec_timeline, sec_rehearsal, sec_plan, sec_provenance]
 
 
 def load_report_data(out_dir) -> ReportData:
@@ -1243,7 +1290,8 @@ def build_output_report(out) -> str:
     OUTPUT/report/. Returns where report.html is."""
     from .storage import OutputDir
     od = out if isinstance(out, OutputDir) else OutputDir(out)
-    for name in ("trials.parquet", "stages.parquet", "history.parquet", "config.yaml", "ancestor.json"):
+    for name in ("trials.parquet", "stages.parquet", "history.parquet", "timeline.parquet", "config.yaml",
+                 "ancestor.json"):
         od.fetch(name)
     build_report(od.local)
     od.push("report")

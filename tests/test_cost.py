@@ -153,7 +153,7 @@ def test_plan_shares_pretraining_per_shape_and_states_assumptions():
         assert needle in text
     from mmlg_ray.plan import make_plan
     local = make_plan(load_config("configs/paper_vitb16.yaml"), backend="local")
-    assert local.n_trials == len(local.descendants) * 3 and p.n_trials == len(p.descendants) * 6
+    assert local.n_trials == p.n_trials == len(p.descendants) * 6  # the same search on both backends
     assert local.head_hours == 0 and p.head_hours > 0 and "no head node" in local.assumptions[0]
 
 

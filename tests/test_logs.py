@@ -1,6 +1,7 @@
 """What a sweep prints and logs besides its tables: one tiny sweep (search + seeds phases, on the
 session's Ray instance, as a separate driver process the way a submitted job runs) is read back for
 its TensorBoard event files, its MLflow runs and its captured log."""
+import os
 import re
 import struct
 import subprocess
@@ -22,11 +23,15 @@ def sweep_run(tiny_overrides, ray_address, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("logs")
     out, mlruns = tmp / "sweep", (tmp / "mlruns").as_uri()
     sets = tiny_overrides + [
-        f"ray.address={ray_address}", "descendants.grid.method=[mmlg]", "descendants.seeds=[0,1]",
+        f"ray.address={ray_address}", "descendants.grid.method=[mmlg,pt_ft]", "descendants.seeds=[0,1]",
+        "descendants.pretrain_steps=10",
         "ray.tune.num_samples=1", "ray.tune.mlflow.enabled=true", f"ray.tune.mlflow.tracking_uri={mlruns}",
         "ray.tune.mlflow.experiment=logs-test"]
     argv = [sys.executable, str(ROOT / "jobs/sweep.py"), "--output", str(out)] + sum((["--set", s] for s in sets), [])
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    # the pt_ft shape takes 25 s more than it needs: mmlg's trials (no pre-trained shape) certainly start
+    # while it pre-trains, if the sweep lets them
+    env = {**os.environ, "MMLG_HOLD_PRETRAIN_S": "25"}
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, env=env)
     (tmp / "sweep.log").write_text(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-4000:]
     return out, mlruns, proc.stdout
@@ -62,9 +67,9 @@ def test_tensorboard_event_files_hold_every_trials_score(sweep_run):
     trials = pd.read_parquet(out / "trials.parquet")
     runs = sorted(p for p in (out / "tensorboard").glob("*/*") if p.is_dir())
     # one folder per trial, named by phase and cell: tensorboard/search/mmlg-image-d2-w64-seed0-<id>
-    assert len(runs) == len(trials) == 2  # 1 search trial, 1 seeds trial
+    assert len(runs) == len(trials) == 4  # per cell (mmlg, pt_ft@1x): 1 search trial, 1 seeds trial
     assert {p.parent.name for p in runs} == {"search", "seeds"}
-    assert all(re.fullmatch(r"mmlg-image-d2-w64-seed[01]-\w+", p.name) for p in runs)
+    assert all(re.fullmatch(r"(mmlg|pt_ft_1x)-image-d2-w64-seed[01]-\w+", p.name) for p in runs), runs
     finals = {}
     for run in runs:
         files = list(run.glob("events.out.tfevents.*"))
@@ -205,3 +210,17 @@ def test_mlflow_store_defaults_to_a_sqlite_file_beside_the_results(tmp_path, mon
         mlflow_tracking_uri(cfg, "s3://bucket/run")
     cfg = load_config(None, ["ray.tune.mlflow.tracking_uri=http://mlflow:5000"])
     assert mlflow_tracking_uri(cfg, "s3://bucket/run") == "http://mlflow:5000"
+
+
+def test_trials_that_need_no_pretrained_shape_run_while_the_shapes_pretrain(sweep_run):
+    """Phases start when their inputs exist: mmlg's trials start while pt_ft's shape pre-trains; each
+    pt_ft trial starts only once its shape is written. The report's stage timeline shows it."""
+    out, _, _ = sweep_run
+    tl = pd.read_parquet(out / "timeline.parquet")
+    (shape_end,) = tl[tl.stage == "pretrain"].end
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert (trials[trials.method == "pt_ft"].started_at >= shape_end).all()
+    assert (trials[trials.method == "mmlg"].started_at < shape_end).any()
+    assert {"ancestor", "extraction", "pretrain", "trial"} == set(tl.stage)
+    html = (out / "report" / "report.html").read_text()
+    assert "Stage timeline" in html and "started before the last shape was written" in html

@@ -15,7 +15,10 @@ def local_run(tiny_overrides, tmp_path_factory):
         (["--set", o] for o in tiny_overrides + [
             f"descendants.grid.method=[{','.join(METHODS)}]", "descendants.grid.modality=[image,text,image_text]",
             "descendants.grid.extraction=[fixed,elastic]", "descendants.pt_budgets=[0.5,1]",
-            "descendants.finetune.steps=40", "descendants.finetune.eval_every=20"]), []))
+            "descendants.finetune.steps=40", "descendants.finetune.eval_every=20",
+            # one search trial per cell, at the configured fine-tuning hyper-parameters (a one-point range)
+            "ray.tune.num_samples=1", "ray.tune.search_space.lr=[0.0005,0.0005]",
+            "ray.tune.search_space.weight_decay=[0.05,0.05]"]), []))
     assert rc == 0
     return out
 

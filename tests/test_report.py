@@ -26,10 +26,12 @@ def test_report_has_every_section(finished):
                   "Pareto frontier, score against total cost", "Mean score and spread over seeds, per grid cell",
                   "MM-LG against each baseline", "Savings at equal accuracy",
                   "Device-hours and money per method and stage", "Cost to reach a target score",
-                  "What the dry-run plan assumes, against what ran", "Provenance: config, fingerprints, software"]:
+                  "What the dry-run plan assumes, against what ran", "Provenance: config, fingerprints, software",
+                  "Stage timeline"]:
         assert title in html and title in md, title
-    # 2 score plots, spend, 2 score-vs-money plots, costs, 2 Pareto plots, equal accuracy: self-contained
-    assert html.count("data:image/png;base64,") == 9
+    # 2 score plots, spend, 2 score-vs-money plots, costs, 2 Pareto plots, equal accuracy, the stage
+    # timeline: self-contained
+    assert html.count("data:image/png;base64,") == 10
     assert "<img" in html and 'src="http' not in html
     # the contents list each section present, one entry per task under its group
     import re
@@ -72,7 +74,8 @@ def test_report_has_every_section(finished):
     # 3 seeds: the comparison runs a test instead of saying there are too few seeds
     comp = pd.read_parquet(rep / "comparisons.parquet")
     assert comp.p_welch.notna().all() and (comp.p_holm >= comp.p_welch).all() and "too few" not in md
-    assert "No hyper-parameter search" in md and "A seed varies fine-tuning only" in md
+    # the local backend runs the same search as Ray's: chosen on validation, common candidates per shape
+    assert "Selection on validation" in md and "common random numbers" in md and "A seed varies fine-tuning only" in md
 
 
 def test_report_job_rebuilds_and_says_too_few_seeds(finished, tmp_path):

@@ -150,7 +150,7 @@ def test_streamed_corpus_extraction_on_ray(tiny_cfg, tiny_ancestor, ray_address,
                                     val_shards=str(out / "val-*.tar"))
     # 0.5 of the session's 2 CPUs for training, 0.25 per decoding task: room left beside what other tests hold
     cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.data_cpus = 2, 0.25, 0.25
-    from test_actors import _run_actors, assert_no_run_actor_alive
+    from test_train_actors import _run_actors, assert_no_run_actor_alive
     before = set(_run_actors())
     cost = extract_on_ray(cfg, tiny_ancestor, tmp_path / "lg.safetensors", storage=str(tmp_path / "ray"))
     assert_no_run_actor_alive(before)  # no actor outlives its stage: Train's controller, workers, data actors

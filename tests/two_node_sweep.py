@@ -21,6 +21,7 @@ def main(out_uri: str, overrides: list[str]) -> None:
 
     from mmlg_ray.config import load_config
     from mmlg_ray.cli import sweep
+    from mmlg_ray.distributed.sweep import RayExecutor
 
     # the dashboard (on a free port) serves Ray's state API, which says where each actor ran
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
@@ -31,7 +32,7 @@ def main(out_uri: str, overrides: list[str]) -> None:
         ray.init(address=cluster.address, log_to_driver=False)
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
         cfg = load_config(None, overrides)
-        sweep(cfg, out_uri)
+        sweep(cfg, out_uri, RayExecutor())
         workers = [a for a in list_actors(address=cluster.address, detail=True, limit=10000)
                    if a.class_name == "RayTrainWorker"]
         print(json.dumps({"nodes": nodes, "train_worker_nodes": sorted(a.node_id for a in workers)}), flush=True)

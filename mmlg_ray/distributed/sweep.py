@@ -300,7 +300,7 @@ def trial_fn(config: dict, ctx=None):
 
 
 # --------------------------------------------------------------------------- the executor
-def _pretrain_task(cfg_json, ancestor_ref, job: PretrainJob, fail=False):
+def _pretrain_task(cfg_json, ancestor_ref, job: PretrainJob, fail=False, hold_s=0.0):
     from ..ancestor import Ancestor
     from ..artifacts import load
     from ..config import ModelSpec, config_from_dict
@@ -313,7 +313,7 @@ def _pretrain_task(cfg_json, ancestor_ref, job: PretrainJob, fail=False):
     quiet_worker()
     spec, fpr, source, ref = ancestor_ref
     state = load(ref, "ancestor", lambda p: load_file(str(p)), cfg.cache_path) if ref and job.method == "csm" else {}
-    return pretrain_and_write(cfg, Ancestor(ModelSpec(**spec), state, fpr, source), job)
+    return pretrain_and_write(cfg, Ancestor(ModelSpec(**spec), state, fpr, source), job, hold_s=hold_s)
 
 
 def _digest(jobs: list[dict]) -> str:
@@ -323,13 +323,22 @@ def _digest(jobs: list[dict]) -> str:
 class RayExecutor(Executor):
     name = "ray"
 
-    def open(self, cfg, od, storage, resume):
+    def check(self, cfg, od):
         from .extract import check_precision
         from .logs import check_logging
-        from .settings import check_storage, ensure_ray
         if {"mmlg", "tleg"} & set(cfg.descendants.grid.method):
             check_precision(cfg)
         check_logging(cfg, od.target)
+
+    def storage(self, cfg, od):
+        from .settings import storage_uri
+        return storage_uri(cfg, od.target)
+
+    def previous_state(self, storage, fp):
+        return previous_state(storage, fp)
+
+    def open(self, cfg, od, storage, resume):
+        from .settings import check_storage, ensure_ray
         ensure_ray(cfg)
         check_storage(cfg, storage)
         check_artifact_root(cfg, od.target)
@@ -349,8 +358,9 @@ class RayExecutor(Executor):
         inject = os.environ.get("MMLG_FAIL_PRETRAIN", "")  # "method/shape" of a shape whose task must fail
         a = (anc.spec.model_dump(), anc.fingerprint, anc.source, anc_ref.to_json() if anc_ref else None)
         cfg_json = cfg.model_dump(mode="json")
+        hold = float(os.environ.get("MMLG_HOLD_PRETRAIN_S") or 0)  # tests: each shape takes this much longer
         refs = {j.name: remote.options(name=f"pretrain {j.name}").remote(
-            cfg_json, a, j, fail=inject in (f"{j.method}/{shape_key(j.spec)}", j.name)) for j in jobs}
+            cfg_json, a, j, fail=inject in (f"{j.method}/{shape_key(j.spec)}", j.name), hold_s=hold) for j in jobs}
         by_key = {(j.method, shape_key(j.spec), j.budget): j.name for j in jobs}
         cell_names = {}
         for c in cells(cfg):
