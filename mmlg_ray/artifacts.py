@@ -50,22 +50,34 @@ def ref_to(uri: str, local_copy=None) -> ArtifactRef:
 
 
 def local_path(ref: ArtifactRef, cache_dir) -> Path:
-    """A local file holding the artifact: itself for a local path; else the node-local cache's copy
-    (cache_dir/artifacts/<sha256><suffix>), downloaded once per node and checked against its hash."""
+    """A local file holding the artifact: itself for a local path (read in place, not hashed again);
+    else the node-local cache's copy (cache_dir/artifacts/<sha256><suffix>), downloaded once per node
+    (a file lock keeps concurrent trials to one download) and checked against its hash. Nothing evicts
+    the cache: it holds what the sweep's cells read, each once."""
     ref = ArtifactRef.of(ref)
     if not stor.is_uri(ref.uri):
-        return Path(os.path.expanduser(ref.uri))
+        p = Path(os.path.expanduser(ref.uri))
+        if not p.is_file():  # e.g. a node-local output folder read on another node
+            import socket
+            raise FileNotFoundError(f"{p} is not on this node ({socket.gethostname()}): a local output folder must "
+                                    "be one every node mounts (ray.storage_shared=true), or put the output on "
+                                    "s3://...")
+        return p
     suffix = "".join(Path(ref.uri.rstrip("/").rsplit("/", 1)[-1]).suffixes[-1:])
     dest = Path(os.path.expanduser(str(cache_dir))) / "artifacts" / f"{ref.sha256}{suffix}"
     if dest.is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dest) as tmp:
-        stor.download(ref.uri, tmp)
-        got = file_sha256(tmp)
-        if got != ref.sha256:
-            raise RuntimeError(f"{ref.uri} changed since it was written: sha256 {got[:12]}, expected "
-                               f"{ref.sha256[:12]}; rerun the stage that writes it (--fresh)")
+    from filelock import FileLock
+    with FileLock(str(dest) + ".lock"):  # concurrent trials on one node: one download
+        if dest.is_file():
+            return dest
+        with atomic_path(dest) as tmp:
+            stor.download(ref.uri, tmp)
+            got = file_sha256(tmp)
+            if got != ref.sha256:
+                raise RuntimeError(f"{ref.uri} changed since it was written: sha256 {got[:12]}, expected "
+                                   f"{ref.sha256[:12]}; rerun the stage that writes it (--fresh)")
     return dest
 
 

@@ -55,8 +55,8 @@ def sweep(cfg: Config, out, executor, resume: bool = False, fresh: bool = False)
         od.push("config.yaml")
         build_output_report(od)
         return od.target if od.remote else od.local
-    executor.check(cfg, od)  # the executor's own settings, before anything is written or started
     storage = executor.storage(cfg, od)
+    executor.check(cfg, od)  # the executor's own settings, before anything is written
     previous = executor.previous_state(storage, fp)
     if previous and fresh:
         for p in previous:
@@ -67,6 +67,8 @@ def sweep(cfg: Config, out, executor, resume: bool = False, fresh: bool = False)
                         "add --resume to continue it, or --fresh to start it over")
     elif resume and not previous:
         log.warning("sweep: --resume: no earlier run of this experiment (%s) under %s; starting it", fp, storage)
+    elif previous:  # and --resume
+        executor.check_resume(cfg, storage, fp)
     return run(cfg, od.target, executor, resume=resume and bool(previous), storage=storage)
 
 
@@ -82,8 +84,9 @@ def _holds_results(out, cfg: Config, fp: str) -> bool:
         if exp.get("fingerprint") != fp:
             return False
         if not exp.get("complete", True):
-            raise UserError("--resume", f"{out} holds this experiment's results, but some grid cells have no "
-                            "finished trial", "add --resume to retry its errored trials, or --fresh to start it over")
+            raise UserError("--resume", f"{out} holds this experiment's results, but some grid cells are incomplete "
+                            "(a trial errored, none finished, or seed re-runs are lacking)",
+                            "add --resume to retry its errored trials, or --fresh to start it over")
         return True
     from .config import dump_config
     return out.read_text("config.yaml") == dump_config(cfg)

@@ -106,7 +106,7 @@ class PretrainFailed(JobFailed):
 def trial_context(cfg: Config, anc, anc_ref, learngenes: dict, jobs: list[PretrainJob], storage: str | None) -> dict:
     """Everything a trial needs, by reference only (a few kB whatever the scale)."""
     from .pipeline import shape_key
-    return {"cfg": cfg.model_dump(mode="json"), "storage": storage, "cache_dir": str(cfg.cache_path),
+    return {"cfg": cfg.model_dump(mode="json"), "storage": storage, "cache_dir": cfg.cache_dir,  # each node's ~
             "ancestor": {"spec": anc.spec.model_dump(), "fingerprint": anc.fingerprint, "source": anc.source,
                          "ref": anc_ref.to_json() if anc_ref else None},
             "learngenes": {k: r.to_json() for k, r in learngenes.items()},
@@ -154,6 +154,9 @@ class Executor:
 
     def check(self, cfg: Config, od: OutputDir) -> None:
         """Refuse bad settings of this executor before anything is written or started."""
+
+    def check_resume(self, cfg: Config, storage: str | None, fp: str) -> None:
+        """Refuse a --resume whose settings the earlier run's state cannot take, before anything is written."""
 
     def storage(self, cfg: Config, od: OutputDir) -> str | None:
         """Where this executor keeps its resumable state (None: it keeps none)."""

@@ -111,10 +111,17 @@ def final_trials(trials: pd.DataFrame) -> pd.DataFrame:
     if "phase" not in t or t.phase.isna().all():
         return t.reset_index(drop=True)
     search = t[t.phase == "search"]
+    seeds = t[t.phase == "seeds"]
     picks = []
-    for _, g in search.groupby(ARM_KEYS + CELL, dropna=False):
+    for key, g in search.groupby(ARM_KEYS + CELL, dropna=False):
         if "status" in g and (g.status == "finished").any():  # as the sweep chose: a trial ASHA cut short only
             g = g[g.status == "finished"]                     # when none ran its whole budget
+        # the sweep's own choice where its seed re-runs say it (on tied validation scores the order of
+        # the rows could pick another trial than the one the seeds re-ran)
+        s = seeds[(seeds[ARM_KEYS + CELL] == pd.Series(key, index=ARM_KEYS + CELL)).all(axis=1)] if len(seeds) else seeds
+        if len(s) and g.val_score.notna().any():
+            same = g[(g.lr == s.lr.iloc[0]) & (g.weight_decay == s.weight_decay.iloc[0])]
+            g = same if len(same) else g
         col = "val_score" if g.val_score.notna().any() else "final_score"
         picks.append(g[col].astype(float).idxmax())
     best = search.loc[picks]

@@ -114,8 +114,12 @@ class SweepPlan:
         so a restored run proposes exactly what the uninterrupted one would have."""
         s = self.settings
         search = self._of(cell, "search")
-        if len(search) < s.startup:
-            return shape_candidates(s.seed, Cell.of(cell).shape, s.startup, s.lr, s.weight_decay)[len(search)]
+        ended = [r for _, r in search if r["status"] in ("finished", "stopped_early") and r.get("score") is not None
+                 and not math.isnan(r["score"])]
+        if len(search) < s.startup or len(ended) < s.startup:
+            # the shape's common candidates, until `startup` of this cell's trials have scores for TPE
+            # (fewer, and Optuna's TPE would draw at random, differently for every arm)
+            return shape_candidates(s.seed, Cell.of(cell).shape, s.num_samples, s.lr, s.weight_decay)[len(search)]
         import optuna
         from optuna.distributions import FloatDistribution
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -124,12 +128,15 @@ class SweepPlan:
                  "weight_decay": FloatDistribution(*s.weight_decay)}
         study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(
             n_startup_trials=s.startup, seed=_seed_of("tpe", s.seed, cell, len(search))))
-        for _, r in search:
-            if r["status"] in ("finished", "stopped_early") and r.get("score") is not None \
-                    and not math.isnan(r["score"]):
-                study.add_trial(optuna.trial.create_trial(
-                    params={"lr": r["lr"], "weight_decay": r["weight_decay"]}, distributions=dists,
-                    value=float(r["score"])))
+        for r in ended:
+            params = {"lr": r["lr"], "weight_decay": r["weight_decay"]}
+            if r["status"] == "finished":
+                study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(r["score"])))
+            else:  # cut by successive halving: its scores at the rungs it reached, as Optuna's pruned trials
+                steps = {int(k): float(v) for k, v in r["rungs"].items() if not math.isnan(float(v))}
+                study.add_trial(optuna.trial.create_trial(params=params, distributions=dists,
+                                                          state=optuna.trial.TrialState.PRUNED,
+                                                          intermediate_values=steps or {0: float(r["score"])}))
         trial = study.ask(dists)
         return {"lr": float(trial.params["lr"]), "weight_decay": float(trial.params["weight_decay"])}
 
@@ -152,7 +159,9 @@ class SweepPlan:
         best = self.best(cell)
         if best is None or not self.search_done(cell):
             return []
-        have = {(r["seed"], r["lr"], r["weight_decay"]) for _, r in self._of(cell, "seeds") if r["status"] != "error"}
+        # every seed re-run started, errored ones included: --resume retries those in place (the same trial),
+        # so a (seed, hyper-parameters) never runs twice
+        have = {(r["seed"], r["lr"], r["weight_decay"]) for _, r in self._of(cell, "seeds")}
         return [{"cell": cell, "seed": s, "lr": best["lr"], "weight_decay": best["weight_decay"], "phase": "seeds",
                  "candidate": best.get("candidate", -1)}
                 for s in self.settings.seeds[1:] if (s, best["lr"], best["weight_decay"]) not in have]
@@ -207,19 +216,21 @@ class SweepPlan:
         if r["phase"] != "search":
             return False
         s = self.settings
-        rung = s.grace_period
-        while rung < s.max_t:
-            if iteration == rung:
-                r["rungs"][str(rung)] = float(score)
-                recorded = [o["rungs"][str(rung)] for _, o in self._of(r["cell"], "search") if str(rung) in o["rungs"]]
-                finite = [v for v in recorded if not math.isnan(v)]
-                if len(finite) > 1:
-                    import numpy as np
-                    cutoff = float(np.percentile(finite, (1 - 1 / s.reduction_factor) * 100))
-                    if float(score) < cutoff:
-                        return True
-                break
-            rung *= s.reduction_factor
+        # Tune's _Bracket.on_result (ray/tune/schedulers/async_hyperband.py, stop_last_trials=True): the
+        # highest rung this trial reached and has no score at decides, against the quantile of the
+        # scores recorded there (none: continue); then its score is recorded there. A rung a restarted
+        # trial reaches again is not decided twice.
+        n_rungs = int(math.log(s.max_t / s.grace_period) / math.log(s.reduction_factor) + 1) \
+            if s.max_t >= s.grace_period else 0
+        for m in (s.grace_period * s.reduction_factor ** k for k in reversed(range(n_rungs))):
+            if iteration < m or str(m) in r["rungs"]:
+                continue
+            recorded = [o["rungs"][str(m)] for _, o in self._of(r["cell"], "search") if str(m) in o["rungs"]]
+            r["rungs"][str(m)] = float(score)
+            if recorded:
+                import numpy as np
+                return bool(float(score) < float(np.nanpercentile(recorded, (1 - 1 / s.reduction_factor) * 100)))
+            return False
         return False
 
     def complete(self, trial_id: str, status: str, score: float | None = None) -> None:

@@ -169,8 +169,9 @@ class OutputDir:
                 Path(tempfile.gettempdir()) / "mmlg_ray"
             key = hashlib.sha256(self.target.rstrip("/").encode()).hexdigest()[:16]
             self.local = root / "outputs" / key
-        else:
-            self.local = Path(os.path.expanduser(self.target))
+        else:  # absolute: trials read artifacts by this path from their own working folders
+            self.local = Path(os.path.expanduser(self.target)).absolute()
+            self.target = str(self.local)
 
     def __repr__(self):
         return f"OutputDir({self.target!r})"

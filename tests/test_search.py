@@ -185,3 +185,62 @@ def test_the_plan_bounds_how_many_trials_run_at_once_resumed_ones_included():
     assert plan.next_trial("c")
     plan.resumed("a")  # retried on --resume: running again, and counted
     assert plan.next_trial("d") is None
+
+
+def test_an_errored_seed_rerun_is_retried_in_place_never_run_twice():
+    """A seed re-run that errored stays the cell's (--resume retries that same trial): the plan never
+    proposes its (seed, hyper-parameters) again, in this run or a follow-up round."""
+    cell = Cell("image", 2, 64, "scratch")
+    plan = SweepPlan([cell], settings(num_samples=1, startup=1))
+    plan.next_trial("s")
+    plan.complete("s", "finished", 10.0)
+    plan.next_trial("a")
+    plan.complete("a", "error")
+    assert plan.missing() == [cell.key] and plan.seed_jobs(cell.key) == []
+    assert plan.next_trial("b") == FINISHED
+    plan.resumed("a")
+    plan.complete("a", "finished", 11.0)
+    assert plan.missing() == []
+
+
+def test_successive_halving_decides_as_tunes_asha_bracket():
+    """The plan's rule against Ray Tune's own _Bracket (its ASHA's rung logic) on random score streams."""
+    import random
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers.async_hyperband import _Bracket
+    rnd = random.Random(0)
+    for grace, rf, max_t in [(1, 2, 4), (1, 3, 9), (2, 2, 8), (1, 2, 3)]:
+        cell = Cell("image", 2, 64, "scratch")
+        plan = SweepPlan([cell], settings(num_samples=8, startup=8, max_t=max_t, grace_period=grace,
+                                          reduction_factor=rf))
+        bracket = _Bracket(min_t=grace, max_t=max_t, reduction_factor=rf, s=0)
+        live = {}
+        for i in range(8):
+            plan.next_trial(f"t{i}")
+            live[f"t{i}"] = 0
+        decisions = 0
+        while live:
+            tid = rnd.choice(sorted(live))
+            live[tid] += rnd.choice([1, 1, 1, 2])  # a restarted trial may skip an iteration
+            it, score = live[tid], rnd.choice([rnd.random() * 100, float(rnd.randint(0, 3))])
+            ours = plan.observe(tid, it, score)
+            tunes = bracket.on_result(SimpleNamespace(trial_id=tid), it, score) == "STOP"
+            assert ours == tunes, (grace, rf, max_t, tid, it, score)
+            decisions += 1
+            if ours or it >= max_t:
+                del live[tid]
+        assert decisions > 8
+
+
+def test_proposals_made_before_the_startup_trials_end_stay_common():
+    """Proposed concurrently, before `startup` trials of a cell have scores, every candidate is the
+    shape's common one: TPE would only draw at random there, differently for every arm."""
+    cells = [Cell("image", 2, 64, "scratch"), Cell("image", 2, 64, "mmlg", "fixed")]
+    plan = SweepPlan(cells, settings(num_samples=8, startup=4, seeds=[0]))
+    jobs = [plan.next_trial(f"t{i}") for i in range(16)]
+    by_cell = {}
+    for j in jobs:
+        by_cell.setdefault(j["cell"], []).append((j["candidate"], j["lr"], j["weight_decay"]))
+    a, b = by_cell.values()
+    assert sorted(a) == sorted(b) and len(set(a)) == 8

@@ -115,3 +115,12 @@ def test_descend_and_report_jobs_take_uris(tiny_learngene_path, prefix, s3, tmp_
     assert sorted(s3.keys(f"{key}/desc/")) == [f"{key}/desc/open_clip_config.json",
                                                f"{key}/desc/open_clip_model.safetensors"]
     assert report.main([f"{uri}/nothing-here"]) == 2
+
+
+def test_a_local_output_folder_is_made_absolute(tmp_path, monkeypatch):
+    """Trials read stage artifacts by the output folder's path from their own working folders (Tune
+    moves each trial into one): a relative --output must not reach them relative."""
+    from mmlg_ray.storage import OutputDir
+    monkeypatch.chdir(tmp_path)
+    od = OutputDir("runs/x")
+    assert od.target == str(tmp_path / "runs" / "x") and od.uri("learngenes/a.safetensors").startswith(str(tmp_path))

@@ -33,20 +33,6 @@ def _job_actors(job_id: str, alive_only: bool = True) -> dict[str, str]:
             if a.class_name in RUN_CLASSES}
 
 
-def _controller_in(handler):
-    """The TrainController handle in Ray Train's SIGINT handler's closure, or None."""
-    from ray.actor import ActorHandle
-    for cell in getattr(handler, "__closure__", None) or ():
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        if isinstance(value, ActorHandle) and \
-                value._ray_actor_creation_function_descriptor.class_name == "TrainController":
-            return value
-    return None
-
-
 def _wait_dead(job_id: str, ids: set[str], timeout_s: float) -> dict[str, str]:
     """Polls until none of `ids` is alive (or `timeout_s` passes); returns the ones still alive."""
     deadline = time.monotonic() + timeout_s
@@ -64,11 +50,12 @@ def train_run_ends(timeout_s: float = 30.0):
 
     In the main thread, Ray Train's SIGINT handler is replaced by the one from before fit() (which also
     gives Ctrl-C back to this process: the handler otherwise asks the finished controller to abort and
-    swallows the first two); the controller it held is asked to exit (__ray_terminate__: Ray's graceful
-    termination, after its queued calls), or killed if it has not after `timeout_s`. Then it waits, at
-    most `timeout_s`, until the run's other actors, which the controller owned, are dead too: those of
-    RUN_CLASSES that this job started during the block. Nothing else is touched: another run's actors
-    are never ended here. Without Ray's State API (no dashboard) only the controller is ended, unwaited."""
+    swallows the first two). That handler held the driver's last handle to the run's TrainController,
+    so Ray ends the controller and the actors it owns (Ray's reference counting of non-detached actors;
+    no private attribute is read). Then it waits, at most `timeout_s`, until the actors of RUN_CLASSES
+    that this job started during the block are dead, and warns if any is not. Nothing else is touched:
+    another run's actors are never ended here. Without Ray's State API (no dashboard) nothing is
+    waited for."""
     import ray
     main = threading.current_thread() is threading.main_thread()
     before_handler = signal.getsignal(signal.SIGINT) if main else None
@@ -88,28 +75,16 @@ def train_run_ends(timeout_s: float = 30.0):
 
 
 def _end_run(job: str, main: bool, before_handler, before: set[str] | None, timeout_s: float) -> None:
-    import ray
-    controller = None
-    if main:
-        handler = signal.getsignal(signal.SIGINT)
-        if handler is not before_handler:
-            controller = _controller_in(handler)
-            # None: the handler was not installed from Python; Python's own then
-            signal.signal(signal.SIGINT, before_handler if before_handler is not None else signal.default_int_handler)
-        del handler
-    if controller is not None:
-        controller_id = controller._actor_id.hex()
-        try:
-            controller.__ray_terminate__.remote()
-        except Exception as e:  # already gone
-            log.debug("ray: TrainController %s: %s", controller_id, e)
-        if before is not None and _wait_dead(job, {controller_id}, timeout_s):
-            log.warning("ray: TrainController %s did not exit in %.0f s; killing it", controller_id, timeout_s)
-            ray.kill(controller, no_restart=True)
-        del controller  # the driver's last handle
+    import gc
+    if main and signal.getsignal(signal.SIGINT) is not before_handler:
+        # None: the handler was not installed from Python; Python's own then. Ray Train's handler held
+        # the driver's last handle to the run's TrainController: replaced, the handle goes, and Ray ends a
+        # non-detached actor whose handles are all gone (with the actors it owns)
+        signal.signal(signal.SIGINT, before_handler if before_handler is not None else signal.default_int_handler)
+        gc.collect()
     if before is None:
         return
-    # the run's own actors: this job's, started during the run (the controller's, which die with it)
+    # the run's own actors: this job's, started during the run (the controller and what it owns)
     ours = set(_job_actors(job)) - before
     left = _wait_dead(job, ours, timeout_s)
     if left:

@@ -47,7 +47,7 @@ EVAL_KEYS = {"score", "top1", "accuracy", "mean_recall", "zeroshot_top1", "step"
              "val_top1", "val_accuracy", "val_mean_recall"}
 # the Tune settings a restored experiment keeps from its first run (Tuner.restore reuses them)
 BAKED = ("ray.max_failures", "ray.tune.max_concurrent", "ray.tune.status_every_s", "ray.tune.tensorboard",
-         "ray.tune.mlflow")
+         "ray.tune.mlflow", "ray.tune.trial_cpus", "ray.tune.trial_gpus", "ray.tune.trial_resources")
 
 
 # --------------------------------------------------------------------------- search and scheduling
@@ -65,10 +65,6 @@ class PlanSearcher(Searcher):
         super().__init__(metric=METRIC, mode=MODE)
         self.plan, self.name = plan, name
         _LIVE[name] = self
-
-    def set_search_properties(self, metric, mode, config, **spec):
-        _LIVE[self.name] = self  # the instance Tune really drives
-        return True
 
     def suggest(self, trial_id):
         job = self.plan.next_trial(trial_id, ready=_ready)
@@ -330,6 +326,9 @@ class RayExecutor(Executor):
             check_precision(cfg)
         check_logging(cfg, od.target)
 
+    def check_resume(self, cfg, storage, fp):
+        check_baked(cfg, storage, fp)
+
     def storage(self, cfg, od):
         from .settings import storage_uri
         return storage_uri(cfg, od.target)
@@ -385,9 +384,9 @@ def check_artifact_root(cfg: Config, target) -> None:
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     if stor.is_uri(target) or cfg.ray.storage_shared or nodes <= 1:
         return
-    raise UserError("--output", f"{target} is a local folder, but this Ray cluster has {nodes} nodes: trials on "
-                    "other nodes read the stage artifacts from it", "put the output on s3://..., or on a folder "
-                    "every node mounts and set ray.storage_shared=true")
+    raise UserError("--output", f"the output {target} is a local folder, but this Ray cluster has {nodes} nodes: "
+                    "trials on other nodes read the stage artifacts from it", "put --output (or output_dir) on "
+                    "s3://..., or on a folder every node mounts and set ray.storage_shared=true")
 
 
 def _tuner(cfg, name, storage, od, trainable, phase, **kw):
@@ -414,7 +413,6 @@ def run_tune(cfg, plan, ctx, pretraining, fp, storage, od) -> list[dict]:
     trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), trial_resources(tcfg))
     name = f"sweep-{fp}"
     path = f"{storage}/{name}"
-    check_baked(cfg, storage, fp)
     plan_searcher = PlanSearcher(plan, name)
     _PRETRAINING["watch"] = pretraining if isinstance(pretraining, _Pretraining) else None
     try:
@@ -422,9 +420,11 @@ def run_tune(cfg, plan, ctx, pretraining, fp, storage, od) -> list[dict]:
             log.info("sweep: resuming %s", path)
             tuner = _restore(path, trainable)
         else:
-            n = len(plan.cells) * (plan.settings.num_samples + max(0, len(plan.settings.seeds) - 1))
+            write_baked(cfg, storage, fp)  # the settings this experiment's restores will keep
+            # num_samples=-1: no count of Tune's own ends the run (a restore keeps such a count, and a trial
+            # retried in place would not fit it): the plan's FINISHED does
             tuner = _tuner(cfg, name, storage, od, trainable, "sweep", tune_config=TuneConfig(
-                search_alg=plan_searcher, scheduler=PlanScheduler(name, plan.settings.max_t), num_samples=n,
+                search_alg=plan_searcher, scheduler=PlanScheduler(name, plan.settings.max_t), num_samples=-1,
                 reuse_actors=True))  # the plan bounds concurrency: Tune's ConcurrencyLimiter would drop the
                 # completion of a trial retried on resume (it is not among its live trials), and the plan with it
         grid = tuner.fit()
@@ -476,22 +476,27 @@ def _round(cfg, plan, path, trainable, jobs, restore, od, storage) -> list[dict]
 
 
 def check_baked(cfg: Config, storage: str, fp: str) -> None:
-    """A restored Tune run keeps the settings of its first run (Tuner.restore reuses them): refuse a
-    resume that changes one, naming it, rather than record settings that do not hold."""
+    """A restored Tune run keeps the settings of its first run (Tuner.restore reuses them; a restored
+    trial keeps its resources): refuse a resume that changes one, naming it, rather than record
+    settings that do not hold. Run before anything is written."""
     from ..config import _dig
     path = f"{storage}/settings-{fp}.json"
-    now = {k: _dig(cfg.model_dump(mode="json"), k) for k in BAKED}
-    if stor.exists(path):
-        was = json.loads(stor.read_text(path))
-        changed = [k for k in BAKED if k in was and was[k] != now[k]]
-        if changed:
-            k = changed[0]
-            raise UserError(k, f"changed from {was[k]!r} to {now[k]!r} since the interrupted run, whose restored Tune "
-                            f"experiment keeps its first run's value ({', '.join(changed)} changed)",
-                            f"set {k}={json.dumps(was[k])} to resume, or start over with --fresh")
+    if not stor.exists(path):
         return
-    with stor.writing(path) as tmp:
-        Path(tmp).write_text(json.dumps(now, indent=1))
+    now = {k: _dig(cfg.model_dump(mode="json"), k) for k in BAKED}
+    was = json.loads(stor.read_text(path))
+    changed = [k for k in BAKED if k in was and was[k] != now[k]]
+    if changed:
+        k = changed[0]
+        raise UserError(k, f"changed from {was[k]!r} to {now[k]!r} since the interrupted run, whose restored Tune "
+                        f"experiment keeps its first run's value ({', '.join(changed)} changed)",
+                        f"set {k}={json.dumps(was[k])} to resume, or start over with --fresh")
+
+
+def write_baked(cfg: Config, storage: str, fp: str) -> None:
+    from ..config import _dig
+    with stor.writing(f"{storage}/settings-{fp}.json") as tmp:
+        Path(tmp).write_text(json.dumps({k: _dig(cfg.model_dump(mode="json"), k) for k in BAKED}, indent=1))
 
 
 def _restorable(path: str) -> bool:
@@ -502,16 +507,22 @@ def _restorable(path: str) -> bool:
     from ray.tune import Tuner
     if not Tuner.can_restore(path):
         return False
-    return bool(stor.list_files(path, "experiment_state-*.json", recursive=False))
+    files = stor.list_files(path, recursive=False)
+    return any(f.startswith("experiment_state-") for f in files) and (
+        not path.rstrip("/").rsplit("/", 1)[-1].startswith("sweep-")  # the sweep: its searcher's records too
+        or any(f.startswith("searcher-state-") for f in files))
 
 
 def previous_state(storage: str, fp: str) -> list[str]:
-    """This experiment's Tune state under the storage path (what --fresh removes)."""
-    names = [f"sweep-{fp}", f"rounds-{fp}.json", f"settings-{fp}.json"]
+    """This experiment's Tune state under the storage path (what --fresh removes, with the settings
+    file); none while no Tune experiment of it was started."""
+    names = [f"sweep-{fp}", f"rounds-{fp}.json"]
     index = f"{storage}/rounds-{fp}.json"
     if stor.exists(index):
         names += [r["name"] for r in json.loads(stor.read_text(index))]
-    return [f"{storage}/{n}" for n in names if stor.exists(f"{storage}/{n}")]
+    found = [f"{storage}/{n}" for n in names if stor.exists(f"{storage}/{n}")]
+    settings = f"{storage}/settings-{fp}.json"
+    return found + [settings] if found and stor.exists(settings) else found
 
 
 def _error_line(err) -> str:
@@ -541,7 +552,9 @@ def _rows(result_grid, plan) -> list[dict]:
             cfg = {**cfg, **cfg["job"]}
         if "cell" not in cfg:
             continue
-        trial_id = str(m.get("trial_id") or res.path.rstrip("/").rsplit("/", 1)[-1])
+        # Tune's trial folder is <trainable>_<trial id>_<tag>_<date> (ray/tune/experiment/trial.py)
+        folder = res.path.rstrip("/").rsplit("/", 1)[-1]
+        trial_id = str(m.get("trial_id") or folder.removeprefix("trial_fn_").split("_", 1)[0])
         status = "error" if res.error is not None else \
             ("finished" if m.get("final_report") else "stopped_early")
         rec = plan.records.get(trial_id) if plan is not None else None
@@ -569,6 +582,8 @@ def _rows(result_grid, plan) -> list[dict]:
                     row[f"best_{k}"] = float(v)
             row["epochs"] = len(hist)
         row["phase"] = cfg["phase"]
+        if "ended_at" not in row and m.get("timestamp"):  # cut short or errored: its last report's time
+            row["ended_at"] = float(m["timestamp"])
         row["candidate"] = int(cfg.get("candidate", -1))  # a shape's common candidate (search), the chosen one (seeds)
         row["status"] = status
         row["error"] = _error_line(res.error) if res.error is not None else ""
