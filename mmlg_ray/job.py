@@ -350,16 +350,16 @@ def run(cfg: Config, out_dir, executor: Executor, resume: bool = False, storage:
                f"{len(cfg.descendants.seeds) - 1} seed re-runs each")
     rows = executor.run_trials(cfg, plan, ctx, pretraining, fp, storage, od)
     st.done(f"{len(rows)} trials")
+    running = plan.running()
+    if running:  # interrupted (Ctrl-C, a stopped job): nothing is recorded, and no task is waited for
+        raise JobFailed(f"the sweep was interrupted with {len(running)} trials unfinished; rerun with --resume to "
+                        "continue it")
     done, failed = pretraining.wait()
     st_pre.done(f"{len(done)} written, {len(failed)} failed")
     side = {**reused, **done}
     for j in jobs:
         if j.name in side:
             stages.append({"stage": "pretrain", "name": j.name, "artifact": j.weights, **_cost_cols(side[j.name]["cost"])})
-    running = plan.running()
-    if running:
-        raise JobFailed(f"the sweep was interrupted with {len(running)} trials unfinished; rerun with --resume to "
-                        "continue it")
     for r in rows:
         if r.get("trial_id") in plan.records and plan.superseded(r["trial_id"]):
             r["status"] = "superseded"  # a seed re-run at hyper-parameters its cell no longer chooses
