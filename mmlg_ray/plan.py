@@ -136,10 +136,10 @@ def assumptions(cfg: Config, backend: str, dtypes: dict, prices, per_cell: int) 
     dt = sorted(set(dtypes.values()))
     out = [
         f"backend={backend}: " + (f"extraction on Ray Train ({cfg.ray.num_workers} workers), trials on Ray Tune: "
-                                  f"{cfg.ray.tune.num_samples} Optuna samples per cell at the first seed + one trial "
+                                  f"{cfg.ray.tune.num_samples} search trials per cell at the first seed + one trial "
                                   f"per further seed = {per_cell} trials per cell" if backend == "ray" else
-                                  f"every stage in one process, one trial per seed per cell = {per_cell} trials per "
-                                  "cell, no head node"),
+                                  f"every stage in one process, the same search one trial at a time = {per_cell} "
+                                  "trials per cell, no head node"),
         "ASHA upper bound: every trial runs all its fine-tuning steps (ASHA stopping trials early only lowers the "
         "cost)" if backend == "ray" else "no ASHA (local backend): every trial runs all its steps",
         "evaluation excluded: validation/test passes, linear probes and zero-shot scoring are not counted "
