@@ -94,18 +94,33 @@ class SweepPlan:
         self.settings = settings
         self.records: dict[str, dict] = {}
         self.cursor = 0
+        self._by_cell: dict[str, list[str]] = {}  # indexes of the records (per cell; the running ones), so that
+        self._live: set[str] = set()              # a suggestion costs the same at 100 trials as at 10,000
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
         return {"records": self.records, "cursor": self.cursor}
 
     def load_state(self, state: dict) -> None:
-        self.records = {k: dict(v) for k, v in state["records"].items()}
+        self.records, self._by_cell, self._live = {}, {}, set()
+        for k, v in state["records"].items():
+            self._put(k, dict(v))
         self.cursor = int(state.get("cursor", 0))
+
+    def _put(self, trial_id: str, record: dict) -> None:
+        if trial_id not in self.records:
+            self._by_cell.setdefault(record["cell"], []).append(trial_id)
+        self.records[trial_id] = record
+        self._status(trial_id, record["status"])
+
+    def _status(self, trial_id: str, status: str) -> None:
+        self.records[trial_id]["status"] = status
+        (self._live.add if status == "running" else self._live.discard)(trial_id)
 
     # ------------------------------------------------------------------ the search of one cell
     def _of(self, cell: str, phase: str | None = None) -> list[tuple[str, dict]]:
-        return [(t, r) for t, r in self.records.items() if r["cell"] == cell and (phase is None or r["phase"] == phase)]
+        return [(t, self.records[t]) for t in self._by_cell.get(cell, ())
+                if phase is None or self.records[t]["phase"] == phase]
 
     def _propose(self, cell: str) -> dict:
         """The next candidate of a cell: the shape's next common candidate while any is left, then
@@ -173,7 +188,7 @@ class SweepPlan:
         FINISHED when nothing is left that this run can start: cells whose search trials all errored
         wait for a rerun (--resume)."""
         n = len(self.cells)
-        if self.settings.max_concurrent and len(self.running()) >= self.settings.max_concurrent:
+        if self.settings.max_concurrent and len(self._live) >= self.settings.max_concurrent:
             return None
         waiting = False
         for _ in range(n):
@@ -193,18 +208,18 @@ class SweepPlan:
                         waiting = True
                     continue
                 job = jobs[0]
-            self.records[trial_id] = {**job, "status": "running", "score": None, "rungs": {}}
+            self._put(trial_id, {**job, "status": "running", "score": None, "rungs": {}})
             return dict(job)
         return None if waiting else FINISHED
 
     def add(self, trial_id: str, job: dict) -> None:
         """Record a trial started outside next_trial (a follow-up seeds round)."""
-        self.records[trial_id] = {**job, "status": "running", "score": None, "rungs": {}}
+        self._put(trial_id, {**job, "status": "running", "score": None, "rungs": {}})
 
     def resumed(self, trial_id: str) -> None:
         """A trial restarted after an error (Tune's resume_errored): running again."""
         if trial_id in self.records:
-            self.records[trial_id]["status"] = "running"
+            self._status(trial_id, "running")
 
     def observe(self, trial_id: str, iteration: int, score: float) -> bool:
         """A trial's evaluation `iteration` (1-based) scored `score` on validation. Returns True when
@@ -238,7 +253,7 @@ class SweepPlan:
         r = self.records.get(trial_id)
         if r is None:
             return
-        r["status"] = status
+        self._status(trial_id, status)
         if score is not None and not (isinstance(score, float) and math.isnan(score)):
             r["score"] = float(score)
 
@@ -265,4 +280,4 @@ class SweepPlan:
         return out
 
     def running(self) -> list[str]:
-        return [t for t, r in self.records.items() if r["status"] == "running"]
+        return sorted(self._live)

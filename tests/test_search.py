@@ -244,3 +244,11 @@ def test_proposals_made_before_the_startup_trials_end_stay_common():
         by_cell.setdefault(j["cell"], []).append((j["candidate"], j["lr"], j["weight_decay"]))
     a, b = by_cell.values()
     assert sorted(a) == sorted(b) and len(set(a)) == 8
+
+
+def test_startup_samples_reaches_the_plan_from_the_config():
+    from mmlg_ray.config import load_config
+    s = SearchSettings.of(load_config(None, ["ray.tune.num_samples=6", "ray.tune.startup_samples=3",
+                                             "ray.tune.max_concurrent=5"]))
+    assert (s.num_samples, s.startup, s.max_concurrent) == (6, 3, 5)
+    assert SearchSettings.of(load_config(None, ["ray.tune.num_samples=12"])).startup == 4
