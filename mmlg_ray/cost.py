@@ -416,11 +416,11 @@ def measure_training_step(spec: ModelSpec, batch: int = 8, precision: str = "fp3
 
     from . import precision as amp
     from .models import build_model
-    from .train import clip_loss
+    from .train import adamw, clip_loss
     dev = torch.device(device)
     torch.manual_seed(0)
     model = build_model(spec, "image_text").to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = adamw(list(model.parameters()), 1e-4, dev)
     x = torch.randn(batch, 3, spec.image_size, spec.image_size, device=dev)
     t = torch.randint(1, spec.vocab_size - 1, (batch, spec.context_length), device=dev)
 

@@ -23,12 +23,15 @@ from .learngene import shape_key as lg_shape_key
 from .models import build_model, towers_of
 from .pretrain import close_batches as _close
 from .pretrain import corpus, pretrain_clip  # noqa: F401 (re-exported: callers import them from here)
+from .results import TrialRow
 from .train import TorchEngine, csm_step, extraction_step, resolve_device, run_loop
 
 log = logging.getLogger("mmlg_ray")
 
 
 def setup_runtime(cfg: Config | None = None, level=logging.INFO):
+    from .prebuild import venv_ninja_first
+    venv_ninja_first()  # DeepSpeed's ops load with the ninja that built them (else they are compiled again)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     logging.getLogger("mmlg_ray").setLevel(level)
@@ -275,7 +278,7 @@ def run_trial(cfg: Config, cell: Cell, seed: int, *, lr: float | None = None, we
               ancestor=None, learngenes: dict | None = None, pretrained: dict | None = None,
               task_data=None, device=None, on_eval=None, rank: int = 0, world: int = 1, wrap=None,
               resume: dict | None = None) -> dict:
-    """Initialize one descendant by its method, fine-tune it, score it. Returns one results row.
+    """Initialize one descendant by its method, fine-tune it, score it. Returns its row (a TrialRow).
     `on_eval(step, row_so_far, snapshot)` is called at every evaluation (snapshot() gives a
     fine-tuning checkpoint); `resume=` such a checkpoint continues the trial from its step."""
     from .finetune import SCORE_KEY, TASK_NAMES, finetune, load_task_data
@@ -291,54 +294,41 @@ def run_trial(cfg: Config, cell: Cell, seed: int, *, lr: float | None = None, we
     n_params = sum(p.numel() for p in model.parameters())
     data = task_data or load_task_data(cfg, cell.modality, spec.image_size)
     towers = towers_of(cell.modality)
-    row = {
-        "trial": f"{cell.tag}-s{seed}", "method": cell.method, "arm": cell.arm, "extraction": cell.extraction,
-        "pt_budget": float(cell.pt_budget), "modality": cell.modality,
-        "task": TASK_NAMES[cell.modality], "dataset": data.test.name,
-        "depth": cell.depth, "width": cell.width,
-        "image_depth": spec.image_depth if "image" in towers else 0,
-        "text_depth": spec.text_depth if "text" in towers else 0,
-        "image_width": spec.image_width if "image" in towers else 0,
-        "text_width": spec.text_width if "text" in towers else 0,
-        "heads": spec.heads("image" if "image" in towers else "text"),
-        "params": n_params, "seed": seed, "lr": fcfg.lr, "weight_decay": fcfg.weight_decay,
-        "score_metric": SCORE_KEY[cell.modality], "workers": world, "stopped_early": False,
-        "pretrain_wall_s": pre[1]["wall_s"] if pre else 0.0,
-        "pretrain_device_s": pre[1]["device_s"] if pre else 0.0,
-        "pretrain_flops": pre[1]["flops"] if pre else 0,
-    }
+    row = TrialRow(
+        trial=f"{cell.tag}-s{seed}", cell=cell.key, method=cell.method, arm=cell.arm, extraction=cell.extraction,
+        pt_budget=cell.pt_budget, modality=cell.modality, task=TASK_NAMES[cell.modality], dataset=data.test.name,
+        depth=cell.depth, width=cell.width,
+        image_depth=spec.image_depth if "image" in towers else 0, text_depth=spec.text_depth if "text" in towers else 0,
+        image_width=spec.image_width if "image" in towers else 0, text_width=spec.text_width if "text" in towers else 0,
+        heads=spec.heads("image" if "image" in towers else "text"), params=n_params, seed=seed, lr=fcfg.lr,
+        weight_decay=fcfg.weight_decay, score_metric=SCORE_KEY[cell.modality], workers=world,
+        pretrain_wall_s=pre[1]["wall_s"] if pre else 0.0, pretrain_device_s=pre[1]["device_s"] if pre else 0.0,
+        pretrain_flops=pre[1]["flops"] if pre else 0,
+        started_at=time.time(),  # wall clock of this attempt's start: the job's stage timeline
+        resumed_from_step=int(resume["step"]) if resume else 0)
     t0 = time.perf_counter()
-    row["started_at"] = time.time()  # wall clock of this attempt's start: the job's stage timeline
     prior = float(resume["seconds"]) if resume else 0.0
-    row["resumed_from_step"] = int(resume["step"]) if resume else 0
+    described = {k: v for k, v in row.record().items() if not k.startswith(("final_", "best_"))}
 
     def running(step, metrics, snapshot):  # every evaluation carries the trial's description and cost so far
         if on_eval is not None:
             el = prior + time.perf_counter() - t0
-            on_eval(step, {**row, "steps": step, "finetune_wall_s": el, "finetune_device_s": el * world,
+            on_eval(step, {**described, "steps": step, "finetune_wall_s": el, "finetune_device_s": el * world,
                            "skipped_samples": data.skipped,
                            "finetune_flops": costmod.train_flops(spec, cell.modality, step * fcfg.batch_size),
                            **metrics}, snapshot)
 
     summary = finetune(model, cell.modality, data, fcfg, spec, device, seed=seed, on_eval=running,
                        rank=rank, world=world, wrap=wrap, precision=cfg.precision, resume=resume)
-    row.update({
-        "skipped_samples": data.skipped,
-        "epochs": len(summary["history"]), "steps": summary["steps"],
-        "finetune_wall_s": summary["seconds"], "finetune_device_s": summary["seconds"] * world,
-        "finetune_flops": costmod.train_flops(spec, cell.modality, summary["samples"]),
-        "linear_probe_init": summary.get("linear_probe_init", float("nan")),
-        "ended_at": time.time(),
-    })
-    for k, v in summary["final"].items():
-        if k not in ("step", "epoch"):
-            row[f"final_{k}"] = float(v)
-    row["val_score"] = float(summary["final"].get("val_score", float("nan")))  # selection reads this, never test
-    for k, v in summary["best"].items():  # the evaluation with the best validation score
-        if k not in ("epoch", "train_loss"):
-            row[f"best_{k}"] = float(v)
-    row["history"] = summary["history"]
-    return row
+    return row.with_(
+        skipped_samples=data.skipped, epochs=len(summary["history"]), steps=summary["steps"],
+        finetune_wall_s=summary["seconds"], finetune_device_s=summary["seconds"] * world,
+        finetune_flops=costmod.train_flops(spec, cell.modality, summary["samples"]),
+        linear_probe_init=summary.get("linear_probe_init", float("nan")), ended_at=time.time(),
+        final={k: v for k, v in summary["final"].items() if k not in ("step", "epoch")},
+        val_score=float(summary["final"].get("val_score", float("nan"))),  # selection reads this, never test
+        best={k: v for k, v in summary["best"].items() if k not in ("epoch", "train_loss")},  # best on validation
+        history=summary["history"])
 
 
 def needs_pretraining(cfg: Config, ancestor_spec: ModelSpec) -> list[tuple[str, ModelSpec, float]]:

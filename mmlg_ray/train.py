@@ -43,6 +43,18 @@ def param_groups(model: nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def adamw(groups, lr: float, device: torch.device | str | None = None) -> torch.optim.AdamW:
+    """AdamW, fused (one pass over each tensor) where PyTorch has a fused kernel (CPU, CUDA). The unfused
+    CPU default walks a text tower's 49408 x width token embedding in a dozen elementwise ops a step:
+    36 ms against 4.7 ms fused at width 128 on one core (benchmarks/optimizer_step.py), most of a
+    local trial's optimizer time."""
+    dev = torch.device(device) if device is not None else None
+    if dev is None:
+        first = next((p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])), None)
+        dev = first.device if first is not None else torch.device("cpu")
+    return torch.optim.AdamW(groups, lr=lr, fused=dev.type in ("cpu", "cuda"))
+
+
 def lr_lambda(tcfg: TrainConfig, total: int | None = None):
     total = total or tcfg.steps
     warm = min(tcfg.warmup_steps, max(total - 1, 0))
@@ -65,7 +77,7 @@ class TorchEngine:
     def __init__(self, model: nn.Module, tcfg: TrainConfig, total_steps: int | None = None, clip_grad: float = 1.0,
                  precision: str = "fp32"):
         self.module = model
-        self.optimizer = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr)
+        self.optimizer = adamw(param_groups(model, tcfg.weight_decay), tcfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tcfg, total_steps))
         self.clip_grad = clip_grad
         self.precision = precision

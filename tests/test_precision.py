@@ -151,7 +151,7 @@ def test_fp32_default_is_plain_pytorch(tiny_cfg):
     run_loop(eng, iter([(x,) for x in xs]), loss_fn, 3, log_every=10)
 
     b = model_()
-    opt = torch.optim.AdamW(param_groups(b, tcfg.weight_decay), lr=tcfg.lr)
+    opt = torch.optim.AdamW(param_groups(b, tcfg.weight_decay), lr=tcfg.lr, fused=True)  # train.adamw: fused on CPU
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg))
     for x in xs:
         b(x).pow(2).mean().backward()

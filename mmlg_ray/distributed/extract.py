@@ -69,13 +69,13 @@ def build_optimizer(model, ecfg, rs: RayConfig):
     or ahead by mmlg_ray.prebuild), which DeepSpeed requires there."""
     import torch
 
-    from ..train import lr_lambda, param_groups
+    from ..train import adamw, lr_lambda, param_groups
     groups = param_groups(model, ecfg.weight_decay)
     if rs.extraction.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # imported in the worker, never at module top level
         opt = DeepSpeedCPUAdam(groups, lr=ecfg.lr, weight_decay=ecfg.weight_decay, adamw_mode=True)
     else:
-        opt = torch.optim.AdamW(groups, lr=ecfg.lr)
+        opt = adamw(groups, ecfg.lr)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(ecfg))
 
 
