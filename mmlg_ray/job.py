@@ -25,6 +25,7 @@ from . import artifacts as art
 from .arms import Cell
 from .config import Config, ModelSpec
 from .errors import JobFailed, UserError
+from .results import TrialRow
 from .storage import OutputDir
 
 log = logging.getLogger("mmlg_ray")
@@ -253,24 +254,27 @@ class LocalExecutor(Executor):
                 plan.complete(tid, "error")
                 rows.append(error_row(job, tid, e))
                 continue
-            plan.complete(tid, "finished", row["val_score"])
-            row.update(phase=job["phase"], candidate=job.get("candidate", -1), status="finished", error="",
-                       trial_id=tid, cell=job["cell"],
-                       trial=f"{row['trial']}-{tid}")
-            rows.append(row)
+            plan.complete(tid, "finished", row.val_score)
+            rows.append(row.with_(phase=job["phase"], candidate=job.get("candidate", -1), status="finished",
+                                  error="", trial_id=tid, cell=job["cell"], trial=f"{row.trial}-{tid}"))
         return rows
 
 
-def error_row(job: dict, trial_id: str, err) -> dict:
+def described_row(cell_key: str, job: dict, **kw) -> TrialRow:
+    """The row of a trial known only by its job (cell, seed, hyper-parameters): one that errored before
+    its first report."""
+    c = Cell.of(cell_key)
+    return TrialRow(trial=f"{c.tag}-s{job['seed']}", cell=cell_key, method=c.method, arm=c.arm,
+                    extraction=c.extraction, pt_budget=c.pt_budget, modality=c.modality, depth=c.depth, width=c.width,
+                    seed=int(job["seed"]), lr=float(job["lr"]), weight_decay=float(job["weight_decay"]), **kw)
+
+
+def error_row(job: dict, trial_id: str, err) -> TrialRow:
     """The row of a trial that errored before its first report: its cell, seed and hyper-parameters."""
-    c = Cell.of(job["cell"])
-    return {"trial": f"{c.tag}-s{job['seed']}-{trial_id}", "method": c.method, "arm": c.arm,
-            "extraction": c.extraction, "pt_budget": c.pt_budget, "modality": c.modality, "depth": c.depth,
-            "width": c.width, "seed": int(job["seed"]), "lr": float(job["lr"]),
-            "weight_decay": float(job["weight_decay"]), "phase": job["phase"], "status": "error",
-            "candidate": int(job.get("candidate", -1)),
-            "error": f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:300],
-            "stopped_early": False, "trial_id": trial_id, "cell": job["cell"], "history": []}
+    row = described_row(job["cell"], job, phase=job["phase"], status="error", candidate=int(job.get("candidate", -1)),
+                        error=f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:300],
+                        trial_id=trial_id)
+    return row.with_(trial=f"{row.trial}-{trial_id}")
 
 
 # --------------------------------------------------------------------------- the job
@@ -360,13 +364,10 @@ def run(cfg: Config, out_dir, executor: Executor, resume: bool = False, storage:
     for j in jobs:
         if j.name in side:
             stages.append({"stage": "pretrain", "name": j.name, "artifact": j.weights, **_cost_cols(side[j.name]["cost"])})
-    for r in rows:
-        if r.get("trial_id") in plan.records and plan.superseded(r["trial_id"]):
-            r["status"] = "superseded"  # a seed re-run at hyper-parameters its cell no longer chooses
+    rows = [r.with_(status="superseded") if r.trial_id in plan.records and plan.superseded(r.trial_id) else r
+            for r in rows]  # a seed re-run at hyper-parameters its cell no longer chooses
     missing = plan.missing()
     failed_msg = failure_summary(rows, missing, len(grid))
-    for r in rows:
-        r.pop("cell", None)
     st = stage("tables")
     write_tables(out, rows, stages)
     write_parquet(timeline_frame(timeline, done, rows), out / "timeline.parquet")
@@ -376,7 +377,7 @@ def run(cfg: Config, out_dir, executor: Executor, resume: bool = False, storage:
     for name in ("stages.parquet", "history.parquet", "timeline.parquet", "experiment.json", "trials.parquet"):
         od.push(name)
     st.done(str(od))
-    if any(r["status"] in ("finished", "stopped_early") for r in rows):
+    if any(r.status in ("finished", "stopped_early") for r in rows):
         st = stage("report")
         build_output_report(od)
         st.done(od.uri("report/report.html"))
@@ -413,14 +414,14 @@ def _ancestor_artifact(anc, od: OutputDir) -> art.ArtifactRef:
     return art.ref_to(od.uri(name), local)
 
 
-def failure_summary(rows: list[dict], missing: list[str], n_cells: int) -> str | None:
+def failure_summary(rows: list[TrialRow], missing: list[str], n_cells: int) -> str | None:
     """Logs one line on the errored trials; returns the job's failure message when a grid cell is left
     without its results (missing from every comparison), else None."""
-    errored = [r for r in rows if r["status"] == "error"]
+    errored = [r for r in rows if r.status == "error"]
     if errored:
         first = {}
         for r in errored:
-            first.setdefault(r.get("cell", r["trial"]), r["error"])
+            first.setdefault(r.cell or r.trial, r.error)
         log.warning("sweep: %d of %d trials errored, in %d cells: %s", len(errored), len(rows), len(first),
                     "; ".join(f"{c}: {e}" for c, e in first.items()))
     if missing:
@@ -430,7 +431,7 @@ def failure_summary(rows: list[dict], missing: list[str], n_cells: int) -> str |
     return None
 
 
-def timeline_frame(driver: list[dict], pretrained: dict, rows: list[dict]):
+def timeline_frame(driver: list[dict], pretrained: dict, rows: list[TrialRow]):
     """When each piece of work ran (wall clock, seconds from the job's start): the driver's stages,
     each shape pre-trained in this run, each trial's last attempt. stage, name, start_s, end_s, what
     (the method a trial's cell grows, for the plot's colours)."""
@@ -443,10 +444,10 @@ def timeline_frame(driver: list[dict], pretrained: dict, rows: list[dict]):
             out.append({"stage": "pretrain", "name": name, "start": c["started_at"], "end": c["ended_at"],
                         "what": "pretrain"})
     for r in rows:
-        if r.get("started_at") and r.get("ended_at") and r.get("status") != "superseded":
-            needs = "needs a pre-trained shape" if r.get("method") in ("pt_ft", "csm") else "needs none"
-            out.append({"stage": "trial", "name": r["trial"], "start": r["started_at"], "end": r["ended_at"],
-                        "what": f"{r.get('phase', 'trial')}, {needs}"})
+        if r.started_at > 0 and r.ended_at > 0 and r.status != "superseded":  # NaN: never started
+            needs = "needs a pre-trained shape" if r.method in ("pt_ft", "csm") else "needs none"
+            out.append({"stage": "trial", "name": r.trial, "start": r.started_at, "end": r.ended_at,
+                        "what": f"{r.phase or 'trial'}, {needs}"})
     df = pd.DataFrame(out, columns=["stage", "name", "start", "end", "what"])
     if len(df):
         t0 = df.start.min()

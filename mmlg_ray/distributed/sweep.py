@@ -31,7 +31,8 @@ from pathlib import Path
 from ..arms import Cell
 from ..config import Config, TuneSettings
 from ..errors import UserError
-from ..job import Executor, PretrainJob, _Done, pretrain_and_write, trial_inputs
+from ..job import Executor, PretrainJob, _Done, described_row, pretrain_and_write, trial_inputs
+from ..results import TrialRow
 from ..search import FINISHED, METRIC
 from .. import storage as stor
 from ray.tune.experiment import Trial
@@ -242,10 +243,9 @@ def _run_cell_trial(config: dict, ctx: dict, report, rank: int = 0, world: int =
     row = run_trial(cfg, cell, int(config["seed"]), lr=config["lr"], weight_decay=config["weight_decay"],
                     ancestor=anc, learngenes=learngenes, pretrained=pretrained, task_data=data,
                     on_eval=on_eval, device=device, rank=rank, world=world, wrap=wrap, resume=resume)
-    hist = row.pop("history")
-    final = {k: float(v) for k, v in hist[-1].items()}
-    final.update({k: v for k, v in row.items() if not isinstance(v, (list, dict))})
-    final.update(final_report=True, phase=config["phase"], history_json=json.dumps(hist))
+    final = {k: float(v) for k, v in row.history[-1].items()}
+    final.update(row.record())
+    final.update(final_report=True, phase=config["phase"], history_json=json.dumps(row.history))
     report(final)
 
 
@@ -452,7 +452,7 @@ def run_tune(cfg, plan, ctx, pretraining, fp, storage, od) -> list[dict]:
     return rows
 
 
-def _round(cfg, plan, path, trainable, jobs, restore, od, storage) -> list[dict]:
+def _round(cfg, plan, path, trainable, jobs, restore, od, storage) -> list[TrialRow]:
     from ray import tune
     from ray.tune import TuneConfig
     from ..stagelog import Stage
@@ -466,10 +466,10 @@ def _round(cfg, plan, path, trainable, jobs, restore, od, storage) -> list[dict]
     grid = tuner.fit()
     out = []
     for row in _rows(grid, None):
-        job = {k: row[k] for k in ("seed", "lr", "weight_decay")}
-        plan.add(row["trial_id"], {"cell": row["cell"], "phase": "seeds", **job})
-        if row["status"] != "running":
-            plan.complete(row["trial_id"], row["status"], row.get("val_score"))
+        plan.add(row.trial_id, {"cell": row.cell, "phase": "seeds", "seed": row.seed, "lr": row.lr,
+                                "weight_decay": row.weight_decay})
+        if row.status != "running":
+            plan.complete(row.trial_id, row.status, row.val_score)
         out.append(row)
     st.done(f"{len(out)} trials")
     return out
@@ -538,7 +538,13 @@ def _error_line(err) -> str:
     return f"{type(err).__name__}: {text}"[:300]
 
 
-def _rows(result_grid, plan) -> list[dict]:
+# what Tune adds to every report (ray/tune/result.py's auto-filled keys): not columns of ours
+TUNE_KEYS = ("training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "hostname", "node_ip",
+             "time_since_restore", "iterations_since_restore", "checkpoint_dir_name", "done", "date",
+             "experiment_tag", "should_checkpoint", "checkpoint_path", "trial_id", "experiment_id")
+
+
+def _rows(result_grid, plan) -> list[TrialRow]:
     """One row per trial from a Tune ResultGrid (its stored state, so resumed runs count once), with
     its `status`: finished, stopped_early (cut by ASHA), error (and the error's first line), or
     running (interrupted; never written). A trial that errored before its first report still has
@@ -562,10 +568,7 @@ def _rows(result_grid, plan) -> list[dict]:
                 (rec is not None and rec["status"] == "running") or (plan is None)):
             status = "running"  # neither finished, errored nor cut: interrupted
         if not m.get("trial"):  # no report at all: describe it from its config
-            c = Cell.of(cfg["cell"])
-            m = {"trial": f"{c.tag}-s{cfg['seed']}", "method": c.method, "arm": c.arm, "extraction": c.extraction,
-                 "pt_budget": c.pt_budget, "modality": c.modality, "depth": c.depth, "width": c.width,
-                 "seed": int(cfg["seed"]), "lr": float(cfg["lr"]), "weight_decay": float(cfg["weight_decay"])}
+            m = {**m, **described_row(cfg["cell"], cfg).record()}
         hist = json.loads(m["history_json"]) if "history_json" in m else _history_from_df(res)
         row = {k: v for k, v in m.items() if k not in ("history_json", "final_report", "config") and
                not isinstance(v, dict)}
@@ -593,14 +596,10 @@ def _rows(result_grid, plan) -> list[dict]:
         row["cell"] = cfg["cell"]
         for k in [k for k in row if k in EVAL_KEYS or k.startswith(("i2t_", "t2i_"))]:
             row.pop(k)
-        for k in [k for k in row if k in ("training_iteration", "time_this_iter_s", "time_total_s", "timestamp",
-                                           "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore",
-                                           "checkpoint_dir_name", "done", "date", "experiment_tag", "should_checkpoint",
-                                           "checkpoint_path")]:
+        for k in [k for k in row if k in TUNE_KEYS]:
             row.pop(k, None)
         row["val_score"] = float(m.get("val_score", float("nan")))
-        row["history"] = hist
-        rows.append(row)
+        rows.append(TrialRow.of(row, trial_id=trial_id, history=hist))
     return rows
 
 
