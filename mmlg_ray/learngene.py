@@ -17,7 +17,7 @@ its abstract and TLEG's published code; the schedule is a config choice so that 
 
 File: one safetensors file, tensors `multimodal.<p>`, `unimodal.<tower>.<p>` (mmlg) or
 `base.<tower>.<p>`, `unimodal.<tower>.<p>` (tleg), `coeff.<tower>.a|b` (learned schedule),
-`inherited.<open_clip name>` (non-layer tensors); metadata key "mmlg_ray" holds JSON (see README).
+`inherited.<open_clip name>` (non-layer tensors); metadata key "mmlg_ray" holds JSON (docs/files.md).
 """
 from __future__ import annotations
 

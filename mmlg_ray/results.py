@@ -1,6 +1,6 @@
 """Results tables, written atomically as Parquet (readable by pandas, duckdb, polars, no project code).
 
-trials.parquet   one row per finished trial (columns documented in README)
+trials.parquet   one row per trial: finished, cut by ASHA, errored or superseded (columns: TrialRow; docs/files.md)
 history.parquet  one row per trial per evaluation ("epoch")
 stages.parquet   measured cost of each stage (ancestor, each extraction, each descendant pre-training)
 """
