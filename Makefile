@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages: the data the default run reads, and chromium (headless), which the report's test opens
 DATA_PKGS := dataset-fashion-mnist tuxpaint-stamps-default openclipart-png openclipart-svg chromium
 
-.PHONY: setup data venv run run-local rehearse study test bench paper-mini clean
+.PHONY: setup data venv lock run run-local rehearse study test test-fast lint bench paper-mini clean
 setup: data venv
 
 data:
@@ -21,13 +21,32 @@ data:
 	fi
 
 venv: $(VENV)/.installed
-$(VENV)/.installed: requirements.txt pyproject.toml
+# requirements.lock: every package with its hashes (`make lock` writes it from requirements.txt);
+# pip installs nothing that is not in it (--require-hashes), then the project itself without deps.
+$(VENV)/.installed: requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --require-hashes -r requirements.lock
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m mmlg_ray.prebuild || true
 	@touch $@
+
+# Regenerate the locks after editing requirements.txt or pyproject.toml's dependencies, then commit them:
+#   requirements.lock          requirements.txt, fully pinned with hashes (CPU machines, CI, `make setup`)
+#   requirements-cluster.lock  pyproject.toml's dependencies + [s3,mlflow] at requirements.lock's versions
+#                              (cluster.yaml's GPU nodes); botocore alone is left free, s3fs's own (the
+#                              tested lock's botocore is moto's, a test-only package)
+# uv (pinned) runs from a throwaway venv; existing pins are kept unless requirements.txt moves them
+# (add --upgrade-package NAME to the first compile to move one). Linux x86_64, CPython 3.11 wheels.
+UV_VERSION := 0.13.9
+UV_VENV := build/uv-$(UV_VERSION)
+UV_COMPILE = $(UV_VENV)/bin/uv pip compile -q --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
+lock:
+	@test -x $(UV_VENV)/bin/uv || { $(PYTHON) -m venv $(UV_VENV) && $(UV_VENV)/bin/pip install -q uv==$(UV_VERSION); }
+	$(UV_COMPILE) requirements.txt -o requirements.lock
+	sed -n 's/^\([A-Za-z0-9._-]*==[^ ]*\).*/\1/p' requirements.lock | grep -v -E '^botocore==' > build/tested-pins.txt
+	$(UV_COMPILE) pyproject.toml --extra s3 --extra mlflow -c build/tested-pins.txt -o requirements-cluster.lock
 
 run: setup
 	./scripts/run_local_job.sh
@@ -47,8 +66,17 @@ rehearse: setup
 study: setup
 	RAY_USAGE_STATS_ENABLED=0 $(PY) jobs/sweep.py --config study_cpu
 
-test: setup
+# the linter first, then the whole suite (CI runs exactly this)
+test: setup lint
 	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q --durations=15
+
+# the fast lane: every test that starts no Ray and runs no sweep in a subprocess
+test-fast: setup
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -m "not slow" --durations=10
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: setup
 	$(PY) benchmarks/extraction_throughput.py
