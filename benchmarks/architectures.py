@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import open_clip  # noqa: E402
-import torch  # noqa: E402
+import open_clip
+import torch
 
-from mmlg_ray.archcheck import compare  # noqa: E402
+from mmlg_ray.archcheck import compare
 
 
 def main(argv=None) -> int:

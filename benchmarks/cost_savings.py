@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmlg_ray import cost  # noqa: E402
-from mmlg_ray.config import ModelSpec, load_config  # noqa: E402
-from mmlg_ray.descend import descendant_spec  # noqa: E402
-from mmlg_ray.learngene import aux_spec  # noqa: E402
-from mmlg_ray.plan import ancestor_spec_of  # noqa: E402
+from mmlg_ray import cost
+from mmlg_ray.config import ModelSpec, load_config
+from mmlg_ray.descend import descendant_spec
+from mmlg_ray.learngene import aux_spec
+from mmlg_ray.plan import ancestor_spec_of
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = {"storage": 0.25, "compute": 2.8}  # MM-LG's claims against PT+FT

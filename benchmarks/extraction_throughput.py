@@ -25,12 +25,10 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def matmul_peak(threads: int, n: int = 2048, repeats: int = 8) -> float:

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def write_ancestor(path: Path) -> None:
@@ -147,7 +146,7 @@ def main(argv=None) -> int:
     # Ray Data decoding tasks and the driver's tasks share the 2 cores, so Ray is told there are 6
     ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}})
-    from jobs import sweep
+    from mmlg_ray.cli import sweep
     rc = sweep.main(["--config", str(ROOT / "configs" / "paper_vitb16.yaml"), "--output", str(out)]
                     + [x for o in overrides for x in ("--set", o)])
     wall = time.perf_counter() - t0

@@ -8,20 +8,36 @@ size of the plan's state (saved with every Tune experiment checkpoint). Linear g
 import json
 import time
 from mmlg_ray.arms import Cell
-from mmlg_ray.search import SweepPlan, SearchSettings, FINISHED
-def run(ncells):
-    cells=[Cell("image",d,w,"scratch") for d in range(ncells) for w in [1]]
-    s=SearchSettings(num_samples=4,startup=4,seeds=[0,1,2],lr=(1e-4,3e-3),weight_decay=(0,.2),grace_period=1,reduction_factor=2,max_t=10,max_concurrent=64)
-    p=SweepPlan(cells,s); n=0; live=[]; t0=time.perf_counter(); calls=0
+from mmlg_ray.search import FINISHED, SearchSettings, SweepPlan
+
+
+def run(ncells: int) -> None:
+    cells = [Cell("image", d, 1, "scratch") for d in range(ncells)]
+    settings = SearchSettings(num_samples=4, startup=4, seeds=[0, 1, 2], lr=(1e-4, 3e-3), weight_decay=(0, 0.2),
+                              grace_period=1, reduction_factor=2, max_t=10, max_concurrent=64)
+    plan = SweepPlan(cells, settings)
+    n, calls, live = 0, 0, []
+    t0 = time.perf_counter()
     while True:
-        j=p.next_trial(f"t{n}"); calls+=1
-        if j==FINISHED: break
-        if j is None or len(live)>=64:
-            t=live.pop(0); p.observe(t,1,0.5); p.complete(t,"finished",0.5); continue
-        live.append(f"t{n}"); n+=1
-    dt=time.perf_counter()-t0
-    t1=time.perf_counter(); p.missing(); m=time.perf_counter()-t1
-    print(ncells, "cells,", n, "trials:", f"total {dt:.2f}s per call {1e3*dt/calls:.2f} ms missing {m*1e3:.0f} ms state {len(json.dumps(p.state()))/1e3:.0f} kB")
+        job = plan.next_trial(f"t{n}")
+        calls += 1
+        if job == FINISHED:
+            break
+        if job is None or len(live) >= 64:  # 64 trials at once: the oldest ends
+            t = live.pop(0)
+            plan.observe(t, 1, 0.5)
+            plan.complete(t, "finished", 0.5)
+            continue
+        live.append(f"t{n}")
+        n += 1
+    dt = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    plan.missing()
+    m = time.perf_counter() - t1
+    print(ncells, "cells,", n, "trials:", f"total {dt:.2f}s per call {1e3 * dt / calls:.2f} ms missing {m * 1e3:.0f} ms "
+          f"state {len(json.dumps(plan.state())) / 1e3:.0f} kB")
+
+
 if __name__ == "__main__":
     run(252)
     run(1008)

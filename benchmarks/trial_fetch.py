@@ -18,15 +18,13 @@ import argparse
 import math
 import sys
 from collections import Counter
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmlg_ray import cost  # noqa: E402
-from mmlg_ray.config import load_config  # noqa: E402
-from mmlg_ray.descend import descendant_spec  # noqa: E402
-from mmlg_ray.learngene import Learngene, LearngeneMeta  # noqa: E402
-from mmlg_ray.pipeline import (arm_name, aux_spec, cells, learngene_arms, needs_pretraining,  # noqa: E402
+from mmlg_ray import cost
+from mmlg_ray.config import load_config
+from mmlg_ray.descend import descendant_spec
+from mmlg_ray.learngene import Learngene, LearngeneMeta
+from mmlg_ray.pipeline import (arm_name, aux_spec, cells, learngene_arms, needs_pretraining,
                                shape_key)
 
 GB = 1e9

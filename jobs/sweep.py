@@ -7,49 +7,9 @@
 (connecting to the cluster it was submitted to, or starting a local Ray instance);
 --backend local runs every stage in this process, one trial after another.
 """
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mmlg_ray.cli import ArgumentParser, add_config_args, config_from_args  # noqa: E402
-from mmlg_ray.errors import exits_cleanly  # noqa: E402
-
-
-@exits_cleanly
-def main(argv=None) -> int:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p)
-    p.add_argument("--output", default=None, help="output folder or URI (default: output_dir from the config)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep from the output folder")
-    p.add_argument("--fresh", action="store_true",
-                   help="start this experiment over: delete its earlier Tune state (stage artifacts are kept)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the plan and its predicted cost for --backend (assumptions listed); train nothing")
-    p.add_argument("--backend", choices=["ray", "local"], default="ray")
-    a = p.parse_args(argv)
-    cfg = config_from_args(a)
-    out = a.output or cfg.output_dir
-    from mmlg_ray import preflight
-    if a.dry_run:
-        from mmlg_ray.plan import format_plan, make_plan
-        preflight.prices(cfg)
-        print(format_plan(make_plan(cfg, backend=a.backend)))
-        return 0
-    # every bad path, file or data set is reported now, before Ray starts or a folder is made
-    preflight.sweep(cfg, out, output_field="--output" if a.output else "output_dir", backend=a.backend)
-    from mmlg_ray.cli import sweep
-    if a.backend == "local":
-        from mmlg_ray.job import LocalExecutor as Executor
-    else:
-        from mmlg_ray.distributed.sweep import RayExecutor as Executor
-    path = sweep(cfg, out, Executor(), resume=a.resume, fresh=a.fresh)
-    print(f"results in {path}")
-    return 0
-
+from mmlg_ray.cli.sweep import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,9 +8,6 @@ cluster shut down. Prints one JSON line: the nodes, and the node of every extrac
 import json
 import os
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(out_uri: str, overrides: list[str]) -> None:
@@ -20,7 +17,7 @@ def main(out_uri: str, overrides: list[str]) -> None:
     from ray.util.state import list_actors
 
     from mmlg_ray.config import load_config
-    from mmlg_ray.cli import sweep
+    from mmlg_ray.cli import run_sweep
     from mmlg_ray.distributed.sweep import RayExecutor
 
     # the dashboard (on a free port) serves Ray's state API, which says where each actor ran
@@ -32,7 +29,7 @@ def main(out_uri: str, overrides: list[str]) -> None:
         ray.init(address=cluster.address, log_to_driver=False)
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
         cfg = load_config(None, overrides)
-        sweep(cfg, out_uri, RayExecutor())
+        run_sweep(cfg, out_uri, RayExecutor())
         workers = [a for a in list_actors(address=cluster.address, detail=True, limit=10000)
                    if a.class_name == "RayTrainWorker"]
         print(json.dumps({"nodes": nodes, "train_worker_nodes": sorted(a.node_id for a in workers)}), flush=True)

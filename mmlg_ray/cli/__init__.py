@@ -1,16 +1,27 @@
-"""Shared argument handling for the jobs/ entry points (they parse, then call the library)."""
+"""The command-line entry points: `mmlg-sweep`, `mmlg-extract`, `mmlg-descend`, `mmlg-report`,
+`mmlg-rehearse` (console scripts), also run as `python jobs/<name>.py` (what `ray job submit` runs).
+Each parses its arguments and config, then calls the library. This module holds what they share."""
 from __future__ import annotations
 
 import argparse
 import re
 
-from .config import Config, load_config
-from .errors import UserError
+from ..config import Config, load_config
+from ..errors import UserError
+
+
+DOCS = ("config keys and presets: docs/configuration.md (every key with its default: configs/local.yaml); "
+        "the files a run writes: docs/files.md")
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors (a missing or unknown flag, a value of the wrong type or not among the
-    choices) are UserErrors: one line naming the flag, exit code 2, like every other bad input."""
+    choices) are UserErrors: one line naming the flag, exit code 2, like every other bad input.
+    --help ends by naming where the config keys and outputs are documented."""
+
+    def __init__(self, *args, **kw):
+        kw.setdefault("epilog", DOCS)
+        super().__init__(*args, **kw)
 
     def error(self, message: str):
         m = re.match(r"argument ([^:]+): (.*)", message)
@@ -32,24 +43,24 @@ def config_from_args(args) -> Config:
     return load_config(args.config, args.overrides)
 
 
-def sweep(cfg: Config, out, executor, resume: bool = False, fresh: bool = False):
+def run_sweep(cfg: Config, out, executor, resume: bool = False, fresh: bool = False):
     """jobs/sweep.py after its preflight: the --resume / --fresh rules, then the job on `executor`
     (mmlg_ray.job.LocalExecutor, or the Ray layer's RayExecutor). Without either flag, an interrupted
     experiment is refused and a finished one only has its report rebuilt; --fresh deletes this
     experiment's earlier Tune state (stage artifacts are kept)."""
     import logging
 
-    from . import storage as stor
-    from .job import run
-    from .storage import OutputDir
+    from .. import storage as stor
+    from ..job import run
+    from ..storage import OutputDir
     log = logging.getLogger("mmlg_ray")
     if resume and fresh:
         raise UserError("--fresh", "--fresh starts the experiment over and --resume continues it", "pass one of them")
     od = OutputDir(out, cfg.cache_path)
     fp = cfg.experiment_fingerprint()  # the experiment's identity: result-affecting settings only
     if not resume and not fresh and _holds_results(od, cfg, fp):
-        from .report import build_output_report
-        from .results import write_run_files
+        from ..report import build_output_report
+        from ..results import write_run_files
         log.info("sweep: %s already holds the results of this experiment; rebuilding the report only", od)
         write_run_files(od.local, cfg)  # operational and report settings may have changed
         od.push("config.yaml")
@@ -88,5 +99,5 @@ def _holds_results(out, cfg: Config, fp: str) -> bool:
                             "(a trial errored, none finished, or seed re-runs are lacking)",
                             "add --resume to retry its errored trials, or --fresh to start it over")
         return True
-    from .config import dump_config
+    from ..config import dump_config
     return out.read_text("config.yaml") == dump_config(cfg)
