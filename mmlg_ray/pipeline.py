@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch

@@ -161,7 +161,7 @@ def test_image_folder_csv(tmp_path, cache_dir):
     assert sorted(sum(files.values(), [])) == sorted(r["image"] for r in rows)  # disjoint, and they cover the set
     assert all(files.values())
     (_, tr_labels, tr_caps), (_, _, te_caps) = _one_pass(sets["train"]), _one_pass(sets["test"])
-    assert len(tr_caps) == len(files["train"]) and tr_labels is not None
+    assert len(tr_caps) == len(files["train"]) and tr_labels is not None and len(te_caps) == len(files["test"])
     assert sets["train"].classnames == sets["val"].classnames == sets["test"].classnames
 
 

@@ -6,7 +6,6 @@ import json
 import uuid
 
 import pandas as pd
-import pytest
 
 
 def _parquet(s3, key) -> pd.DataFrame:

@@ -4,7 +4,6 @@ import io
 import os
 import tarfile
 
-import pytest
 import torch
 
 from mmlg_ray.config import DatasetConfig

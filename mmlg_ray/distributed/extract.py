@@ -21,12 +21,16 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..config import RayConfig
 from .. import storage as stor
 from ..errors import UserError
 from .settings import storage_uri
+
+if TYPE_CHECKING:  # torch is imported in the workers, never at this module's top level
+    import torch
 
 log = logging.getLogger("mmlg_ray")
 TAG = "latest_zero"

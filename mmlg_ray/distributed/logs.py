@@ -28,7 +28,6 @@ import io
 import logging
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
