@@ -10,6 +10,21 @@ import torch
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 torch.set_num_threads(2)
 
+# the fast lane (`make test-fast`: -m "not slow") leaves out every test that starts Ray or runs a sweep
+# in a subprocess: those asking for the session's Ray (ray_address) are marked here, the rest by hand
+SLOW_FIXTURES = {"ray_address"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts Ray or runs a sweep in a subprocess (make test-fast leaves it out)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 TINY = [
     "ancestor.spec.image_depth=2", "ancestor.spec.text_depth=2",
     "ancestor.spec.image_width=128", "ancestor.spec.text_width=64",

@@ -128,6 +128,7 @@ def test_timeline_and_checks_on_constructed_runs(cluster):
     png.unlink()
 
 
+@pytest.mark.slow  # a Ray cluster of fake nodes, in a subprocess
 def test_tiny_rehearsal_end_to_end(tiny_overrides, tmp_path):
     """Fake nodes from zero, extraction on on-demand nodes, trials on spot ones, one preempted mid-trial,
     every trial once, and the scale-down to the head: the command checks them itself (exit 0)."""

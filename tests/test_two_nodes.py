@@ -11,7 +11,9 @@ import uuid
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
+pytestmark = pytest.mark.slow  # a Ray cluster of its own, in a subprocess
 ROOT = Path(__file__).resolve().parents[1]
 
 
