@@ -18,7 +18,7 @@ from pathlib import Path
 from . import ArgumentParser, add_config_args, config_from_args
 from ..errors import UserError, exits_cleanly
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the project's folder (a source checkout: cluster.yaml is there)
 
 
 @exits_cleanly
@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
     p.add_argument("--output", required=True, help="local output folder of the rehearsed sweep")
-    p.add_argument("--cluster", default=str(ROOT / "cluster.yaml"), help="Ray cluster launcher YAML (cluster.yaml)")
+    p.add_argument("--cluster", default=None,
+                   help="Ray cluster launcher YAML (default: cluster.yaml here, else the project's own)")
     p.add_argument("--max-per-type", type=int, default=2, help="fake nodes per worker type at most (fit this machine)")
     p.add_argument("--cpus-per-gpu", type=int, default=1, help="CPUs a fake node has for each GPU of its instance")
     p.add_argument("--idle-timeout-s", type=float, default=20.0, help="autoscaler idle timeout of the rehearsal")
@@ -36,6 +37,8 @@ def main(argv=None) -> int:
                    help="preempt a spot node once a trial has run on it this long")
     a = p.parse_args(argv)
     cfg = config_from_args(a)
+    if a.cluster is None:
+        a.cluster = "cluster.yaml" if Path("cluster.yaml").is_file() else str(ROOT / "cluster.yaml")
     if "://" in a.output:
         raise UserError("--output", f"is {a.output}, a URI", "rehearse into a local folder (every fake node shares this disk)")
     out = Path(a.output)
@@ -44,7 +47,7 @@ def main(argv=None) -> int:
         raise UserError("--output", f"{a.output} already holds files", "give a new folder, or delete this one")
     if a.idle_timeout_s <= 0:
         raise UserError("--idle-timeout-s", "must be positive", "give seconds, e.g. 20")
-    from mmlg_ray import preflight
+    from .. import preflight
     preflight.sweep(cfg, a.output, output_field="--output", backend="ray")
     from ..distributed.rehearse import rehearse
     return rehearse(cfg, a.config, a.overrides, a.output, a.cluster, cpus_per_gpu=a.cpus_per_gpu,
