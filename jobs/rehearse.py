@@ -9,6 +9,7 @@ rehearsal.json (events, checks) next to the sweep's own results, and rebuilds th
 timeline. Exits 1 when a check fails: workers start from zero, extraction only on on-demand types,
 trials on spot types, the job succeeds despite the preemption with every trial once, scale-down.
 """
+
 import sys
 
 from mmlg_ray.cli.rehearse import main

@@ -7,6 +7,7 @@
 (connecting to the cluster it was submitted to, or starting a local Ray instance);
 --backend local runs every stage in this process, one trial after another.
 """
+
 import sys
 
 from mmlg_ray.cli.sweep import main

@@ -2,4 +2,5 @@
 
 The core (this package minus `distributed`) is plain PyTorch + open_clip and imports no Ray.
 """
+
 __version__ = "0.1.0"

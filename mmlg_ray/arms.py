@@ -3,6 +3,7 @@
 An arm is a method with its extraction mode (mmlg/elastic) or pre-training budget (pt_ft@0.5x); a
 cell is an arm at one descendant shape (modality, depth, width). One definition, read by the
 pipeline, both executors and the report."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ def arm_name(method: str, extraction: str = "", pt_budget: float = 0.0) -> str:
 def parse_arm(arm: str) -> tuple[str, str, float]:
     """arm_name's inverse: (method, extraction, pt_budget)."""
     if arm.startswith("pt_ft@"):
-        return "pt_ft", "", float(arm[len("pt_ft@"):].rstrip("x"))
+        return "pt_ft", "", float(arm[len("pt_ft@") :].rstrip("x"))
     method, _, mode = arm.partition("/")
     if method in LEARNGENE_METHODS:
         return method, mode or "fixed", 0.0
@@ -36,7 +37,7 @@ class Cell:
     depth: int
     width: int
     method: str
-    extraction: str = ""    # learngene methods: fixed | elastic
+    extraction: str = ""  # learngene methods: fixed | elastic
     pt_budget: float = 0.0  # pt_ft: multiple of the extraction's sample budget; csm: 1
 
     @property

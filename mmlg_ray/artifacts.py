@@ -4,6 +4,7 @@ A stage writes its artifact to the output store (a folder or a bucket) and hands
 a consumer (a trial, a pre-training task) reads it through a node-local cache keyed by the hash, so
 a node downloads each artifact once, a reused worker process loads it once, and nothing travels
 through the driver. No Ray here: the Ray layer only passes the small references around."""
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,8 @@ _LOCK = threading.Lock()
 
 @dataclass(frozen=True)
 class ArtifactRef:
-    uri: str      # a URI (s3://...) or a local path
-    sha256: str   # of the file's bytes
+    uri: str  # a URI (s3://...) or a local path
+    sha256: str  # of the file's bytes
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -59,9 +60,12 @@ def local_path(ref: ArtifactRef, cache_dir) -> Path:
         p = Path(os.path.expanduser(ref.uri))
         if not p.is_file():  # e.g. a node-local output folder read on another node
             import socket
-            raise FileNotFoundError(f"{p} is not on this node ({socket.gethostname()}): a local output folder must "
-                                    "be one every node mounts (ray.storage_shared=true), or put the output on "
-                                    "s3://...")
+
+            raise FileNotFoundError(
+                f"{p} is not on this node ({socket.gethostname()}): a local output folder must "
+                "be one every node mounts (ray.storage_shared=true), or put the output on "
+                "s3://..."
+            )
         return p
     suffix = "".join(Path(ref.uri.rstrip("/").rsplit("/", 1)[-1]).suffixes[-1:])
     dest = Path(os.path.expanduser(str(cache_dir))) / "artifacts" / f"{ref.sha256}{suffix}"
@@ -69,6 +73,7 @@ def local_path(ref: ArtifactRef, cache_dir) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     from filelock import FileLock
+
     with FileLock(str(dest) + ".lock"):  # concurrent trials on one node: one download
         if dest.is_file():
             return dest
@@ -76,8 +81,10 @@ def local_path(ref: ArtifactRef, cache_dir) -> Path:
             stor.download(ref.uri, tmp)
             got = file_sha256(tmp)
             if got != ref.sha256:
-                raise RuntimeError(f"{ref.uri} changed since it was written: sha256 {got[:12]}, expected "
-                                   f"{ref.sha256[:12]}; rerun the stage that writes it (--fresh)")
+                raise RuntimeError(
+                    f"{ref.uri} changed since it was written: sha256 {got[:12]}, expected "
+                    f"{ref.sha256[:12]}; rerun the stage that writes it (--fresh)"
+                )
     return dest
 
 

@@ -1,4 +1,5 @@
 """Write-to-temp-then-rename helpers so that no result or artifact is ever half-written."""
+
 from __future__ import annotations
 
 import contextlib

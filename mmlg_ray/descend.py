@@ -12,6 +12,7 @@ Methods:
 All learngene-style methods (mmlg, tleg, weight_selection, heur_lg) also inherit the non-layer
 tensors (embeddings, norms, projections), width-selected; scratch/pt_ft/csm inherit nothing.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,9 @@ from .models import build_model, layer_name, layer_params, open_clip_model_cfg, 
 from .select import select_layer_tensor
 
 
-def descendant_spec(ancestor: ModelSpec, depth: int, width: int, image_depth: int | None = None,
-                    text_depth: int | None = None) -> ModelSpec:
+def descendant_spec(
+    ancestor: ModelSpec, depth: int, width: int, image_depth: int | None = None, text_depth: int | None = None
+) -> ModelSpec:
     """A descendant shape. `width` is the image-tower width; the text tower keeps the ancestor's
     text/image width ratio (rounded to whole text heads), so a grid width means the same for every
     modality. Head widths, MLP ratios and every architecture flag are the ancestor's."""
@@ -37,9 +39,11 @@ def descendant_spec(ancestor: ModelSpec, depth: int, width: int, image_depth: in
     text_w = max(hw, int(round(ancestor.text_width * width / ancestor.image_width / hw)) * hw)
     text_w = min(text_w, ancestor.text_width)
     image_w = min(width, ancestor.image_width)
-    return ancestor.model_copy(update=dict(
-        image_depth=image_depth or depth, text_depth=text_depth or depth,
-        image_width=image_w, text_width=text_w))
+    return ancestor.model_copy(
+        update=dict(
+            image_depth=image_depth or depth, text_depth=text_depth or depth, image_width=image_w, text_width=text_w
+        )
+    )
 
 
 def _ancestor_layers(state, src_spec: ModelSpec, dst_spec: ModelSpec, tower: str, mapping: dict[int, int]):
@@ -47,15 +51,28 @@ def _ancestor_layers(state, src_spec: ModelSpec, dst_spec: ModelSpec, tower: str
     for dst, src in mapping.items():
         for p in layer_params(src_spec, tower):
             out[layer_name(tower, dst, p)] = select_layer_tensor(
-                p, state[layer_name(tower, src, p)], src_spec.width(tower), dst_spec.width(tower),
-                src_spec.head_width_of(tower), dst_spec.mlp_hidden(tower))
+                p,
+                state[layer_name(tower, src, p)],
+                src_spec.width(tower),
+                dst_spec.width(tower),
+                src_spec.head_width_of(tower),
+                dst_spec.mlp_hidden(tower),
+            )
     return out
 
 
-def init_descendant(method: str, modality: str, spec: ModelSpec, *, seed: int = 0,
-                    learngene: LoadedLearngene | None = None,
-                    ancestor_state: dict | None = None, ancestor_spec: ModelSpec | None = None,
-                    pretrained_state: dict | None = None, heur_lg_layers: int | None = None) -> nn.Module:
+def init_descendant(
+    method: str,
+    modality: str,
+    spec: ModelSpec,
+    *,
+    seed: int = 0,
+    learngene: LoadedLearngene | None = None,
+    ancestor_state: dict | None = None,
+    ancestor_spec: ModelSpec | None = None,
+    pretrained_state: dict | None = None,
+    heur_lg_layers: int | None = None,
+) -> nn.Module:
     """A plain open_clip model of `spec` (towers per `modality`) initialized by `method`."""
     torch.manual_seed(seed)
     model = build_model(spec, modality)
@@ -108,11 +125,16 @@ def export_descendant(model: nn.Module, spec: ModelSpec, modality: str, out_dir,
     An image_text descendant loads with open_clip.create_model("local-dir:DIR"); image-only and
     text-only descendants use the same parameter names for their tower."""
     from safetensors.torch import save_file
+
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "attn_mask"}
     cfg = {
         "model_cfg": open_clip_model_cfg(spec),
-        "preprocess_cfg": {"mean": MEAN.flatten().tolist(), "std": STD.flatten().tolist(),
-                           "interpolation": "bicubic", "resize_mode": "shortest"},
+        "preprocess_cfg": {
+            "mean": MEAN.flatten().tolist(),
+            "std": STD.flatten().tolist(),
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        },
         "mmlg_ray": {"modality": modality, **(extra or {})},
     }
     with atomic_dir(out_dir) as tmp:

@@ -1,4 +1,5 @@
 """User-facing errors: one line naming the bad field and how to fix it; entry points exit 2."""
+
 from __future__ import annotations
 
 import errno
@@ -24,9 +25,13 @@ def from_os_error(e: OSError) -> UserError:
     """A permission / read-only / disk-full error the checks up front could not foresee (a folder
     made read-only mid-run, a quota), as one line naming the path."""
     where = e.filename or "a file"
-    return UserError(str(where), e.strerror or str(e),
-                     "free disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT)
-                     else "make it writable by this user, or choose another folder")
+    return UserError(
+        str(where),
+        e.strerror or str(e),
+        "free disk space"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT)
+        else "make it writable by this user, or choose another folder",
+    )
 
 
 class JobFailed(Exception):

@@ -3,6 +3,7 @@ image-text retrieval R@1/5/10 in both directions, text classification accuracy.
 
 Embeddings are computed under the run's `precision` (autocast) and returned as float32, so every
 metric is computed in fp32."""
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,19 @@ PROBE_MAX = 20000  # linear probe: at most this many training samples are embedd
 
 
 @torch.no_grad()
-def embed(model, data, image_size: int, context_length: int, device, *, images: bool = True, texts: bool = True,
-          limit: int | None = None, bs: int = 256, precision: str = "fp32") -> dict:
+def embed(
+    model,
+    data,
+    image_size: int,
+    context_length: int,
+    device,
+    *,
+    images: bool = True,
+    texts: bool = True,
+    limit: int | None = None,
+    bs: int = 256,
+    precision: str = "fp32",
+) -> dict:
     """One ordered pass over a set, in memory (Pairs) or streamed (StreamingPairs), in batches: the
     image and/or text embeddings (N x embed_dim, fp32), labels (or None) and captions of its first
     `limit` samples. Only the embeddings are kept, never the decoded images."""
@@ -41,22 +53,26 @@ def embed(model, data, image_size: int, context_length: int, device, *, images: 
     finally:
         if hasattr(stream, "close"):
             stream.close()
-    return {"image": torch.cat(img) if img else None, "text": torch.cat(txt) if txt else None,
-            "labels": None if not labels or any(v is None for v in labels) else torch.cat(labels), "captions": caps}
+    return {
+        "image": torch.cat(img) if img else None,
+        "text": torch.cat(txt) if txt else None,
+        "labels": None if not labels or any(v is None for v in labels) else torch.cat(labels),
+        "captions": caps,
+    }
 
 
 @torch.no_grad()
-def embed_texts(model, texts: list[str], context_length: int, device, bs: int = 256,
-                precision: str = "fp32") -> torch.Tensor:
+def embed_texts(
+    model, texts: list[str], context_length: int, device, bs: int = 256, precision: str = "fp32"
+) -> torch.Tensor:
     model.eval()
     toks = tokenize_captions(texts, context_length)
     with amp.autocast(device, precision):
-        out = [text_features(model, toks[i:i + bs].to(device)).float().cpu() for i in range(0, len(texts), bs)]
+        out = [text_features(model, toks[i : i + bs].to(device)).float().cpu() for i in range(0, len(texts), bs)]
     return torch.cat(out)
 
 
-def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, captions: list[str] | None = None,
-                      ks=(1, 5, 10)) -> dict:
+def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, captions: list[str] | None = None, ks=(1, 5, 10)) -> dict:
     """One caption per image. A retrieved item counts as correct when its caption text equals the
     query's (Tux Paint has a few identical captions, e.g. colour variants of one stamp)."""
     sim = img @ txt.t()
@@ -92,8 +108,17 @@ def zeroshot_top1(model, data, image_size: int, context_length: int, device, pre
     return float((pred == e["labels"]).float().mean() * 100)
 
 
-def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, epochs: int = 100,
-                 lr: float = 0.01, wd: float = 1e-4, seed: int = 0) -> float:
+def linear_probe(
+    train_x,
+    train_y,
+    test_x,
+    test_y,
+    num_classes: int,
+    epochs: int = 100,
+    lr: float = 0.01,
+    wd: float = 1e-4,
+    seed: int = 0,
+) -> float:
     """Top-1 of a logistic-regression head on frozen features (full-batch Adam)."""
     g = torch.Generator().manual_seed(seed)
     mu, sd = train_x.mean(0, keepdim=True), train_x.std(0, keepdim=True) + 1e-6

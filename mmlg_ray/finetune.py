@@ -17,6 +17,7 @@ Fine-tuning and evaluation run in the run's `precision` (see mmlg_ray.precision)
 Task sets may be in memory (the local packaged sets) or streamed (webdataset shards, image folders):
 evaluation makes one pass over the test set in batches and keeps only embeddings or logits.
 """
+
 from __future__ import annotations
 
 import time
@@ -58,12 +59,17 @@ def load_task_data(cfg: Config, modality: str, image_size: int) -> TaskData:
     train, val, test = (load_dataset(dcfg, split, **kw) for split in ("train", "val", "test"))
     if modality != "image_text" and train.classnames is None:
         from .errors import UserError
-        raise UserError(f"data.{section}.kind", f"{dcfg.kind} has no class labels; a classification task needs them",
-                        "webdataset: .cls members and a dataset.json naming the classes (mmlg_ray.shards writes both)")
+
+        raise UserError(
+            f"data.{section}.kind",
+            f"{dcfg.kind} has no class labels; a classification task needs them",
+            "webdataset: .cls members and a dataset.json naming the classes (mmlg_ray.shards writes both)",
+        )
     zs = None
     if modality == "image_text" and cfg.data.zeroshot is not None:
-        zs = load_dataset(cfg.data.zeroshot, "test", image_size=image_size, cache_dir=cfg.cache_path,
-                          field_name="data.zeroshot")
+        zs = load_dataset(
+            cfg.data.zeroshot, "test", image_size=image_size, cache_dir=cfg.cache_path, field_name="data.zeroshot"
+        )
     return TaskData(train, val, test, zs)
 
 
@@ -74,8 +80,11 @@ class Classifier(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes)
 
     def forward(self, x):
-        feats = image_features(self.backbone, x, False) if self.modality == "image" else text_features(
-            self.backbone, x, False)
+        feats = (
+            image_features(self.backbone, x, False)
+            if self.modality == "image"
+            else text_features(self.backbone, x, False)
+        )
         return self.head(feats)
 
 
@@ -115,19 +124,31 @@ def evaluate(model, modality: str, data: TaskData, spec: ModelSpec, device, prec
         v = _score(model, modality, data.val, spec, device, precision)
         m = _score(model, modality, data.test, spec, device, precision)
         if modality == "image_text" and data.zeroshot is not None:
-            m["zeroshot_top1"] = zeroshot_top1(model, data.zeroshot, spec.image_size, spec.context_length, device,
-                                               precision=precision)
+            m["zeroshot_top1"] = zeroshot_top1(
+                model, data.zeroshot, spec.image_size, spec.context_length, device, precision=precision
+            )
     m["score"] = m[key]
     m[f"val_{key}"] = m["val_score"] = v[key]
     model.train()
     return m
 
 
-def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConfig, spec: ModelSpec,
-             device, seed: int = 0, on_eval: Callable[[int, dict], None] | None = None,
-             linear_probe_init: bool | None = None, rank: int = 0, world: int = 1,
-             wrap: Callable[[nn.Module], nn.Module] | None = None, precision: str = "fp32",
-             resume: dict | None = None) -> dict:
+def finetune(
+    model: nn.Module,
+    modality: str,
+    data: TaskData,
+    fcfg: FinetuneConfig,
+    spec: ModelSpec,
+    device,
+    seed: int = 0,
+    on_eval: Callable[[int, dict], None] | None = None,
+    linear_probe_init: bool | None = None,
+    rank: int = 0,
+    world: int = 1,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+    precision: str = "fp32",
+    resume: dict | None = None,
+) -> dict:
     """Fine-tune without constraints, evaluating every `eval_every` steps. Returns a summary dict:
     final metrics, best metrics (at the evaluation with the best validation score), history (one dict per evaluation), steps, samples, seconds,
     resumed_from_step. `precision` (fp32, bf16, fp16) applies to the fine-tuning and to every evaluation.
@@ -166,19 +187,23 @@ def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConf
     start = step
     bs = max(1, fcfg.batch_size // world) * world
     if isinstance(data.train, Pairs):  # in memory: the very batches an uninterrupted run draws after `start`
-        batches = data.train.batches(bs, spec.image_size, spec.context_length, seed=seed, rank=rank, world=world,
-                                     skip=start)
+        batches = data.train.batches(
+            bs, spec.image_size, spec.context_length, seed=seed, rank=rank, world=world, skip=start
+        )
     else:  # streamed: reshuffled from a seed of its own (replaying a stream up to `start` would re-read it)
-        batches = data.train.batches(bs, spec.image_size, spec.context_length, seed=seed + 7919 * start, rank=rank,
-                                     world=world)
+        batches = data.train.batches(
+            bs, spec.image_size, spec.context_length, seed=seed + 7919 * start, rank=rank, world=world
+        )
 
     if modality == "image_text":
+
         def loss_fn(batch):
             images, tokens, _ = batch
             img, txt, scale = trained(images, tokens)
             loss = clip_loss(img, txt, scale, tokens)
             return loss, {"loss": loss.detach()}
     else:
+
         def loss_fn(batch):
             images, tokens, labels = batch
             logits = trained(images if modality == "image" else tokens)
@@ -188,9 +213,15 @@ def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConf
     t0 = time.perf_counter()
 
     def snapshot() -> dict:
-        snap = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "engine": engine.state_dict(), "history": history, "best": best, "step": step,
-                "samples": samples, "seconds": prior_s + time.perf_counter() - t0}
+        snap = {
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "engine": engine.state_dict(),
+            "history": history,
+            "best": best,
+            "step": step,
+            "samples": samples,
+            "seconds": prior_s + time.perf_counter() - t0,
+        }
         if "linear_probe_init" in summary:
             snap["linear_probe_init"] = summary["linear_probe_init"]
         return snap
@@ -199,8 +230,17 @@ def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConf
     try:
         while step < fcfg.steps:
             chunk = min(fcfg.eval_every, fcfg.steps - step)
-            res = run_loop(engine, batches, loss_fn, step + chunk, start_step=step, log_every=max(chunk, 1),
-                           name=f"finetune/{modality}", device=device, progress=progress)
+            res = run_loop(
+                engine,
+                batches,
+                loss_fn,
+                step + chunk,
+                start_step=step,
+                log_every=max(chunk, 1),
+                name=f"finetune/{modality}",
+                device=device,
+                progress=progress,
+            )
             samples += res.samples * world
             step = res.steps
             metrics = evaluate(model, modality, data, spec, device, precision)
@@ -215,6 +255,13 @@ def finetune(model: nn.Module, modality: str, data: TaskData, fcfg: FinetuneConf
     finally:
         if hasattr(batches, "close"):  # a streamed set's loader workers
             batches.close()
-    summary.update(final=history[-1], best=best, history=history, steps=step, samples=samples,
-                   seconds=prior_s + time.perf_counter() - t0, resumed_from_step=start)
+    summary.update(
+        final=history[-1],
+        best=best,
+        history=history,
+        steps=step,
+        samples=samples,
+        seconds=prior_s + time.perf_counter() - t0,
+        resumed_from_step=start,
+    )
     return summary

@@ -12,6 +12,7 @@ An executor runs the stages: `LocalExecutor` (here) in this process, one trial a
 Ray Tune (trials). Every artifact is written to the output store and handed on by reference
 (URI + content hash, mmlg_ray.artifacts): a trial reads only what its cell needs.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,11 +35,12 @@ log = logging.getLogger("mmlg_ray")
 @dataclass(frozen=True)
 class PretrainJob:
     """One pre-trained descendant shape: weights at `base`.safetensors, cost and reference at `base`.json."""
+
     method: str
     spec: ModelSpec
     budget: float
-    name: str   # pretrain_name: its row in stages.parquet
-    base: str   # the output store's URI or path, without suffix
+    name: str  # pretrain_name: its row in stages.parquet
+    base: str  # the output store's URI or path, without suffix
 
     @property
     def weights(self) -> str:
@@ -53,18 +55,23 @@ def pretrain_fingerprint(cfg: Config) -> str:
     """What a pre-trained shape depends on: the ancestor, the corpus, the extraction's budget and
     optimizer (its 1x budget), pretrain_steps, seed, precision; not the elastic extraction's settings."""
     from .pipeline import _fingerprint_of
+
     dumped = cfg.model_dump(mode="json")
     for name in ("elastic_weight", "elastic_shapes"):
         dumped["learngene"]["extraction"].pop(name, None)
-    return _fingerprint_of(dumped, ("ancestor", "data.corpus", "learngene.extraction", "descendants.pretrain_steps",
-                                    "seed", "precision"))
+    return _fingerprint_of(
+        dumped, ("ancestor", "data.corpus", "learngene.extraction", "descendants.pretrain_steps", "seed", "precision")
+    )
 
 
 def pretrain_jobs(cfg: Config, ancestor_spec: ModelSpec, od: OutputDir) -> list[PretrainJob]:
     from .pipeline import needs_pretraining, pretrain_name, shape_key
+
     fp = pretrain_fingerprint(cfg)
-    return [PretrainJob(m, s, b, pretrain_name(m, s, b), od.uri(f"pretrained/{m}-{shape_key(s)}-{b:g}x-{fp}"))
-            for m, s, b in needs_pretraining(cfg, ancestor_spec)]
+    return [
+        PretrainJob(m, s, b, pretrain_name(m, s, b), od.uri(f"pretrained/{m}-{shape_key(s)}-{b:g}x-{fp}"))
+        for m, s, b in needs_pretraining(cfg, ancestor_spec)
+    ]
 
 
 def pretrain_and_write(cfg: Config, ancestor, job: PretrainJob, device=None, hold_s: float = 0.0) -> dict:
@@ -75,6 +82,7 @@ def pretrain_and_write(cfg: Config, ancestor, job: PretrainJob, device=None, hol
 
     from . import storage as stor
     from .pipeline import pretrain_descendant
+
     started = time.time()
     state, cost = pretrain_descendant(cfg, ancestor, job.method, job.spec, device, budget=job.budget)
     if hold_s:  # tests (MMLG_HOLD_PRETRAIN_S, read by the driver): a shape that takes this much longer
@@ -107,13 +115,22 @@ class PretrainFailed(JobFailed):
 def trial_context(cfg: Config, anc, anc_ref, learngenes: dict, jobs: list[PretrainJob], storage: str | None) -> dict:
     """Everything a trial needs, by reference only (a few kB whatever the scale)."""
     from .pipeline import shape_key
-    return {"cfg": cfg.model_dump(mode="json"), "storage": storage, "cache_dir": cfg.cache_dir,  # each node's ~
-            "ancestor": {"spec": anc.spec.model_dump(), "fingerprint": anc.fingerprint, "source": anc.source,
-                         "ref": anc_ref.to_json() if anc_ref else None},
-            "learngenes": {k: r.to_json() for k, r in learngenes.items()},
-            "pretrained": {f"{j.method}|{shape_key(j.spec)}|{j.budget:g}": j.sidecar for j in jobs},
-            "kill_trial_at_step": os.environ.get("MMLG_KILL_TRIAL_AT_STEP"),
-            "kill_trial_where": json.loads(os.environ.get("MMLG_KILL_TRIAL_WHERE") or "{}")}
+
+    return {
+        "cfg": cfg.model_dump(mode="json"),
+        "storage": storage,
+        "cache_dir": cfg.cache_dir,  # each node's ~
+        "ancestor": {
+            "spec": anc.spec.model_dump(),
+            "fingerprint": anc.fingerprint,
+            "source": anc.source,
+            "ref": anc_ref.to_json() if anc_ref else None,
+        },
+        "learngenes": {k: r.to_json() for k, r in learngenes.items()},
+        "pretrained": {f"{j.method}|{shape_key(j.spec)}|{j.budget:g}": j.sidecar for j in jobs},
+        "kill_trial_at_step": os.environ.get("MMLG_KILL_TRIAL_AT_STEP"),
+        "kill_trial_where": json.loads(os.environ.get("MMLG_KILL_TRIAL_WHERE") or "{}"),
+    }
 
 
 def trial_inputs(ctx: dict, cell: Cell):
@@ -125,6 +142,7 @@ def trial_inputs(ctx: dict, cell: Cell):
     from .learngene import load_learngene
     from .pipeline import shape_key
     from safetensors.torch import load_file
+
     a, cache = ctx["ancestor"], ctx["cache_dir"]
     spec = ModelSpec(**a["spec"])
     state = {}
@@ -134,16 +152,19 @@ def trial_inputs(ctx: dict, cell: Cell):
         state = art.load(a["ref"], "ancestor", lambda p: load_file(str(p)), cache)
     anc = Ancestor(spec, state, a["fingerprint"], a["source"])
     lk = cell.learngene_key
-    learngenes = {lk: art.load(ctx["learngenes"][lk], "learngene", load_learngene, cache)} \
-        if lk in ctx["learngenes"] else {}
+    learngenes = (
+        {lk: art.load(ctx["learngenes"][lk], "learngene", load_learngene, cache)} if lk in ctx["learngenes"] else {}
+    )
     pretrained = {}
     if cell.pretrained_key:
         key = (cell.method, shape_key(descendant_spec(spec, cell.depth, cell.width)), cell.pt_budget)
         side_uri = ctx["pretrained"][f"{key[0]}|{key[1]}|{key[2]:g}"]
         side = art.read_sidecar(side_uri)
         if side is None:
-            raise RuntimeError(f"the pre-trained shape {key[0]}/{key[1]}@{key[2]:g}x is not written (its "
-                               "pre-training failed; see the job's log); rerun with --resume")
+            raise RuntimeError(
+                f"the pre-trained shape {key[0]}/{key[1]}@{key[2]:g}x is not written (its "
+                "pre-training failed; see the job's log); rerun with --resume"
+            )
         pretrained[key] = (art.load(side["ref"], "pretrained", lambda p: load_file(str(p)), cache), side["cost"])
     return anc, learngenes, pretrained
 
@@ -151,6 +172,7 @@ def trial_inputs(ctx: dict, cell: Cell):
 # --------------------------------------------------------------------------- the executors' interface
 class Executor:
     """Runs the stages; the job below owns their order and bookkeeping."""
+
     name = "local"
 
     def check(self, cfg: Config, od: OutputDir) -> None:
@@ -176,8 +198,9 @@ class Executor:
         """Start the missing shapes; returns a handle with .ready(name) and .wait() -> (done, failed)."""
         raise NotImplementedError
 
-    def run_trials(self, cfg: Config, plan, ctx: dict, pretraining, fp: str, storage: str | None,
-                   od: OutputDir) -> list[dict]:
+    def run_trials(
+        self, cfg: Config, plan, ctx: dict, pretraining, fp: str, storage: str | None, od: OutputDir
+    ) -> list[dict]:
         raise NotImplementedError
 
 
@@ -199,6 +222,7 @@ class LocalExecutor(Executor):
 
     def __init__(self):
         from .train import resolve_device
+
         self.device = None
         self._resolve = resolve_device
 
@@ -208,6 +232,7 @@ class LocalExecutor(Executor):
     def extract(self, cfg, anc, uri, method, mode, storage):
         from . import storage as stor
         from .pipeline import extract
+
         with stor.writing(uri) as tmp:
             extract(cfg, anc, tmp, method=method, device=self.device, mode=mode)
 
@@ -215,8 +240,9 @@ class LocalExecutor(Executor):
         done, failed = {}, []
         for j in jobs:
             try:
-                done[j.name] = pretrain_and_write(cfg, anc, j, self.device,
-                                                  hold_s=float(os.environ.get("MMLG_HOLD_PRETRAIN_S") or 0))
+                done[j.name] = pretrain_and_write(
+                    cfg, anc, j, self.device, hold_s=float(os.environ.get("MMLG_HOLD_PRETRAIN_S") or 0)
+                )
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 (the others still run; one error names them all)
@@ -228,6 +254,7 @@ class LocalExecutor(Executor):
         from .finetune import load_task_data
         from .pipeline import run_trial, shape_key  # noqa: F401
         from .search import FINISHED
+
         rows, data_cache, n = [], {}, 0
         while True:
             tid = f"local{n:05d}"
@@ -238,15 +265,31 @@ class LocalExecutor(Executor):
             cell = Cell.of(job["cell"])
             anc, lgs, pre = trial_inputs(ctx, cell)
             from .descend import descendant_spec
+
             spec = descendant_spec(anc.spec, cell.depth, cell.width)
             if cell.modality not in data_cache:
                 data_cache[cell.modality] = load_task_data(cfg, cell.modality, spec.image_size)
-            log.info("trial %s seed %d (%s) lr %.2g wd %.2g", cell.tag, job["seed"], job["phase"], job["lr"],
-                     job["weight_decay"])
+            log.info(
+                "trial %s seed %d (%s) lr %.2g wd %.2g",
+                cell.tag,
+                job["seed"],
+                job["phase"],
+                job["lr"],
+                job["weight_decay"],
+            )
             try:
-                row = run_trial(cfg, cell, int(job["seed"]), lr=job["lr"], weight_decay=job["weight_decay"],
-                                ancestor=anc, learngenes=lgs, pretrained=pre, task_data=data_cache[cell.modality],
-                                device=self.device)
+                row = run_trial(
+                    cfg,
+                    cell,
+                    int(job["seed"]),
+                    lr=job["lr"],
+                    weight_decay=job["weight_decay"],
+                    ancestor=anc,
+                    learngenes=lgs,
+                    pretrained=pre,
+                    task_data=data_cache[cell.modality],
+                    device=self.device,
+                )
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 (recorded as the trial's error, as Tune records it)
@@ -255,8 +298,17 @@ class LocalExecutor(Executor):
                 rows.append(error_row(job, tid, e))
                 continue
             plan.complete(tid, "finished", row.val_score)
-            rows.append(row.with_(phase=job["phase"], candidate=job.get("candidate", -1), status="finished",
-                                  error="", trial_id=tid, cell=job["cell"], trial=f"{row.trial}-{tid}"))
+            rows.append(
+                row.with_(
+                    phase=job["phase"],
+                    candidate=job.get("candidate", -1),
+                    status="finished",
+                    error="",
+                    trial_id=tid,
+                    cell=job["cell"],
+                    trial=f"{row.trial}-{tid}",
+                )
+            )
         return rows
 
 
@@ -264,16 +316,34 @@ def described_row(cell_key: str, job: dict, **kw) -> TrialRow:
     """The row of a trial known only by its job (cell, seed, hyper-parameters): one that errored before
     its first report."""
     c = Cell.of(cell_key)
-    return TrialRow(trial=f"{c.tag}-s{job['seed']}", cell=cell_key, method=c.method, arm=c.arm,
-                    extraction=c.extraction, pt_budget=c.pt_budget, modality=c.modality, depth=c.depth, width=c.width,
-                    seed=int(job["seed"]), lr=float(job["lr"]), weight_decay=float(job["weight_decay"]), **kw)
+    return TrialRow(
+        trial=f"{c.tag}-s{job['seed']}",
+        cell=cell_key,
+        method=c.method,
+        arm=c.arm,
+        extraction=c.extraction,
+        pt_budget=c.pt_budget,
+        modality=c.modality,
+        depth=c.depth,
+        width=c.width,
+        seed=int(job["seed"]),
+        lr=float(job["lr"]),
+        weight_decay=float(job["weight_decay"]),
+        **kw,
+    )
 
 
 def error_row(job: dict, trial_id: str, err) -> TrialRow:
     """The row of a trial that errored before its first report: its cell, seed and hyper-parameters."""
-    row = described_row(job["cell"], job, phase=job["phase"], status="error", candidate=int(job.get("candidate", -1)),
-                        error=f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:300],
-                        trial_id=trial_id)
+    row = described_row(
+        job["cell"],
+        job,
+        phase=job["phase"],
+        status="error",
+        candidate=int(job.get("candidate", -1)),
+        error=f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:300],
+        trial_id=trial_id,
+    )
     return row.with_(trial=f"{row.trial}-{trial_id}")
 
 
@@ -350,29 +420,43 @@ def run(cfg: Config, out_dir, executor: Executor, resume: bool = False, storage:
     del anc  # nothing below reads the ancestor's weights in this process
 
     plan = SweepPlan(grid, SearchSettings.of(cfg))
-    st = stage("trials", f"{len(grid)} cells x {cfg.ray.tune.num_samples} search trials + "
-               f"{len(cfg.descendants.seeds) - 1} seed re-runs each")
+    st = stage(
+        "trials",
+        f"{len(grid)} cells x {cfg.ray.tune.num_samples} search trials + "
+        f"{len(cfg.descendants.seeds) - 1} seed re-runs each",
+    )
     rows = executor.run_trials(cfg, plan, ctx, pretraining, fp, storage, od)
     st.done(f"{len(rows)} trials")
     running = plan.running()
     if running:  # interrupted (Ctrl-C, a stopped job): nothing is recorded, and no task is waited for
-        raise JobFailed(f"the sweep was interrupted with {len(running)} trials unfinished; rerun with --resume to "
-                        "continue it")
+        raise JobFailed(
+            f"the sweep was interrupted with {len(running)} trials unfinished; rerun with --resume to " "continue it"
+        )
     done, failed = pretraining.wait()
     st_pre.done(f"{len(done)} written, {len(failed)} failed")
     side = {**reused, **done}
     for j in jobs:
         if j.name in side:
-            stages.append({"stage": "pretrain", "name": j.name, "artifact": j.weights, **_cost_cols(side[j.name]["cost"])})
-    rows = [r.with_(status="superseded") if r.trial_id in plan.records and plan.superseded(r.trial_id) else r
-            for r in rows]  # a seed re-run at hyper-parameters its cell no longer chooses
+            stages.append(
+                {"stage": "pretrain", "name": j.name, "artifact": j.weights, **_cost_cols(side[j.name]["cost"])}
+            )
+    rows = [
+        r.with_(status="superseded") if r.trial_id in plan.records and plan.superseded(r.trial_id) else r for r in rows
+    ]  # a seed re-run at hyper-parameters its cell no longer chooses
     missing = plan.missing()
     failed_msg = failure_summary(rows, missing, len(grid))
     st = stage("tables")
     write_tables(out, rows, stages)
     write_parquet(timeline_frame(timeline, done, rows), out / "timeline.parquet")
-    write_json(out / "experiment.json", {"fingerprint": fp, "sections": list(cfg.RESULT_SECTIONS),
-                                         "complete": not missing and not failed, "backend": executor.name})
+    write_json(
+        out / "experiment.json",
+        {
+            "fingerprint": fp,
+            "sections": list(cfg.RESULT_SECTIONS),
+            "complete": not missing and not failed,
+            "backend": executor.name,
+        },
+    )
     # trials.parquet last: with experiment.json it marks a finished run
     for name in ("stages.parquet", "history.parquet", "timeline.parquet", "experiment.json", "trials.parquet"):
         od.push(name)
@@ -381,8 +465,13 @@ def run(cfg: Config, out_dir, executor: Executor, resume: bool = False, storage:
         st = stage("report")
         build_output_report(od)
         st.done(od.uri("report/report.html"))
-        log.info("sweep: %d trials in %.0f s; tables in %s; report %s", len(rows), time.perf_counter() - t_job, od,
-                 od.uri("report/report.html"))
+        log.info(
+            "sweep: %d trials in %.0f s; tables in %s; report %s",
+            len(rows),
+            time.perf_counter() - t_job,
+            od,
+            od.uri("report/report.html"),
+        )
     else:
         log.warning("sweep: no trial ran to its end; tables in %s, no report", od)
     if failed:
@@ -393,7 +482,8 @@ def run(cfg: Config, out_dir, executor: Executor, resume: bool = False, storage:
         raise PretrainFailed(
             f"pre-training failed for {len(failed)} of {len(todo)} descendant shapes: {names} "
             f"(first error: {str(failed[0][1]).strip().splitlines()[-1]}); the {len(side)} finished shapes "
-            f"are in {od.uri('pretrained')} and a rerun with --resume reuses them") from failed[0][1]
+            f"are in {od.uri('pretrained')} and a rerun with --resume reuses them"
+        ) from failed[0][1]
     if failed_msg:
         raise JobFailed(failed_msg)
     return od.target if od.remote else out
@@ -404,6 +494,7 @@ def _ancestor_artifact(anc, od: OutputDir) -> art.ArtifactRef:
     from safetensors.torch import save_file
 
     from .atomic import atomic_path
+
     name = f"artifacts/ancestor-{anc.fingerprint[:16]}.safetensors"
     local = od.fetch(name)
     if local is None:
@@ -422,12 +513,19 @@ def failure_summary(rows: list[TrialRow], missing: list[str], n_cells: int) -> s
         first = {}
         for r in errored:
             first.setdefault(r.cell or r.trial, r.error)
-        log.warning("sweep: %d of %d trials errored, in %d cells: %s", len(errored), len(rows), len(first),
-                    "; ".join(f"{c}: {e}" for c, e in first.items()))
+        log.warning(
+            "sweep: %d of %d trials errored, in %d cells: %s",
+            len(errored),
+            len(rows),
+            len(first),
+            "; ".join(f"{c}: {e}" for c, e in first.items()),
+        )
     if missing:
-        return (f"{len(missing)} of {n_cells} grid cells are incomplete (a trial errored, none finished, or seed "
-                f"re-runs are lacking): {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}; trials.parquet "
-                "lists each trial's status and error; rerun with --resume to retry the errored trials")
+        return (
+            f"{len(missing)} of {n_cells} grid cells are incomplete (a trial errored, none finished, or seed "
+            f"re-runs are lacking): {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}; trials.parquet "
+            "lists each trial's status and error; rerun with --resume to retry the errored trials"
+        )
     return None
 
 
@@ -436,18 +534,29 @@ def timeline_frame(driver: list[dict], pretrained: dict, rows: list[TrialRow]):
     each shape pre-trained in this run, each trial's last attempt. stage, name, start_s, end_s, what
     (the method a trial's cell grows, for the plot's colours)."""
     import pandas as pd
-    out = [{"stage": d["stage"], "name": d["name"], "start": d["start"], "end": d["end"], "what": d["stage"]}
-           for d in driver]
+
+    out = [
+        {"stage": d["stage"], "name": d["name"], "start": d["start"], "end": d["end"], "what": d["stage"]}
+        for d in driver
+    ]
     for name, side in pretrained.items():
         c = side.get("cost") or {}
         if c.get("started_at"):
-            out.append({"stage": "pretrain", "name": name, "start": c["started_at"], "end": c["ended_at"],
-                        "what": "pretrain"})
+            out.append(
+                {"stage": "pretrain", "name": name, "start": c["started_at"], "end": c["ended_at"], "what": "pretrain"}
+            )
     for r in rows:
         if r.started_at > 0 and r.ended_at > 0 and r.status != "superseded":  # NaN: never started
             needs = "needs a pre-trained shape" if r.method in ("pt_ft", "csm") else "needs none"
-            out.append({"stage": "trial", "name": r.trial, "start": r.started_at, "end": r.ended_at,
-                        "what": f"{r.phase or 'trial'}, {needs}"})
+            out.append(
+                {
+                    "stage": "trial",
+                    "name": r.trial,
+                    "start": r.started_at,
+                    "end": r.ended_at,
+                    "what": f"{r.phase or 'trial'}, {needs}",
+                }
+            )
     df = pd.DataFrame(out, columns=["stage", "name", "start", "end", "what"])
     if len(df):
         t0 = df.start.min()

@@ -19,6 +19,7 @@ File: one safetensors file, tensors `multimodal.<p>`, `unimodal.<tower>.<p>` (mm
 `base.<tower>.<p>`, `unimodal.<tower>.<p>` (tleg), `coeff.<tower>.a|b` (learned schedule),
 `inherited.<open_clip name>` (non-layer tensors); metadata key "mmlg_ray" holds JSON (docs/files.md).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -69,12 +70,18 @@ def _interp(knots: torch.Tensor, t: float):
 def block_shapes(width: int, hidden: int, layer_scale: bool = False) -> dict[str, tuple[int, ...]]:
     d, h = width, hidden
     shapes = {
-        "ln_1.weight": (d,), "ln_1.bias": (d,),
-        "attn.in_proj_weight": (3 * d, d), "attn.in_proj_bias": (3 * d,),
-        "attn.out_proj.weight": (d, d), "attn.out_proj.bias": (d,),
-        "ln_2.weight": (d,), "ln_2.bias": (d,),
-        "mlp.c_fc.weight": (h, d), "mlp.c_fc.bias": (h,),
-        "mlp.c_proj.weight": (d, h), "mlp.c_proj.bias": (d,),
+        "ln_1.weight": (d,),
+        "ln_1.bias": (d,),
+        "attn.in_proj_weight": (3 * d, d),
+        "attn.in_proj_bias": (3 * d,),
+        "attn.out_proj.weight": (d, d),
+        "attn.out_proj.bias": (d,),
+        "ln_2.weight": (d,),
+        "ln_2.bias": (d,),
+        "mlp.c_fc.weight": (h, d),
+        "mlp.c_fc.bias": (h,),
+        "mlp.c_proj.weight": (d, h),
+        "mlp.c_proj.bias": (d,),
     }
     if layer_scale:
         shapes.update({"ls_1.gamma": (d,), "ls_2.gamma": (d,)})
@@ -131,8 +138,9 @@ def is_attention_param(param: str) -> bool:
     return param.startswith(("ln_1.", "attn.", "ls_1."))
 
 
-def expand_tower(get, meta: LearngeneMeta, tower: str, depth: int, width: int | None = None,
-                 prefix: bool = True) -> dict[str, torch.Tensor]:
+def expand_tower(
+    get, meta: LearngeneMeta, tower: str, depth: int, width: int | None = None, prefix: bool = True
+) -> dict[str, torch.Tensor]:
     """Every residual-block tensor of `tower` at `depth` x `width` from learngene tensors `get(name)`.
 
     Selections compose exactly as extraction used them: the shared block is first narrowed to the
@@ -194,14 +202,18 @@ class Learngene(nn.Module):
         ls = {t: spec.layer_scale(t) is not None for t in ("image", "text")}
         for t in ("image", "text"):
             if spec.width(t) % spec.head_width_of(t) or meta.shared_width % spec.head_width_of(t):
-                raise ValueError(f"learngene: the shared width {meta.shared_width} and the {t} width "
-                                 f"{spec.width(t)} must be whole {t} heads of {spec.head_width_of(t)}")
+                raise ValueError(
+                    f"learngene: the shared width {meta.shared_width} and the {t} width "
+                    f"{spec.width(t)} must be whole {t} heads of {spec.head_width_of(t)}"
+                )
         if meta.shared not in SHARED_PARTS:
             raise ValueError(f"learngene: shared={meta.shared!r} is not one of {SHARED_PARTS}")
         if meta.method == "mmlg":
             blocks = {"multimodal": (meta.shared_width, meta.shared_hidden, any(ls.values()), True)}
             if meta.shared != "all":  # the part not shared: per tower, as TLEG's base blocks
-                blocks.update({f"base.{t}": (spec.width(t), spec.mlp_hidden(t), ls[t], False) for t in ("image", "text")})
+                blocks.update(
+                    {f"base.{t}": (spec.width(t), spec.mlp_hidden(t), ls[t], False) for t in ("image", "text")}
+                )
         else:
             blocks = {f"base.{t}": (spec.width(t), spec.mlp_hidden(t), ls[t], False) for t in ("image", "text")}
         blocks.update({f"unimodal.{t}": (spec.width(t), spec.mlp_hidden(t), ls[t], None) for t in ("image", "text")})
@@ -249,8 +261,9 @@ class Learngene(nn.Module):
         return {_unkey(k): v.detach() for k, v in self.tensors.items()}
 
     @torch.no_grad()
-    def fit_to(self, ancestor_state: dict[str, torch.Tensor], ancestor_spec: ModelSpec,
-               steps: int = 150, lr: float = 0.01) -> float:
+    def fit_to(
+        self, ancestor_state: dict[str, torch.Tensor], ancestor_spec: ModelSpec, steps: int = 150, lr: float = 0.01
+    ) -> float:
         """Warm start: least-squares fit of the expansion to the ancestor's layers (depth-resampled).
 
         Returns the final relative error. Extraction (distillation) then trains from here.
@@ -264,8 +277,13 @@ class Learngene(nn.Module):
                 for p in layer_params(spec, tower):
                     w = ancestor_state[layer_name(tower, src, p)].float()
                     targets[layer_name(tower, layer, p)] = select_layer_tensor(
-                        p, w, ancestor_spec.width(tower), spec.width(tower), spec.head_width_of(tower),
-                        spec.mlp_hidden(tower))
+                        p,
+                        w,
+                        ancestor_spec.width(tower),
+                        spec.width(tower),
+                        spec.head_width_of(tower),
+                        spec.mlp_hidden(tower),
+                    )
         params = [p for k, p in self.tensors.items()]
         with torch.enable_grad():
             opt = torch.optim.Adam(params, lr=lr)
@@ -290,10 +308,12 @@ def split_state(state: dict[str, torch.Tensor]):
     return layers, rest
 
 
-def inherited_for(inherited: dict[str, torch.Tensor], spec_from: ModelSpec, spec_to: ModelSpec,
-                  towers) -> dict[str, torch.Tensor]:
+def inherited_for(
+    inherited: dict[str, torch.Tensor], spec_from: ModelSpec, spec_to: ModelSpec, towers
+) -> dict[str, torch.Tensor]:
     """Width-select inherited non-layer tensors for a descendant of shape spec_to."""
     from .models import tower_of_name
+
     out, per_tower = {}, {t: {} for t in ("image", "text")}
     for name, t in inherited.items():
         tower = tower_of_name(name)
@@ -302,10 +322,16 @@ def inherited_for(inherited: dict[str, torch.Tensor], spec_from: ModelSpec, spec
         elif tower in towers:
             per_tower[tower][name] = t
     for tower, state in per_tower.items():
-        out.update(select_inherited_state(
-            state, spec_from.width(tower), spec_to.width(tower), spec_to.embed_dim,
-            spec_to.context_length if tower == "text" else None,
-            attn_pool=tower == "image" and bool(spec_to.vision_flags.get("attentional_pool"))))
+        out.update(
+            select_inherited_state(
+                state,
+                spec_from.width(tower),
+                spec_to.width(tower),
+                spec_to.embed_dim,
+                spec_to.context_length if tower == "text" else None,
+                attn_pool=tower == "image" and bool(spec_to.vision_flags.get("attentional_pool")),
+            )
+        )
     return out
 
 
@@ -336,7 +362,7 @@ class ElasticPlan:
         self.keys = [shape_key(d, w) for d in sorted(self.depths) for w in sorted(self.widths)]
 
     def at(self, step: int) -> list[str]:
-        fixed = list(dict.fromkeys([self.largest, self.smallest]))[:self.count]
+        fixed = list(dict.fromkeys([self.largest, self.smallest]))[: self.count]
         rest = [k for k in self.keys if k not in fixed]
         n = max(0, min(self.count - len(fixed), len(rest)))
         drawn = random.Random(self.seed * 1_000_003 + step).sample(rest, n) if n else []
@@ -346,12 +372,18 @@ class ElasticPlan:
         """Training FLOPs (forward + backward) of the sampled shapes over steps start..steps-1, each
         step on `batch` samples (the global batch)."""
         from .cost import train_flops
+
         per = {k: train_flops(s, "image_text", 1) for k, s in self.specs.items()}
         return int(round(sum(per[k] for step in range(start, steps) for k in self.at(step)) * batch))
 
     def describe(self) -> dict:
-        return {"depths": list(self.depths), "widths": list(self.widths), "shapes": self.count,
-                "weight": self.weight, "seed": self.seed}
+        return {
+            "depths": list(self.depths),
+            "widths": list(self.widths),
+            "shapes": self.count,
+            "weight": self.weight,
+            "seed": self.seed,
+        }
 
 
 # --------------------------------------------------------------------------- the auxiliary CLIP
@@ -368,8 +400,12 @@ class AuxCLIP(nn.Module):
     this module's forward, where DeepSpeed ZeRO-3 gathers the partitioned parameters it touches.
     """
 
-    def __init__(self, learngene: Learngene, inherited: dict[str, torch.Tensor] | None = None,
-                 shapes: dict[str, ModelSpec] | None = None):
+    def __init__(
+        self,
+        learngene: Learngene,
+        inherited: dict[str, torch.Tensor] | None = None,
+        shapes: dict[str, ModelSpec] | None = None,
+    ):
         super().__init__()
         self.learngene = learngene
         spec = learngene.meta.model_spec
@@ -468,6 +504,7 @@ def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
 
 def save_learngene(path, learngene: Learngene, inherited: dict[str, torch.Tensor]) -> LearngeneMeta:
     from safetensors.torch import save_file
+
     tensors = {k: v.detach().cpu().float().contiguous() for k, v in learngene.state_tensors().items()}
     tensors.update({f"inherited.{k}": v.detach().cpu().float().contiguous() for k, v in inherited.items()})
     meta = learngene.meta
@@ -484,7 +521,7 @@ class LoadedLearngene:
 
     @property
     def inherited(self) -> dict[str, torch.Tensor]:
-        return {k[len("inherited."):]: v for k, v in self.tensors.items() if k.startswith("inherited.")}
+        return {k[len("inherited.") :]: v for k, v in self.tensors.items() if k.startswith("inherited.")}
 
     def get(self, name):
         return self.tensors[name]
@@ -503,6 +540,7 @@ class LoadedLearngene:
 def load_learngene(path) -> LoadedLearngene:
     """Read and verify a learngene file: a local path or a URI (s3://...; read through a local copy)."""
     from .storage import is_uri, is_file, reading
+
     if is_uri(path):
         if not is_file(path):
             raise UserError("--learngene", f"{path!r} does not exist", "run jobs/extract.py first")
@@ -513,6 +551,7 @@ def load_learngene(path) -> LoadedLearngene:
 
 def _load_learngene(path, name=None) -> LoadedLearngene:
     from safetensors import safe_open
+
     p = Path(os.path.expanduser(str(path)))
     shown = name or p
     if not p.is_file():
@@ -522,18 +561,25 @@ def _load_learngene(path, name=None) -> LoadedLearngene:
             raw = (f.metadata() or {}).get("mmlg_ray")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises several types for corrupt files
-        raise UserError("--learngene", f"{shown} is not a readable safetensors file ({type(e).__name__})",
-                        "re-run the extraction") from None
+        raise UserError(
+            "--learngene", f"{shown} is not a readable safetensors file ({type(e).__name__})", "re-run the extraction"
+        ) from None
     if raw is None:
         raise UserError("--learngene", f"{shown} has no mmlg_ray metadata; not a learngene file")
     meta = LearngeneMeta(**json.loads(raw))
     if meta.format_version != FORMAT_VERSION:
-        raise UserError("--learngene", f"format version {meta.format_version} is not supported "
-                        f"(this build reads {FORMAT_VERSION})")
+        raise UserError(
+            "--learngene",
+            f"format version {meta.format_version} is not supported " f"(this build reads {FORMAT_VERSION})",
+        )
     digest = tensors_digest(tensors)
     if digest != meta.tensors_sha256:
-        raise UserError("--learngene", f"{shown} is corrupt: tensor checksum {digest[:12]} does not match "
-                        f"the recorded {meta.tensors_sha256[:12]}", "re-run the extraction")
+        raise UserError(
+            "--learngene",
+            f"{shown} is corrupt: tensor checksum {digest[:12]} does not match "
+            f"the recorded {meta.tensors_sha256[:12]}",
+            "re-run the extraction",
+        )
     return LoadedLearngene(meta, tensors)
 
 
@@ -542,6 +588,9 @@ def aux_spec(cfg, ancestor_spec: ModelSpec) -> ModelSpec:
     """The auxiliary CLIP the learngene is extracted through: the ancestor's shape at the
     learngene's auxiliary depths (cfg.learngene.aux_image_depth / aux_text_depth; 0: the ancestor's)."""
     lg = cfg.learngene
-    return ancestor_spec.model_copy(update=dict(
-        image_depth=lg.aux_image_depth or ancestor_spec.image_depth,
-        text_depth=lg.aux_text_depth or ancestor_spec.text_depth))
+    return ancestor_spec.model_copy(
+        update=dict(
+            image_depth=lg.aux_image_depth or ancestor_spec.image_depth,
+            text_depth=lg.aux_text_depth or ancestor_spec.text_depth,
+        )
+    )

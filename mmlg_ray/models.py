@@ -7,6 +7,7 @@ pooling, pool types, ...). Image-text models are `open_clip.CLIP`; an image-only
 VisionTransformer held under `.visual` (so its names match CLIP's: `visual.*`); a text-only model is
 open_clip's TextTransformer, whose names already match CLIP's top-level text names.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,12 +25,18 @@ TOWERS = ("image", "text")
 
 # Every open_clip residual block holds exactly these tensors ...
 LAYER_PARAMS = (
-    "ln_1.weight", "ln_1.bias",
-    "attn.in_proj_weight", "attn.in_proj_bias",
-    "attn.out_proj.weight", "attn.out_proj.bias",
-    "ln_2.weight", "ln_2.bias",
-    "mlp.c_fc.weight", "mlp.c_fc.bias",
-    "mlp.c_proj.weight", "mlp.c_proj.bias",
+    "ln_1.weight",
+    "ln_1.bias",
+    "attn.in_proj_weight",
+    "attn.in_proj_bias",
+    "attn.out_proj.weight",
+    "attn.out_proj.bias",
+    "ln_2.weight",
+    "ln_2.bias",
+    "mlp.c_fc.weight",
+    "mlp.c_fc.bias",
+    "mlp.c_proj.weight",
+    "mlp.c_proj.bias",
 )
 # ... plus these where the tower has layer scale (ls_init_value set).
 LAYER_SCALE_PARAMS = ("ls_1.gamma", "ls_2.gamma")
@@ -58,7 +65,7 @@ def parse_layer_name(name: str):
     """'visual.transformer.resblocks.3.attn.in_proj_weight' -> ('image', 3, 'attn.in_proj_weight')."""
     for tower, prefix in LAYER_PREFIX.items():
         if name.startswith(prefix):
-            rest = name[len(prefix):]
+            rest = name[len(prefix) :]
             layer, param = rest.split(".", 1)
             return tower, int(layer), param
     return None
@@ -81,8 +88,11 @@ def spec_from_open_clip_cfg(cfg: dict, name: str = "model", field: str = "ancest
     top = {k: val for k, val in cfg.items() if k not in ("vision_cfg", "text_cfg")}
     bad = unsupported_features(v, t, top)
     if bad:
-        raise UserError(field, f"{name}: {bad[0]} is not supported yet",
-                        "choose a ViT CLIP with a plain open_clip text transformer, e.g. ViT-B-16")
+        raise UserError(
+            field,
+            f"{name}: {bad[0]} is not supported yet",
+            "choose a ViT CLIP with a plain open_clip text transformer, e.g. ViT-B-16",
+        )
     vd = {f.name: f.default for f in dataclasses.fields(CLIPVisionCfg)}
     td = {f.name: f.default for f in dataclasses.fields(CLIPTextCfg)}
     image_size = v.get("image_size", vd["image_size"])
@@ -96,13 +106,23 @@ def spec_from_open_clip_cfg(cfg: dict, name: str = "model", field: str = "ancest
     text_flags = {k: val for k, val in t.items() if k not in _TEXT_SHAPE}
     try:
         return ModelSpec(
-            image_depth=v.get("layers", vd["layers"]), text_depth=t.get("layers", td["layers"]),
-            image_width=v.get("width", vd["width"]), text_width=text_width,
-            head_width=v.get("head_width", vd["head_width"]), text_head_width=text_width // text_heads,
-            mlp_ratio=v_mlp, text_mlp_ratio=t_mlp, patch_size=v.get("patch_size", vd["patch_size"]),
-            image_size=image_size, context_length=t.get("context_length", td["context_length"]),
-            vocab_size=t.get("vocab_size", td["vocab_size"]), embed_dim=cfg["embed_dim"],
-            quick_gelu=bool(cfg.get("quick_gelu", False)), vision_flags=vision_flags, text_flags=text_flags)
+            image_depth=v.get("layers", vd["layers"]),
+            text_depth=t.get("layers", td["layers"]),
+            image_width=v.get("width", vd["width"]),
+            text_width=text_width,
+            head_width=v.get("head_width", vd["head_width"]),
+            text_head_width=text_width // text_heads,
+            mlp_ratio=v_mlp,
+            text_mlp_ratio=t_mlp,
+            patch_size=v.get("patch_size", vd["patch_size"]),
+            image_size=image_size,
+            context_length=t.get("context_length", td["context_length"]),
+            vocab_size=t.get("vocab_size", td["vocab_size"]),
+            embed_dim=cfg["embed_dim"],
+            quick_gelu=bool(cfg.get("quick_gelu", False)),
+            vision_flags=vision_flags,
+            text_flags=text_flags,
+        )
     except Exception as e:  # pydantic ValidationError: a shape open_clip accepts but ModelSpec does not
         raise UserError(field, f"{name}: {str(e).splitlines()[-1].strip()}") from None
 
@@ -110,8 +130,9 @@ def spec_from_open_clip_cfg(cfg: dict, name: str = "model", field: str = "ancest
 def spec_from_arch(arch: str, field: str = "ancestor.arch") -> ModelSpec:
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
-        raise UserError(field, f"{arch!r} is not an open_clip architecture",
-                        "see open_clip.list_models(), e.g. ViT-B-16")
+        raise UserError(
+            field, f"{arch!r} is not an open_clip architecture", "see open_clip.list_models(), e.g. ViT-B-16"
+        )
     return spec_from_open_clip_cfg(cfg, arch, field)
 
 
@@ -125,15 +146,27 @@ def weights_need_quick_gelu(arch: str, pretrained: str) -> bool:
 
 
 def vision_cfg(spec: ModelSpec) -> dict:
-    return dict(layers=spec.image_depth, width=spec.image_width, head_width=spec.head_width,
-                mlp_ratio=spec.mlp_ratio_of("image"), patch_size=spec.patch_size, image_size=spec.image_size,
-                **spec.vision_flags)
+    return dict(
+        layers=spec.image_depth,
+        width=spec.image_width,
+        head_width=spec.head_width,
+        mlp_ratio=spec.mlp_ratio_of("image"),
+        patch_size=spec.patch_size,
+        image_size=spec.image_size,
+        **spec.vision_flags,
+    )
 
 
 def text_cfg(spec: ModelSpec) -> dict:
-    return dict(context_length=spec.context_length, vocab_size=spec.vocab_size, width=spec.text_width,
-                heads=spec.heads("text"), layers=spec.text_depth, mlp_ratio=spec.mlp_ratio_of("text"),
-                **spec.text_flags)
+    return dict(
+        context_length=spec.context_length,
+        vocab_size=spec.vocab_size,
+        width=spec.text_width,
+        heads=spec.heads("text"),
+        layers=spec.text_depth,
+        mlp_ratio=spec.mlp_ratio_of("text"),
+        **spec.text_flags,
+    )
 
 
 def open_clip_model_cfg(spec: ModelSpec) -> dict:
@@ -162,8 +195,9 @@ class ImageTower(nn.Module):
 def build_model(spec: ModelSpec, modality: str = "image_text") -> nn.Module:
     """A freshly initialized open_clip model of this shape (open_clip's own init)."""
     if modality == "image_text":
-        return open_clip.CLIP(spec.embed_dim, CLIPVisionCfg(**vision_cfg(spec)), CLIPTextCfg(**text_cfg(spec)),
-                              quick_gelu=spec.quick_gelu)
+        return open_clip.CLIP(
+            spec.embed_dim, CLIPVisionCfg(**vision_cfg(spec)), CLIPTextCfg(**text_cfg(spec)), quick_gelu=spec.quick_gelu
+        )
     if modality == "image":
         return ImageTower(spec)
     if modality == "text":

@@ -1,6 +1,7 @@
 """The pipeline's stages as plain functions (no Ray): ancestor, extraction, descendant pre-training
 (pt_ft / csm), and a trial (initialize + fine-tune + score). mmlg_ray.job chains them, on an
 in-process executor or the Ray layer's (mmlg_ray.distributed)."""
+
 from __future__ import annotations
 
 import itertools
@@ -15,8 +16,17 @@ from . import cost as costmod
 from . import precision as amp
 from .config import Config, ModelSpec, TrainConfig
 from .descend import descendant_spec, init_descendant
-from .learngene import (EXTRACTION_MODES, AuxCLIP, ElasticPlan, Learngene, LearngeneMeta, aux_spec,  # noqa: F401
-                        load_learngene, save_learngene, split_state)
+from .learngene import (  # noqa: F401 (some re-exported: callers import them from here)
+    EXTRACTION_MODES,
+    AuxCLIP,
+    ElasticPlan,
+    Learngene,
+    LearngeneMeta,
+    aux_spec,
+    load_learngene,
+    save_learngene,
+    split_state,
+)
 from .learngene import shape_key as lg_shape_key
 from .models import build_model, towers_of
 from .pretrain import close_batches as _close
@@ -29,6 +39,7 @@ log = logging.getLogger("mmlg_ray")
 
 def setup_runtime(cfg: Config | None = None, level=logging.INFO):
     from .prebuild import venv_ninja_first
+
     venv_ninja_first()  # DeepSpeed's ops load with the ninja that built them (else they are compiled again)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
@@ -43,6 +54,7 @@ def setup_runtime(cfg: Config | None = None, level=logging.INFO):
 def check_mode(mode: str) -> str:
     if mode not in EXTRACTION_MODES:
         from .errors import UserError
+
         raise UserError("extraction mode", f"{mode!r} is not an extraction mode", f"one of {list(EXTRACTION_MODES)}")
     return mode
 
@@ -52,12 +64,17 @@ def elastic_plan(cfg: Config, ancestor_spec: ModelSpec) -> ElasticPlan:
     by descendant_spec exactly as the sweep builds that descendant."""
     g, ecfg = cfg.descendants.grid, cfg.learngene.extraction
     specs = {lg_shape_key(d, w): descendant_spec(ancestor_spec, d, w) for d in g.depth for w in g.width}
-    return ElasticPlan(specs=specs, depths=list(g.depth), widths=list(g.width), count=ecfg.elastic_shapes,
-                       weight=ecfg.elastic_weight, seed=cfg.seed)
+    return ElasticPlan(
+        specs=specs,
+        depths=list(g.depth),
+        widths=list(g.width),
+        count=ecfg.elastic_shapes,
+        weight=ecfg.elastic_weight,
+        seed=cfg.seed,
+    )
 
 
-def build_aux(cfg: Config, ancestor, method: str | None = None, fit: bool = True,
-              mode: str = "fixed") -> AuxCLIP:
+def build_aux(cfg: Config, ancestor, method: str | None = None, fit: bool = True, mode: str = "fixed") -> AuxCLIP:
     """The auxiliary CLIP: learngene (warm-started by a least-squares fit to the ancestor's layers)
     plus the ancestor's non-layer tensors. mode=elastic adds the grid's descendant shapes."""
     method = method or cfg.learngene.method
@@ -67,10 +84,16 @@ def build_aux(cfg: Config, ancestor, method: str | None = None, fit: bool = True
     plan = elastic_plan(cfg, ancestor.spec) if mode == "elastic" else None
     if plan is not None:
         extraction["elastic"] = plan.describe()
-    meta = LearngeneMeta(method=method, schedule=schedule, spec=aux_spec(cfg, ancestor.spec).model_dump(),
-                         knots=cfg.learngene.learned_knots, ancestor_fingerprint=ancestor.fingerprint,
-                         extraction=extraction, extraction_mode=mode,
-                         shared=cfg.learngene.shared if method == "mmlg" else "all")
+    meta = LearngeneMeta(
+        method=method,
+        schedule=schedule,
+        spec=aux_spec(cfg, ancestor.spec).model_dump(),
+        knots=cfg.learngene.learned_knots,
+        ancestor_fingerprint=ancestor.fingerprint,
+        extraction=extraction,
+        extraction_mode=mode,
+        shared=cfg.learngene.shared if method == "mmlg" else "all",
+    )
     lg = Learngene(meta)
     if fit:
         err = lg.fit_to(ancestor.state, ancestor.spec)
@@ -99,6 +122,7 @@ def _fingerprint_of(dumped: dict, sections) -> str:
     import json
 
     from .config import _dig, drop_defaults_added_later
+
     for ds in (dumped.get("data") or {}).values():
         if isinstance(ds, dict):
             ds.pop("workers", None)
@@ -114,16 +138,18 @@ def learngene_name(cfg: Config, method: str, mode: str = "fixed") -> str:
     """The learngene's file inside an output folder (local or URI), keyed by what it depends on:
     learngenes/<method>-<key>.safetensors (fixed), learngenes/<method>-elastic-<key>.safetensors."""
     fp = extraction_fingerprint(cfg, mode)
-    return f"learngenes/{method}-{fp}.safetensors" if mode == "fixed" else \
-        f"learngenes/{method}-{mode}-{fp}.safetensors"
+    return (
+        f"learngenes/{method}-{fp}.safetensors" if mode == "fixed" else f"learngenes/{method}-{mode}-{fp}.safetensors"
+    )
 
 
 def learngene_path(cfg: Config, out_dir: Path, method: str, mode: str = "fixed") -> Path:
     return Path(out_dir) / learngene_name(cfg, method, mode)
 
 
-def extract(cfg: Config, ancestor, out_path, method: str | None = None, device=None, data=None,
-            mode: str = "fixed") -> dict:
+def extract(
+    cfg: Config, ancestor, out_path, method: str | None = None, device=None, data=None, mode: str = "fixed"
+) -> dict:
     """Stage 1 in one process: train the learngene through the auxiliary CLIP, write the file. In
     bf16 / fp16 the student and the teacher both run under autocast; the learngene stays fp32.
     mode=elastic: each step also distils descendant shapes of the grid (see ElasticPlan)."""
@@ -139,12 +165,14 @@ def extract(cfg: Config, ancestor, out_path, method: str | None = None, device=N
     spec = aux.learngene.meta.model_spec
     engine = TorchEngine(aux, ecfg, precision=cfg.precision)
     batches = data.batches(ecfg.batch_size, spec.image_size, spec.context_length, seed=cfg.seed)
-    step_fn = extraction_step(aux, teacher, ecfg.distill_weight, ecfg.distill_temperature, ecfg.feature_weight,
-                              elastic=plan)
+    step_fn = extraction_step(
+        aux, teacher, ecfg.distill_weight, ecfg.distill_temperature, ecfg.feature_weight, elastic=plan
+    )
     name = aux.learngene.meta.method + ("/elastic" if plan is not None else "")
     try:
-        res = run_loop(engine, batches, step_fn, ecfg.steps, log_every=ecfg.log_every,
-                       name=f"extract/{name}", device=device)
+        res = run_loop(
+            engine, batches, step_fn, ecfg.steps, log_every=ecfg.log_every, name=f"extract/{name}", device=device
+        )
     finally:
         _close(batches)
     cost = extraction_cost(spec, ancestor.spec, res.steps, res.samples, res.seconds, 1, res.last, elastic=plan)
@@ -154,17 +182,33 @@ def extract(cfg: Config, ancestor, out_path, method: str | None = None, device=N
     return cost
 
 
-def extraction_cost(aux_spec_: ModelSpec, teacher_spec: ModelSpec, steps, samples, seconds, n_devices, last,
-                    elastic: ElasticPlan | None = None):
+def extraction_cost(
+    aux_spec_: ModelSpec,
+    teacher_spec: ModelSpec,
+    steps,
+    samples,
+    seconds,
+    n_devices,
+    last,
+    elastic: ElasticPlan | None = None,
+):
     """An extraction's cost. Elastic: the FLOPs also count the training (forward + backward) of every
     descendant shape each step distilled (the teacher's forward is shared)."""
     flops = costmod.extraction_flops(aux_spec_, teacher_spec, samples)
     extra = elastic.train_flops(steps, samples / max(steps, 1)) if elastic is not None and steps else 0
-    return {"steps": steps, "samples": samples, "wall_s": seconds, "device_s": seconds * n_devices,
-            "devices": n_devices, "flops": flops + extra, "elastic_flops": extra,
-            "extraction_mode": "elastic" if elastic is not None else "fixed",
-            "final_loss": (last or {}).get("loss"), "final_elastic_loss": (last or {}).get("elastic"),
-            "final_distill_smallest": (last or {}).get("distill_smallest")}
+    return {
+        "steps": steps,
+        "samples": samples,
+        "wall_s": seconds,
+        "device_s": seconds * n_devices,
+        "devices": n_devices,
+        "flops": flops + extra,
+        "elastic_flops": extra,
+        "extraction_mode": "elastic" if elastic is not None else "fixed",
+        "final_loss": (last or {}).get("loss"),
+        "final_elastic_loss": (last or {}).get("elastic"),
+        "final_distill_smallest": (last or {}).get("distill_smallest"),
+    }
 
 
 def finish_extraction(aux: AuxCLIP, out_path, cost: dict):
@@ -174,16 +218,23 @@ def finish_extraction(aux: AuxCLIP, out_path, cost: dict):
 
 
 # --------------------------------------------------------------------------- descendant pre-training
-def pretrain_descendant(cfg: Config, ancestor, method: str, spec: ModelSpec, device=None, data=None,
-                        budget: float = 1.0):
+def pretrain_descendant(
+    cfg: Config, ancestor, method: str, spec: ModelSpec, device=None, data=None, budget: float = 1.0
+):
     """pt_ft: contrastive pre-training of this descendant shape; csm: cross-modal similarity
     matching against the ancestor. Same corpus and batch as the extraction, `budget` times its steps
     (descendants.pretrain_steps, when set, replaces the extraction's steps as the 1x budget)."""
     device = device or resolve_device(cfg.device)
     ecfg = cfg.learngene.extraction
     steps = max(1, round((cfg.descendants.pretrain_steps or ecfg.steps) * budget))
-    tcfg = TrainConfig(steps=steps, batch_size=ecfg.batch_size, lr=ecfg.lr, weight_decay=ecfg.weight_decay,
-                       warmup_steps=ecfg.warmup_steps, log_every=ecfg.log_every)
+    tcfg = TrainConfig(
+        steps=steps,
+        batch_size=ecfg.batch_size,
+        lr=ecfg.lr,
+        weight_decay=ecfg.weight_decay,
+        warmup_steps=ecfg.warmup_steps,
+        log_every=ecfg.log_every,
+    )
     data = data or corpus(cfg)
     name = f"pretrain/{method}/d{spec.image_depth}w{spec.image_width}@{budget:g}x"
     if method == "pt_ft":
@@ -195,15 +246,29 @@ def pretrain_descendant(cfg: Config, ancestor, method: str, spec: ModelSpec, dev
     engine = TorchEngine(model, tcfg, precision=cfg.precision)
     batches = data.batches(tcfg.batch_size, spec.image_size, spec.context_length, seed=cfg.seed)
     try:
-        res = run_loop(engine, batches, csm_step(model, teacher, "image_text", anchors_img, anchors_txt), steps,
-                       log_every=tcfg.log_every, name=name, device=device)
+        res = run_loop(
+            engine,
+            batches,
+            csm_step(model, teacher, "image_text", anchors_img, anchors_txt),
+            steps,
+            log_every=tcfg.log_every,
+            name=name,
+            device=device,
+        )
     finally:
         _close(batches)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "attn_mask"}
     flops = costmod.train_flops(spec, "image_text", res.samples) + costmod.forward_flops(ancestor.spec) * res.samples
-    return state, {"steps": res.steps, "samples": res.samples, "wall_s": res.seconds, "device_s": res.seconds,
-                   "flops": flops, "final_loss": res.last.get("loss"), "precision": cfg.precision,
-                   "skipped_samples": data.skipped}
+    return state, {
+        "steps": res.steps,
+        "samples": res.samples,
+        "wall_s": res.seconds,
+        "device_s": res.seconds,
+        "flops": flops,
+        "final_loss": res.last.get("loss"),
+        "precision": cfg.precision,
+        "skipped_samples": data.skipped,
+    }
 
 
 @torch.no_grad()
@@ -214,6 +279,7 @@ def csm_anchors(cfg: Config, teacher, data, device, n_images: int = 256, n_texts
     read whole (and an in-memory one gives the same anchors as its stream would). Computed in
     cfg.precision, kept as float32."""
     from .data import tokenize_captions
+
     spec = cfg.ancestor.spec
     prompts = [t.format(c) for c in data.classnames for t in data.templates] if data.classnames else None
     captions: dict[str, None] = {}
@@ -222,7 +288,7 @@ def csm_anchors(cfg: Config, teacher, data, device, n_images: int = 256, n_texts
     try:
         for x, _, _, caps in stream:
             if n_img < n_images:
-                images.append(x[:n_images - n_img])
+                images.append(x[: n_images - n_img])
                 n_img += len(images[-1])
             if prompts is None:
                 captions.update(dict.fromkeys(caps))
@@ -232,6 +298,7 @@ def csm_anchors(cfg: Config, teacher, data, device, n_images: int = 256, n_texts
         _close(stream)
     if not images:
         from .errors import UserError
+
         raise UserError("data.corpus", "csm found no readable sample in the corpus", "check data.corpus.path")
     prompts = prompts or list(captions)[:n_texts]
     with amp.autocast(device, cfg.precision):
@@ -264,46 +331,87 @@ def learngene_arms(cfg: Config) -> list[tuple[str, str]]:
 
 def cells(cfg: Config) -> list[Cell]:
     g = cfg.descendants.grid
-    return [Cell(mod, d, w, m, e, b) for mod, d, w, (m, e, b) in itertools.product(g.modality, g.depth, g.width,
-                                                                                   arms(cfg))]
+    return [
+        Cell(mod, d, w, m, e, b) for mod, d, w, (m, e, b) in itertools.product(g.modality, g.depth, g.width, arms(cfg))
+    ]
 
 
 def shape_key(spec: ModelSpec) -> str:
     return f"i{spec.image_depth}x{spec.image_width}-t{spec.text_depth}x{spec.text_width}"
 
 
-def run_trial(cfg: Config, cell: Cell, seed: int, *, lr: float | None = None, weight_decay: float | None = None,
-              ancestor=None, learngenes: dict | None = None, pretrained: dict | None = None,
-              task_data=None, device=None, on_eval=None, rank: int = 0, world: int = 1, wrap=None,
-              resume: dict | None = None) -> dict:
+def run_trial(
+    cfg: Config,
+    cell: Cell,
+    seed: int,
+    *,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    ancestor=None,
+    learngenes: dict | None = None,
+    pretrained: dict | None = None,
+    task_data=None,
+    device=None,
+    on_eval=None,
+    rank: int = 0,
+    world: int = 1,
+    wrap=None,
+    resume: dict | None = None,
+) -> dict:
     """Initialize one descendant by its method, fine-tune it, score it. Returns its row (a TrialRow).
     `on_eval(step, row_so_far, snapshot)` is called at every evaluation (snapshot() gives a
     fine-tuning checkpoint); `resume=` such a checkpoint continues the trial from its step."""
     from .finetune import SCORE_KEY, TASK_NAMES, finetune, load_task_data
+
     device = device or resolve_device(cfg.device)
-    fcfg = cfg.descendants.finetune.model_copy(update={
-        k: v for k, v in (("lr", lr), ("weight_decay", weight_decay)) if v is not None})
+    fcfg = cfg.descendants.finetune.model_copy(
+        update={k: v for k, v in (("lr", lr), ("weight_decay", weight_decay)) if v is not None}
+    )
     spec = descendant_spec(ancestor.spec, cell.depth, cell.width)
     pre = (pretrained or {}).get((cell.method, shape_key(spec), cell.pt_budget)) if cell.pretrained_key else None
     model = init_descendant(
-        cell.method, cell.modality, spec, seed=seed,
-        learngene=(learngenes or {}).get(cell.learngene_key), ancestor_state=ancestor.state, ancestor_spec=ancestor.spec,
-        pretrained_state=pre[0] if pre else None, heur_lg_layers=cfg.descendants.heur_lg_layers)
+        cell.method,
+        cell.modality,
+        spec,
+        seed=seed,
+        learngene=(learngenes or {}).get(cell.learngene_key),
+        ancestor_state=ancestor.state,
+        ancestor_spec=ancestor.spec,
+        pretrained_state=pre[0] if pre else None,
+        heur_lg_layers=cfg.descendants.heur_lg_layers,
+    )
     n_params = sum(p.numel() for p in model.parameters())
     data = task_data or load_task_data(cfg, cell.modality, spec.image_size)
     towers = towers_of(cell.modality)
     row = TrialRow(
-        trial=f"{cell.tag}-s{seed}", cell=cell.key, method=cell.method, arm=cell.arm, extraction=cell.extraction,
-        pt_budget=cell.pt_budget, modality=cell.modality, task=TASK_NAMES[cell.modality], dataset=data.test.name,
-        depth=cell.depth, width=cell.width,
-        image_depth=spec.image_depth if "image" in towers else 0, text_depth=spec.text_depth if "text" in towers else 0,
-        image_width=spec.image_width if "image" in towers else 0, text_width=spec.text_width if "text" in towers else 0,
-        heads=spec.heads("image" if "image" in towers else "text"), params=n_params, seed=seed, lr=fcfg.lr,
-        weight_decay=fcfg.weight_decay, score_metric=SCORE_KEY[cell.modality], workers=world,
-        pretrain_wall_s=pre[1]["wall_s"] if pre else 0.0, pretrain_device_s=pre[1]["device_s"] if pre else 0.0,
+        trial=f"{cell.tag}-s{seed}",
+        cell=cell.key,
+        method=cell.method,
+        arm=cell.arm,
+        extraction=cell.extraction,
+        pt_budget=cell.pt_budget,
+        modality=cell.modality,
+        task=TASK_NAMES[cell.modality],
+        dataset=data.test.name,
+        depth=cell.depth,
+        width=cell.width,
+        image_depth=spec.image_depth if "image" in towers else 0,
+        text_depth=spec.text_depth if "text" in towers else 0,
+        image_width=spec.image_width if "image" in towers else 0,
+        text_width=spec.text_width if "text" in towers else 0,
+        heads=spec.heads("image" if "image" in towers else "text"),
+        params=n_params,
+        seed=seed,
+        lr=fcfg.lr,
+        weight_decay=fcfg.weight_decay,
+        score_metric=SCORE_KEY[cell.modality],
+        workers=world,
+        pretrain_wall_s=pre[1]["wall_s"] if pre else 0.0,
+        pretrain_device_s=pre[1]["device_s"] if pre else 0.0,
         pretrain_flops=pre[1]["flops"] if pre else 0,
         started_at=time.time(),  # wall clock of this attempt's start: the job's stage timeline
-        resumed_from_step=int(resume["step"]) if resume else 0)
+        resumed_from_step=int(resume["step"]) if resume else 0,
+    )
     t0 = time.perf_counter()
     prior = float(resume["seconds"]) if resume else 0.0
     described = {k: v for k, v in row.record().items() if not k.startswith(("final_", "best_"))}
@@ -311,22 +419,49 @@ def run_trial(cfg: Config, cell: Cell, seed: int, *, lr: float | None = None, we
     def running(step, metrics, snapshot):  # every evaluation carries the trial's description and cost so far
         if on_eval is not None:
             el = prior + time.perf_counter() - t0
-            on_eval(step, {**described, "steps": step, "finetune_wall_s": el, "finetune_device_s": el * world,
-                           "skipped_samples": data.skipped,
-                           "finetune_flops": costmod.train_flops(spec, cell.modality, step * fcfg.batch_size),
-                           **metrics}, snapshot)
+            on_eval(
+                step,
+                {
+                    **described,
+                    "steps": step,
+                    "finetune_wall_s": el,
+                    "finetune_device_s": el * world,
+                    "skipped_samples": data.skipped,
+                    "finetune_flops": costmod.train_flops(spec, cell.modality, step * fcfg.batch_size),
+                    **metrics,
+                },
+                snapshot,
+            )
 
-    summary = finetune(model, cell.modality, data, fcfg, spec, device, seed=seed, on_eval=running,
-                       rank=rank, world=world, wrap=wrap, precision=cfg.precision, resume=resume)
+    summary = finetune(
+        model,
+        cell.modality,
+        data,
+        fcfg,
+        spec,
+        device,
+        seed=seed,
+        on_eval=running,
+        rank=rank,
+        world=world,
+        wrap=wrap,
+        precision=cfg.precision,
+        resume=resume,
+    )
     return row.with_(
-        skipped_samples=data.skipped, epochs=len(summary["history"]), steps=summary["steps"],
-        finetune_wall_s=summary["seconds"], finetune_device_s=summary["seconds"] * world,
+        skipped_samples=data.skipped,
+        epochs=len(summary["history"]),
+        steps=summary["steps"],
+        finetune_wall_s=summary["seconds"],
+        finetune_device_s=summary["seconds"] * world,
         finetune_flops=costmod.train_flops(spec, cell.modality, summary["samples"]),
-        linear_probe_init=summary.get("linear_probe_init", float("nan")), ended_at=time.time(),
+        linear_probe_init=summary.get("linear_probe_init", float("nan")),
+        ended_at=time.time(),
         final={k: v for k, v in summary["final"].items() if k not in ("step", "epoch")},
         val_score=float(summary["final"].get("val_score", float("nan"))),  # selection reads this, never test
         best={k: v for k, v in summary["best"].items() if k not in ("epoch", "train_loss")},  # best on validation
-        history=summary["history"])
+        history=summary["history"],
+    )
 
 
 def needs_pretraining(cfg: Config, ancestor_spec: ModelSpec) -> list[tuple[str, ModelSpec, float]]:
@@ -349,7 +484,12 @@ def pretrain_name(method: str, spec: ModelSpec, budget: float) -> str:
 
 def _cost_cols(c: dict) -> dict:
     c = c or {}
-    return {"steps": int(c.get("steps", 0) or 0), "samples": int(c.get("samples", 0) or 0),
-            "wall_s": float(c.get("wall_s", 0.0) or 0.0), "device_s": float(c.get("device_s", 0.0) or 0.0),
-            "flops": float(c.get("flops", 0) or 0), "skipped_samples": int(c.get("skipped_samples", 0) or 0),
-            "precision": str(c.get("precision") or "")}  # the stage's precision ("": not recorded), priced by cost
+    return {
+        "steps": int(c.get("steps", 0) or 0),
+        "samples": int(c.get("samples", 0) or 0),
+        "wall_s": float(c.get("wall_s", 0.0) or 0.0),
+        "device_s": float(c.get("device_s", 0.0) or 0.0),
+        "flops": float(c.get("flops", 0) or 0),
+        "skipped_samples": int(c.get("skipped_samples", 0) or 0),
+        "precision": str(c.get("precision") or ""),
+    }  # the stage's precision ("": not recorded), priced by cost

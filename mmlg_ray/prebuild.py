@@ -3,6 +3,7 @@ shared-memory comm op (~25 s) and CPU Adam for optimizer offload (~50 s on 2 cor
 
     python -m mmlg_ray.prebuild
 """
+
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ def main() -> int:
     for label, name in (("shared-memory comm op", "ShareMemCommBuilder"), ("CPU Adam op", "CPUAdamBuilder")):
         try:
             from deepspeed.ops.op_builder import cpu
+
             getattr(cpu, name)().load(verbose=False)
             print(f"DeepSpeed {label}: built")
         except Exception as e:  # a GPU image has NCCL and its own builds; these are optimisations on CPU

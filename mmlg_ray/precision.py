@@ -13,6 +13,7 @@ own bf16 / fp16 modes (mmlg_ray.distributed.extract). Losses and metrics are com
 
 torch 2.14 supports CPU autocast in bf16 and fp16 and a CPU GradScaler, so every path runs on CPU.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,8 +51,10 @@ def autocast_supported(device_type: str, precision: str) -> bool:
         warnings.simplefilter("ignore")
         try:
             with torch.autocast(device_type, dtype=DTYPES[precision]):
-                return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == DTYPES[
-                    precision]
+                return (
+                    torch.is_autocast_enabled(device_type)
+                    and torch.get_autocast_dtype(device_type) == DTYPES[precision]
+                )
         except (RuntimeError, ValueError):
             return False
 
@@ -63,8 +66,12 @@ def autocast(device, precision: str):
     dt = _device_type(device)
     if not autocast_supported(dt, precision):
         from .errors import UserError
-        raise UserError("precision", f"{precision} autocast is not supported on {dt} with torch {torch.__version__}",
-                        "use precision=bf16 or fp32")
+
+        raise UserError(
+            "precision",
+            f"{precision} autocast is not supported on {dt} with torch {torch.__version__}",
+            "use precision=bf16 or fp32",
+        )
     return torch.autocast(dt, dtype=DTYPES[precision])
 
 
@@ -101,4 +108,5 @@ def in_float32(fn):
             return fn(*args, **kw)
         with torch.autocast(dev, enabled=False):
             return fn(*args, **kw)
+
     return wrapper

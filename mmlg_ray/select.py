@@ -11,6 +11,7 @@ Three index spaces exist inside a residual block, and each is reduced on its own
 Packed Q/K/V (`attn.in_proj_weight`, 3D x D) is handled as three matrices. Indexing is
 differentiable, so gradients reach the wide tensor through the selection.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,8 +34,9 @@ def _take(t: torch.Tensor, axis: int, idx: torch.Tensor) -> torch.Tensor:
     return t.index_select(axis, idx)
 
 
-def select_layer_tensor(param: str, t: torch.Tensor, width_from: int, width_to: int,
-                        head_width: int, hidden_to: int | None = None) -> torch.Tensor:
+def select_layer_tensor(
+    param: str, t: torch.Tensor, width_from: int, width_to: int, head_width: int, hidden_to: int | None = None
+) -> torch.Tensor:
     """Reduce one residual-block tensor from a tower of width `width_from` to `width_to`.
 
     `head_width` is the tower's own head width; `hidden_to` the target MLP width (open_clip's
@@ -53,8 +55,16 @@ def select_layer_tensor(param: str, t: torch.Tensor, width_from: int, width_to: 
         raise ValueError(f"{param}: widths {width_from} -> {width_to} are not whole heads of {head_width}")
     r = uniform_idx(width_from, width_to, dev)
     h = head_idx(width_from, width_to, head_width, dev)
-    if param in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias",
-                 "attn.out_proj.bias", "mlp.c_proj.bias", "ls_1.gamma", "ls_2.gamma"):
+    if param in (
+        "ln_1.weight",
+        "ln_1.bias",
+        "ln_2.weight",
+        "ln_2.bias",
+        "attn.out_proj.bias",
+        "mlp.c_proj.bias",
+        "ls_1.gamma",
+        "ls_2.gamma",
+    ):
         return _take(t, 0, r)
     if param == "attn.in_proj_weight":
         q, k, v = t.chunk(3, dim=0)
@@ -77,32 +87,47 @@ _INHERITED_WIDTH_AXIS = {
     "visual.conv1.weight": 0,
     "visual.class_embedding": 0,
     "visual.positional_embedding": 1,
-    "visual.ln_pre.weight": 0, "visual.ln_pre.bias": 0,
-    "visual.ln_post.weight": 0, "visual.ln_post.bias": 0,
+    "visual.ln_pre.weight": 0,
+    "visual.ln_pre.bias": 0,
+    "visual.ln_post.weight": 0,
+    "visual.ln_post.bias": 0,
     "visual.proj": 0,
     # attentional pooler (vision_cfg.attentional_pool): queries live in the embedding space, keys and
     # values come from the tower's tokens
     "visual.attn_pool.query": None,
-    "visual.attn_pool.ln_q.weight": None, "visual.attn_pool.ln_q.bias": None,
-    "visual.attn_pool.ln_k.weight": 0, "visual.attn_pool.ln_k.bias": 0,
+    "visual.attn_pool.ln_q.weight": None,
+    "visual.attn_pool.ln_q.bias": None,
+    "visual.attn_pool.ln_k.weight": 0,
+    "visual.attn_pool.ln_k.bias": 0,
     "visual.attn_pool.attn.q_proj_weight": None,
-    "visual.attn_pool.attn.k_proj_weight": 1, "visual.attn_pool.attn.v_proj_weight": 1,
+    "visual.attn_pool.attn.k_proj_weight": 1,
+    "visual.attn_pool.attn.v_proj_weight": 1,
     "visual.attn_pool.attn.in_proj_bias": None,
-    "visual.attn_pool.attn.out_proj.weight": None, "visual.attn_pool.attn.out_proj.bias": None,
+    "visual.attn_pool.attn.out_proj.weight": None,
+    "visual.attn_pool.attn.out_proj.bias": None,
     "token_embedding.weight": 1,
     "positional_embedding": 1,
-    "ln_final.weight": 0, "ln_final.bias": 0,
+    "ln_final.weight": 0,
+    "ln_final.bias": 0,
     "text_projection": 0,
-    "text_projection.weight": 1, "text_projection.bias": None,  # text_cfg.proj_bias: an nn.Linear
-    "logit_scale": None, "logit_bias": None,
+    "text_projection.weight": 1,
+    "text_projection.bias": None,  # text_cfg.proj_bias: an nn.Linear
+    "logit_scale": None,
+    "logit_bias": None,
 }
 # With an attentional pooler, ln_post and proj act on the pooler's output (embed_dim wide), not the tower.
 _ATTN_POOL_FIXED = {"visual.ln_post.weight", "visual.ln_post.bias", "visual.proj"}
 _PACKED_POOL = "visual.attn_pool.attn.in_proj_weight"
 
 
-def select_inherited(name: str, t: torch.Tensor, width_from: int, width_to: int,
-                     context_length: int | None = None, attn_pool: bool = False) -> torch.Tensor:
+def select_inherited(
+    name: str,
+    t: torch.Tensor,
+    width_from: int,
+    width_to: int,
+    context_length: int | None = None,
+    attn_pool: bool = False,
+) -> torch.Tensor:
     """Reduce a non-layer tensor (embeddings, norms, projections) to a narrower tower."""
     if name not in _INHERITED_WIDTH_AXIS:
         raise KeyError(f"no selection rule for non-layer tensor {name!r}")
@@ -116,9 +141,14 @@ def select_inherited(name: str, t: torch.Tensor, width_from: int, width_to: int,
     return _take(t, axis, uniform_idx(width_from, width_to, t.device))
 
 
-def select_inherited_state(state: dict[str, torch.Tensor], width_from: int, width_to: int,
-                           embed_dim: int, context_length: int | None = None,
-                           attn_pool: bool = False) -> dict[str, torch.Tensor]:
+def select_inherited_state(
+    state: dict[str, torch.Tensor],
+    width_from: int,
+    width_to: int,
+    embed_dim: int,
+    context_length: int | None = None,
+    attn_pool: bool = False,
+) -> dict[str, torch.Tensor]:
     """Width-select a tower's non-layer tensors. An attentional pooler whose key/value width equals
     embed_dim packs Q, K, V into one in_proj_weight (torch's MultiheadAttention); a narrower tower
     needs them apart, so the packed matrix is split into q/k/v_proj_weight first."""
@@ -135,6 +165,7 @@ def select_inherited_state(state: dict[str, torch.Tensor], width_from: int, widt
             out[name] = select_inherited(name, t, width_from, width_to, context_length, attn_pool)
     pre = _PACKED_POOL.rsplit(".", 1)[0]
     if width_to == embed_dim and f"{pre}.k_proj_weight" in out:  # the narrower tower packs them again
-        out[_PACKED_POOL] = torch.cat([out.pop(f"{pre}.{n}") for n in ("q_proj_weight", "k_proj_weight",
-                                                                        "v_proj_weight")], dim=0)
+        out[_PACKED_POOL] = torch.cat(
+            [out.pop(f"{pre}.{n}") for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight")], dim=0
+        )
     return out

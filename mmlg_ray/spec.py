@@ -1,6 +1,7 @@
 """ModelSpec: the shape and architecture flags of a two-tower open_clip CLIP, and the open_clip
 features the learngene cannot carry. The bottom of the core's layers: config and models both import
 it, it imports neither (open_clip only inside unsupported_features, for flagged specs)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,10 +25,22 @@ class _Strict(BaseModel):
 
 
 # open_clip config keys that ModelSpec holds as typed fields (never as flags)
-_VISION_SHAPE_KEYS = {"layers": "image_depth", "width": "image_width", "head_width": "head_width",
-                      "mlp_ratio": "mlp_ratio", "patch_size": "patch_size", "image_size": "image_size"}
-_TEXT_SHAPE_KEYS = {"layers": "text_depth", "width": "text_width", "heads": "text_head_width (width / heads)",
-                    "mlp_ratio": "text_mlp_ratio", "context_length": "context_length", "vocab_size": "vocab_size"}
+_VISION_SHAPE_KEYS = {
+    "layers": "image_depth",
+    "width": "image_width",
+    "head_width": "head_width",
+    "mlp_ratio": "mlp_ratio",
+    "patch_size": "patch_size",
+    "image_size": "image_size",
+}
+_TEXT_SHAPE_KEYS = {
+    "layers": "text_depth",
+    "width": "text_width",
+    "heads": "text_head_width (width / heads)",
+    "mlp_ratio": "text_mlp_ratio",
+    "context_length": "context_length",
+    "vocab_size": "vocab_size",
+}
 
 
 class ModelSpec(_Strict):
@@ -46,9 +59,13 @@ class ModelSpec(_Strict):
     text_depth: int = Field(4, ge=1)
     image_width: int = Field(128, ge=1)
     text_width: int = Field(128, ge=1)
-    head_width: int = Field(64, ge=1, description="image-tower head width (and the text tower's unless text_head_width)")
+    head_width: int = Field(
+        64, ge=1, description="image-tower head width (and the text tower's unless text_head_width)"
+    )
     text_head_width: Optional[int] = Field(None, ge=1, description="text-tower head width (ViT-H-14: 64 vs 80)")
-    mlp_ratio: float = Field(4.0, gt=0, description="image-tower MLP ratio (and the text tower's unless text_mlp_ratio)")
+    mlp_ratio: float = Field(
+        4.0, gt=0, description="image-tower MLP ratio (and the text tower's unless text_mlp_ratio)"
+    )
     text_mlp_ratio: Optional[float] = Field(None, gt=0)
     patch_size: int = Field(8, ge=1)
     image_size: int = Field(32, ge=1)
@@ -64,29 +81,41 @@ class ModelSpec(_Strict):
         for tower in ("image", "text"):
             w, hw = self.width(tower), self.head_width_of(tower)
             if w % hw:
-                raise ConfigError(f"{tower}_width", f"{w} is not a multiple of the {tower} head width {hw}",
-                                  f"use a multiple of {hw}")
+                raise ConfigError(
+                    f"{tower}_width", f"{w} is not a multiple of the {tower} head width {hw}", f"use a multiple of {hw}"
+                )
             shared = max(self.image_width, self.text_width)
             if shared % hw:
-                raise ConfigError(f"{tower}_width", f"the learngene's shared width {shared} is not whole {tower} "
-                                  f"heads of {hw}", f"make the wider tower a multiple of {hw}")
+                raise ConfigError(
+                    f"{tower}_width",
+                    f"the learngene's shared width {shared} is not whole {tower} " f"heads of {hw}",
+                    f"make the wider tower a multiple of {hw}",
+                )
             if self.mlp_hidden(tower) < 1:
-                raise ConfigError(f"{tower}_width", f"{tower}_width * mlp_ratio is below 1",
-                                  "raise the width or the MLP ratio")
+                raise ConfigError(
+                    f"{tower}_width", f"{tower}_width * mlp_ratio is below 1", "raise the width or the MLP ratio"
+                )
         if self.image_size % self.patch_size:
-            raise ConfigError("image_size", f"{self.image_size} is not a multiple of patch_size={self.patch_size}",
-                              "use a multiple of patch_size")
-        for side, flags, shape in (("vision_flags", self.vision_flags, _VISION_SHAPE_KEYS),
-                                   ("text_flags", self.text_flags, _TEXT_SHAPE_KEYS)):
+            raise ConfigError(
+                "image_size",
+                f"{self.image_size} is not a multiple of patch_size={self.patch_size}",
+                "use a multiple of patch_size",
+            )
+        for side, flags, shape in (
+            ("vision_flags", self.vision_flags, _VISION_SHAPE_KEYS),
+            ("text_flags", self.text_flags, _TEXT_SHAPE_KEYS),
+        ):
             clash = sorted(set(flags) & set(shape))
             if clash:
                 raise ConfigError(f"{side}.{clash[0]}", "is a shape field", f"set it as {shape[clash[0]]}")
         if self.vision_flags or self.text_flags:
             bad = unsupported_features(self.vision_flags, self.text_flags)
             if bad:
-                raise ConfigError("vision_flags" if any(k in self.vision_flags for k in bad[:1]) else "text_flags",
-                                  f"{bad[0]} is not supported yet by the learngene",
-                                  "use an architecture without it")
+                raise ConfigError(
+                    "vision_flags" if any(k in self.vision_flags for k in bad[:1]) else "text_flags",
+                    f"{bad[0]} is not supported yet by the learngene",
+                    "use an architecture without it",
+                )
         return self
 
     def heads(self, tower: str) -> int:
@@ -112,6 +141,7 @@ class ModelSpec(_Strict):
     def width(self, tower: str) -> int:
         return getattr(self, f"{tower}_width")
 
+
 # open_clip top-level model config fields a supported architecture may carry
 _TOP_OK = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "cast_dtype"}
 
@@ -120,6 +150,7 @@ def unsupported_features(vision: dict, text: dict, top: dict | None = None) -> l
     """Features of an open_clip model config that the learngene cannot carry (yet), each named the way
     open_clip's config names it. Empty: the architecture is supported exactly."""
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg  # open_clip is imported only for flagged specs
+
     bad = []
     top = top or {}
     if top.get("multimodal_cfg"):
@@ -133,8 +164,10 @@ def unsupported_features(vision: dict, text: dict, top: dict | None = None) -> l
         if k not in tf:
             bad.append(f"text_cfg.{k} (not an open_clip text_cfg field)")
     if vision.get("timm_model_name"):
-        bad.append(f"vision_cfg.timm_model_name={vision['timm_model_name']} (a timm image tower, not a ViT "
-                   "of residual blocks)")
+        bad.append(
+            f"vision_cfg.timm_model_name={vision['timm_model_name']} (a timm image tower, not a ViT "
+            "of residual blocks)"
+        )
     if isinstance(vision.get("layers"), (list, tuple)):
         bad.append("vision_cfg.layers as a list (a ModifiedResNet image tower)")
     if text.get("hf_model_name"):
@@ -160,13 +193,17 @@ def unsupported_features(vision: dict, text: dict, top: dict | None = None) -> l
     if vision.get("pos_embed_type", "learnable") != "learnable":
         bad.append(f"vision_cfg.pos_embed_type={vision['pos_embed_type']}")
     if isinstance(vision.get("attentional_pool"), str):
-        bad.append(f"vision_cfg.attentional_pool={vision['attentional_pool']} (open_clip's untested "
-                   "parallel/cascade pooler)")
+        bad.append(
+            f"vision_cfg.attentional_pool={vision['attentional_pool']} (open_clip's untested "
+            "parallel/cascade pooler)"
+        )
     if isinstance(vision.get("image_size"), (list, tuple)) and len(set(vision["image_size"])) > 1:
         bad.append("vision_cfg.image_size non-square")
     if text.get("hf_tokenizer_name"):
-        bad.append(f"text_cfg.hf_tokenizer_name={text['hf_tokenizer_name']} (a Hugging Face tokenizer; the "
-                   "data pipeline tokenizes with open_clip's BPE)")
+        bad.append(
+            f"text_cfg.hf_tokenizer_name={text['hf_tokenizer_name']} (a Hugging Face tokenizer; the "
+            "data pipeline tokenizes with open_clip's BPE)"
+        )
     if text.get("embed_cls"):
         bad.append("text_cfg.embed_cls (CoCa's appended class token)")
     if text.get("proj_type", "linear") != "linear":

@@ -1,4 +1,5 @@
 """One log line when a stage of the main job starts, one when it ends (with its wall time)."""
+
 from __future__ import annotations
 
 import logging
@@ -17,5 +18,6 @@ class Stage:
         log.info("stage %s: started%s", name, f" ({detail})" if detail else "")
 
     def done(self, detail: str = "") -> None:
-        log.info("stage %s: done in %s%s", self.name, _dur(time.perf_counter() - self.t0),
-                 f"; {detail}" if detail else "")
+        log.info(
+            "stage %s: done in %s%s", self.name, _dur(time.perf_counter() - self.t0), f"; {detail}" if detail else ""
+        )

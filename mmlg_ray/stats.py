@@ -8,6 +8,7 @@
   target score (isotonic fit of score against log10 compute, piecewise-linear between the ladder's
   points), with a bootstrap over seeds for its uncertainty.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,12 +29,20 @@ def _clean(x) -> np.ndarray:
 def _bootstrap(data: tuple, statistic, confidence: float, n_resamples: int, seed: int) -> tuple[float, float, str]:
     """scipy.stats.bootstrap, BCa first; percentile where BCa cannot be computed (degenerate data)."""
     from scipy import stats
+
     for method in ("BCa", "percentile"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                res = stats.bootstrap(data, statistic, n_resamples=n_resamples, confidence_level=confidence,
-                                      method=method, vectorized=True, rng=np.random.default_rng(seed))
+                res = stats.bootstrap(
+                    data,
+                    statistic,
+                    n_resamples=n_resamples,
+                    confidence_level=confidence,
+                    method=method,
+                    vectorized=True,
+                    rng=np.random.default_rng(seed),
+                )
             except (ValueError, FloatingPointError):
                 continue
         lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
@@ -46,8 +55,13 @@ def mean_ci(x, confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES, s
     """Mean over seeds with its bootstrap CI. One value: no interval (NaN). All values equal: the
     interval is that value (a bootstrap cannot see any spread)."""
     a = _clean(x)
-    out = {"n": int(a.size), "mean": float(a.mean()) if a.size else float("nan"),
-           "lo": float("nan"), "hi": float("nan"), "ci_method": ""}
+    out = {
+        "n": int(a.size),
+        "mean": float(a.mean()) if a.size else float("nan"),
+        "lo": float("nan"),
+        "hi": float("nan"),
+        "ci_method": "",
+    }
     if a.size < 2:
         return out
     if np.all(a == a[0]):
@@ -61,15 +75,20 @@ def mean_ci(x, confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES, s
 def diff_ci(a, b, confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict:
     """mean(a) - mean(b) with an independent two-sample bootstrap CI (each sample resampled on its own)."""
     a, b = _clean(a), _clean(b)
-    out = {"diff": float(a.mean() - b.mean()) if a.size and b.size else float("nan"),
-           "lo": float("nan"), "hi": float("nan"), "ci_method": ""}
+    out = {
+        "diff": float(a.mean() - b.mean()) if a.size and b.size else float("nan"),
+        "lo": float("nan"),
+        "hi": float("nan"),
+        "ci_method": "",
+    }
     if a.size < 2 or b.size < 2:
         return out
     if np.all(a == a[0]) and np.all(b == b[0]):
         out.update(lo=out["diff"], hi=out["diff"], ci_method="degenerate")
         return out
-    lo, hi, m = _bootstrap((a, b), lambda x, y, axis: np.mean(x, axis=axis) - np.mean(y, axis=axis),
-                           confidence, n_resamples, seed)
+    lo, hi, m = _bootstrap(
+        (a, b), lambda x, y, axis: np.mean(x, axis=axis) - np.mean(y, axis=axis), confidence, n_resamples, seed
+    )
     out.update(lo=lo, hi=hi, ci_method=m)
     return out
 
@@ -78,6 +97,7 @@ def welch_p(a, b) -> float:
     """Two-sided Welch t-test p-value; NaN when it is undefined (fewer than 2 values a side, or no
     spread on either side)."""
     from scipy import stats
+
     a, b = _clean(a), _clean(b)
     if a.size < 2 or b.size < 2:
         return float("nan")
@@ -109,6 +129,7 @@ def bh(pvalues) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (false discovery rate) via scipy.stats.false_discovery_control;
     NaN entries are left out and stay NaN."""
     from scipy import stats
+
     p = np.asarray(pvalues, dtype=float)
     out = np.full(p.shape, np.nan)
     ok = ~np.isnan(p)
@@ -118,13 +139,16 @@ def bh(pvalues) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- savings at equal accuracy
-FIT = ("isotonic (least-squares non-decreasing) fit of mean test score against log10 pre-training compute "
-       "over the ladder's budgets, piecewise-linear in log10 compute between them")
+FIT = (
+    "isotonic (least-squares non-decreasing) fit of mean test score against log10 pre-training compute "
+    "over the ladder's budgets, piecewise-linear in log10 compute between them"
+)
 
 
 def isotonic(y, w=None) -> np.ndarray:
     """Least-squares non-decreasing fit of y (in the given order), weighted by w (pool adjacent violators)."""
     from scipy.optimize import isotonic_regression
+
     y = np.asarray(y, dtype=float)
     if y.size < 2:
         return y.copy()
@@ -213,8 +237,14 @@ class EqualAccuracy:
         return self.compute / self.own_compute if self.own_compute > 0 else float("nan")
 
 
-def equal_accuracy(ladder, target_scores, own_compute: float, confidence: float = CONFIDENCE,
-                   n_resamples: int = N_RESAMPLES, seed: int = 0) -> EqualAccuracy:
+def equal_accuracy(
+    ladder,
+    target_scores,
+    own_compute: float,
+    confidence: float = CONFIDENCE,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+) -> EqualAccuracy:
     """PT+FT's pre-training compute at the method's mean test score.
 
     ladder: [(compute, scores over seeds), ...], one entry per PT+FT budget; target_scores: the
@@ -227,8 +257,9 @@ def equal_accuracy(ladder, target_scores, own_compute: float, confidence: float 
     tgt = _clean(target_scores)
     pts = [(c, float(s.mean()), int(s.size)) for c, s in sorted(lad, key=lambda t: t[0])]
     if not lad or not tgt.size:
-        return EqualAccuracy(float(tgt.mean()) if tgt.size else float("nan"), float(own_compute),
-                             float("nan"), "undefined", ladder=pts)
+        return EqualAccuracy(
+            float(tgt.mean()) if tgt.size else float("nan"), float(own_compute), float("nan"), "undefined", ladder=pts
+        )
     comp = [p[0] for p in pts]
     means = [p[1] for p in pts]
     ns = [p[2] for p in pts]
@@ -242,6 +273,15 @@ def equal_accuracy(ladder, target_scores, own_compute: float, confidence: float 
     boots = _crossings_log10(np.asarray(comp), means_b, tgt_b, ns)
     a = (1 - confidence) / 2
     lo, hi = np.quantile(boots, [a, 1 - a], method="inverted_cdf")
-    conv = lambda v: float(v) if math.isinf(v) else float(10 ** v)  # noqa: E731
-    return EqualAccuracy(target, float(own_compute), c0, kind, conv(lo), conv(hi),
-                         float(np.mean(np.isposinf(boots))), float(np.mean(np.isneginf(boots))), pts)
+    conv = lambda v: float(v) if math.isinf(v) else float(10**v)  # noqa: E731
+    return EqualAccuracy(
+        target,
+        float(own_compute),
+        c0,
+        kind,
+        conv(lo),
+        conv(hi),
+        float(np.mean(np.isposinf(boots))),
+        float(np.mean(np.isneginf(boots))),
+        pts,
+    )

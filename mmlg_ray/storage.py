@@ -12,6 +12,7 @@ uploaded; an object-store PUT is atomic (an object appears whole or not at all),
 bucket never sees half a file. On a rerun, what the URI already holds is looked up there and downloaded
 on demand: the object store is the truth, the staging folder only a cache of it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,6 +40,7 @@ def join(base, *parts: str) -> str:
 def filesystem(path):
     """(pyarrow FileSystem, path inside it) for a URI or a local path."""
     import pyarrow.fs as pafs
+
     if is_uri(path):
         fs, inner = pafs.FileSystem.from_uri(str(path))
         return fs, inner.rstrip("/")
@@ -53,17 +55,20 @@ def _info(path):
 def exists(path) -> bool:
     """A file, or a folder (on an object store: any object under the prefix)."""
     import pyarrow.fs as pafs
+
     return _info(path)[2].type != pafs.FileType.NotFound
 
 
 def is_file(path) -> bool:
     import pyarrow.fs as pafs
+
     return _info(path)[2].type == pafs.FileType.File
 
 
 def remove(path) -> None:
     """Delete a folder (every object under a prefix) or a file; nothing there is no error."""
     import pyarrow.fs as pafs
+
     fs, p, info = _info(path)
     if info.type == pafs.FileType.Directory:
         fs.delete_dir(p)
@@ -75,12 +80,13 @@ def list_files(path, pattern: str | None = None, recursive: bool = True) -> list
     """Files under a folder or prefix, as paths relative to it (sorted), optionally matching a glob
     `pattern` on the relative path. A missing folder holds none."""
     import pyarrow.fs as pafs
+
     fs, p = filesystem(path)
     try:
         infos = fs.get_file_info(pafs.FileSelector(p, recursive=recursive, allow_not_found=True))
     except (FileNotFoundError, NotADirectoryError):
         return []
-    rel = sorted(i.path[len(p):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
+    rel = sorted(i.path[len(p) :].lstrip("/") for i in infos if i.type == pafs.FileType.File)
     return [r for r in rel if pattern is None or fnmatch.fnmatch(r, pattern)]
 
 
@@ -111,6 +117,7 @@ def upload(local, uri) -> None:
 
 def _put(local: Path, fs, p: str) -> None:
     import pyarrow.fs as pafs
+
     if isinstance(fs, pafs.LocalFileSystem):
         with atomic_path(p) as tmp:
             shutil.copyfile(local, tmp)
@@ -122,6 +129,7 @@ def download(uri, local) -> Path:
     """Copy the file at `uri` to the local path `local`, atomically; its modification time is the
     object's, so a later `OutputDir.fetch` can tell an unchanged copy from a stale one."""
     import pyarrow.fs as pafs
+
     fs, p, info = _info(uri)
     with atomic_path(local) as tmp:
         pafs.copy_files(p, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
@@ -165,8 +173,11 @@ class OutputDir:
         self.target = str(target)
         self.remote = is_uri(target)
         if self.remote:
-            root = Path(os.path.expanduser(str(staging_root))) if staging_root else \
-                Path(tempfile.gettempdir()) / "mmlg_ray"
+            root = (
+                Path(os.path.expanduser(str(staging_root)))
+                if staging_root
+                else Path(tempfile.gettempdir()) / "mmlg_ray"
+            )
             key = hashlib.sha256(self.target.rstrip("/").encode()).hexdigest()[:16]
             self.local = root / "outputs" / key
         else:  # absolute: trials read artifacts by this path from their own working folders
@@ -199,6 +210,7 @@ class OutputDir:
         if not self.remote:
             return local if local.is_file() else None
         import pyarrow.fs as pafs
+
         _, _, info = _info(self.uri(rel))
         if info.type != pafs.FileType.File:
             with contextlib.suppress(FileNotFoundError):

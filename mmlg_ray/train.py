@@ -5,6 +5,7 @@ A loop drives an "engine" with .backward(loss) and .step(): `TorchEngine` here, 
 in the Ray Train layer. Progress is logged every `log_every` steps and handed to `on_log`, the
 hook the distributed layer uses to report metrics and save checkpoints.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,6 +30,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         from .errors import UserError
+
         raise UserError("device", "cuda requested but no CUDA device is visible", "use device=auto or cpu")
     return torch.device(name)
 
@@ -38,8 +40,11 @@ def param_groups(model: nn.Module, weight_decay: float):
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "embedding" in n or "logit_scale" in n or n.startswith("coeff")
-         or "coeff__" in n else decay).append(p)
+        (
+            no_decay
+            if p.ndim < 2 or "embedding" in n or "logit_scale" in n or n.startswith("coeff") or "coeff__" in n
+            else decay
+        ).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -64,6 +69,7 @@ def lr_lambda(tcfg: TrainConfig, total: int | None = None):
             return (step + 1) / warm
         prog = (step - warm) / max(1, total - warm)
         return 0.5 * (1 + math.cos(math.pi * min(prog, 1.0))) * 0.95 + 0.05
+
     return f
 
 
@@ -74,8 +80,14 @@ class TorchEngine:
     while the weights and optimizer stay fp32; fp16 adds dynamic loss scaling (a GradScaler that
     skips a step whose gradients overflow and lowers the scale). fp32 is plain PyTorch."""
 
-    def __init__(self, model: nn.Module, tcfg: TrainConfig, total_steps: int | None = None, clip_grad: float = 1.0,
-                 precision: str = "fp32"):
+    def __init__(
+        self,
+        model: nn.Module,
+        tcfg: TrainConfig,
+        total_steps: int | None = None,
+        clip_grad: float = 1.0,
+        precision: str = "fp32",
+    ):
         self.module = model
         self.optimizer = adamw(param_groups(model, tcfg.weight_decay), tcfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tcfg, total_steps))
@@ -134,8 +146,14 @@ class Progress:
 
     max_lines: int | None = None  # process-wide default
 
-    def __init__(self, name: str, total: int, start: int = 0, printer: Callable[[str], None] | None = None,
-                 max_lines: int | None = None):
+    def __init__(
+        self,
+        name: str,
+        total: int,
+        start: int = 0,
+        printer: Callable[[str], None] | None = None,
+        max_lines: int | None = None,
+    ):
         self.name, self.total, self.start = name, total, start
         self.t0 = time.perf_counter()
         self.printer = printer or log.info
@@ -164,10 +182,20 @@ class Progress:
         self.printer(f"[{self.name}] step {step}/{self.total} {vals} ({rate:.2f} step/s, eta {eta:.0f}s)")
 
 
-def run_loop(engine, batches: Iterator, loss_fn: Callable, steps: int, *, start_step: int = 0,
-             log_every: int = 25, on_log: Callable[[int, dict], None] | None = None,
-             name: str = "train", device=None,
-             autocast: Callable[[], ContextManager] | None = None, progress: Progress | None = None) -> LoopResult:
+def run_loop(
+    engine,
+    batches: Iterator,
+    loss_fn: Callable,
+    steps: int,
+    *,
+    start_step: int = 0,
+    log_every: int = 25,
+    on_log: Callable[[int, dict], None] | None = None,
+    name: str = "train",
+    device=None,
+    autocast: Callable[[], ContextManager] | None = None,
+    progress: Progress | None = None,
+) -> LoopResult:
     """Generic step loop: loss_fn(batch) -> (loss, metrics dict), computed under `autocast()`
     (default: a TorchEngine's own mixed-precision context; none for other engines, e.g. DeepSpeed's,
     which casts the model itself). `progress`: the log lines of a longer run this loop is one chunk of."""
@@ -228,7 +256,7 @@ def distill_loss(s_img, s_txt, s_scale, t_img, t_txt, t_scale, temperature: floa
     t = t_scale * t_img @ t_txt.t() / temperature
     kl_i2t = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
     kl_t2i = F.kl_div(F.log_softmax(s.t(), 1), F.log_softmax(t.t(), 1), log_target=True, reduction="batchmean")
-    return (kl_i2t + kl_t2i) / 2 * temperature ** 2
+    return (kl_i2t + kl_t2i) / 2 * temperature**2
 
 
 @amp.in_float32
@@ -253,11 +281,20 @@ def contrastive_step(model):
         img, txt, scale = model(images, tokens)
         loss = clip_loss(img, txt, scale, tokens)
         return loss, {"loss": loss.detach()}
+
     return fn
 
 
-def extraction_step(aux, teacher, distill_weight: float, temperature: float, feature_weight: float,
-                    elastic=None, start_step: int = 0, gather=None):
+def extraction_step(
+    aux,
+    teacher,
+    distill_weight: float,
+    temperature: float,
+    feature_weight: float,
+    elastic=None,
+    start_step: int = 0,
+    gather=None,
+):
     """The extraction loss: the auxiliary model's contrastive + distillation (+ feature) loss. With
     `elastic` (a learngene.ElasticPlan), each step also distils the descendant shapes the plan draws
     for that step, with the same loss against the same teacher outputs, averaged over the shapes and
@@ -309,6 +346,7 @@ def extraction_step(aux, teacher, distill_weight: float, temperature: float, fea
             metrics["elastic"] = l_el.detach()
         metrics["loss"] = loss.detach()
         return loss, metrics
+
     return fn
 
 
@@ -339,4 +377,5 @@ def csm_step(model, teacher, modality: str, image_anchors, text_anchors, tempera
             metrics["clip"] = lc.detach()
         metrics["loss"] = loss.detach()
         return loss, metrics
+
     return fn

@@ -11,8 +11,15 @@ from mmlg_ray.errors import UserError
 
 def test_pretrained_tag_fails_fast_without_network(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine that cannot reach the hub
-    cfg = load_config(None, ["ancestor.source=open_clip", "ancestor.arch=ViT-B-16",
-                             "ancestor.pretrained=laion2b_s34b_b88k", f"cache_dir={tmp_path}"])
+    cfg = load_config(
+        None,
+        [
+            "ancestor.source=open_clip",
+            "ancestor.arch=ViT-B-16",
+            "ancestor.pretrained=laion2b_s34b_b88k",
+            f"cache_dir={tmp_path}",
+        ],
+    )
     t0 = time.time()
     with pytest.raises(UserError) as e:
         get_ancestor(cfg)
@@ -55,10 +62,13 @@ def test_chance_mean_recall_is_exact():
     duplicate captions counted as correct as in evaluate.retrieval_metrics."""
     from mmlg_ray.ancestor import chance_mean_recall
     from mmlg_ray.evaluate import retrieval_metrics
+
     caps = [f"c{i}" for i in range(40)] + ["same"] * 5
     g = torch.Generator().manual_seed(0)
-    draws = [retrieval_metrics(torch.randn(45, 8, generator=g), torch.randn(45, 8, generator=g), caps)["mean_recall"]
-             for _ in range(400)]
+    draws = [
+        retrieval_metrics(torch.randn(45, 8, generator=g), torch.randn(45, 8, generator=g), caps)["mean_recall"]
+        for _ in range(400)
+    ]
     assert abs(sum(draws) / len(draws) - chance_mean_recall(caps)) < 0.6
     assert abs(chance_mean_recall([str(i) for i in range(100)]) - 100 * (1 + 5 + 10) / 3 / 100) < 1e-9
 
@@ -68,6 +78,7 @@ def test_permutation_p_separates_knowledge_from_chance():
     unrelated embeddings give a p that is not small."""
     from mmlg_ray.ancestor import permutation_p
     from mmlg_ray.evaluate import retrieval_metrics
+
     g = torch.Generator().manual_seed(1)
     caps = [f"c{i}" for i in range(60)]
     txt = torch.nn.functional.normalize(torch.randn(60, 16, generator=g), dim=-1)

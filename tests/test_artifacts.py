@@ -1,5 +1,6 @@
 """Stage artifacts by reference (mmlg_ray.artifacts, mmlg_ray.job.trial_inputs): a URI plus a content
 hash, read through a node-local cache keyed by the hash; a trial reads only what its cell needs."""
+
 import hashlib
 import uuid
 
@@ -37,11 +38,13 @@ def test_a_trial_reads_only_what_its_cell_needs(tiny_ancestor, tiny_learngene_pa
     from safetensors.torch import save_file
 
     from mmlg_ray.job import trial_context, trial_inputs
+
     anc_file = tmp_path / "ancestor.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_ancestor.state.items()}, str(anc_file))
     anc_ref = art.ref_to(str(anc_file))
     lg_ref = art.ref_to(str(tiny_learngene_path))
     from mmlg_ray.config import load_config
+
     cfg = load_config(None, [f"cache_dir={tmp_path / 'cache'}"])
     ctx = trial_context(cfg, tiny_ancestor, anc_ref, {"mmlg": lg_ref}, [], None)
     assert len(repr(ctx)) < 20_000  # references only, whatever the artifacts' size
@@ -59,6 +62,7 @@ def test_a_trial_reads_only_what_its_cell_needs(tiny_ancestor, tiny_learngene_pa
 def test_a_pt_ft_trial_whose_shape_is_not_written_says_so(tiny_cfg, tiny_ancestor, tmp_path):
     from mmlg_ray.job import pretrain_jobs, trial_context, trial_inputs
     from mmlg_ray.storage import OutputDir
+
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.descendants.grid.method = ["pt_ft"]
     jobs = pretrain_jobs(cfg, tiny_ancestor.spec, OutputDir(tmp_path / "out"))

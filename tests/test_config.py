@@ -27,24 +27,27 @@ def test_dotted_overrides_are_typed():
     assert cfg.seed == 7
 
 
-@pytest.mark.parametrize("override, field", [
-    ("descendants.grid.depth=[0]", "descendants.grid.depth"),
-    ("ancestor.spec.image_width=100", "ancestor.spec"),
-    ("descendants.grid.width=[100]", "descendants.grid.width"),
-    ("descendants.grid.method=[magic]", "descendants.grid.method"),
-    ("descendants.grid.modality=[audio]", "descendants.grid.modality"),
-    ("descendants.pt_budgets=[0.5, 0]", "descendants.pt_budgets"),
-    ("descendants.pt_budgets=[]", "descendants.pt_budgets"),
-    ("descendants.grid.extraction=[fixed, fixed]", "descendants.grid.extraction"),
-    ("descendants.grid.extraction=[sliced]", "descendants.grid.extraction"),
-    ("learngene.shared=mlp", "learngene.shared"),
-    ("learngene.schedule=cubic", "learngene.schedule"),
-    ("data.retrieval.path=/does/not/exist", "data.retrieval.path"),
-    ("learngene.extraction.stpes=3", "learngene.extraction.stpes"),
-    ("output_dir=ftp://host/run", "output_dir"),
-    ("precision=fp8", "precision"),
-    ("ray.extraction.offload_params=true", "ray.extraction.offload_params"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("descendants.grid.depth=[0]", "descendants.grid.depth"),
+        ("ancestor.spec.image_width=100", "ancestor.spec"),
+        ("descendants.grid.width=[100]", "descendants.grid.width"),
+        ("descendants.grid.method=[magic]", "descendants.grid.method"),
+        ("descendants.grid.modality=[audio]", "descendants.grid.modality"),
+        ("descendants.pt_budgets=[0.5, 0]", "descendants.pt_budgets"),
+        ("descendants.pt_budgets=[]", "descendants.pt_budgets"),
+        ("descendants.grid.extraction=[fixed, fixed]", "descendants.grid.extraction"),
+        ("descendants.grid.extraction=[sliced]", "descendants.grid.extraction"),
+        ("learngene.shared=mlp", "learngene.shared"),
+        ("learngene.schedule=cubic", "learngene.schedule"),
+        ("data.retrieval.path=/does/not/exist", "data.retrieval.path"),
+        ("learngene.extraction.stpes=3", "learngene.extraction.stpes"),
+        ("output_dir=ftp://host/run", "output_dir"),
+        ("precision=fp8", "precision"),
+        ("ray.extraction.offload_params=true", "ray.extraction.offload_params"),
+    ],
+)
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(UserError) as e:
         load_config(None, [override])
@@ -75,9 +78,21 @@ def test_precision_enters_cache_keys_only_when_not_fp32():
 
 
 def test_job_exits_2_with_one_line(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "jobs/sweep.py"), "--set", "learngene.schedule=cubic",
-                        "--backend", "local", "--output", str(tmp_path / "out")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs/sweep.py"),
+            "--set",
+            "learngene.schedule=cubic",
+            "--backend",
+            "local",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: learngene.schedule")
@@ -94,6 +109,7 @@ def test_a_node_local_storage_path_is_refused_on_a_multi_node_cluster():
     folder would split them between disks, unless every node mounts it (ray.storage_shared)."""
     from mmlg_ray.config import load_config
     from mmlg_ray.distributed.settings import storage_problem
+
     assert storage_problem("/data/run/ray", 1, False) is None
     assert "2 nodes" in storage_problem("/data/run/ray", 2, False)
     assert storage_problem("s3://bucket/run/ray", 8, False) is None

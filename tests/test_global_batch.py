@@ -2,6 +2,7 @@
 gathered (distributed.extract.gather_global_batch) before the contrastive and distillation losses, and
 the ranks' mean gradient (what DeepSpeed applies) equals one process's gradient on the whole batch.
 Two gloo processes, no Ray, tiny tensors."""
+
 import os
 import socket
 
@@ -27,8 +28,7 @@ class Tiny(nn.Module):
         self.scale = nn.Parameter(torch.tensor(2.0))
 
     def forward(self, images, tokens, shapes=None):
-        return (F.normalize(self.img(images), dim=-1), F.normalize(self.txt(tokens).mean(1), dim=-1),
-                self.scale.exp())
+        return (F.normalize(self.img(images), dim=-1), F.normalize(self.txt(tokens).mean(1), dim=-1), self.scale.exp())
 
 
 def batch():
@@ -80,5 +80,5 @@ def test_ranks_compute_the_single_process_loss_and_gradient(tmp_path):
 
     # without the gather, each rank's loss sees only its own half: a different loss
     student = Tiny(0)
-    half, _ = extraction_step(student, teacher, 1.0, 2.0, 0.5)((images[:N // 2], tokens[:N // 2], None))
+    half, _ = extraction_step(student, teacher, 1.0, 2.0, 0.5)((images[: N // 2], tokens[: N // 2], None))
     assert abs(float(half.detach()) - float(loss.detach())) > 1e-3

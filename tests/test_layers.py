@@ -1,6 +1,7 @@
 """The core's layers run one way: the import graph of mmlg_ray's core modules (outside
 mmlg_ray/distributed), module-level and function-local imports alike, has no cycle; the core never
 imports ray; the report reads results and the cost model, never the pipeline."""
+
 import ast
 import importlib
 from pathlib import Path

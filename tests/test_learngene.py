@@ -7,13 +7,21 @@ import torch
 
 from mmlg_ray.config import ModelSpec
 from mmlg_ray.errors import UserError
-from mmlg_ray.learngene import (AuxCLIP, Learngene, LearngeneMeta, load_learngene, save_learngene)
+from mmlg_ray.learngene import AuxCLIP, Learngene, LearngeneMeta, load_learngene, save_learngene
 from mmlg_ray.models import LAYER_PARAMS, layer_name
 from mmlg_ray.select import select_layer_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = ModelSpec(image_depth=3, text_depth=2, image_width=128, text_width=64, embed_dim=32, image_size=16,
-                 patch_size=8, context_length=8)
+SPEC = ModelSpec(
+    image_depth=3,
+    text_depth=2,
+    image_width=128,
+    text_width=64,
+    embed_dim=32,
+    image_size=16,
+    patch_size=8,
+    context_length=8,
+)
 
 # The schedules written out independently of the implementation: (a, b) at layer l of depth L.
 EXPECTED = {
@@ -64,8 +72,9 @@ def test_tleg_learngene_has_no_shared_block():
     assert not any(n.startswith("multimodal.") for n in names)
     out = lg("image", 4)
     p = "mlp.c_fc.weight"
-    torch.testing.assert_close(out[layer_name("image", 2, p)],
-                               lg.get(f"base.image.{p}") + 0.5 * lg.get(f"unimodal.image.{p}"))
+    torch.testing.assert_close(
+        out[layer_name("image", 2, p)], lg.get(f"base.image.{p}") + 0.5 * lg.get(f"unimodal.image.{p}")
+    )
 
 
 @pytest.mark.parametrize("width", [None, 64])
@@ -73,6 +82,7 @@ def test_attention_only_sharing_shares_attention_and_keeps_each_towers_mlp(width
     """learngene.shared=attention: the multimodal block holds only the attention half (at the wider tower's
     width, narrowed per tower); each tower's MLP half comes from its own base block, as TLEG's."""
     from mmlg_ray.learngene import is_attention_param
+
     meta = LearngeneMeta(method="mmlg", schedule="tleg", spec=SPEC.model_dump(), shared="attention")
     lg = _randomized(meta)
     names = set(lg.state_tensors())
@@ -86,14 +96,23 @@ def test_attention_only_sharing_shares_attention_and_keeps_each_towers_mlp(width
         out = lg(tower, depth, width)
         for l in range(depth):
             for p in LAYER_PARAMS:
-                base = select_layer_tensor(p, lg.get(f"multimodal.{p}"), 128, d, 64) if p in attn else \
-                    select_layer_tensor(p, lg.get(f"base.{tower}.{p}"), SPEC.width(tower), d, 64)
+                base = (
+                    select_layer_tensor(p, lg.get(f"multimodal.{p}"), 128, d, 64)
+                    if p in attn
+                    else select_layer_tensor(p, lg.get(f"base.{tower}.{p}"), SPEC.width(tower), d, 64)
+                )
                 u = select_layer_tensor(p, lg.get(f"unimodal.{tower}.{p}"), SPEC.width(tower), d, 64)
                 torch.testing.assert_close(out[layer_name(tower, l, p)], base + l / depth * u)
     # between the two in size, and the setting survives the file
-    n = {s: sum(t.numel() for t in _randomized(LearngeneMeta(method=m, schedule="tleg", spec=SPEC.model_dump(),
-                                                               shared=sh)).state_tensors().values())
-         for s, m, sh in (("mmlg", "mmlg", "all"), ("attention", "mmlg", "attention"), ("tleg", "tleg", "all"))}
+    n = {
+        s: sum(
+            t.numel()
+            for t in _randomized(LearngeneMeta(method=m, schedule="tleg", spec=SPEC.model_dump(), shared=sh))
+            .state_tensors()
+            .values()
+        )
+        for s, m, sh in (("mmlg", "mmlg", "all"), ("attention", "mmlg", "attention"), ("tleg", "tleg", "all"))
+    }
     assert n["mmlg"] < n["attention"] < n["tleg"]
     aux = AuxCLIP(lg)
     save_learngene(tmp_path / "lg.safetensors", lg, aux.inherited_state())
@@ -131,8 +150,10 @@ def test_shared_block_gets_gradient_from_each_tower_alone():
         other = "text" if tower == "image" else "image"
         own = g[f"unimodal__{tower}__mlp__c_fc__weight"].grad
         assert own is not None and own.abs().sum() > 0
-        assert g[f"unimodal__{other}__mlp__c_fc__weight"].grad is None or \
-            g[f"unimodal__{other}__mlp__c_fc__weight"].grad.abs().sum() == 0
+        assert (
+            g[f"unimodal__{other}__mlp__c_fc__weight"].grad is None
+            or g[f"unimodal__{other}__mlp__c_fc__weight"].grad.abs().sum() == 0
+        )
     # the layer tensors are not parameters of the auxiliary CLIP: only the learngene trains them
     assert not any(".resblocks." in n for n, _ in aux.named_parameters())
 
@@ -165,8 +186,22 @@ def test_file_round_trip_and_corruption(tmp_path):
     bad.write_bytes(bytes(raw))
     with pytest.raises(UserError, match="corrupt"):
         load_learngene(bad)
-    r = subprocess.run([sys.executable, str(ROOT / "jobs/descend.py"), "--learngene", str(bad), "--modality",
-                        "image", "--depth", "2", "--out", str(tmp_path / "d")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs/descend.py"),
+            "--learngene",
+            str(bad),
+            "--modality",
+            "image",
+            "--depth",
+            "2",
+            "--out",
+            str(tmp_path / "d"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "corrupt" in r.stderr and not (tmp_path / "d").exists()
     (tmp_path / "trunc.safetensors").write_bytes(bytes(raw[:100]))
     with pytest.raises(UserError, match="not a readable"):

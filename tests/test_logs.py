@@ -1,6 +1,7 @@
 """What a sweep prints and logs besides its tables: one tiny sweep (search + seeds phases, on the
 session's Ray instance, as a separate driver process the way a submitted job runs) is read back for
 its TensorBoard event files, its MLflow runs and its captured log."""
+
 import os
 import re
 import struct
@@ -23,10 +24,15 @@ def sweep_run(tiny_overrides, ray_address, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("logs")
     out, mlruns = tmp / "sweep", (tmp / "mlruns").as_uri()
     sets = tiny_overrides + [
-        f"ray.address={ray_address}", "descendants.grid.method=[mmlg,pt_ft]", "descendants.seeds=[0,1]",
+        f"ray.address={ray_address}",
+        "descendants.grid.method=[mmlg,pt_ft]",
+        "descendants.seeds=[0,1]",
         "descendants.pretrain_steps=10",
-        "ray.tune.num_samples=1", "ray.tune.mlflow.enabled=true", f"ray.tune.mlflow.tracking_uri={mlruns}",
-        "ray.tune.mlflow.experiment=logs-test"]
+        "ray.tune.num_samples=1",
+        "ray.tune.mlflow.enabled=true",
+        f"ray.tune.mlflow.tracking_uri={mlruns}",
+        "ray.tune.mlflow.experiment=logs-test",
+    ]
     argv = [sys.executable, str(ROOT / "jobs/sweep.py"), "--output", str(out)] + sum((["--set", s] for s in sets), [])
     # the pt_ft shape takes 25 s more than it needs: mmlg's trials (no pre-trained shape) certainly start
     # while it pre-trains, if the sweep lets them
@@ -49,11 +55,11 @@ def read_scalars(event_file: Path) -> dict[str, list[tuple[int, float]]]:
 
     raw, pos, scalars = event_file.read_bytes(), 0, {}
     while pos < len(raw):
-        head = raw[pos:pos + 8]
+        head = raw[pos : pos + 8]
         (n,) = struct.unpack("<Q", head)
-        assert struct.unpack("<I", raw[pos + 8:pos + 12])[0] == masked(head)
-        data = raw[pos + 12:pos + 12 + n]
-        assert struct.unpack("<I", raw[pos + 12 + n:pos + 16 + n])[0] == masked(data)
+        assert struct.unpack("<I", raw[pos + 8 : pos + 12])[0] == masked(head)
+        data = raw[pos + 12 : pos + 12 + n]
+        assert struct.unpack("<I", raw[pos + 12 + n : pos + 16 + n])[0] == masked(data)
         pos += 16 + n
         ev = Event.FromString(data)
         for v in ev.summary.value:
@@ -90,6 +96,7 @@ def test_tensorboard_event_files_hold_every_trials_score(sweep_run):
 
 def test_mlflow_records_a_run_per_trial_with_its_score(sweep_run, monkeypatch):
     from mlflow.tracking import MlflowClient
+
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads its file store only when asked to
     out, uri, _ = sweep_run
     client = MlflowClient(tracking_uri=uri)
@@ -143,15 +150,24 @@ def test_the_log_has_stage_lines_status_tables_and_no_repeated_lines(sweep_run):
     # a training loop in a trial prints at most a few progress lines, and only rank 0
     assert not re.search(r"\[extract/rank1\]", text)
     # the known noise of every run, each kept out by a named setting in mmlg_ray/distributed/logs.py
-    for noise in ("Checkpoint successfully created", "Reporting training result", "snapshotting has been triggered",
-                  "A new study created", "unresolved search space", "shm_comm_op built successfully",
-                  "all_gather_into_tensor", "Loading checkpoint shards", "Requesting resources"):
+    for noise in (
+        "Checkpoint successfully created",
+        "Reporting training result",
+        "snapshotting has been triggered",
+        "A new study created",
+        "unresolved search space",
+        "shm_comm_op built successfully",
+        "all_gather_into_tensor",
+        "Loading checkpoint shards",
+        "Requesting resources",
+    ):
         assert noise not in text, noise
 
 
 # --------------------------------------------------------------------------- fast, no Ray
 def test_progress_prints_a_few_lines_per_loop_when_limited():
     from mmlg_ray.train import Progress
+
     printed = []
     p = Progress("t", 100, printer=printed.append, max_lines=4)
     for step in range(1, 101):
@@ -176,9 +192,17 @@ def test_progress_prints_a_few_lines_per_loop_when_limited():
 
 def test_logging_settings_are_operational_not_the_experiments_identity():
     from mmlg_ray.config import load_config
+
     base = load_config(None)
-    other = load_config(None, ["ray.tune.tensorboard=false", "ray.tune.status_every_s=5",
-                               "ray.tune.mlflow.enabled=true", "ray.tune.mlflow.tracking_uri=http://mlflow:5000"])
+    other = load_config(
+        None,
+        [
+            "ray.tune.tensorboard=false",
+            "ray.tune.status_every_s=5",
+            "ray.tune.mlflow.enabled=true",
+            "ray.tune.mlflow.tracking_uri=http://mlflow:5000",
+        ],
+    )
     assert other.ray.tune.mlflow.enabled and not other.ray.tune.tensorboard
     assert other.experiment_fingerprint() == base.experiment_fingerprint()  # --resume continues it
     assert load_config(None, ["ray.tune.num_samples=3"]).experiment_fingerprint() != base.experiment_fingerprint()
@@ -186,6 +210,7 @@ def test_logging_settings_are_operational_not_the_experiments_identity():
 
 def test_mlflow_asked_for_without_its_module_stops_before_any_work(tiny_overrides, tmp_path, monkeypatch, capsys):
     from jobs import sweep as sweep_job
+
     monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` raises ImportError, as when not installed
     out = tmp_path / "out"
     sets = tiny_overrides + ["ray.tune.mlflow.enabled=true"]
@@ -200,6 +225,7 @@ def test_mlflow_store_defaults_to_a_sqlite_file_beside_the_results(tmp_path, mon
     from mmlg_ray.config import load_config
     from mmlg_ray.distributed.logs import mlflow_tracking_uri
     from mmlg_ray.errors import UserError
+
     cfg = load_config(None, ["ray.tune.mlflow.enabled=true"])
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert mlflow_tracking_uri(cfg, tmp_path / "out") == f"sqlite:///{(tmp_path / 'out').resolve()}/mlflow.db"

@@ -1,6 +1,7 @@
 """The main job on object storage (a real S3 server on loopback: the session's `s3` fixture), and the
 pre-training stage as resumable work: each shape is written to storage as it finishes, one failure
 does not discard the others, and a rerun reuses every finished shape."""
+
 import io
 import json
 import uuid
@@ -13,15 +14,16 @@ def _parquet(s3, key) -> pd.DataFrame:
     return pd.read_parquet(io.BytesIO(body))
 
 
-def test_pretrain_stage_writes_each_shape_and_a_rerun_reuses_the_finished_ones(tiny_cfg, tiny_ancestor,
-                                                                               ray_address, s3, tmp_path,
-                                                                               monkeypatch):
+def test_pretrain_stage_writes_each_shape_and_a_rerun_reuses_the_finished_ones(
+    tiny_cfg, tiny_ancestor, ray_address, s3, tmp_path, monkeypatch
+):
     """Each pre-training task writes its shape to the bucket itself (weights, then the sidecar with
     its cost and content hash); the driver never holds a pre-trained state."""
     from mmlg_ray.distributed.sweep import RayExecutor
     from mmlg_ray.job import pretrain_jobs, split_pretraining
     from mmlg_ray.pipeline import shape_key
     from mmlg_ray.storage import OutputDir
+
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.descendants.grid.method = ["pt_ft"]
     cfg.descendants.grid.width = [64, 128]  # two shapes
@@ -38,8 +40,9 @@ def test_pretrain_stage_writes_each_shape_and_a_rerun_reuses_the_finished_ones(t
     assert sorted(k.rsplit(".", 1)[-1] for k in written) == ["json", "safetensors"]
     assert all(f"/pretrained/pt_ft-{wide}-1x-" in k for k in written)  # the finished shape is there, the failed not
     before = {o["Key"]: o["LastModified"] for o in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=key)["Contents"]}
-    stored = json.loads(s3.client.get_object(Bucket=s3.bucket, Key=next(k for k in before if k.endswith(".json")))
-                        ["Body"].read())
+    stored = json.loads(
+        s3.client.get_object(Bucket=s3.bucket, Key=next(k for k in before if k.endswith(".json")))["Body"].read()
+    )
     assert stored["ref"]["uri"].startswith(f"s3://{s3.bucket}/{key}/pretrained/") and len(stored["ref"]["sha256"]) == 64
     assert stored == done[f"pt_ft/{wide}@1x"]  # what the task returned is what it wrote
 
@@ -59,16 +62,31 @@ def test_sweep_with_its_output_on_s3(tiny_overrides, ray_address, s3):
     pre-trained shapes' writes are the test above's); an interrupted experiment there needs --resume
     (exit 2 without), which reuses it."""
     from jobs import sweep as sweep_job
+
     key = f"runs/{uuid.uuid4().hex[:8]}"
     uri = f"s3://{s3.bucket}/{key}"
-    sets = tiny_overrides + [f"ray.address={ray_address}", "descendants.grid.method=[mmlg]",
-                             "descendants.seeds=[0]", "ray.tune.num_samples=1", "ray.num_workers=1"]
+    sets = tiny_overrides + [
+        f"ray.address={ray_address}",
+        "descendants.grid.method=[mmlg]",
+        "descendants.seeds=[0]",
+        "ray.tune.num_samples=1",
+        "ray.num_workers=1",
+    ]
     argv = ["--output", uri] + sum((["--set", s] for s in sets), [])
     assert sweep_job.main(argv) == 0
     keys = s3.keys(key + "/")
-    files = {k[len(key) + 1:] for k in keys}
-    for name in ("config.yaml", "ancestor.json", "experiment.json", "trials.parquet", "history.parquet",
-                 "stages.parquet", "report/report.html", "report/report.md", "report/cost.parquet"):
+    files = {k[len(key) + 1 :] for k in keys}
+    for name in (
+        "config.yaml",
+        "ancestor.json",
+        "experiment.json",
+        "trials.parquet",
+        "history.parquet",
+        "stages.parquet",
+        "report/report.html",
+        "report/report.md",
+        "report/cost.parquet",
+    ):
         assert name in files, sorted(files)
     assert [f for f in files if f.startswith("learngenes/mmlg-") and f.endswith(".safetensors")]
     # Ray Train's ZeRO checkpoints, Ray Tune's experiment state and the trial's own checkpoint (uploaded

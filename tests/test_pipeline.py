@@ -1,4 +1,5 @@
 """Tiny end-to-end run on the real packaged data, in one process (no Ray)."""
+
 import pandas as pd
 import pytest
 
@@ -11,20 +12,44 @@ CHANCE = {"image": 10.0, "text": None, "image_text": None}
 @pytest.fixture(scope="module")
 def local_run(tiny_overrides, tmp_path_factory):
     out = tmp_path_factory.mktemp("local_run")
-    rc = sweep_job.main(["--backend", "local", "--output", str(out)] + sum(
-        (["--set", o] for o in tiny_overrides + [
-            f"descendants.grid.method=[{','.join(METHODS)}]", "descendants.grid.modality=[image,text,image_text]",
-            "descendants.grid.extraction=[fixed,elastic]", "descendants.pt_budgets=[0.5,1]",
-            "descendants.finetune.steps=40", "descendants.finetune.eval_every=20",
-            # one search trial per cell, at the configured fine-tuning hyper-parameters (a one-point range)
-            "ray.tune.num_samples=1", "ray.tune.search_space.lr=[0.0005,0.0005]",
-            "ray.tune.search_space.weight_decay=[0.05,0.05]"]), []))
+    rc = sweep_job.main(
+        ["--backend", "local", "--output", str(out)]
+        + sum(
+            (
+                ["--set", o]
+                for o in tiny_overrides
+                + [
+                    f"descendants.grid.method=[{','.join(METHODS)}]",
+                    "descendants.grid.modality=[image,text,image_text]",
+                    "descendants.grid.extraction=[fixed,elastic]",
+                    "descendants.pt_budgets=[0.5,1]",
+                    "descendants.finetune.steps=40",
+                    "descendants.finetune.eval_every=20",
+                    # one search trial per cell, at the configured fine-tuning hyper-parameters (a one-point range)
+                    "ray.tune.num_samples=1",
+                    "ray.tune.search_space.lr=[0.0005,0.0005]",
+                    "ray.tune.search_space.weight_decay=[0.05,0.05]",
+                ]
+            ),
+            [],
+        )
+    )
     assert rc == 0
     return out
 
 
-ARMS = {"mmlg", "mmlg/elastic", "tleg", "tleg/elastic", "weight_selection", "heur_lg", "scratch", "pt_ft@0.5x",
-        "pt_ft@1x", "csm"}
+ARMS = {
+    "mmlg",
+    "mmlg/elastic",
+    "tleg",
+    "tleg/elastic",
+    "weight_selection",
+    "heur_lg",
+    "scratch",
+    "pt_ft@0.5x",
+    "pt_ft@1x",
+    "csm",
+}
 
 
 def test_every_method_and_modality_runs(local_run):
@@ -71,23 +96,33 @@ def test_mmlg_descendant_scores_above_chance(local_run, tiny_overrides):
     # caption -> stamp category: above what predicting the test split's most frequent category scores
     from mmlg_ray.config import load_config
     from mmlg_ray.data import load_dataset
+
     cfg = load_config(None, tiny_overrides)
     test = load_dataset(cfg.data.text_classification, "test", image_size=16, cache_dir=cfg.cache_path)
     majority = 100 * float(test.labels.bincount().max()) / len(test)
     assert 20 < majority < 50 and mm.loc["text", "final_accuracy"] > majority
     # retrieval over the ~170 test pairs: above the exact chance mean recall of R@1/5/10 (about 3.5%)
     from mmlg_ray.ancestor import chance_mean_recall
+
     pairs = load_dataset(cfg.data.retrieval, "test", image_size=16, cache_dir=cfg.cache_path)
     assert mm.loc["image_text", "final_mean_recall"] > max(4.0, chance_mean_recall(pairs.captions))
 
 
 def test_stages_are_reused_on_rerun(local_run, tiny_overrides, caplog):
     import logging
+
     caplog.set_level(logging.INFO, logger="mmlg_ray")
     before = sorted(p.name for p in (local_run / "learngenes").iterdir())
-    rc = sweep_job.main(["--backend", "local", "--output", str(local_run)] + sum(
-        (["--set", o] for o in tiny_overrides + ["descendants.finetune.steps=2", "descendants.finetune.eval_every=2"]),
-        []))
+    rc = sweep_job.main(
+        ["--backend", "local", "--output", str(local_run)]
+        + sum(
+            (
+                ["--set", o]
+                for o in tiny_overrides + ["descendants.finetune.steps=2", "descendants.finetune.eval_every=2"]
+            ),
+            [],
+        )
+    )
     assert rc == 0
     assert sorted(p.name for p in (local_run / "learngenes").iterdir()) == before
     assert "reusing cached pre-trained CLIP" in caplog.text

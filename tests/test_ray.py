@@ -1,6 +1,7 @@
 """Ray end-to-end tests (tiny sizes, one Ray instance per session): ZeRO-2 extraction on Ray Train
 with a crash and resume; bf16 extraction under ZeRO-2 and ZeRO-3 (+ offload); the Tune sweep
 interrupted mid-way and resumed."""
+
 import json
 import logging
 import math
@@ -20,10 +21,12 @@ from mmlg_ray.learngene import load_learngene
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_zero2_extraction_crashes_resumes_and_yields_a_learngene(tiny_cfg, tiny_ancestor, ray_address, tmp_path,
-                                                                   monkeypatch):
+def test_zero2_extraction_crashes_resumes_and_yields_a_learngene(
+    tiny_cfg, tiny_ancestor, ray_address, tmp_path, monkeypatch
+):
     from mmlg_ray.descend import descendant_spec, init_descendant
     from mmlg_ray.distributed.extract import extract_on_ray
+
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.ray.extraction.zero_stage = 2
     cfg.ray.num_workers = 2
@@ -39,14 +42,16 @@ def test_zero2_extraction_crashes_resumes_and_yields_a_learngene(tiny_cfg, tiny_
     assert lg.meta.cost["backend"] == "ray_train+deepspeed"
     spec = descendant_spec(lg.meta.model_spec, 2, 64)
     model = init_descendant("mmlg", "image_text", spec, learngene=lg)
-    img, txt, _ = model(torch.randn(2, 3, spec.image_size, spec.image_size),
-                        torch.randint(1, 999, (2, spec.context_length)))
+    img, txt, _ = model(
+        torch.randn(2, 3, spec.image_size, spec.image_size), torch.randint(1, 999, (2, spec.context_length))
+    )
     assert torch.isfinite(img).all() and img.shape == (2, spec.embed_dim)
 
 
 @pytest.mark.parametrize("stage, offload", [(2, False), (3, True)], ids=["zero2", "zero3-offload"])
-def test_bf16_extraction_on_ray_yields_an_fp32_learngene(tiny_cfg, tiny_ancestor, ray_address, tmp_path, stage,
-                                                          offload):
+def test_bf16_extraction_on_ray_yields_an_fp32_learngene(
+    tiny_cfg, tiny_ancestor, ray_address, tmp_path, stage, offload
+):
     """precision=bf16: DeepSpeed's bf16 student and a bf16 teacher on 2 workers (the teacher used to
     stay fp32 and crash on bf16 images); ZeRO-3 also offloads optimizer and parameters to the CPU.
     The learngene is consolidated from the fp32 master weights."""
@@ -54,6 +59,7 @@ def test_bf16_extraction_on_ray_yields_an_fp32_learngene(tiny_cfg, tiny_ancestor
 
     from mmlg_ray.distributed.extract import extract_on_ray
     from mmlg_ray.train import lr_lambda
+
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.precision = "bf16"
     cfg.ray.num_workers = 2
@@ -109,8 +115,13 @@ def _settled_trials(run_dir: Path) -> dict[str, int]:
 def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_address, tmp_path, caplog, capsys):
     out = tmp_path / "sweep"
     sets = tiny_overrides + [
-        f"ray.address={ray_address}", "descendants.grid.method=[mmlg,scratch,pt_ft]", "descendants.seeds=[0,1]",
-        "ray.tune.num_samples=2", "descendants.finetune.steps=30", "descendants.finetune.eval_every=10"]
+        f"ray.address={ray_address}",
+        "descendants.grid.method=[mmlg,scratch,pt_ft]",
+        "descendants.seeds=[0,1]",
+        "ray.tune.num_samples=2",
+        "descendants.finetune.steps=30",
+        "descendants.finetune.eval_every=10",
+    ]
     argv = [sys.executable, str(ROOT / "jobs/sweep.py"), "--output", str(out)] + sum((["--set", s] for s in sets), [])
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -128,6 +139,7 @@ def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_a
     assert not (out / "trials.parquet").exists()
 
     from jobs import sweep as sweep_job
+
     # the experiment's identity is its result-affecting config: an operational change (the report's
     # prices, threads) neither hides the interrupted run nor lets it be started over by mistake
     ops = ["report.pricing=spot", "threads=2"]
@@ -158,18 +170,46 @@ def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_a
         rj = next(out.glob(f"ray/sweep-*/{name}/result.json"))
         rows = [json.loads(ln) for ln in rj.read_text().splitlines() if ln.strip()]
         assert len(rows) == n_lines or rows[-1]["resumed_from_step"] > 0, name
-    documented = ["trial", "method", "modality", "depth", "width", "image_depth", "text_depth", "heads", "params",
-                  "seed", "lr", "weight_decay", "task", "final_score", "best_score", "epochs", "stopped_early",
-                  "finetune_wall_s", "finetune_device_s", "finetune_flops", "pretrain_wall_s", "pretrain_flops",
-                  "val_score", "best_val_score", "arm", "extraction", "pt_budget"]
+    documented = [
+        "trial",
+        "method",
+        "modality",
+        "depth",
+        "width",
+        "image_depth",
+        "text_depth",
+        "heads",
+        "params",
+        "seed",
+        "lr",
+        "weight_decay",
+        "task",
+        "final_score",
+        "best_score",
+        "epochs",
+        "stopped_early",
+        "finetune_wall_s",
+        "finetune_device_s",
+        "finetune_flops",
+        "pretrain_wall_s",
+        "pretrain_flops",
+        "val_score",
+        "best_val_score",
+        "arm",
+        "extraction",
+        "pt_budget",
+    ]
     assert set(documented) <= set(trials.columns)
     # the seeds phase re-runs each cell's search trial of best *validation* score, never the best test score
     search = trials[(trials.phase == "search") & (trials.status != "error")]
     for key, g in search.groupby(["arm", "modality", "depth", "width"]):
         chosen = g.loc[g.val_score.idxmax()]
-        seeded = trials[(trials.phase == "seeds") & (trials[["arm", "modality", "depth", "width"]].apply(tuple, axis=1)
-                                                     == key)]
-        assert len(seeded) == 1 and seeded.lr.iloc[0] == chosen.lr and seeded.weight_decay.iloc[0] == chosen.weight_decay
+        seeded = trials[
+            (trials.phase == "seeds") & (trials[["arm", "modality", "depth", "width"]].apply(tuple, axis=1) == key)
+        ]
+        assert (
+            len(seeded) == 1 and seeded.lr.iloc[0] == chosen.lr and seeded.weight_decay.iloc[0] == chosen.weight_decay
+        )
     assert (trials[trials.method == "pt_ft"].pretrain_flops > 0).all()
     hist = pd.read_parquet(out / "history.parquet")
     assert set(hist.trial) == set(trials.trial)
@@ -178,8 +218,12 @@ def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_a
     # run again without --resume, report settings changed: same experiment, so only the report is rebuilt
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="mmlg_ray"):
-        assert sweep_job.main(["--output", str(out)] + sum((["--set", s] for s in sets + ["report.pricing=on_demand"]),
-                                                           [])) == 0
+        assert (
+            sweep_job.main(
+                ["--output", str(out)] + sum((["--set", s] for s in sets + ["report.pricing=on_demand"]), [])
+            )
+            == 0
+        )
     assert "rebuilding the report only" in caplog.text
     assert "pricing: on_demand" in (out / "config.yaml").read_text()
     assert _finished_trials(out) == after
@@ -188,10 +232,17 @@ def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_a
 def test_trial_with_a_two_worker_torchtrainer_reaches_tune(tiny_overrides, ray_address, tmp_path):
     """ray.tune.trial_workers=2: the fine-tuning runs data-parallel in a TorchTrainer inside the trial."""
     from jobs import sweep as sweep_job
+
     out = tmp_path / "ddp"
-    sets = tiny_overrides + [f"ray.address={ray_address}", "descendants.grid.method=[scratch]",
-                             "descendants.seeds=[0]", "ray.tune.num_samples=1", "ray.tune.trial_workers=2",
-                             "ray.tune.trial_cpus=0.5", "descendants.finetune.steps=20"]
+    sets = tiny_overrides + [
+        f"ray.address={ray_address}",
+        "descendants.grid.method=[scratch]",
+        "descendants.seeds=[0]",
+        "ray.tune.num_samples=1",
+        "ray.tune.trial_workers=2",
+        "ray.tune.trial_cpus=0.5",
+        "descendants.finetune.steps=20",
+    ]
     assert sweep_job.main(["--output", str(out)] + sum((["--set", s] for s in sets), [])) == 0
     trials = pd.read_parquet(out / "trials.parquet")
     assert len(trials) == 1
@@ -202,15 +253,23 @@ def test_trial_with_a_two_worker_torchtrainer_reaches_tune(tiny_overrides, ray_a
 
 
 def _result_lines(run_dir: Path) -> list[list[dict]]:
-    return [[json.loads(ln) for ln in rj.read_text().splitlines() if ln.strip()]
-            for rj in sorted(run_dir.glob("ray/sweep-*/*/result.json"))]
+    return [
+        [json.loads(ln) for ln in rj.read_text().splitlines() if ln.strip()]
+        for rj in sorted(run_dir.glob("ray/sweep-*/*/result.json"))
+    ]
 
 
 def _one_trial_argv(tiny_overrides, ray_address, out: Path, max_failures: int) -> list[str]:
     """jobs/sweep.py's argv for one scratch trial of 30 steps, evaluated (and checkpointed) every 10."""
-    sets = tiny_overrides + [f"ray.address={ray_address}", "descendants.grid.method=[scratch]", "descendants.seeds=[0]",
-                             "ray.tune.num_samples=1", "descendants.finetune.steps=30",
-                             "descendants.finetune.eval_every=10", f"ray.max_failures={max_failures}"]
+    sets = tiny_overrides + [
+        f"ray.address={ray_address}",
+        "descendants.grid.method=[scratch]",
+        "descendants.seeds=[0]",
+        "ray.tune.num_samples=1",
+        "descendants.finetune.steps=30",
+        "descendants.finetune.eval_every=10",
+        f"ray.max_failures={max_failures}",
+    ]
     return ["--output", str(out)] + sum((["--set", s] for s in sets), [])
 
 
@@ -218,6 +277,7 @@ def test_trial_whose_worker_is_killed_resumes_from_its_checkpoint(tiny_overrides
     """The trial's worker process is SIGKILLed right after its first evaluation's checkpoint (step 10
     of 30): Tune restarts it in a new process from that checkpoint, not from step 0."""
     from jobs import sweep as sweep_job
+
     out = tmp_path / "killed"
     monkeypatch.setenv("MMLG_KILL_TRIAL_AT_STEP", "10")
     argv = _one_trial_argv(tiny_overrides, ray_address, out, max_failures=1)
@@ -241,18 +301,29 @@ def test_trial_whose_worker_is_killed_resumes_from_its_checkpoint(tiny_overrides
 
 
 def _argv(tiny_overrides, ray_address, out: Path, extra: list[str]) -> list[str]:
-    sets = tiny_overrides + [f"ray.address={ray_address}", "descendants.grid.method=[scratch]",
-                             "descendants.seeds=[0,1]", "descendants.finetune.steps=30",
-                             "descendants.finetune.eval_every=10", "ray.max_failures=0"] + extra
+    sets = (
+        tiny_overrides
+        + [
+            f"ray.address={ray_address}",
+            "descendants.grid.method=[scratch]",
+            "descendants.seeds=[0,1]",
+            "descendants.finetune.steps=30",
+            "descendants.finetune.eval_every=10",
+            "ray.max_failures=0",
+        ]
+        + extra
+    )
     return ["--output", str(out)] + sum((["--set", s] for s in sets), [])
 
 
-def test_resume_after_a_trial_failed_for_good_completes_with_the_cells_seed_reruns(tiny_overrides, ray_address,
-                                                                                  tmp_path, monkeypatch, capsys):
+def test_resume_after_a_trial_failed_for_good_completes_with_the_cells_seed_reruns(
+    tiny_overrides, ray_address, tmp_path, monkeypatch, capsys
+):
     """The issue's reproduction: 2 cells, one search trial each, ray.max_failures=0, one trial SIGKILLed
     mid-trial. The job exits 1 naming that cell; --resume retries the trial (from its checkpoint), and
     the cell gets its seed re-run with its (now finished) best hyper-parameters: each trial once."""
     from jobs import sweep as sweep_job
+
     out = tmp_path / "resume"
     argv = _argv(tiny_overrides, ray_address, out, ["descendants.grid.modality=[image,text]", "ray.tune.num_samples=1"])
     monkeypatch.setenv("MMLG_KILL_TRIAL_AT_STEP", "10")
@@ -262,7 +333,10 @@ def test_resume_after_a_trial_failed_for_good_completes_with_the_cells_seed_reru
     assert "1 of 2 grid cells are incomplete" in err and "scratch|image|2|64" in err and "--resume" in err
     first = pd.read_parquet(out / "trials.parquet")
     assert sorted(zip(first.modality, first.phase, first.status)) == [
-        ("image", "search", "error"), ("text", "search", "finished"), ("text", "seeds", "finished")]
+        ("image", "search", "error"),
+        ("text", "search", "finished"),
+        ("text", "seeds", "finished"),
+    ]
     dead = first[first.modality == "image"].iloc[0]  # on record: its error's first line, what it reported
     assert "died" in dead.error.lower() and "\n" not in dead.error and not dead.stopped_early
     assert dead.epochs == 1 and dead.best_score == dead.final_score
@@ -283,20 +357,32 @@ def test_resume_after_a_trial_failed_for_good_completes_with_the_cells_seed_reru
 
 
 def test_a_best_trial_that_changes_on_resume_gets_new_seed_reruns_and_the_old_ones_are_superseded(
-        tiny_overrides, ray_address, tmp_path, monkeypatch):
+    tiny_overrides, ray_address, tmp_path, monkeypatch
+):
     """A cell's better candidate dies; its seed re-run goes ahead at the worse one. On --resume the better
     one finishes, the cell's best changes, and its seed re-run runs again at the new best hyper-parameters;
     the earlier one stays on record as `superseded`, outside every result."""
     from jobs import sweep as sweep_job
     from mmlg_ray.report import final_trials
     from mmlg_ray.search import shape_candidates
+
     out = tmp_path / "best"
     lr = (1e-8, 1e-2)
     c0, c1 = shape_candidates(0, "image|1|128", 2, lr, (0.0, 0.2))
     assert c0["lr"] < 1e-7 < 1e-3 < c1["lr"]  # candidate 0 cannot learn in 30 steps, candidate 1 can
-    argv = _argv(tiny_overrides, ray_address, out, [
-        "descendants.grid.modality=[image]", "descendants.grid.depth=[1]", "descendants.grid.width=[128]",
-        "ray.tune.num_samples=2", f"ray.tune.search_space.lr=[{lr[0]},{lr[1]}]", "ray.tune.grace_period=3"])
+    argv = _argv(
+        tiny_overrides,
+        ray_address,
+        out,
+        [
+            "descendants.grid.modality=[image]",
+            "descendants.grid.depth=[1]",
+            "descendants.grid.width=[128]",
+            "ray.tune.num_samples=2",
+            f"ray.tune.search_space.lr=[{lr[0]},{lr[1]}]",
+            "ray.tune.grace_period=3",
+        ],
+    )
     monkeypatch.setenv("MMLG_KILL_TRIAL_AT_STEP", "10")
     monkeypatch.setenv("MMLG_KILL_TRIAL_WHERE", json.dumps({"candidate": 1}))
     assert sweep_job.main(argv) == 1

@@ -1,6 +1,7 @@
 """The autoscaling rehearsal: the fake cluster made from cluster.yaml, its checks on constructed
 timelines, and one tiny rehearsal end to end (jobs/rehearse.py in a subprocess: its own Ray cluster
 of fake nodes, started from zero, a spot node preempted mid-sweep, the scale-down)."""
+
 from __future__ import annotations
 
 import json
@@ -46,19 +47,33 @@ def test_fake_cluster_keeps_cluster_yaml_types_and_resources(cluster):
     assert c["max_workers"] == 4
     assert c["provider"]["gcs_address"] == "10.0.0.1:6390"
     assert c["provider"]["disable_node_updaters"] and c["provider"]["use_node_id_as_ip"]
-    for f in ("file_mounts", "cluster_synced_files", "rsync_exclude", "rsync_filter", "setup_commands",
-              "worker_start_ray_commands", "head_start_ray_commands"):
-        assert f in c   # without them the autoscaler's monitor dies with a KeyError
+    for f in (
+        "file_mounts",
+        "cluster_synced_files",
+        "rsync_exclude",
+        "rsync_filter",
+        "setup_commands",
+        "worker_start_ray_commands",
+        "head_start_ray_commands",
+    ):
+        assert f in c  # without them the autoscaler's monitor dies with a KeyError
     # the provider class the config names exists and is Ray's fake provider
     mod, cls = c["provider"]["module"].rsplit(".", 1)
     from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
+
     assert issubclass(getattr(__import__(mod, fromlist=[cls]), cls), FakeMultiNodeProvider)
     # a 4-GPU instance type stands in with 4 CPUs (x cpus_per_gpu)
     big = {**cluster, "available_node_types": {**cluster["available_node_types"]}}
-    big["available_node_types"]["gpu_a10g"] = {**big["available_node_types"]["gpu_a10g"],
-                                               "node_config": {"InstanceType": "g5.12xlarge"}}
-    assert R.fake_cluster(big, gcs_address="x:1", cpus_per_gpu=2).config[
-        "available_node_types"]["gpu_a10g"]["resources"]["CPU"] == 8
+    big["available_node_types"]["gpu_a10g"] = {
+        **big["available_node_types"]["gpu_a10g"],
+        "node_config": {"InstanceType": "g5.12xlarge"},
+    }
+    assert (
+        R.fake_cluster(big, gcs_address="x:1", cpus_per_gpu=2).config["available_node_types"]["gpu_a10g"]["resources"][
+            "CPU"
+        ]
+        == 8
+    )
 
 
 def test_job_overrides_ask_for_cluster_node_types(cluster):
@@ -83,21 +98,30 @@ def test_job_overrides_ask_for_cluster_node_types(cluster):
 
 
 def _timeline(counts, events=()):
-    samples = [{"t_s": 2.0 * i, "nodes": {"gpu_a10g": a, "gpu_a10g_spot": b},
-                "events": [{"text": t, "node_type": nt} for (j, t, nt) in events if j == i]}
-               for i, (a, b) in enumerate(counts)]
+    samples = [
+        {
+            "t_s": 2.0 * i,
+            "nodes": {"gpu_a10g": a, "gpu_a10g_spot": b},
+            "events": [{"text": t, "node_type": nt} for (j, t, nt) in events if j == i],
+        }
+        for i, (a, b) in enumerate(counts)
+    ]
     return R.timeline_frame(samples, ["gpu_a10g", "gpu_a10g_spot"])
 
 
 def test_timeline_and_checks_on_constructed_runs(cluster):
     plan = R.fake_cluster(cluster, gcs_address="x:1")
-    tl = _timeline([(0, 0), (2, 0), (2, 2), (0, 2), (0, 1), (0, 0)],
-                   events=[(3, "preempted gpu_a10g_spot …00004", "gpu_a10g_spot"), (4, "job succeeded", None)])
+    tl = _timeline(
+        [(0, 0), (2, 0), (2, 2), (0, 2), (0, 1), (0, 0)],
+        events=[(3, "preempted gpu_a10g_spot …00004", "gpu_a10g_spot"), (4, "job succeeded", None)],
+    )
     assert list(tl.columns) == ["t_s", "node_type", "nodes", "event"] and len(tl) == 12
     # a node type's event is on its own row, a cluster-wide one on every row of the sample
     assert tl[tl.event.str.startswith("preempted")].node_type.tolist() == ["gpu_a10g_spot"]
     assert len(tl[tl.event == "job succeeded"]) == 2
-    good = pd.DataFrame([{"kind": "extraction", "node_type": "gpu_a10g"}, {"kind": "trial", "node_type": "gpu_a10g_spot"}])
+    good = pd.DataFrame(
+        [{"kind": "extraction", "node_type": "gpu_a10g"}, {"kind": "trial", "node_type": "gpu_a10g_spot"}]
+    )
     trials = pd.DataFrame({"phase": ["search", "search", "seeds"], "trial_id": ["a", "b", "c"], "status": "finished"})
     kw = dict(job_status="SUCCEEDED", trials=trials, expected_trials=3, preempted="preempted x", scaled_down=True)
     assert all(c.ok for c in R.check_rehearsal(tl, good, plan, **kw))
@@ -108,18 +132,23 @@ def test_timeline_and_checks_on_constructed_runs(cluster):
         return {c.name for c in R.check_rehearsal(tl_, pl, plan, **args) if not c.ok}
 
     # extraction seen on a spot node
-    bad = pd.DataFrame([{"kind": "extraction", "node_type": "gpu_a10g_spot"}, {"kind": "trial", "node_type": "gpu_a10g_spot"}])
+    bad = pd.DataFrame(
+        [{"kind": "extraction", "node_type": "gpu_a10g_spot"}, {"kind": "trial", "node_type": "gpu_a10g_spot"}]
+    )
     assert failed(pl=bad) == {"extraction only on on-demand node types"}
     # a trial recorded twice (a retried trial written again), or one missing
-    assert failed(trials=pd.concat([trials, trials.iloc[:1]])) == {"every trial exactly once in trials.parquet, none errored"}
+    assert failed(trials=pd.concat([trials, trials.iloc[:1]])) == {
+        "every trial exactly once in trials.parquet, none errored"
+    }
     assert failed(expected_trials=4) == {"every trial exactly once in trials.parquet, none errored"}
     # the preempted trial ran out of retries: its row says error
     assert failed(trials=trials.assign(status=["finished", "error", "finished"])) == {
-        "every trial exactly once in trials.parquet, none errored"}
+        "every trial exactly once in trials.parquet, none errored"
+    }
     # nodes up at the start, or not down at the end
     assert "workers start from zero" in failed(tl=_timeline([(1, 0), (2, 2), (0, 0)]))
     assert "back to zero worker nodes after the idle timeout" in failed(tl=_timeline([(0, 0), (2, 2), (0, 1)]))
-    sparse = tl[tl.t_s != 4.0].copy()   # a sample missing: a 4-s gap is fine, a 6-s one is not
+    sparse = tl[tl.t_s != 4.0].copy()  # a sample missing: a 4-s gap is fine, a 6-s one is not
     assert "the cluster sampled at least every 5 s" not in failed(tl=sparse)
     assert "the cluster sampled at least every 5 s" in failed(tl=sparse[sparse.t_s != 6.0])
     assert failed(job_status="FAILED", preempted=None) == {"the job succeeded", "a worker node was preempted mid-sweep"}
@@ -145,14 +174,14 @@ def test_tiny_rehearsal_end_to_end(tiny_overrides, tmp_path):
             proc.wait(timeout=420)
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)   # the rehearsal stops its own cluster on SIGTERM
+                os.killpg(proc.pid, signal.SIGTERM)  # the rehearsal stops its own cluster on SIGTERM
                 proc.wait(60)
     text = log.read_text()
     assert proc.returncode == 0, text[-5000:]
     tl = pd.read_parquet(out / "cluster_timeline.parquet")
     assert list(tl.columns) == ["t_s", "node_type", "nodes", "event"]
     assert set(tl.node_type) == {"gpu_a10g", "gpu_a10g_spot"}
-    assert tl.groupby("node_type").t_s.apply(lambda t: t.diff().max()).max() <= 5.0   # a sample every <=5 s
+    assert tl.groupby("node_type").t_s.apply(lambda t: t.diff().max()).max() <= 5.0  # a sample every <=5 s
     assert tl.event.str.startswith("preempted gpu_a10g_spot").any()
     summary = json.loads((out / "rehearsal.json").read_text())
     assert summary["trials"] == summary["expected_trials"] == 1
@@ -161,7 +190,7 @@ def test_tiny_rehearsal_end_to_end(tiny_overrides, tmp_path):
     token = f"MMLG_REHEARSAL={summary['token']}"
     token_procs = [p for p in os.listdir("/proc") if p.isdigit() and _has_env(p, token)]
     assert not token_procs, token_procs
-    html = (out / "report" / "report.html").read_text()   # the report of a rehearsed sweep shows its timeline
+    html = (out / "report" / "report.html").read_text()  # the report of a rehearsed sweep shows its timeline
     assert "Cluster rehearsal: autoscaling and preemption" in html and 'alt="worker nodes per node type' in html
 
 

@@ -1,4 +1,5 @@
 """The report and the plan, built from a small finished sweep (the local backend's tables)."""
+
 import pandas as pd
 import pytest
 
@@ -10,9 +11,13 @@ from mmlg_ray.config import load_config
 @pytest.fixture(scope="module")
 def finished(tiny_overrides, tmp_path_factory):
     out = tmp_path_factory.mktemp("report_run")
-    sets = tiny_overrides + ["descendants.grid.method=[mmlg,scratch,pt_ft]", "descendants.grid.modality=[image,text]",
-                             "descendants.seeds=[0,1,2]", "descendants.finetune.steps=10",
-                             "descendants.finetune.eval_every=5"]
+    sets = tiny_overrides + [
+        "descendants.grid.method=[mmlg,scratch,pt_ft]",
+        "descendants.grid.modality=[image,text]",
+        "descendants.seeds=[0,1,2]",
+        "descendants.finetune.steps=10",
+        "descendants.finetune.eval_every=5",
+    ]
     assert sweep_job.main(["--backend", "local", "--output", str(out)] + sum((["--set", s] for s in sets), [])) == 0
     return out
 
@@ -21,13 +26,20 @@ def test_report_has_every_section(finished):
     rep = finished / "report"
     html = (rep / "report.html").read_text()
     md = (rep / "report.md").read_text()
-    for title in ["Score against descendant size: image_classification", "Score against descendant size: "
-                  "text_classification", "Pre-training compute and storage against PT+FT",
-                  "Pareto frontier, score against total cost", "Mean score and spread over seeds, per grid cell",
-                  "MM-LG against each baseline", "Savings at equal accuracy",
-                  "Device-hours and money per method and stage", "Cost to reach a target score",
-                  "What the dry-run plan assumes, against what ran", "Provenance: config, fingerprints, software",
-                  "Stage timeline"]:
+    for title in [
+        "Score against descendant size: image_classification",
+        "Score against descendant size: " "text_classification",
+        "Pre-training compute and storage against PT+FT",
+        "Pareto frontier, score against total cost",
+        "Mean score and spread over seeds, per grid cell",
+        "MM-LG against each baseline",
+        "Savings at equal accuracy",
+        "Device-hours and money per method and stage",
+        "Cost to reach a target score",
+        "What the dry-run plan assumes, against what ran",
+        "Provenance: config, fingerprints, software",
+        "Stage timeline",
+    ]:
         assert title in html and title in md, title
     # 2 score plots, spend, 2 score-vs-money plots, costs, 2 Pareto plots, equal accuracy, the stage
     # timeline: self-contained
@@ -35,6 +47,7 @@ def test_report_has_every_section(finished):
     assert "<img" in html and 'src="http' not in html
     # the contents list each section present, one entry per task under its group
     import re
+
     anchors = re.findall(r'<section id="([^"]+)">', html)
     nav = html.split("<nav", 1)[1].split("</nav>", 1)[0]
     assert len(anchors) == len(set(anchors)) and all(f'href="#{a}"' in nav for a in anchors)
@@ -46,10 +59,14 @@ def test_report_has_every_section(finished):
     trials = pd.read_parquet(finished / "trials.parquet")
     ext = spend[(spend.arm == "mmlg") & (spend.stage == "extraction")]
     assert ext.runs.tolist() == [1] and ext.device_s.iloc[0] == pytest.approx(
-        stages[(stages.stage == "extraction") & (stages.name == "mmlg")].device_s.sum())
+        stages[(stages.stage == "extraction") & (stages.name == "mmlg")].device_s.sum()
+    )
     pre = spend[(spend.arm == "pt_ft@1x") & (spend.stage == "pretrain")]
-    assert pre.runs.iloc[0] == (stages.stage == "pretrain").sum() == trials[trials.method == "pt_ft"][
-        ["depth", "width"]].drop_duplicates().shape[0]
+    assert (
+        pre.runs.iloc[0]
+        == (stages.stage == "pretrain").sum()
+        == trials[trials.method == "pt_ft"][["depth", "width"]].drop_duplicates().shape[0]
+    )
     fine = spend[spend.stage == "finetune"]
     assert fine.device_s.sum() == pytest.approx(trials.finetune_device_s.sum()) and (fine.money > 0).all()
     assert "Shared stages." in md and "counted once per method" in md
@@ -68,6 +85,7 @@ def test_report_has_every_section(finished):
     assert 0 < mm.storage_vs_pt_ft and mm.pretrain_flops_measured > 0 and mm.pretrain_device_s_measured > 0
     # MM-LG's stored parameters are its learngene file's, exactly (shared block, unimodal blocks, inherited)
     from mmlg_ray.learngene import load_learngene
+
     st = pd.read_parquet(finished / "stages.parquet")
     lg_file = load_learngene(st[(st.stage == "extraction") & (st.name == "mmlg")].artifact.iloc[0])
     assert mm.stored_params == sum(t.numel() for t in lg_file.tensors.values())
@@ -118,15 +136,50 @@ def test_paper_plan_prices_a_gpu_cluster(capsys):
 NOISE = (-0.5, 0.0, 0.5)  # seeds 0, 1, 2: the mean is the centre exactly
 
 
-def _row(method, seed, test, val, *, phase="seeds", extraction="", budget=0.0, arm=None, lr=1e-3, pre=0.0,
-         status="ok", modality="image", depth=2, width=64):
+def _row(
+    method,
+    seed,
+    test,
+    val,
+    *,
+    phase="seeds",
+    extraction="",
+    budget=0.0,
+    arm=None,
+    lr=1e-3,
+    pre=0.0,
+    status="ok",
+    modality="image",
+    depth=2,
+    width=64,
+):
     task = {"image": "image_classification", "text": "text_classification"}[modality]
-    return {"trial": f"{method}-{extraction}-{budget}-{seed}-{lr}", "method": method, "modality": modality,
-            "task": task, "dataset": "constructed", "depth": depth, "width": width, "params": 1000 * width,
-            "seed": seed, "lr": lr, "weight_decay": 0.0, "score_metric": "top1", "final_score": test,
-            "final_top1": test, "val_score": val, "best_val_score": val, "phase": phase, "status": status,
-            "finetune_flops": 1e9, "pretrain_flops": pre, "pretrain_device_s": pre / 1e10, "extraction": extraction,
-            "pt_budget": budget, "arm": arm or method}
+    return {
+        "trial": f"{method}-{extraction}-{budget}-{seed}-{lr}",
+        "method": method,
+        "modality": modality,
+        "task": task,
+        "dataset": "constructed",
+        "depth": depth,
+        "width": width,
+        "params": 1000 * width,
+        "seed": seed,
+        "lr": lr,
+        "weight_decay": 0.0,
+        "score_metric": "top1",
+        "final_score": test,
+        "final_top1": test,
+        "val_score": val,
+        "best_val_score": val,
+        "phase": phase,
+        "status": status,
+        "finetune_flops": 1e9,
+        "pretrain_flops": pre,
+        "pretrain_device_s": pre / 1e10,
+        "extraction": extraction,
+        "pt_budget": budget,
+        "arm": arm or method,
+    }
 
 
 def constructed_trials():
@@ -137,10 +190,13 @@ def constructed_trials():
     In every arm's search the trial with the best validation score (lr 1e-3) is not the one with the
     best test score (lr 1e-2, whose test score is 99): selection on validation must ignore it."""
     rows = []
-    arms = [("mmlg", "fixed", 0.0, "mmlg", 55.0, 0.0), ("mmlg", "elastic", 0.0, "mmlg/elastic", 90.0, 0.0),
-            ("tleg", "fixed", 0.0, "tleg", 30.0, 0.0), ("scratch", "", 0.0, "scratch", 45.0, 0.0)]
-    arms += [("pt_ft", "", b, f"pt_ft@{b:g}x", 40.0 + 10 * k, 1e11 * 2 ** k)
-             for k, b in enumerate((0.25, 0.5, 1.0, 2.0))]
+    arms = [
+        ("mmlg", "fixed", 0.0, "mmlg", 55.0, 0.0),
+        ("mmlg", "elastic", 0.0, "mmlg/elastic", 90.0, 0.0),
+        ("tleg", "fixed", 0.0, "tleg", 30.0, 0.0),
+        ("scratch", "", 0.0, "scratch", 45.0, 0.0),
+    ]
+    arms += [("pt_ft", "", b, f"pt_ft@{b:g}x", 40.0 + 10 * k, 1e11 * 2**k) for k, b in enumerate((0.25, 0.5, 1.0, 2.0))]
     for method, ext, budget, arm, score, pre in arms:
         kw = dict(extraction=ext, budget=budget, arm=arm, pre=pre)
         rows.append(_row(method, 0, score + NOISE[0], 80.0, phase="search", **kw))
@@ -151,18 +207,37 @@ def constructed_trials():
 
 
 def constructed_stages():
-    return pd.DataFrame([
-        {"stage": "ancestor", "name": "local", "flops": 5e12, "device_s": 100.0, "wall_s": 100.0, "artifact": ""},
-        {"stage": "extraction", "name": "mmlg", "flops": 1e11, "device_s": 10.0, "wall_s": 10.0, "artifact": "x"},
-        {"stage": "extraction", "name": "mmlg/elastic", "flops": 3e11, "device_s": 30.0, "wall_s": 30.0,
-         "artifact": "x"},
-        {"stage": "extraction", "name": "tleg", "flops": 1e11, "device_s": 10.0, "wall_s": 10.0, "artifact": "x"}]
-        + [{"stage": "pretrain", "name": f"pt_ft/i2x64-t2x32@{b:g}x", "flops": 1e11 * 2 ** k, "device_s": 10.0 * 2 ** k,
-            "wall_s": 1.0, "artifact": ""} for k, b in enumerate((0.25, 0.5, 1.0, 2.0))])
+    return pd.DataFrame(
+        [
+            {"stage": "ancestor", "name": "local", "flops": 5e12, "device_s": 100.0, "wall_s": 100.0, "artifact": ""},
+            {"stage": "extraction", "name": "mmlg", "flops": 1e11, "device_s": 10.0, "wall_s": 10.0, "artifact": "x"},
+            {
+                "stage": "extraction",
+                "name": "mmlg/elastic",
+                "flops": 3e11,
+                "device_s": 30.0,
+                "wall_s": 30.0,
+                "artifact": "x",
+            },
+            {"stage": "extraction", "name": "tleg", "flops": 1e11, "device_s": 10.0, "wall_s": 10.0, "artifact": "x"},
+        ]
+        + [
+            {
+                "stage": "pretrain",
+                "name": f"pt_ft/i2x64-t2x32@{b:g}x",
+                "flops": 1e11 * 2**k,
+                "device_s": 10.0 * 2**k,
+                "wall_s": 1.0,
+                "artifact": "",
+            }
+            for k, b in enumerate((0.25, 0.5, 1.0, 2.0))
+        ]
+    )
 
 
 def test_selection_uses_validation_never_test():
     from mmlg_ray.report import final_trials, selection_split
+
     t = constructed_trials()
     ft = final_trials(t)
     assert selection_split(t) == "val"
@@ -179,15 +254,24 @@ def test_constructed_report_has_savings_at_equal_accuracy(tmp_path):
     import math
 
     from mmlg_ray.report import build_report
+
     out = tmp_path / "run"
     out.mkdir()
     constructed_trials().to_parquet(out / "trials.parquet")
     constructed_stages().to_parquet(out / "stages.parquet")
     rep = build_report(out)
     md, html = (rep / "report.md").read_text(), (rep / "report.html").read_text()
-    for text in ("## Savings at equal accuracy", "Selection on validation", "What a seed varies",
-                 "fine-tuning only", "Fixed against elastic extraction", "PT+FT does not reach it within the ladder",
-                 "PT+FT beats it at every budget", "Holm", "95% CI"):
+    for text in (
+        "## Savings at equal accuracy",
+        "Selection on validation",
+        "What a seed varies",
+        "fine-tuning only",
+        "Fixed against elastic extraction",
+        "PT+FT does not reach it within the ladder",
+        "PT+FT beats it at every budget",
+        "Holm",
+        "95% CI",
+    ):
         assert text in md, text
     assert "Savings at equal accuracy" in html and "equal_accuracy.png" in md
     eq = pd.read_parquet(rep / "equal_accuracy.parquet").set_index("arm")
@@ -214,6 +298,7 @@ def test_constructed_report_has_savings_at_equal_accuracy(tmp_path):
     assert t90.target_score.iloc[0] == pytest.approx(81.0)
     assert t90[t90.reached].arm.tolist() == ["mmlg/elastic"] and t90[t90.cheapest].arm.tolist() == ["mmlg/elastic"]
     from mmlg_ray import cost
+
     price = cost.money(30 / 3600, "cpu-2core", "on_demand", cost.price_table())  # the default report.device
     assert t90[t90.reached].money_alone.iloc[0] == pytest.approx(price)
     ts = tg[tg.target == "scratch's best"].set_index("arm")
@@ -225,8 +310,7 @@ def test_constructed_old_results_render_with_a_test_selection_note(tmp_path):
     out.mkdir()
     t = constructed_trials()
     t = t[(t.extraction != "elastic") & ((t.method != "pt_ft") | (t.pt_budget == 1.0))]
-    t.drop(columns=["val_score", "best_val_score", "arm", "extraction", "pt_budget"]).to_parquet(
-        out / "trials.parquet")
+    t.drop(columns=["val_score", "best_val_score", "arm", "extraction", "pt_budget"]).to_parquet(out / "trials.parquet")
     constructed_stages().to_parquet(out / "stages.parquet")
     assert report_job.main([str(out)]) == 0
     md = (out / "report" / "report.md").read_text()
@@ -236,9 +320,11 @@ def test_constructed_old_results_render_with_a_test_selection_note(tmp_path):
 
 def test_pretraining_is_shared_by_the_descendants_that_use_it():
     from mmlg_ray.report import normalize, pretrain_share
+
     rows = [_row("pt_ft", 0, 50.0, 50.0, budget=1.0, arm="pt_ft@1x", pre=8e11, modality=m) for m in ("image", "text")]
-    rows += [_row("mmlg", 0, 50.0, 50.0, extraction="fixed", modality=m, depth=d) for m in ("image", "text")
-             for d in (1, 2)]
+    rows += [
+        _row("mmlg", 0, 50.0, 50.0, extraction="fixed", modality=m, depth=d) for m in ("image", "text") for d in (1, 2)
+    ]
     rows += [_row("mmlg", 0, 50.0, 50.0, extraction="elastic", arm="mmlg/elastic", modality="image")]
     ft = normalize(pd.DataFrame(rows))
     share = pretrain_share(ft, constructed_stages(), "flops")
@@ -265,17 +351,29 @@ addEventListener("load", () => {
 
 def _chromium() -> str:
     import shutil
+
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if not path:
-        pytest.fail("chromium is not installed: `make setup` (its `data` target) installs the Debian package "
-                    "chromium, or run `apt-get install -y chromium`")
+        pytest.fail(
+            "chromium is not installed: `make setup` (its `data` target) installs the Debian package "
+            "chromium, or run `apt-get install -y chromium`"
+        )
     return path
 
 
 def _headless(*args, timeout=120) -> str:
     import subprocess
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-           "--force-device-scale-factor=1", "--virtual-time-budget=10000", *args]
+
+    cmd = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+        "--virtual-time-budget=10000",
+        *args,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
@@ -287,6 +385,7 @@ def test_report_renders_in_headless_chromium_with_every_plot_drawn(finished, tmp
 
     import numpy as np
     from PIL import Image
+
     html = (finished / "report" / "report.html").read_text()
     n_imgs = html.count("<img ")
     assert n_imgs >= 9
@@ -306,7 +405,7 @@ def test_report_renders_in_headless_chromium_with_every_plot_drawn(finished, tmp
     assert px.shape[:2] == (height, 1280) and px.std() > 10  # not blank
     for im in info["imgs"]:
         x, y, w, h = (int(round(im[k])) for k in ("x", "y", "rw", "rh"))
-        area = px[y:y + h, x:x + w]
+        area = px[y : y + h, x : x + w]
         assert area.size, im["alt"]
         ink = (area.min(axis=2) < 200).mean()  # pixels darker than near-white: axes, text, marks
         color = (area.max(axis=2) - area.min(axis=2) > 80).mean()  # saturated pixels: the plotted data

@@ -1,4 +1,5 @@
 """The typed trial row: trials.parquet's columns are declared once, whichever backend ran the trials."""
+
 import math
 
 import pandas as pd
@@ -9,10 +10,23 @@ from mmlg_ray.results import TrialRow, trials_frame, write_tables
 
 
 def _finished(**kw):
-    base = dict(trial="mmlg-image-d1-w64-s0-a1", trial_id="a1", cell="mmlg|image|1|64", method="mmlg", arm="mmlg",
-                modality="image", depth=1, width=64, seed=0, lr=1e-3, weight_decay=0.1, val_score=50.0,
-                final={"score": 48.0, "top1": 48.0}, best={"score": 49.0, "step": 20},
-                history=[{"step": 20, "score": 49.0}, {"step": 40, "score": 48.0}])
+    base = dict(
+        trial="mmlg-image-d1-w64-s0-a1",
+        trial_id="a1",
+        cell="mmlg|image|1|64",
+        method="mmlg",
+        arm="mmlg",
+        modality="image",
+        depth=1,
+        width=64,
+        seed=0,
+        lr=1e-3,
+        weight_decay=0.1,
+        val_score=50.0,
+        final={"score": 48.0, "top1": 48.0},
+        best={"score": 49.0, "step": 20},
+        history=[{"step": 20, "score": 49.0}, {"step": 40, "score": 48.0}],
+    )
     return TrialRow(**{**base, **kw})
 
 
@@ -55,6 +69,11 @@ def test_table_has_every_column_even_when_every_trial_errored(tmp_path):
 def test_metric_columns_follow_the_declared_ones_sorted():
     df = trials_frame([_finished(), _finished(trial="b", final={"zeroshot_top1": 10.0})])
     declared = list(TrialRow("").record())
-    assert list(df.columns[:len(declared)]) == declared
-    assert list(df.columns[len(declared):]) == ["best_score", "best_step", "final_score", "final_top1",
-                                                "final_zeroshot_top1"]
+    assert list(df.columns[: len(declared)]) == declared
+    assert list(df.columns[len(declared) :]) == [
+        "best_score",
+        "best_step",
+        "final_score",
+        "final_top1",
+        "final_zeroshot_top1",
+    ]

@@ -1,6 +1,7 @@
 """The sweep's search as plain bookkeeping (mmlg_ray.search, no Ray): common random candidates per
 shape, Optuna TPE per cell after the start-up, asynchronous successive halving per cell, seed
 re-runs at each cell's best by validation, and a state that a restored run continues from."""
+
 import json
 import math
 
@@ -11,8 +12,17 @@ from mmlg_ray.search import FINISHED, SearchSettings, SweepPlan, shape_candidate
 
 
 def settings(**kw):
-    base = dict(num_samples=2, startup=2, seeds=[0, 1], lr=(1e-4, 3e-3), weight_decay=(0.0, 0.2), grace_period=1,
-                reduction_factor=2, max_t=4, seed=0)
+    base = dict(
+        num_samples=2,
+        startup=2,
+        seeds=[0, 1],
+        lr=(1e-4, 3e-3),
+        weight_decay=(0.0, 0.2),
+        grace_period=1,
+        reduction_factor=2,
+        max_t=4,
+        seed=0,
+    )
     return SearchSettings(**{**base, **kw})
 
 
@@ -90,17 +100,17 @@ def test_successive_halving_cuts_within_a_cell_only_and_never_a_seed_rerun():
     for i, job in enumerate(a):
         ids.setdefault(job["cell"], []).append(f"a{i}")
     img, txt = ids[cells[0].key], ids[cells[1].key]
-    assert not plan.observe(img[0], 1, 50.0)        # alone at the rung: never cut
-    assert not plan.observe(txt[0], 1, 5.0)         # another cell's low score changes nothing in this one
-    assert plan.observe(img[1], 1, 10.0)            # below the rung's median of its own cell: cut
+    assert not plan.observe(img[0], 1, 50.0)  # alone at the rung: never cut
+    assert not plan.observe(txt[0], 1, 5.0)  # another cell's low score changes nothing in this one
+    assert plan.observe(img[1], 1, 10.0)  # below the rung's median of its own cell: cut
     assert not plan.observe(img[2], 1, 60.0)
-    assert not plan.observe(img[2], 2, 0.0)         # rungs 1 and 2 (grace 1, rf 2, max_t 4): alone at 2
-    assert plan.observe(img[0], 2, -1.0)            # below img[2]'s 0.0 at rung 2: cut
+    assert not plan.observe(img[2], 2, 0.0)  # rungs 1 and 2 (grace 1, rf 2, max_t 4): alone at 2
+    assert plan.observe(img[0], 2, -1.0)  # below img[2]'s 0.0 at rung 2: cut
     for t in img + txt:
         plan.complete(t, "finished", 1.0)
     seeds = [plan.next_trial(f"s{i}") for i in range(2)]
     assert {j["phase"] for j in seeds} == {"seeds"}
-    assert not plan.observe("s0", 1, -1e9)         # seed re-runs are never cut
+    assert not plan.observe("s0", 1, -1e9)  # seed re-runs are never cut
 
 
 def test_seed_reruns_use_the_best_validation_score_and_a_finished_trial_before_one_cut_short():
@@ -113,8 +123,9 @@ def test_seed_reruns_use_the_best_validation_score_and_a_finished_trial_before_o
     plan.complete("t2", "finished", 30.0)
     seeds = [plan.next_trial(f"s{i}") for i in range(2)]
     assert [s["seed"] for s in seeds] == [1, 2]
-    assert all((s["lr"], s["weight_decay"], s["candidate"]) == (jobs[2]["lr"], jobs[2]["weight_decay"], 2)
-               for s in seeds)
+    assert all(
+        (s["lr"], s["weight_decay"], s["candidate"]) == (jobs[2]["lr"], jobs[2]["weight_decay"], 2) for s in seeds
+    )
     assert plan.next_trial("s2") is None  # seeds running
     plan.complete("s0", "finished", 1.0)
     plan.complete("s1", "finished", 1.0)
@@ -171,10 +182,12 @@ def test_the_plan_continues_from_its_saved_state_as_if_never_stopped():
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_shape_candidates_are_reproducible(n):
-    assert shape_candidates(0, "image|2|64", n, (1e-4, 3e-3), (0, 0.2)) == \
-        shape_candidates(0, "image|2|64", n, (1e-4, 3e-3), (0, 0.2))
-    assert shape_candidates(1, "image|2|64", n, (1e-4, 3e-3), (0, 0.2)) != \
-        shape_candidates(0, "image|2|64", n, (1e-4, 3e-3), (0, 0.2))
+    assert shape_candidates(0, "image|2|64", n, (1e-4, 3e-3), (0, 0.2)) == shape_candidates(
+        0, "image|2|64", n, (1e-4, 3e-3), (0, 0.2)
+    )
+    assert shape_candidates(1, "image|2|64", n, (1e-4, 3e-3), (0, 0.2)) != shape_candidates(
+        0, "image|2|64", n, (1e-4, 3e-3), (0, 0.2)
+    )
 
 
 def test_the_plan_bounds_how_many_trials_run_at_once_resumed_ones_included():
@@ -209,11 +222,13 @@ def test_successive_halving_decides_as_tunes_asha_bracket():
     from types import SimpleNamespace
 
     from ray.tune.schedulers.async_hyperband import _Bracket
+
     rnd = random.Random(0)
     for grace, rf, max_t in [(1, 2, 4), (1, 3, 9), (2, 2, 8), (1, 2, 3)]:
         cell = Cell("image", 2, 64, "scratch")
-        plan = SweepPlan([cell], settings(num_samples=8, startup=8, max_t=max_t, grace_period=grace,
-                                          reduction_factor=rf))
+        plan = SweepPlan(
+            [cell], settings(num_samples=8, startup=8, max_t=max_t, grace_period=grace, reduction_factor=rf)
+        )
         bracket = _Bracket(min_t=grace, max_t=max_t, reduction_factor=rf, s=0)
         live = {}
         for i in range(8):
@@ -248,7 +263,9 @@ def test_proposals_made_before_the_startup_trials_end_stay_common():
 
 def test_startup_samples_reaches_the_plan_from_the_config():
     from mmlg_ray.config import load_config
-    s = SearchSettings.of(load_config(None, ["ray.tune.num_samples=6", "ray.tune.startup_samples=3",
-                                             "ray.tune.max_concurrent=5"]))
+
+    s = SearchSettings.of(
+        load_config(None, ["ray.tune.num_samples=6", "ray.tune.startup_samples=3", "ray.tune.max_concurrent=5"])
+    )
     assert (s.num_samples, s.startup, s.max_concurrent) == (6, 3, 5)
     assert SearchSettings.of(load_config(None, ["ray.tune.num_samples=12"])).startup == 4

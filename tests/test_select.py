@@ -35,13 +35,13 @@ def test_narrow_selection_keeps_whole_heads_for_q_k_v_and_out_proj():
     w = select_layer_tensor("attn.in_proj_weight", b["attn.in_proj_weight"], D, d, hw)
     assert w.shape == (3 * d, d)
     for i in range(3):  # Q, K, V each: rows of the kept heads, columns of the kept residual dims
-        big = b["attn.in_proj_weight"][i * D:(i + 1) * D]
-        assert torch.equal(w[i * d:(i + 1) * d], big[heads][:, r])
+        big = b["attn.in_proj_weight"][i * D : (i + 1) * D]
+        assert torch.equal(w[i * d : (i + 1) * d], big[heads][:, r])
         # narrow head j is exactly wide head kept[j]
         for j, h in enumerate(kept):
-            assert torch.equal(w[i * d + j * hw: i * d + (j + 1) * hw], big[h * hw:(h + 1) * hw][:, r])
+            assert torch.equal(w[i * d + j * hw : i * d + (j + 1) * hw], big[h * hw : (h + 1) * hw][:, r])
     bias = select_layer_tensor("attn.in_proj_bias", b["attn.in_proj_bias"], D, d, hw)
-    assert torch.equal(bias[d:2 * d], b["attn.in_proj_bias"][D:2 * D][heads])
+    assert torch.equal(bias[d : 2 * d], b["attn.in_proj_bias"][D : 2 * D][heads])
     out = select_layer_tensor("attn.out_proj.weight", b["attn.out_proj.weight"], D, d, hw)
     assert torch.equal(out, b["attn.out_proj.weight"][r][:, heads])
 
@@ -54,13 +54,15 @@ def test_mlp_and_norm_selection_shapes_and_values():
         assert select_layer_tensor(p, b[p], D, d, 64).shape == shapes[p], p
     m = uniform_idx(4 * D, 4 * d)
     r = uniform_idx(D, d)
-    assert torch.equal(select_layer_tensor("mlp.c_fc.weight", b["mlp.c_fc.weight"], D, d, 64),
-                       b["mlp.c_fc.weight"][m][:, r])
+    assert torch.equal(
+        select_layer_tensor("mlp.c_fc.weight", b["mlp.c_fc.weight"], D, d, 64), b["mlp.c_fc.weight"][m][:, r]
+    )
     assert torch.equal(select_layer_tensor("ln_2.weight", b["ln_2.weight"], D, d, 64), b["ln_2.weight"][r])
 
 
 def test_selected_block_runs_in_open_clip_block():
     from open_clip.transformer import ResidualAttentionBlock
+
     D, d = 128, 64
     wide = ResidualAttentionBlock(D, D // 64, batch_first=True)
     narrow = ResidualAttentionBlock(d, d // 64, batch_first=True)

@@ -1,4 +1,5 @@
 """mmlg_ray.stats on constructed cases whose answers are known by hand."""
+
 import math
 
 import numpy as np
@@ -56,12 +57,12 @@ def test_crossing_on_a_ladder_linear_in_log_compute():
     assert stats.crossing(compute, scores, 40.0) == (1e10, "always")
     # a dip is pooled by the isotonic fit: 50, 70, 60 -> 50, 65, 65; 57.5 lies halfway to the second point
     c, kind = stats.crossing([1e10, 1e11, 1e12], [50.0, 70.0, 60.0], 57.5)
-    assert kind == "crossing" and c == pytest.approx(10 ** 10.5)
+    assert kind == "crossing" and c == pytest.approx(10**10.5)
 
 
 def test_equal_accuracy_with_seeds_known_answer_and_bounds():
     noise = np.array([-0.5, 0.0, 0.5])
-    ladder = [(1e10 * 2 ** k, 40.0 + 10 * k + noise) for k in range(4)]
+    ladder = [(1e10 * 2**k, 40.0 + 10 * k + noise) for k in range(4)]
     ea = stats.equal_accuracy(ladder, 55.0 + noise, own_compute=1e10, n_resamples=400)
     assert ea.kind == "crossing" and ea.compute == pytest.approx(2e10 * math.sqrt(2))
     assert ea.lo < ea.compute < ea.hi and ea.saved == pytest.approx(ea.compute - 1e10)

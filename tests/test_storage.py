@@ -1,5 +1,6 @@
 """mmlg_ray.storage against a real S3 server (moto's server mode on loopback, the session's `s3`
 fixture) and the local disk: the same calls for both; objects listed through boto3."""
+
 import time
 import uuid
 
@@ -53,8 +54,9 @@ def test_write_list_read_and_upload_a_folder(where, tmp_path, prefix, s3):
     storage.remove(storage.join(base, "nothing-there"))
     assert not storage.exists(storage.join(base, "a")) and storage.exists(storage.join(base, "report"))
     if where == "s3":  # what the S3 API itself lists (pyarrow may leave empty "folder/" marker objects)
-        assert sorted(k for k in s3.keys(prefix[1] + "/") if not k.endswith("/")) == [f"{prefix[1]}/{k}" for k in
-                                                     ("report/img/p.png", "report/report.html")]
+        assert sorted(k for k in s3.keys(prefix[1] + "/") if not k.endswith("/")) == [
+            f"{prefix[1]}/{k}" for k in ("report/img/p.png", "report/report.html")
+        ]
 
 
 def test_output_dir_stages_uploads_and_fetches_from_the_bucket(tmp_path, prefix, s3):
@@ -96,6 +98,7 @@ def test_local_output_dir_is_the_folder_itself(tmp_path):
 def test_learngene_on_s3_loads_through_a_local_copy(tiny_learngene_path, prefix, s3):
     from mmlg_ray.errors import UserError
     from mmlg_ray.learngene import load_learngene
+
     uri = f"{prefix[0]}/lg.safetensors"
     storage.upload(tiny_learngene_path, uri)
     lg = load_learngene(uri)
@@ -108,12 +111,30 @@ def test_descend_and_report_jobs_take_uris(tiny_learngene_path, prefix, s3, tmp_
     """jobs/descend.py reads a learngene from the bucket and writes the descendant there; jobs/report.py
     on a URI without tables is refused with exit 2 like a local folder without them."""
     from jobs import descend, report
+
     uri, key = prefix
     storage.upload(tiny_learngene_path, f"{uri}/lg.safetensors")
-    assert descend.main(["--learngene", f"{uri}/lg.safetensors", "--modality", "image", "--depth", "2",
-                         "--width", "64", "--out", f"{uri}/desc"]) == 0
-    assert sorted(s3.keys(f"{key}/desc/")) == [f"{key}/desc/open_clip_config.json",
-                                               f"{key}/desc/open_clip_model.safetensors"]
+    assert (
+        descend.main(
+            [
+                "--learngene",
+                f"{uri}/lg.safetensors",
+                "--modality",
+                "image",
+                "--depth",
+                "2",
+                "--width",
+                "64",
+                "--out",
+                f"{uri}/desc",
+            ]
+        )
+        == 0
+    )
+    assert sorted(s3.keys(f"{key}/desc/")) == [
+        f"{key}/desc/open_clip_config.json",
+        f"{key}/desc/open_clip_model.safetensors",
+    ]
     assert report.main([f"{uri}/nothing-here"]) == 2
 
 
@@ -121,6 +142,7 @@ def test_a_local_output_folder_is_made_absolute(tmp_path, monkeypatch):
     """Trials read stage artifacts by the output folder's path from their own working folders (Tune
     moves each trial into one): a relative --output must not reach them relative."""
     from mmlg_ray.storage import OutputDir
+
     monkeypatch.chdir(tmp_path)
     od = OutputDir("runs/x")
     assert od.target == str(tmp_path / "runs" / "x") and od.uri("learngenes/a.safetensors").startswith(str(tmp_path))

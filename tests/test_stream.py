@@ -1,5 +1,6 @@
 """Streamed data on real (tiny) shards written from a packaged set: bad samples skipped and counted,
 decoding in DataLoader worker processes, csm pre-training and Ray Data ingest on webdataset shards."""
+
 import io
 import os
 import tarfile
@@ -17,13 +18,15 @@ def _shards(tmp_path, cache_dir, n=60, per_shard=20, labels=True, bad=True):
     DIR/val-000000.tar);
     with `bad`, sample 25's image is garbage and sample 30 has no caption (in one shard)."""
     from mmlg_ray.data import Pairs
+
     fm = load_dataset(DatasetConfig(kind="fashion_mnist", max_samples=n), "train", image_size=16, cache_dir=cache_dir)
     if not labels:
         fm = Pairs(fm.name, fm.images, fm.captions)
     out = tmp_path / "shards"
     paths = write_webdataset(fm, out, per_shard, prefix="train")
-    fm_test = load_dataset(DatasetConfig(kind="fashion_mnist", max_samples=10), "test", image_size=16,
-                           cache_dir=cache_dir)
+    fm_test = load_dataset(
+        DatasetConfig(kind="fashion_mnist", max_samples=10), "test", image_size=16, cache_dir=cache_dir
+    )
     write_webdataset(fm_test if labels else Pairs(fm.name, fm_test.images, fm_test.captions), out, 10, prefix="test")
     write_webdataset(fm_test if labels else Pairs(fm.name, fm_test.images, fm_test.captions), out, 10, prefix="val")
     if bad:
@@ -42,8 +45,12 @@ def _shards(tmp_path, cache_dir, n=60, per_shard=20, labels=True, bad=True):
 
 def test_streamed_shards_skip_and_count_bad_samples(tmp_path, cache_dir):
     out = _shards(tmp_path, cache_dir)
-    cfg = DatasetConfig(kind="webdataset", path=str(out / "*.tar"), test_shards=str(out / "test-*.tar"),
-                        val_shards=str(out / "val-*.tar"))
+    cfg = DatasetConfig(
+        kind="webdataset",
+        path=str(out / "*.tar"),
+        test_shards=str(out / "test-*.tar"),
+        val_shards=str(out / "val-*.tar"),
+    )
     train = load_dataset(cfg, "train", image_size=16, cache_dir=cache_dir)
     assert [os.path.basename(s) for s in train.shards] == [f"train-00000{i}.tar" for i in range(3)]
     assert train.classnames[1] == "trouser"  # from dataset.json, written beside the shards
@@ -68,8 +75,9 @@ def test_streamed_shards_skip_and_count_bad_samples(tmp_path, cache_dir):
     # two ranks: disjoint shares, the shards split between them
     seen = []
     for rank in range(2):
-        s = load_dataset(cfg, "train", image_size=16, cache_dir=cache_dir).batches(8, 16, 16, seed=3, rank=rank,
-                                                                                   world=2)
+        s = load_dataset(cfg, "train", image_size=16, cache_dir=cache_dir).batches(
+            8, 16, 16, seed=3, rank=rank, world=2
+        )
         seen.append({(round(float(x.sum()), 2)) for x in next(s)[0]})
         s.close()
     assert not seen[0] & seen[1]
@@ -79,27 +87,56 @@ def test_streamed_shards_skip_and_count_bad_samples(tmp_path, cache_dir):
 
     # a truncated shard: the samples before the cut are read, the rest is one counted error
     data = (out / "train-000000.tar").read_bytes()
-    (tmp_path / "cut.tar").write_bytes(data[:len(data) // 2])
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])
     entries = list(iter_shard(str(tmp_path / "cut.tar")))
     assert 5 < len(entries) < 20 and all(e[2] is None for e in entries[:-1]) and "unreadable" in entries[-1][2]
 
 
 def test_shards_cli_writes_labelled_sets(tmp_path, cache_dir):
     from mmlg_ray.shards import main
+
     out = tmp_path / "fm"
-    assert main(["--dataset", "fashion_mnist", "--out", str(out), "--max-samples", "30", "--samples-per-shard", "16",
-                 "--cache-dir", str(cache_dir)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "test-000000.tar", "test-000001.tar",
-                                                      "train-000000.tar", "train-000001.tar", "val-000000.tar",
-                                                      "val-000001.tar"]
+    assert (
+        main(
+            [
+                "--dataset",
+                "fashion_mnist",
+                "--out",
+                str(out),
+                "--max-samples",
+                "30",
+                "--samples-per-shard",
+                "16",
+                "--cache-dir",
+                str(cache_dir),
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "dataset.json",
+        "test-000000.tar",
+        "test-000001.tar",
+        "train-000000.tar",
+        "train-000001.tar",
+        "val-000000.tar",
+        "val-000001.tar",
+    ]
     with tarfile.open(out / "train-000000.tar") as t:
         assert t.getnames()[:3] == ["00000000.png", "00000000.txt", "00000000.cls"]
     from mmlg_ray.config import load_config
     from mmlg_ray.finetune import load_task_data
-    cfg = load_config(None, [f"cache_dir={cache_dir}", "data.image_classification.kind=webdataset",
-                             f"data.image_classification.path={out}/train-*.tar",
-                             f"data.image_classification.test_shards={out}/test-*.tar",
-                             f"data.image_classification.val_shards={out}/val-*.tar"])
+
+    cfg = load_config(
+        None,
+        [
+            f"cache_dir={cache_dir}",
+            "data.image_classification.kind=webdataset",
+            f"data.image_classification.path={out}/train-*.tar",
+            f"data.image_classification.test_shards={out}/test-*.tar",
+            f"data.image_classification.val_shards={out}/val-*.tar",
+        ],
+    )
     task = load_task_data(cfg, "image", 16)  # a classification set from shards: labels and class names
     assert len(task.train.classnames) == 10 and len(task.test.shards) == 2 and len(task.val.shards) == 2
     assert not set(task.val.shards) & (set(task.train.shards) | set(task.test.shards))
@@ -107,8 +144,17 @@ def test_shards_cli_writes_labelled_sets(tmp_path, cache_dir):
     from mmlg_ray.config import FinetuneConfig, ModelSpec
     from mmlg_ray.finetune import finetune
     from mmlg_ray.models import build_model
-    spec = ModelSpec(image_depth=1, text_depth=1, image_width=64, text_width=64, image_size=16, patch_size=8,
-                     context_length=16, embed_dim=16)
+
+    spec = ModelSpec(
+        image_depth=1,
+        text_depth=1,
+        image_width=64,
+        text_width=64,
+        image_size=16,
+        patch_size=8,
+        context_length=16,
+        embed_dim=16,
+    )
     fcfg = FinetuneConfig(steps=4, eval_every=2, batch_size=8, warmup_steps=1)
     summary = finetune(build_model(spec, "image"), "image", task, fcfg, spec, torch.device("cpu"))
     assert summary["steps"] == 4 and len(summary["history"]) == 2 and 0 <= summary["final"]["top1"] <= 100
@@ -120,11 +166,16 @@ def test_csm_pretraining_on_webdataset(tiny_cfg, tiny_ancestor, tmp_path, cache_
     materialized set; the stage's cost carries the skipped samples."""
     from mmlg_ray.descend import descendant_spec
     from mmlg_ray.pipeline import corpus, csm_anchors, pretrain_descendant
+
     out = _shards(tmp_path, cache_dir, labels=False)
     cfg = tiny_cfg.model_copy(deep=True)
-    cfg.data.corpus = DatasetConfig(kind="webdataset", path=str(out / "*.tar"), test_shards=str(out / "test-*.tar"),
-                                    val_shards=str(out / "val-*.tar"),
-                                    workers=1)
+    cfg.data.corpus = DatasetConfig(
+        kind="webdataset",
+        path=str(out / "*.tar"),
+        test_shards=str(out / "test-*.tar"),
+        val_shards=str(out / "val-*.tar"),
+        workers=1,
+    )
     data = corpus(cfg)
     assert data.classnames is None and not hasattr(data, "captions")
     img, txt = csm_anchors(cfg, tiny_ancestor.model(torch.device("cpu")), data, torch.device("cpu"), n_images=20)
@@ -143,13 +194,19 @@ def test_streamed_corpus_extraction_on_ray(tiny_cfg, tiny_ancestor, ray_address,
     """Ray Data ingest: decoding tasks feed a 2-worker extraction; bad samples are dropped and counted."""
     from mmlg_ray.distributed.extract import extract_on_ray
     from mmlg_ray.learngene import load_learngene
+
     out = _shards(tmp_path, cache_dir, n=200, per_shard=50)
     cfg = tiny_cfg.model_copy(deep=True)
-    cfg.data.corpus = DatasetConfig(kind="webdataset", path=str(out / "*.tar"), test_shards=str(out / "test-*.tar"),
-                                    val_shards=str(out / "val-*.tar"))
+    cfg.data.corpus = DatasetConfig(
+        kind="webdataset",
+        path=str(out / "*.tar"),
+        test_shards=str(out / "test-*.tar"),
+        val_shards=str(out / "val-*.tar"),
+    )
     # 0.5 of the session's 2 CPUs for training, 0.25 per decoding task: room left beside what other tests hold
     cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.data_cpus = 2, 0.25, 0.25
     from test_train_actors import _run_actors, assert_no_run_actor_alive
+
     before = set(_run_actors())
     cost = extract_on_ray(cfg, tiny_ancestor, tmp_path / "lg.safetensors", storage=str(tmp_path / "ray"))
     assert_no_run_actor_alive(before)  # no actor outlives its stage: Train's controller, workers, data actors

@@ -1,6 +1,7 @@
 """No actor outlives its stage: when extract_on_ray returns (or raises), Ray Train's controller, its
 workers, the data actors it made for a streamed corpus (DatasetManager, Ray Data's SplitCoordinator)
 and the corpus's skip counter are no longer alive."""
+
 import time
 
 import pytest
@@ -17,10 +18,13 @@ def _run_actors(before: set[str] | None = None) -> dict[str, tuple[str, str]]:
     """actor id -> (class, state) of every actor of RUN_CLASSES this job holds, dead ones included, except `before`'s."""
     import ray
     from ray.util.state import list_actors
+
     job = ray.get_runtime_context().get_job_id()
-    return {a.actor_id: (a.class_name, a.state)
-            for a in list_actors(filters=[("job_id", "=", job)], limit=10_000, raise_on_missing_output=False)
-            if a.class_name in RUN_CLASSES and a.actor_id not in (before or ())}
+    return {
+        a.actor_id: (a.class_name, a.state)
+        for a in list_actors(filters=[("job_id", "=", job)], limit=10_000, raise_on_missing_output=False)
+        if a.class_name in RUN_CLASSES and a.actor_id not in (before or ())
+    }
 
 
 def assert_no_run_actor_alive(before: set[str]) -> None:
@@ -37,18 +41,24 @@ def assert_no_run_actor_alive(before: set[str]) -> None:
     assert not alive, f"alive {time.monotonic() - returned:.1f} s after extract_on_ray returned: {alive}"
 
 
-def test_no_train_actor_outlives_a_failed_extraction(tiny_cfg, tiny_ancestor, ray_address, tmp_path, cache_dir,
-                                                     monkeypatch):
+def test_no_train_actor_outlives_a_failed_extraction(
+    tiny_cfg, tiny_ancestor, ray_address, tmp_path, cache_dir, monkeypatch
+):
     """A run that raises (a worker crash, no retry allowed). A run that returns: test_stream's
     streamed extraction makes the same check."""
     import ray.train
 
     from mmlg_ray.config import DatasetConfig
     from mmlg_ray.distributed.extract import extract_on_ray
+
     shards = _shards(tmp_path, cache_dir, n=60, per_shard=30, bad=False)
     cfg = tiny_cfg.model_copy(deep=True)
-    cfg.data.corpus = DatasetConfig(kind="webdataset", path=str(shards / "*.tar"),
-                                    test_shards=str(shards / "test-*.tar"), val_shards=str(shards / "val-*.tar"))
+    cfg.data.corpus = DatasetConfig(
+        kind="webdataset",
+        path=str(shards / "*.tar"),
+        test_shards=str(shards / "test-*.tar"),
+        val_shards=str(shards / "val-*.tar"),
+    )
     cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.data_cpus = 2, 0.25, 0.25
     cfg.ray.extraction.zero_stage = 2
     cfg.ray.max_failures = 0

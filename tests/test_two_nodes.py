@@ -1,6 +1,7 @@
 """Two Ray nodes on this machine (tests/two_node_sweep.py, in a subprocess): the ZeRO extraction's two
 workers land on different nodes, and the main job's outputs all reach the S3 server; nothing is read
 from another node's disk (the learngene is consolidated by the driver from the checkpoint in S3)."""
+
 import io
 import json
 import os
@@ -19,13 +20,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_two_node_cluster_extracts_on_both_nodes_and_sweeps_to_s3(tiny_overrides, s3, tmp_path):
     key = f"two-nodes/{uuid.uuid4().hex[:8]}"
-    sets = tiny_overrides + ["descendants.grid.method=[mmlg]", "descendants.seeds=[0]", "ray.tune.num_samples=1",
-                             "ray.num_workers=2", "ray.cpus_per_worker=1", "ray.extraction.zero_stage=2"]
+    sets = tiny_overrides + [
+        "descendants.grid.method=[mmlg]",
+        "descendants.seeds=[0]",
+        "ray.tune.num_samples=1",
+        "ray.num_workers=2",
+        "ray.cpus_per_worker=1",
+        "ray.extraction.zero_stage=2",
+    ]
     log = tmp_path / "two_nodes.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "tests/two_node_sweep.py"), f"s3://{s3.bucket}/{key}",
-                                 json.dumps(sets)], stdout=subprocess.PIPE, stderr=err, text=True,
-                                start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests/two_node_sweep.py"), f"s3://{s3.bucket}/{key}", json.dumps(sets)],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            start_new_session=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         try:
             out, _ = proc.communicate(timeout=420)
         finally:
@@ -37,7 +49,7 @@ def test_two_node_cluster_extracts_on_both_nodes_and_sweeps_to_s3(tiny_overrides
     assert len(res["nodes"]) == 2
     # 2 workers of 1 CPU on two 1-CPU nodes: one on each, as Ray's state API reports
     assert sorted(res["train_worker_nodes"]) == res["nodes"]
-    files = {k[len(key) + 1:] for k in s3.keys(key + "/")}
+    files = {k[len(key) + 1 :] for k in s3.keys(key + "/")}
     assert {"trials.parquet", "stages.parquet", "report/report.html", "config.yaml"} <= files
     assert [f for f in files if f.startswith("learngenes/mmlg-")]
     # both ranks' ZeRO shards in the one checkpoint in S3 (each rank wrote only its own shard)
@@ -47,6 +59,7 @@ def test_two_node_cluster_extracts_on_both_nodes_and_sweeps_to_s3(tiny_overrides
     body = s3.client.get_object(Bucket=s3.bucket, Key=f"{key}/trials.parquet")["Body"].read()
     trials = pd.read_parquet(io.BytesIO(body))
     assert len(trials) == 1 and trials.final_score.notna().all()
-    stages = pd.read_parquet(io.BytesIO(s3.client.get_object(Bucket=s3.bucket, Key=f"{key}/stages.parquet")
-                                        ["Body"].read()))
+    stages = pd.read_parquet(
+        io.BytesIO(s3.client.get_object(Bucket=s3.bucket, Key=f"{key}/stages.parquet")["Body"].read())
+    )
     assert stages.set_index("stage").loc["extraction", "device_s"] > 0

@@ -5,6 +5,7 @@ cluster shut down. Prints one JSON line: the nodes, and the node of every extrac
 
     python tests/two_node_sweep.py OUTPUT_URI '["override=value", ...]'
 """
+
 import json
 import os
 import sys
@@ -21,8 +22,9 @@ def main(out_uri: str, overrides: list[str]) -> None:
     from mmlg_ray.distributed.sweep import RayExecutor
 
     # the dashboard (on a free port) serves Ray's state API, which says where each actor ran
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
-                                                            "dashboard_port": 0})
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_port": 0}
+    )
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
@@ -30,8 +32,11 @@ def main(out_uri: str, overrides: list[str]) -> None:
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
         cfg = load_config(None, overrides)
         run_sweep(cfg, out_uri, RayExecutor())
-        workers = [a for a in list_actors(address=cluster.address, detail=True, limit=10000)
-                   if a.class_name == "RayTrainWorker"]
+        workers = [
+            a
+            for a in list_actors(address=cluster.address, detail=True, limit=10000)
+            if a.class_name == "RayTrainWorker"
+        ]
         print(json.dumps({"nodes": nodes, "train_worker_nodes": sorted(a.node_id for a in workers)}), flush=True)
     finally:
         ray.shutdown()

@@ -1,6 +1,7 @@
 """The command-line entry points: `mmlg-sweep`, `mmlg-extract`, `mmlg-descend`, `mmlg-report`,
 `mmlg-rehearse` (console scripts), also run as `python jobs/<name>.py` (what `ray job submit` runs).
 Each parses its arguments and config, then calls the library. This module holds what they share."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,10 @@ from ..config import Config, load_config
 from ..errors import UserError
 
 
-DOCS = ("config keys and presets: docs/configuration.md (every key with its default: configs/local.yaml); "
-        "the files a run writes: docs/files.md")
+DOCS = (
+    "config keys and presets: docs/configuration.md (every key with its default: configs/local.yaml); "
+    "the files a run writes: docs/files.md"
+)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -35,8 +38,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML config (default: built-in defaults = configs/local.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, e.g. --set learngene.schedule=convex (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. --set learngene.schedule=convex (repeatable)",
+    )
 
 
 def config_from_args(args) -> Config:
@@ -53,6 +62,7 @@ def run_sweep(cfg: Config, out, executor, resume: bool = False, fresh: bool = Fa
     from .. import storage as stor
     from ..job import run
     from ..storage import OutputDir
+
     log = logging.getLogger("mmlg_ray")
     if resume and fresh:
         raise UserError("--fresh", "--fresh starts the experiment over and --resume continues it", "pass one of them")
@@ -61,6 +71,7 @@ def run_sweep(cfg: Config, out, executor, resume: bool = False, fresh: bool = Fa
     if not resume and not fresh and _holds_results(od, cfg, fp):
         from ..report import build_output_report
         from ..results import write_run_files
+
         log.info("sweep: %s already holds the results of this experiment; rebuilding the report only", od)
         write_run_files(od.local, cfg)  # operational and report settings may have changed
         od.push("config.yaml")
@@ -74,8 +85,11 @@ def run_sweep(cfg: Config, out, executor, resume: bool = False, fresh: bool = Fa
             log.info("sweep: --fresh: removing the earlier experiment state %s", p)
             stor.remove(p)
     elif previous and not resume:
-        raise UserError("--resume", f"an interrupted sweep of this experiment exists under {storage}",
-                        "add --resume to continue it, or --fresh to start it over")
+        raise UserError(
+            "--resume",
+            f"an interrupted sweep of this experiment exists under {storage}",
+            "add --resume to continue it, or --fresh to start it over",
+        )
     elif resume and not previous:
         log.warning("sweep: --resume: no earlier run of this experiment (%s) under %s; starting it", fp, storage)
     elif previous:  # and --resume
@@ -87,6 +101,7 @@ def _holds_results(out, cfg: Config, fp: str) -> bool:
     """The output folder (local or URI) has the tables of this experiment identity (experiment.json,
     written with the tables; an older folder without it: the very same config.yaml)."""
     import json
+
     if out.fetch("trials.parquet") is None:
         return False
     exp = out.read_text("experiment.json")
@@ -95,9 +110,13 @@ def _holds_results(out, cfg: Config, fp: str) -> bool:
         if exp.get("fingerprint") != fp:
             return False
         if not exp.get("complete", True):
-            raise UserError("--resume", f"{out} holds this experiment's results, but some grid cells are incomplete "
-                            "(a trial errored, none finished, or seed re-runs are lacking)",
-                            "add --resume to retry its errored trials, or --fresh to start it over")
+            raise UserError(
+                "--resume",
+                f"{out} holds this experiment's results, but some grid cells are incomplete "
+                "(a trial errored, none finished, or seed re-runs are lacking)",
+                "add --resume to retry its errored trials, or --fresh to start it over",
+            )
         return True
     from ..config import dump_config
+
     return out.read_text("config.yaml") == dump_config(cfg)

@@ -14,6 +14,7 @@ in this process. --out may be a URI (s3://bucket/lg.safetensors). Ray Train stat
 checkpoints) goes to ray.storage_path, else beside the file (LG.ray/, a URI too); running the same
 command again resumes from its last checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,26 +30,36 @@ def main(argv=None) -> int:
     add_config_args(p)
     p.add_argument("--out", required=True, help="learngene file to write (.safetensors; a path or a URI)")
     p.add_argument("--method", choices=["mmlg", "tleg"], default=None, help="default: learngene.method")
-    p.add_argument("--mode", choices=["fixed", "elastic"], default="fixed",
-                   help="fixed: the auxiliary model's shape only (the paper); elastic: also the grid's shapes")
+    p.add_argument(
+        "--mode",
+        choices=["fixed", "elastic"],
+        default="fixed",
+        help="fixed: the auxiliary model's shape only (the paper); elastic: also the grid's shapes",
+    )
     p.add_argument("--backend", choices=["local", "ray"], default="ray")
     a = p.parse_args(argv)
     cfg = config_from_args(a)
     from mmlg_ray import preflight
+
     preflight.extract(cfg, a.out, backend=a.backend)  # before Ray starts or anything is written
     from ..ancestor import get_ancestor
     from ..pipeline import extract, setup_runtime
+
     setup_runtime(cfg)
     anc = get_ancestor(cfg)
     if a.backend == "ray":
         from ..distributed.extract import extract_on_ray
+
         cost = extract_on_ray(cfg, anc, a.out, method=a.method, mode=a.mode)
     else:
         from mmlg_ray import storage
+
         with storage.writing(a.out) as local:  # a URI: written here, uploaded once complete
             cost = extract(cfg, anc, local, method=a.method, mode=a.mode)
-    print(f"wrote {a.out} ({a.mode}): {cost['steps']} steps, {cost['samples']} samples, {cost['flops']:.3g} FLOPs, "
-          f"{cost['device_s']:.1f} device-s")
+    print(
+        f"wrote {a.out} ({a.mode}): {cost['steps']} steps, {cost['samples']} samples, {cost['flops']:.3g} FLOPs, "
+        f"{cost['device_s']:.1f} device-s"
+    )
     return 0
 
 

@@ -9,6 +9,7 @@ rehearsal.json (events, checks) next to the sweep's own results, and rebuilds th
 timeline. Exits 1 when a check fails: workers start from zero, extraction only on on-demand types,
 trials on spot types, the job succeeds despite the preemption with every trial once, scale-down.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,21 +27,29 @@ def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
     p.add_argument("--output", required=True, help="local output folder of the rehearsed sweep")
-    p.add_argument("--cluster", default=None,
-                   help="Ray cluster launcher YAML (default: cluster.yaml here, else the project's own)")
+    p.add_argument(
+        "--cluster", default=None, help="Ray cluster launcher YAML (default: cluster.yaml here, else the project's own)"
+    )
     p.add_argument("--max-per-type", type=int, default=2, help="fake nodes per worker type at most (fit this machine)")
     p.add_argument("--cpus-per-gpu", type=int, default=1, help="CPUs a fake node has for each GPU of its instance")
     p.add_argument("--idle-timeout-s", type=float, default=20.0, help="autoscaler idle timeout of the rehearsal")
-    p.add_argument("--job-timeout-s", type=float, default=3600.0,
-                   help="give up on the job after this long (a request no fake node can hold waits forever)")
-    p.add_argument("--preempt-after-s", type=float, default=5.0,
-                   help="preempt a spot node once a trial has run on it this long")
+    p.add_argument(
+        "--job-timeout-s",
+        type=float,
+        default=3600.0,
+        help="give up on the job after this long (a request no fake node can hold waits forever)",
+    )
+    p.add_argument(
+        "--preempt-after-s", type=float, default=5.0, help="preempt a spot node once a trial has run on it this long"
+    )
     a = p.parse_args(argv)
     cfg = config_from_args(a)
     if a.cluster is None:
         a.cluster = "cluster.yaml" if Path("cluster.yaml").is_file() else str(ROOT / "cluster.yaml")
     if "://" in a.output:
-        raise UserError("--output", f"is {a.output}, a URI", "rehearse into a local folder (every fake node shares this disk)")
+        raise UserError(
+            "--output", f"is {a.output}, a URI", "rehearse into a local folder (every fake node shares this disk)"
+        )
     out = Path(a.output)
     if out.exists() and any(out.iterdir()):
         # the sweep would resume the results there and start no node: every check would fail
@@ -48,11 +57,22 @@ def main(argv=None) -> int:
     if a.idle_timeout_s <= 0:
         raise UserError("--idle-timeout-s", "must be positive", "give seconds, e.g. 20")
     from .. import preflight
+
     preflight.sweep(cfg, a.output, output_field="--output", backend="ray")
     from ..distributed.rehearse import rehearse
-    return rehearse(cfg, a.config, a.overrides, a.output, a.cluster, cpus_per_gpu=a.cpus_per_gpu,
-                    max_per_type=a.max_per_type, idle_timeout_s=a.idle_timeout_s, preempt_after_s=a.preempt_after_s,
-                    job_timeout_s=a.job_timeout_s)
+
+    return rehearse(
+        cfg,
+        a.config,
+        a.overrides,
+        a.output,
+        a.cluster,
+        cpus_per_gpu=a.cpus_per_gpu,
+        max_per_type=a.max_per_type,
+        idle_timeout_s=a.idle_timeout_s,
+        preempt_after_s=a.preempt_after_s,
+        job_timeout_s=a.job_timeout_s,
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Build (or rebuild) the report of a finished sweep: OUTPUT/report/{report.html, report.md, cost.parquet}.
 
-    python jobs/report.py OUTPUT          # a folder, or a URI such as s3://bucket/run
+python jobs/report.py OUTPUT          # a folder, or a URI such as s3://bucket/run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,9 +18,11 @@ def main(argv=None) -> int:
     p.add_argument("output", help="output folder or URI (s3://...) of a finished sweep (holds trials.parquet)")
     a = p.parse_args(argv)
     from mmlg_ray import preflight, storage
+
     if not storage.is_uri(a.output):
         preflight.report(a.output)
     from ..report import build_output_report
+
     html = build_output_report(a.output)
     print(f"wrote {html}, report.md, cost.parquet")
     return 0

@@ -7,6 +7,7 @@
 (connecting to the cluster it was submitted to, or starting a local Ray instance);
 --backend local runs every stage in this process, one trial after another.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,23 +23,32 @@ def main(argv=None) -> int:
     add_config_args(p)
     p.add_argument("--output", default=None, help="output folder or URI (default: output_dir from the config)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep from the output folder")
-    p.add_argument("--fresh", action="store_true",
-                   help="start this experiment over: delete its earlier Tune state (stage artifacts are kept)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the plan and its predicted cost for --backend (assumptions listed); train nothing")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start this experiment over: delete its earlier Tune state (stage artifacts are kept)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan and its predicted cost for --backend (assumptions listed); train nothing",
+    )
     p.add_argument("--backend", choices=["ray", "local"], default="ray")
     a = p.parse_args(argv)
     cfg = config_from_args(a)
     out = a.output or cfg.output_dir
     from mmlg_ray import preflight
+
     if a.dry_run:
         from ..plan import format_plan, make_plan
+
         preflight.prices(cfg)
         print(format_plan(make_plan(cfg, backend=a.backend)))
         return 0
     # every bad path, file or data set is reported now, before Ray starts or a folder is made
     preflight.sweep(cfg, out, output_field="--output" if a.output else "output_dir", backend=a.backend)
     from . import run_sweep
+
     if a.backend == "local":
         from ..job import LocalExecutor as Executor
     else:

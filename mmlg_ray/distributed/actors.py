@@ -8,6 +8,7 @@ SIGINT handler (_register_sigint_handler) whose closure holds that handle and is
 the controller (and the data actors it owns) stayed alive after fit() returned, for as long as the
 driver ran. `train_run_ends` puts the SIGINT handler back and ends that controller.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,10 +28,13 @@ def _job_actors(job_id: str, alive_only: bool = True) -> dict[str, str]:
     """actor id -> class name of the RUN_CLASSES actors of this job (alive ones only, or all), through
     Ray's State API."""
     from ray.util.state import list_actors
+
     filters = [("job_id", "=", job_id)] + ([("state", "=", "ALIVE")] if alive_only else [])
-    return {a.actor_id: a.class_name for a in list_actors(filters=filters, limit=10_000, timeout=10,
-                                                           raise_on_missing_output=False)
-            if a.class_name in RUN_CLASSES}
+    return {
+        a.actor_id: a.class_name
+        for a in list_actors(filters=filters, limit=10_000, timeout=10, raise_on_missing_output=False)
+        if a.class_name in RUN_CLASSES
+    }
 
 
 def _wait_dead(job_id: str, ids: set[str], timeout_s: float) -> dict[str, str]:
@@ -57,6 +61,7 @@ def train_run_ends(timeout_s: float = 30.0):
     another run's actors are never ended here. Without Ray's State API (no dashboard) nothing is
     waited for."""
     import ray
+
     main = threading.current_thread() is threading.main_thread()
     before_handler = signal.getsignal(signal.SIGINT) if main else None
     job = ray.get_runtime_context().get_job_id()
@@ -76,6 +81,7 @@ def train_run_ends(timeout_s: float = 30.0):
 
 def _end_run(job: str, main: bool, before_handler, before: set[str] | None, timeout_s: float) -> None:
     import gc
+
     if main and signal.getsignal(signal.SIGINT) is not before_handler:
         # None: the handler was not installed from Python; Python's own then. Ray Train's handler held
         # the driver's last handle to the run's TrainController: replaced, the handle goes, and Ray ends a
@@ -88,5 +94,9 @@ def _end_run(job: str, main: bool, before_handler, before: set[str] | None, time
     ours = set(_job_actors(job)) - before
     left = _wait_dead(job, ours, timeout_s)
     if left:
-        log.warning("ray: %d actor(s) of the Train run still alive %.0f s after it ended: %s", len(left), timeout_s,
-                    ", ".join(f"{c} {i}" for i, c in sorted(left.items())))
+        log.warning(
+            "ray: %d actor(s) of the Train run still alive %.0f s after it ended: %s",
+            len(left),
+            timeout_s,
+            ", ".join(f"{c} {i}" for i, c in sorted(left.items())),
+        )

@@ -20,6 +20,7 @@ with equal=True, so every worker gets the same number of good rows per epoch and
 the next epoch's barrier at the same step (filtering in the workers could leave one waiting for the
 next epoch while another waits for it in an all-reduce).
 """
+
 from __future__ import annotations
 
 import json
@@ -52,6 +53,7 @@ class SkipCounter:
 
 def new_skip_counter():
     import ray
+
     return ray.remote(num_cpus=0)(SkipCounter).remote()
 
 
@@ -59,6 +61,7 @@ def _decode_units(batch: dict, image_size: int, context_length: int, counter, ro
     """Ray Data UDF: read each unit with the core reader, decode, resize, tokenize; yield batches of
     uint8 images and tokens; report the bad samples to the counter."""
     import numpy as np
+
     images, caps, bad = [], [], []
 
     def out():
@@ -92,12 +95,18 @@ def corpus_dataset(cfg: Config, image_size: int, context_length: int, counter):
 
     from ..pipeline import corpus
     from .settings import data_task_options
+
     data = corpus(cfg)  # a StreamingPairs: its index only (shard names / file lists), nothing decoded
     units = list(data.units)
     random.Random(cfg.seed).shuffle(units)
     ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
-    ds = ds.map_batches(_decode_units, batch_size=1, batch_format="numpy", **data_task_options(cfg.ray),
-                        fn_kwargs={"image_size": image_size, "context_length": context_length, "counter": counter})
+    ds = ds.map_batches(
+        _decode_units,
+        batch_size=1,
+        batch_format="numpy",
+        **data_task_options(cfg.ray),
+        fn_kwargs={"image_size": image_size, "context_length": context_length, "counter": counter},
+    )
     if cfg.data.corpus.max_samples:
         ds = ds.limit(cfg.data.corpus.max_samples)
     return ds
@@ -112,6 +121,7 @@ def trainer_datasets(cfg: Config, ancestor) -> tuple[dict, dict, object]:
     from ray.train import DataConfig
 
     from ..pipeline import aux_spec
+
     spec = aux_spec(cfg, ancestor.spec)
     counter = new_skip_counter()
     ds = corpus_dataset(cfg, spec.image_size, spec.context_length, counter)
@@ -123,47 +133,67 @@ def _warn_if_no_cpu_left(cfg: Config):
     """Decoding tasks that find no free CPU wait, and the training workers with them: say so up front
     (an autoscaling cluster may still add nodes, so this is a warning)."""
     import ray
+
     free = ray.available_resources().get("CPU", 0)
     left = free - cfg.ray.num_workers * cfg.ray.cpus_per_worker
     if left < cfg.ray.data_cpus:
-        log.warning("corpus: %.2f free CPUs are left beside the training workers, and each decoding task needs "
-                    "ray.data_cpus=%.2f: unless the cluster scales up, decoding (and training) waits; lower "
-                    "ray.cpus_per_worker or ray.data_cpus", max(left, 0.0), cfg.ray.data_cpus)
+        log.warning(
+            "corpus: %.2f free CPUs are left beside the training workers, and each decoding task needs "
+            "ray.data_cpus=%.2f: unless the cluster scales up, decoding (and training) waits; lower "
+            "ray.cpus_per_worker or ray.data_cpus",
+            max(left, 0.0),
+            cfg.ray.data_cpus,
+        )
 
 
 def skipped_count(counter) -> int:
     if counter is None:
         return 0
     import ray
+
     n = ray.get(counter.count.remote())
     ray.kill(counter)
     return n
 
 
-def corpus_batches(cfg: Config, image_size: int, context_length: int, batch_size: int, rank: int, world: int,
-                   seed: int):
+def corpus_batches(
+    cfg: Config, image_size: int, context_length: int, batch_size: int, rank: int, world: int, seed: int
+):
     """In a Ray Train worker: endless (images, tokens, None) batches of `batch_size` (this rank's share).
     A streamed corpus comes from this worker's Ray Data shard, decoded by Ray tasks and normalized
     here on the training device; a local packaged corpus is in memory and sliced per rank."""
     if not is_streamed(cfg.data.corpus):
         from ..pipeline import corpus
+
         return corpus(cfg).batches(batch_size * world, image_size, context_length, seed=seed, rank=rank, world=world)
     import ray.train
-    return _endless(ray.train.get_dataset_shard("corpus"), batch_size, image_size, cfg.data.corpus.prefetch,
-                    cfg.data.corpus.shuffle_buffer, seed)
+
+    return _endless(
+        ray.train.get_dataset_shard("corpus"),
+        batch_size,
+        image_size,
+        cfg.data.corpus.prefetch,
+        cfg.data.corpus.shuffle_buffer,
+        seed,
+    )
 
 
 def _endless(shard, batch_size: int, image_size: int, prefetch: int, shuffle_buffer: int, seed: int):
     epoch = 0
     while True:
         n = 0
-        for b in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=prefetch,
-                                          local_shuffle_buffer_size=shuffle_buffer if shuffle_buffer > 1 else None,
-                                          local_shuffle_seed=seed + epoch):
+        for b in shard.iter_torch_batches(
+            batch_size=batch_size,
+            drop_last=True,
+            prefetch_batches=prefetch,
+            local_shuffle_buffer_size=shuffle_buffer if shuffle_buffer > 1 else None,
+            local_shuffle_seed=seed + epoch,
+        ):
             n += 1
             yield to_input(b["image"], image_size), b["tokens"], None
         if n == 0:
-            raise RuntimeError(f"corpus: a pass gave this worker less than one batch of {batch_size}; "
-                               "use more data or a smaller learngene.extraction.batch_size")
+            raise RuntimeError(
+                f"corpus: a pass gave this worker less than one batch of {batch_size}; "
+                "use more data or a smaller learngene.extraction.batch_size"
+            )
         epoch += 1
-

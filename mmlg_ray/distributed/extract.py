@@ -13,6 +13,7 @@ merges them into one checkpoint in the run's storage path; a run started again w
 storage path and name resumes from the latest one. At the end the driver consolidates the ZeRO
 state (DeepSpeed's zero_to_fp32: the fp32 master weights) into the learngene safetensors file.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,20 +52,22 @@ def deepspeed_config(rs: RayConfig, ecfg, world: int, precision: str = "fp32") -
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
         "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10 ** 9,
+        "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
     if precision == "fp16":  # dynamic loss scaling (loss_scale 0), DeepSpeed's usual defaults
-        cfg["fp16"].update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2,
-                           min_loss_scale=1)
+        cfg["fp16"].update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2, min_loss_scale=1)
     return cfg
 
 
 def check_precision(cfg: Config) -> None:
     """DeepSpeed has no fp16 mode on CPU: refuse it before any work starts."""
     if cfg.precision == "fp16" and not cfg.ray.use_gpu:
-        raise UserError("precision", "fp16 extraction runs DeepSpeed's fp16 mode, which needs GPU workers",
-                        "use precision=bf16 on CPU workers, or ray.use_gpu=true")
+        raise UserError(
+            "precision",
+            "fp16 extraction runs DeepSpeed's fp16 mode, which needs GPU workers",
+            "use precision=bf16 on CPU workers, or ray.use_gpu=true",
+        )
 
 
 def build_optimizer(model, ecfg, rs: RayConfig):
@@ -74,9 +77,11 @@ def build_optimizer(model, ecfg, rs: RayConfig):
     import torch
 
     from ..train import adamw, lr_lambda, param_groups
+
     groups = param_groups(model, ecfg.weight_decay)
     if rs.extraction.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # imported in the worker, never at module top level
+
         opt = DeepSpeedCPUAdam(groups, lr=ecfg.lr, weight_decay=ecfg.weight_decay, adamw_mode=True)
     else:
         opt = adamw(groups, ecfg.lr)
@@ -90,9 +95,14 @@ def make_engine(cfg: Config, model, world: int):
 
     ds_cfg = deepspeed_config(cfg.ray, cfg.learngene.extraction, world, cfg.precision)
     opt, sched = build_optimizer(model, cfg.learngene.extraction, cfg.ray)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()],
-                                           optimizer=opt, lr_scheduler=sched, config=ds_cfg,
-                                           dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters()],
+        optimizer=opt,
+        lr_scheduler=sched,
+        config=ds_cfg,
+        dist_init_required=False,
+    )
     return engine, ds_cfg
 
 
@@ -121,14 +131,18 @@ def _train_worker(config: dict):
     ancestor = config["ancestor"]
     if not hasattr(ancestor, "state"):  # an ObjectRef
         ancestor = ray.get(ancestor)
-    device = torch.device("cuda", torch.cuda.current_device()) if rs.use_gpu and torch.cuda.is_available() \
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if rs.use_gpu and torch.cuda.is_available()
         else torch.device("cpu")
+    )
     ecfg = cfg.learngene.extraction
     mode = config.get("mode", "fixed")
     # same seed + fit on every rank: identical start
     aux = build_aux(cfg, ancestor, config["method"], fit=True, mode=mode)
     plan = elastic_plan(cfg, ancestor.spec) if mode == "elastic" else None  # every rank draws the same shapes
     import deepspeed  # noqa: F401  (imported before the capture: its logger's handler binds sys.stdout then)
+
     with captured_output("deepspeed.initialize", stderr=False):  # "DeepSpeed ...shm_comm_op built successfully"
         engine, ds_cfg = make_engine(cfg, aux, world)
     dtype = dtype_of(cfg.precision)
@@ -148,11 +162,20 @@ def _train_worker(config: dict):
 
     spec = aux.learngene.meta.model_spec
     bs = ds_cfg["train_micro_batch_size_per_gpu"]
-    batches = corpus_batches(cfg, spec.image_size, spec.context_length, bs, rank, world,
-                             seed=cfg.seed + 7919 * start)  # this rank's bs of every global batch
+    batches = corpus_batches(
+        cfg, spec.image_size, spec.context_length, bs, rank, world, seed=cfg.seed + 7919 * start
+    )  # this rank's bs of every global batch
     # elastic: the sampled shapes run inside the engine's forward (ZeRO-3 gathers what they read there)
-    step_fn = extraction_step(engine, teacher, ecfg.distill_weight, ecfg.distill_temperature, ecfg.feature_weight,
-                              elastic=plan, start_step=start, gather=gather_global_batch if world > 1 else None)
+    step_fn = extraction_step(
+        engine,
+        teacher,
+        ecfg.distill_weight,
+        ecfg.distill_temperature,
+        ecfg.feature_weight,
+        elastic=plan,
+        start_step=start,
+        gather=gather_global_batch if world > 1 else None,
+    )
     if dtype != torch.float32:
         inner = step_fn
 
@@ -187,9 +210,17 @@ def _train_worker(config: dict):
     lines = Progress(f"extract/rank{rank}", ecfg.steps, start)  # across the checkpoint chunks
     while chunk_start < ecfg.steps:
         chunk_end = min(ecfg.steps, (chunk_start // every + 1) * every)
-        res = run_loop(engine, batches, step_fn, chunk_end, start_step=chunk_start,
-                       log_every=min(ecfg.log_every, chunk_end - chunk_start), name=f"extract/rank{rank}",
-                       device=device, progress=lines)
+        res = run_loop(
+            engine,
+            batches,
+            step_fn,
+            chunk_end,
+            start_step=chunk_start,
+            log_every=min(ecfg.log_every, chunk_end - chunk_start),
+            name=f"extract/rank{rank}",
+            device=device,
+            progress=lines,
+        )
         samples[0] += res.samples * world
         step_s.extend(res.step_s)
         last = res.last
@@ -209,7 +240,8 @@ def gather_global_batch(*tensors: torch.Tensor) -> list[torch.Tensor]:
     import torch
     import torch.distributed as dist
     from torch.distributed._functional_collectives import all_gather_single  # torch's replacement for
-    groups: dict = {}                                                        # torch.distributed.nn's all_gather
+
+    groups: dict = {}  # torch.distributed.nn's all_gather
     for i, t in enumerate(tensors):
         groups.setdefault(t.dtype, []).append(i)
     out: list = [None] * len(tensors)
@@ -231,8 +263,17 @@ def _beside(path, suffix: str) -> str:
     return str((p.parent / f"{p.stem}{suffix}").resolve())
 
 
-def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *, storage: str | None = None,
-                   name: str | None = None, mode: str = "fixed", step_times: bool = False) -> dict:
+def extract_on_ray(
+    cfg: Config,
+    ancestor,
+    out_path,
+    method: str | None = None,
+    *,
+    storage: str | None = None,
+    name: str | None = None,
+    mode: str = "fixed",
+    step_times: bool = False,
+) -> dict:
     """Run the extraction as a Ray Train job and write the learngene file (a local path or a URI).
     Returns its cost. Every rank's ZeRO checkpoints go to `storage`; the driver reads the last one
     back from there (never from a worker's disk) and consolidates it into the file. mode=elastic
@@ -242,8 +283,15 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ..pipeline import (aux_spec, build_aux, check_mode, elastic_plan, extraction_cost, extraction_fingerprint,
-                            finish_extraction)
+    from ..pipeline import (
+        aux_spec,
+        build_aux,
+        check_mode,
+        elastic_plan,
+        extraction_cost,
+        extraction_fingerprint,
+        finish_extraction,
+    )
     from .actors import train_run_ends
     from .data import skipped_count, trainer_datasets
     from .logs import train_logging
@@ -263,15 +311,24 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
     datasets, data_kw, skips = trainer_datasets(cfg, ancestor)  # a streamed corpus only
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "ancestor": ray.put(ancestor), "method": method,
-                           "mode": mode, "step_times": step_times,
-                           "fail_at_step": os.environ.get("MMLG_FAIL_AT_STEP")},
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "ancestor": ray.put(ancestor),
+            "method": method,
+            "mode": mode,
+            "step_times": step_times,
+            "fail_at_step": os.environ.get("MMLG_FAIL_AT_STEP"),
+        },
         scaling_config=ScalingConfig(num_workers=rs.num_workers, use_gpu=rs.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            storage_path=storage, name=name,
+            storage_path=storage,
+            name=name,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=rs.max_failures), logging_config=train_logging()),
-        datasets=datasets, **data_kw,
+            failure_config=FailureConfig(max_failures=rs.max_failures),
+            logging_config=train_logging(),
+        ),
+        datasets=datasets,
+        **data_kw,
     )
     t0 = time.perf_counter()
     try:
@@ -289,6 +346,7 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from .logs import captured_output
+
     with result.checkpoint.as_directory() as d:
         with captured_output("DeepSpeed's zero_to_fp32"):  # its progress prints, shown only if it fails
             state = get_fp32_state_dict_from_zero_checkpoint(d, tag=TAG)
@@ -300,16 +358,28 @@ def extract_on_ray(cfg: Config, ancestor, out_path, method: str | None = None, *
     spec = aux_spec(cfg, ancestor.spec)
     samples = progress["step"] * max(1, cfg.learngene.extraction.batch_size // rs.num_workers) * rs.num_workers
     plan = elastic_plan(cfg, ancestor.spec) if mode == "elastic" else None
-    cost = extraction_cost(spec, ancestor.spec, progress["step"], samples, progress["wall_s"], rs.num_workers,
-                           metrics, elastic=plan)
-    cost.update(driver_wall_s=driver_wall, zero_stage=rs.extraction.zero_stage, backend="ray_train+deepspeed",
-                precision=cfg.precision, final_lr=metrics.get("lr"),
-                resumed_from_step=int(metrics.get("resumed_from_step", 0)))
+    cost = extraction_cost(
+        spec, ancestor.spec, progress["step"], samples, progress["wall_s"], rs.num_workers, metrics, elastic=plan
+    )
+    cost.update(
+        driver_wall_s=driver_wall,
+        zero_stage=rs.extraction.zero_stage,
+        backend="ray_train+deepspeed",
+        precision=cfg.precision,
+        final_lr=metrics.get("lr"),
+        resumed_from_step=int(metrics.get("resumed_from_step", 0)),
+    )
     if step_times:
         cost["step_s"] = list(metrics.get("step_s") or [])
     cost["skipped_samples"] = skipped  # corrupt / incomplete samples of a streamed corpus, dropped by the reader
     with stor.writing(out_path) as local:  # the driver writes the file (a URI: uploaded once complete)
         finish_extraction(aux, local, cost)
-    log.info("extraction %s%s: wrote %s (%d steps, %.1f device-s)", method, "/elastic" if plan else "", out_path,
-             cost["steps"], cost["device_s"])
+    log.info(
+        "extraction %s%s: wrote %s (%d steps, %.1f device-s)",
+        method,
+        "/elastic" if plan else "",
+        out_path,
+        cost["steps"],
+        cost["device_s"],
+    )
     return cost

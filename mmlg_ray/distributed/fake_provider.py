@@ -14,6 +14,7 @@ instances for the rehearsal (measured with Ray 2.58 on this machine):
 Named by cluster configs as
     provider: {type: external, module: mmlg_ray.distributed.fake_provider.PerNodeRuntimeEnvFakeProvider, ...}
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,5 +48,5 @@ class PerNodeRuntimeEnvFakeProvider(FakeMultiNodeProvider):
         with self.lock:
             for node_id in [n for n, e in self._nodes.items() if _raylet_dead(e)]:
                 logger.info("fake node %s: its raylet is gone (reclaimed); reported terminated", node_id)
-                self._terminate_node(self._nodes.pop(node_id))   # reaps whatever of it is left
+                self._terminate_node(self._nodes.pop(node_id))  # reaps whatever of it is left
         return super().non_terminated_nodes(tag_filters)

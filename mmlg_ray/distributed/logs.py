@@ -21,6 +21,7 @@ Metrics besides the tables (`tune_callbacks`, Ray Tune's own logger callbacks, r
   * MLflow (`ray.tune.mlflow.enabled`): one MLflow run per trial in experiment
     `ray.tune.mlflow.experiment`, with its config as parameters and every result as metrics.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,9 +58,12 @@ RAY_ENV = {
 # Known-harmless warnings, silenced by message (a regular expression matched at the start) and
 # category, in the driver and in every worker that calls quiet_worker(). Each says why.
 NOISE: list[tuple[str, type[Warning], str]] = [
-    (r"`torch\.distributed\.all_gather_into_tensor` is deprecated", FutureWarning,
-     "DeepSpeed 0.19's ZeRO calls this torch API, which torch 2.14 still provides and runs; printed once "
-     "per extraction worker and method, with nothing a user can do"),
+    (
+        r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+        FutureWarning,
+        "DeepSpeed 0.19's ZeRO calls this torch API, which torch 2.14 still provides and runs; printed once "
+        "per extraction worker and method, with nothing a user can do",
+    ),
 ]
 
 
@@ -70,6 +74,7 @@ def driver_env() -> None:
     silence_known_noise()
     try:  # Optuna logs "A new study created in memory" at INFO, once per grid cell; its warnings stay
         import optuna
+
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     except ImportError:
         pass
@@ -80,6 +85,7 @@ def train_logging():
     the console (not "Requesting resources", "Checkpoint successfully created", "Reporting training
     result" per worker and report); its log files under the session folder keep every level."""
     from ray.train import LoggingConfig
+
     return LoggingConfig(log_level="WARNING")
 
 
@@ -92,6 +98,7 @@ def quiet_worker(rank: int = 0, lines: int = 4) -> None:
     """In a Ray worker (a Tune trial, a pre-training task, an extraction worker): at most `lines`
     progress lines per training loop, none from ranks other than 0, and the known noise silenced."""
     from ..train import Progress
+
     Progress.max_lines = lines if rank == 0 else 0
     if rank != 0:  # the other ranks of a data-parallel group say what rank 0 says: their warnings only
         log.setLevel(logging.WARNING)
@@ -102,6 +109,7 @@ def quiet_worker(rank: int = 0, lines: int = 4) -> None:
     try:  # Ray Train's "Reporting training result N: TrainingReport(...)", per worker and report, at INFO
         # under a logger named by its source file, which Train's LoggingConfig does not reach
         from ray.train.v2._internal.execution import context
+
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
     except ImportError:
         pass
@@ -119,8 +127,7 @@ def captured_output(what: str, stderr: bool = True):
     level = root.level
     root.setLevel(max(level, logging.WARNING))
     try:
-        with contextlib.redirect_stdout(buf), \
-                (contextlib.redirect_stderr(buf) if stderr else contextlib.nullcontext()):
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf) if stderr else contextlib.nullcontext():
             yield
     except BaseException:
         sys.stderr.write(f"--- output of {what} ---\n{buf.getvalue()}--- end of that output ---\n")
@@ -139,13 +146,21 @@ def status_reporter(cfg: Config, phase: str):
     rows, running ones first; all of them in the last table of the phase), with the cell, the
     hyper-parameters and the score."""
     from ray.tune import CLIReporter
+
     pre = "job/" if phase == "seeds" else ""  # a seeds trial's spec is its config's "job"
     params = {f"{pre}cell": "cell", f"{pre}lr": "lr", f"{pre}weight_decay": "wd", f"{pre}seed": "seed"}
     # the "best trial" line ranks by validation, as the search does; the test score is shown beside it
-    return CLIReporter(metric_columns={"val_score": "val", "score": "test", "training_iteration": "evals"},
-                       parameter_columns=params, max_progress_rows=10, max_error_rows=10, max_column_length=32,
-                       print_intermediate_tables=True, max_report_frequency=int(cfg.ray.tune.status_every_s),
-                       metric="val_score", mode="max")
+    return CLIReporter(
+        metric_columns={"val_score": "val", "score": "test", "training_iteration": "evals"},
+        parameter_columns=params,
+        max_progress_rows=10,
+        max_error_rows=10,
+        max_column_length=32,
+        print_intermediate_tables=True,
+        max_report_frequency=int(cfg.ray.tune.status_every_s),
+        metric="val_score",
+        mode="max",
+    )
 
 
 # --------------------------------------------------------------------------- TensorBoard, MLflow
@@ -202,9 +217,11 @@ def mlflow_tracking_uri(cfg: Config, out) -> str | None:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return None
     if "://" in str(out):
-        raise UserError("ray.tune.mlflow.tracking_uri", f"the output folder {out} is not local, so MLflow's "
-                        "default store beside it cannot be written", "set an MLflow server (http://...) or a "
-                        "local sqlite:///FILE")
+        raise UserError(
+            "ray.tune.mlflow.tracking_uri",
+            f"the output folder {out} is not local, so MLflow's " "default store beside it cannot be written",
+            "set an MLflow server (http://...) or a " "local sqlite:///FILE",
+        )
     return "sqlite:///" + str(Path(out).resolve() / "mlflow.db")
 
 
@@ -212,15 +229,19 @@ def _mlflow_callback(cfg: Config, out, phase: str):
     try:
         import mlflow  # noqa: F401
     except ImportError:
-        raise UserError("ray.tune.mlflow.enabled", "MLflow logging is on but the `mlflow` module is not installed",
-                        "pip install mlflow-skinny (pinned in requirements.txt), or set "
-                        "ray.tune.mlflow.enabled=false") from None
+        raise UserError(
+            "ray.tune.mlflow.enabled",
+            "MLflow logging is on but the `mlflow` module is not installed",
+            "pip install mlflow-skinny (pinned in requirements.txt), or set " "ray.tune.mlflow.enabled=false",
+        ) from None
     from ray.air.integrations.mlflow import MLflowLoggerCallback
+
     uri = mlflow_tracking_uri(cfg, out)
     if uri and (uri.startswith("file:") or "://" not in uri):
         # MLflow 3 keeps its file store in maintenance mode and refuses it unless opted in; a file
         # store asked for by name is what the user wants
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
     class PhaseTagged(MLflowLoggerCallback):
         """MLflow's run per trial, tagged with the trial's own phase (search | seeds)."""
 
@@ -238,6 +259,7 @@ def tune_callbacks(cfg: Config, out, phase: str) -> list:
     Tune adds none of its own (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS): with ray.tune.tensorboard off
     there is no TensorBoard file anywhere."""
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     cbs = [CSVLoggerCallback(), JsonLoggerCallback()]
     if cfg.ray.tune.tensorboard:

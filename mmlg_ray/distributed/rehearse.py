@@ -8,6 +8,7 @@ Only the cluster started here is stopped: every process of it (head, autoscaler,
 nodes the autoscaler starts) carries MMLG_REHEARSAL=<token> in its environment, and exactly those
 processes are signalled, never another Ray instance on this machine.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,6 +40,7 @@ def expected_trials(cfg: Config) -> int:
     """Tune trials the sweep runs: num_samples per grid cell in the search phase, one per cell and
     further seed in the seeds phase."""
     from ..pipeline import cells
+
     n = len(cells(cfg))
     return n * cfg.ray.tune.num_samples + n * (len(cfg.descendants.seeds) - 1)
 
@@ -75,10 +77,22 @@ def _kill(pids: list[int], sig=signal.SIGKILL) -> None:
 
 
 class Rehearsal:
-    def __init__(self, cfg: Config, config_arg: str | None, sets: list[str], out: Path, cluster_yaml: Path, *,
-                 cpus_per_gpu: int = 1, max_per_type: int = 2, idle_timeout_s: float = 20.0,
-                 sample_s: float = 2.0, preempt_after_s: float = 5.0, scale_down_wait_s: float = 240.0,
-                 job_timeout_s: float = 3600.0):
+    def __init__(
+        self,
+        cfg: Config,
+        config_arg: str | None,
+        sets: list[str],
+        out: Path,
+        cluster_yaml: Path,
+        *,
+        cpus_per_gpu: int = 1,
+        max_per_type: int = 2,
+        idle_timeout_s: float = 20.0,
+        sample_s: float = 2.0,
+        preempt_after_s: float = 5.0,
+        scale_down_wait_s: float = 240.0,
+        job_timeout_s: float = 3600.0,
+    ):
         self.cfg, self.config_arg, self.sets, self.out = cfg, config_arg, list(sets), Path(out)
         self.cpus_per_gpu, self.sample_s, self.preempt_after_s = cpus_per_gpu, sample_s, preempt_after_s
         # the autoscaler's idle timeout, its 5-s update period, and the GCS noticing a node's exit
@@ -87,14 +101,23 @@ class Rehearsal:
         try:
             cluster = yaml.safe_load(Path(cluster_yaml).read_text())
         except (OSError, yaml.YAMLError) as e:
-            raise UserError("--cluster", f"cannot be read ({e.__class__.__name__}: {e})",
-                            "give the path of a Ray cluster launcher YAML such as cluster.yaml") from None
+            raise UserError(
+                "--cluster",
+                f"cannot be read ({e.__class__.__name__}: {e})",
+                "give the path of a Ray cluster launcher YAML such as cluster.yaml",
+            ) from None
         self.token = uuid.uuid4().hex[:12]
         self.port, self.dash = _free_port(), _free_port()
         from ray._private.services import get_node_ip_address
+
         self.ip = get_node_ip_address()
-        self.plan = R.fake_cluster(cluster, gcs_address=f"{self.ip}:{self.port}", cpus_per_gpu=cpus_per_gpu,
-                                   max_per_type=max_per_type, idle_timeout_s=idle_timeout_s)
+        self.plan = R.fake_cluster(
+            cluster,
+            gcs_address=f"{self.ip}:{self.port}",
+            cpus_per_gpu=cpus_per_gpu,
+            max_per_type=max_per_type,
+            idle_timeout_s=idle_timeout_s,
+        )
         self.job_sets = R.job_overrides(cfg, self.plan, cpus_per_gpu)
         self.samples: list[dict] = []
         self.placements: list[dict] = []
@@ -102,20 +125,26 @@ class Rehearsal:
         self.preempted: str | None = None
         self.t0 = time.time()
         self.head: subprocess.Popen | None = None
-        self.tmp = Path(tempfile.mkdtemp(prefix="mmlg_rh."))   # short: Ray's socket paths live under it
+        self.tmp = Path(tempfile.mkdtemp(prefix="mmlg_rh."))  # short: Ray's socket paths live under it
         self._trial_seen: dict[str, float] = {}
         self._trials_started = False
-        self.killed: set[str] = set()     # node ids this rehearsal preempted
-        self.classes: set[str] = set()   # every actor class seen (rehearsal.json)
+        self.killed: set[str] = set()  # node ids this rehearsal preempted
+        self.classes: set[str] = set()  # every actor class seen (rehearsal.json)
 
     # -- the cluster -----------------------------------------------------------------------------
     def _env(self) -> dict:
         bindir = str(Path(sys.executable).parent)  # the autoscaler runs `ray` from the head's PATH
-        return {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "RAY_FAKE_CLUSTER": "1",
-                "MMLG_REHEARSAL": self.token, "RAY_USAGE_STATS_ENABLED": "0",
-                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "PYTHONUNBUFFERED": "1",
-                # the autoscaler imports the provider (mmlg_ray.distributed.fake_provider) from here
-                "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+        return {
+            **os.environ,
+            "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+            "RAY_FAKE_CLUSTER": "1",
+            "MMLG_REHEARSAL": self.token,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+            "PYTHONUNBUFFERED": "1",
+            # the autoscaler imports the provider (mmlg_ray.distributed.fake_provider) from here
+            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+        }
 
     def start_head(self) -> None:
         cfg_path = self.tmp / "cluster.yaml"
@@ -123,20 +152,37 @@ class Rehearsal:
         head_res = self.plan.config["available_node_types"][R.FAKE_HEAD_TYPE]["resources"]
         custom = {k: v for k, v in head_res.items() if k not in ("CPU", "GPU")}
         ray_bin = str(Path(sys.executable).parent / "ray")
-        cmd = [ray_bin, "start", "--head", "--block", f"--temp-dir={self.tmp}", f"--port={self.port}",
-               f"--node-ip-address={self.ip}", f"--num-cpus={int(head_res.get('CPU', 0))}",
-               f"--num-gpus={int(head_res.get('GPU', 0))}", f"--resources={json.dumps(custom)}",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}",
-               f"--ray-client-server-port={_free_port()}",
-               f"--dashboard-agent-listen-port={_free_port()}", f"--autoscaling-config={cfg_path}",
-               "--disable-usage-stats"]
-        log.info("rehearsal: starting the head (GCS port %d, dashboard 127.0.0.1:%d, files in %s)",
-                 self.port, self.dash, self.tmp)
+        cmd = [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            f"--temp-dir={self.tmp}",
+            f"--port={self.port}",
+            f"--node-ip-address={self.ip}",
+            f"--num-cpus={int(head_res.get('CPU', 0))}",
+            f"--num-gpus={int(head_res.get('GPU', 0))}",
+            f"--resources={json.dumps(custom)}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dash}",
+            f"--ray-client-server-port={_free_port()}",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--autoscaling-config={cfg_path}",
+            "--disable-usage-stats",
+        ]
+        log.info(
+            "rehearsal: starting the head (GCS port %d, dashboard 127.0.0.1:%d, files in %s)",
+            self.port,
+            self.dash,
+            self.tmp,
+        )
         self.head_log = open(self.tmp / "head.log", "w")
-        self.head = subprocess.Popen(cmd, stdout=self.head_log, stderr=subprocess.STDOUT, env=self._env(),
-                                     start_new_session=True)
+        self.head = subprocess.Popen(
+            cmd, stdout=self.head_log, stderr=subprocess.STDOUT, env=self._env(), start_new_session=True
+        )
         self.t0 = time.time()
         import urllib.request
+
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.head.poll() is not None:
@@ -151,12 +197,12 @@ class Rehearsal:
     def stop(self) -> None:
         """Stop this rehearsal's cluster, and nothing else."""
         if self.head is not None and self.head.poll() is None:
-            self.head.send_signal(signal.SIGTERM)   # `ray start --block` stops its node's processes
+            self.head.send_signal(signal.SIGTERM)  # `ray start --block` stops its node's processes
             try:
                 self.head.wait(30)
             except subprocess.TimeoutExpired:
                 pass
-        _kill(_our_pids(self.token), signal.SIGTERM)   # fake worker nodes the autoscaler started
+        _kill(_our_pids(self.token), signal.SIGTERM)  # fake worker nodes the autoscaler started
         time.sleep(2)
         _kill(_our_pids(self.token))
         if self.head is not None:
@@ -174,9 +220,11 @@ class Rehearsal:
 
     def sample(self) -> None:
         from ray.util.state import list_actors, list_nodes
+
         addr = f"http://127.0.0.1:{self.dash}"
-        nodes = list_nodes(address=addr, filters=[("state", "=", "ALIVE")], limit=1000, timeout=10,
-                           raise_on_missing_output=False)
+        nodes = list_nodes(
+            address=addr, filters=[("state", "=", "ALIVE")], limit=1000, timeout=10, raise_on_missing_output=False
+        )
         types = {}
         counts = {nt: 0 for nt in self.plan.types}
         for n in nodes:
@@ -186,8 +234,9 @@ class Rehearsal:
             if nt is not None and n.node_id not in self.killed:
                 counts[nt] += 1
         t = time.time() - self.t0
-        actors = list_actors(address=addr, filters=[("state", "=", "ALIVE")], limit=10000, timeout=10,
-                             raise_on_missing_output=False)
+        actors = list_actors(
+            address=addr, filters=[("state", "=", "ALIVE")], limit=10000, timeout=10, raise_on_missing_output=False
+        )
         # a trial seen in this sample makes every Train worker of it a trial's (single-worker trials: none)
         if any(a.class_name.endswith("ImplicitFunc") for a in actors):
             self._trials_started = True
@@ -195,15 +244,28 @@ class Rehearsal:
             self.classes.add(a.class_name)
             if a.node_id not in types:  # a node that joined between the two calls: the next sample has it
                 continue
-            kind = ("extraction" if a.class_name == "RayTrainWorker" and not self._trials_started
-                    else "trial" if a.class_name.endswith("ImplicitFunc") else None)   # Tune's function trainable
+            kind = (
+                "extraction"
+                if a.class_name == "RayTrainWorker" and not self._trials_started
+                else "trial"
+                if a.class_name.endswith("ImplicitFunc")
+                else None
+            )  # Tune's function trainable
             if kind is None:
                 continue
             if kind == "trial":
                 self._trials_started = True
             nt = types[a.node_id]
-            self.placements.append({"t_s": t, "kind": kind, "class_name": a.class_name, "actor_id": a.actor_id,
-                                    "node_id": a.node_id, "node_type": nt or "head"})
+            self.placements.append(
+                {
+                    "t_s": t,
+                    "kind": kind,
+                    "class_name": a.class_name,
+                    "actor_id": a.actor_id,
+                    "node_id": a.node_id,
+                    "node_type": nt or "head",
+                }
+            )
             if kind == "trial" and nt in self.plan.spot_types():
                 self._trial_seen.setdefault(a.actor_id, t)
                 if self.preempted is None and t - self._trial_seen[a.actor_id] >= self.preempt_after_s:
@@ -226,16 +288,30 @@ class Rehearsal:
 
     # -- the job -------------------------------------------------------------------------------
     def job_command(self) -> list[str]:
-        runtime_env = {"excludes": ["runs/", ".venv/", ".git/", "**/__pycache__/"],
-                       "env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}}
+        runtime_env = {
+            "excludes": ["runs/", ".venv/", ".git/", "**/__pycache__/"],
+            "env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"},
+        }
         sweep = ["python", "jobs/sweep.py", "--output", str(self.out.resolve())]
         if self.config_arg:
             sweep += ["--config", self.config_arg]
         for s in self.sets + self.job_sets:
             sweep += ["--set", s]
-        return [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address",
-                f"http://127.0.0.1:{self.dash}", "--working-dir", ".", "--entrypoint-resources", '{"driver": 1}',
-                "--runtime-env-json", json.dumps(runtime_env), "--", *sweep]
+        return [
+            str(Path(sys.executable).parent / "ray"),
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{self.dash}",
+            "--working-dir",
+            ".",
+            "--entrypoint-resources",
+            '{"driver": 1}',
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            *sweep,
+        ]
 
     def run(self) -> int:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -278,7 +354,7 @@ class Rehearsal:
                     break
             stop_watch.set()
             watcher.join(30)
-        except KeyboardInterrupt:   # Ctrl-C or SIGTERM: the timeline so far is still written
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the timeline so far is still written
             status = "INTERRUPTED"
             self.event("rehearsal interrupted")
         finally:
@@ -297,6 +373,7 @@ class Rehearsal:
     def _job_status(self) -> str | None:
         try:
             from ray.job_submission import JobSubmissionClient
+
             client = JobSubmissionClient(f"http://127.0.0.1:{self.dash}")
             jobs = client.list_jobs()
             return str(jobs[-1].status.value) if jobs else None
@@ -308,30 +385,50 @@ class Rehearsal:
         tl = R.timeline_frame(self.samples, types)
         with atomic_path(self.out / "cluster_timeline.parquet") as tmp:
             tl.to_parquet(tmp, index=False)
-        placements = pd.DataFrame(self.placements, columns=["t_s", "kind", "class_name", "actor_id", "node_id",
-                                                            "node_type"])
+        placements = pd.DataFrame(
+            self.placements, columns=["t_s", "kind", "class_name", "actor_id", "node_id", "node_type"]
+        )
         trials_path = self.out / "trials.parquet"
         trials = pd.read_parquet(trials_path) if trials_path.exists() else None
-        checks = R.check_rehearsal(tl, placements.drop_duplicates(["actor_id", "node_id"]), self.plan,
-                                   job_status=status, trials=trials, expected_trials=expected_trials(self.cfg),
-                                   preempted=self.preempted, scaled_down=scaled_down)
+        checks = R.check_rehearsal(
+            tl,
+            placements.drop_duplicates(["actor_id", "node_id"]),
+            self.plan,
+            job_status=status,
+            trials=trials,
+            expected_trials=expected_trials(self.cfg),
+            preempted=self.preempted,
+            scaled_down=scaled_down,
+        )
         R.plot_timeline(tl, self.out / "cluster_timeline.png")
-        summary = {"token": self.token, "wall_s": round(wall, 1), "job_status": status, "trials": None if trials is None else len(trials),
-                   "expected_trials": expected_trials(self.cfg), "preempted": self.preempted,
-                   "idle_timeout_s": self.plan.config["idle_timeout_minutes"] * 60, "samples": len(self.samples),
-                   "sample_errors": errors[:5], "actor_classes": sorted(self.classes), "job_overrides": self.job_sets,
-                   "events": [{"t_s": round(e["t_s"], 1), "event": e["text"]} for e in self.events],
-                   "checks": [{"check": c.name, "ok": c.ok, "detail": c.detail} for c in checks],
-                   "cluster_config": self.plan.config}
+        summary = {
+            "token": self.token,
+            "wall_s": round(wall, 1),
+            "job_status": status,
+            "trials": None if trials is None else len(trials),
+            "expected_trials": expected_trials(self.cfg),
+            "preempted": self.preempted,
+            "idle_timeout_s": self.plan.config["idle_timeout_minutes"] * 60,
+            "samples": len(self.samples),
+            "sample_errors": errors[:5],
+            "actor_classes": sorted(self.classes),
+            "job_overrides": self.job_sets,
+            "events": [{"t_s": round(e["t_s"], 1), "event": e["text"]} for e in self.events],
+            "checks": [{"check": c.name, "ok": c.ok, "detail": c.detail} for c in checks],
+            "cluster_config": self.plan.config,
+        }
         write_json(self.out / "rehearsal.json", summary)
         if trials is not None:  # the report of a rehearsed sweep gets the timeline's plot
             try:
                 from ..report import build_output_report
+
                 build_output_report(str(self.out))
             except Exception as e:  # the checks stand without the report
                 log.warning("rehearsal: the report was not rebuilt: %s", e)
-        print(f"\nrehearsal: {wall:.0f} s wall, job {status}, {summary['trials']} trials "
-              f"(planned {summary['expected_trials']})")
+        print(
+            f"\nrehearsal: {wall:.0f} s wall, job {status}, {summary['trials']} trials "
+            f"(planned {summary['expected_trials']})"
+        )
         for e in summary["events"]:
             print(f"  {e['t_s']:7.1f} s  {e['event']}")
         for c in checks:
@@ -339,6 +436,7 @@ class Rehearsal:
         print(f"timeline: {self.out / 'cluster_timeline.parquet'}")
         if all(c.ok for c in checks):
             import shutil
+
             shutil.rmtree(self.tmp, ignore_errors=True)
             return 0
         print(f"Ray's logs are kept in {self.tmp}", file=sys.stderr)
@@ -353,6 +451,7 @@ def rehearse(cfg: Config, config_arg: str | None, sets: list[str], out, cluster_
 
     def _term(signum, frame):
         raise KeyboardInterrupt
+
     old = signal.signal(signal.SIGTERM, _term)
     try:
         return r.run()

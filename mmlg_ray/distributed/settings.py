@@ -1,4 +1,5 @@
 """Connecting to Ray, resolving storage paths, and the resources each piece of work asks Ray for."""
+
 from __future__ import annotations
 
 import logging
@@ -8,6 +9,8 @@ from pathlib import Path
 from ..config import Config, RayConfig, TuneSettings
 
 log = logging.getLogger("mmlg_ray")
+
+
 def storage_uri(cfg: Config, out: str | os.PathLike) -> str:
     """Ray storage path: ray.storage_path, else OUTPUT/ray (absolute, or a URI as given)."""
     if cfg.ray.storage_path:
@@ -23,20 +26,28 @@ def storage_problem(storage: str, nodes: int, shared: bool) -> str | None:
     it must be a URI (s3://...) or a folder every node mounts (ray.storage_shared)."""
     if "://" in storage or shared or nodes <= 1:
         return None
-    return (f"{storage} is a local folder, but this Ray cluster has {nodes} nodes: a checkpoint written on one "
-            "node is not on another")
+    return (
+        f"{storage} is a local folder, but this Ray cluster has {nodes} nodes: a checkpoint written on one "
+        "node is not on another"
+    )
 
 
 def check_storage(cfg: Config, storage: str) -> None:
     """Refuse a node-local storage path on a multi-node cluster (an autoscaling cluster that starts
     with its head alone passes here: set ray.storage_path to a bucket there, as configs/ does)."""
     import ray
+
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     problem = storage_problem(storage, nodes, cfg.ray.storage_shared)
     if problem:
         from ..errors import UserError
-        raise UserError("ray.storage_path", problem, "put ray.storage_path (or the output) on s3://..., or on a "
-                        "folder every node mounts and set ray.storage_shared=true")
+
+        raise UserError(
+            "ray.storage_path",
+            problem,
+            "put ray.storage_path (or the output) on s3://..., or on a "
+            "folder every node mounts and set ray.storage_shared=true",
+        )
 
 
 def ensure_ray(cfg: Config) -> None:
@@ -45,6 +56,7 @@ def ensure_ray(cfg: Config) -> None:
     import ray
 
     from .logs import RAY_ENV, driver_env
+
     driver_env()  # before Ray starts: this process's settings, and the ones a local instance inherits
     if ray.is_initialized():
         return
@@ -59,8 +71,12 @@ def ensure_ray(cfg: Config) -> None:
         # with its dashboard (on 127.0.0.1 only): Ray's State API lives there, and without it Ray Train's
         # placement-group cleaner warns "Failed to query Ray Train Controller actor state" every second
         # of every TorchTrainer run (and cannot clean up after a crashed controller)
-        ray.init(runtime_env={"env_vars": dict(RAY_ENV)}, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=True)
+        ray.init(
+            runtime_env={"env_vars": dict(RAY_ENV)},
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
+        )
         log.info("ray: started a local Ray instance")
 
 

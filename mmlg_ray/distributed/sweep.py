@@ -18,6 +18,7 @@ named by its own trial list, `seeds-<fingerprint>-<digest>`, listed in `rounds-<
 under the storage path: itself restorable, never re-run once done. A seed re-run at hyper-parameters
 its cell no longer chooses is kept in trials.parquet as `superseded`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,11 +45,31 @@ from .settings import pretrain_task_options, trial_resources, trial_worker_resou
 
 log = logging.getLogger("mmlg_ray")
 MODE = "max"
-EVAL_KEYS = {"score", "top1", "accuracy", "mean_recall", "zeroshot_top1", "step", "epoch", "train_loss", "val_score",
-             "val_top1", "val_accuracy", "val_mean_recall"}
+EVAL_KEYS = {
+    "score",
+    "top1",
+    "accuracy",
+    "mean_recall",
+    "zeroshot_top1",
+    "step",
+    "epoch",
+    "train_loss",
+    "val_score",
+    "val_top1",
+    "val_accuracy",
+    "val_mean_recall",
+}
 # the Tune settings a restored experiment keeps from its first run (Tuner.restore reuses them)
-BAKED = ("ray.max_failures", "ray.tune.max_concurrent", "ray.tune.status_every_s", "ray.tune.tensorboard",
-         "ray.tune.mlflow", "ray.tune.trial_cpus", "ray.tune.trial_gpus", "ray.tune.trial_resources")
+BAKED = (
+    "ray.max_failures",
+    "ray.tune.max_concurrent",
+    "ray.tune.status_every_s",
+    "ray.tune.tensorboard",
+    "ray.tune.mlflow",
+    "ray.tune.trial_cpus",
+    "ray.tune.trial_gpus",
+    "ray.tune.trial_resources",
+)
 
 
 # --------------------------------------------------------------------------- search and scheduling
@@ -87,8 +108,11 @@ class PlanSearcher(Searcher):
     def restore(self, checkpoint_path):
         self.plan.load_state(json.loads(Path(checkpoint_path).read_text()))
         _LIVE[self.name] = self
-        log.info("sweep: restored the plan of %d trials (%d running when it stopped)", len(self.plan.records),
-                 len(self.plan.running()))
+        log.info(
+            "sweep: restored the plan of %d trials (%d running when it stopped)",
+            len(self.plan.records),
+            len(self.plan.running()),
+        )
 
 
 class PlanScheduler(FIFOScheduler):
@@ -128,6 +152,7 @@ class _Pretraining:
 
     def ready(self, name: str) -> bool:
         import ray
+
         if name not in self.refs or self.state.get(name):
             return True
         now = time.monotonic()
@@ -141,6 +166,7 @@ class _Pretraining:
 
     def wait(self):
         import ray
+
         done, failed = {}, []
         for name, ref in self.refs.items():
             try:
@@ -175,6 +201,7 @@ def _load_checkpoint(ckpt) -> dict | None:
     if ckpt is None:
         return None
     import torch
+
     with ckpt.as_directory() as d:
         path = Path(d) / CKPT_FILE
         return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
@@ -184,12 +211,14 @@ def _checkpoint_of(snapshot: dict, checkpoint_cls, d: str):
     """A Checkpoint (Tune's or Train's class) holding `snapshot` in folder `d`, which the report call
     persists to the run's storage path (local or s3://)."""
     import torch
+
     torch.save(snapshot, Path(d) / CKPT_FILE)
     return checkpoint_cls.from_directory(d)
 
 
-def _run_cell_trial(config: dict, ctx: dict, report, rank: int = 0, world: int = 1, wrap=None,
-                    get_checkpoint=None, checkpoint_cls=None):
+def _run_cell_trial(
+    config: dict, ctx: dict, report, rank: int = 0, world: int = 1, wrap=None, get_checkpoint=None, checkpoint_cls=None
+):
     """Initialize, fine-tune and score one descendant. `report(metrics, checkpoint=None)` gets every
     evaluation but the last, each with a checkpoint of the fine-tuning state (rank 0's; None on the
     others), then the final row (every rank calls it equally often). A trial restarted after a
@@ -230,6 +259,7 @@ def _run_cell_trial(config: dict, ctx: dict, report, rank: int = 0, world: int =
                 shutil.rmtree(tmp, ignore_errors=True)
         if kill_at and resume is None and step >= kill_at:
             import signal
+
             log.warning("trial %s: killing its own process at step %d (MMLG_KILL_TRIAL_AT_STEP)", config["cell"], step)
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -238,11 +268,28 @@ def _run_cell_trial(config: dict, ctx: dict, report, rank: int = 0, world: int =
     if key not in _TASK_DATA:  # a reused trial actor keeps its task data
         _TASK_DATA[key] = load_task_data(cfg, cell.modality, spec.image_size)
     data = _TASK_DATA[key]
-    device = torch.device("cuda", torch.cuda.current_device()) if cfg.ray.tune.trial_gpus > 0 and \
-        torch.cuda.is_available() else torch.device("cpu")
-    row = run_trial(cfg, cell, int(config["seed"]), lr=config["lr"], weight_decay=config["weight_decay"],
-                    ancestor=anc, learngenes=learngenes, pretrained=pretrained, task_data=data,
-                    on_eval=on_eval, device=device, rank=rank, world=world, wrap=wrap, resume=resume)
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if cfg.ray.tune.trial_gpus > 0 and torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    row = run_trial(
+        cfg,
+        cell,
+        int(config["seed"]),
+        lr=config["lr"],
+        weight_decay=config["weight_decay"],
+        ancestor=anc,
+        learngenes=learngenes,
+        pretrained=pretrained,
+        task_data=data,
+        on_eval=on_eval,
+        device=device,
+        rank=rank,
+        world=world,
+        wrap=wrap,
+        resume=resume,
+    )
     final = {k: float(v) for k, v in row.history[-1].items()}
     final.update(row.record())
     final.update(final_report=True, phase=config["phase"], history_json=json.dumps(row.history))
@@ -255,14 +302,23 @@ def _ddp_worker(loop_config: dict):
     workers from the latest one, and so does a restarted trial (same run name and storage path)."""
     import ray.train
     import ray.train.torch
+
     ctx = loop_config["ctx"]
     if not isinstance(ctx, dict):
         import ray
+
         ctx = ray.get(ctx)
     tc = ray.train.get_context()
-    _run_cell_trial(loop_config["config"], ctx, lambda m, checkpoint=None: ray.train.report(m, checkpoint=checkpoint),
-                    rank=tc.get_world_rank(), world=tc.get_world_size(), wrap=ray.train.torch.prepare_model,
-                    get_checkpoint=ray.train.get_checkpoint, checkpoint_cls=ray.train.Checkpoint)
+    _run_cell_trial(
+        loop_config["config"],
+        ctx,
+        lambda m, checkpoint=None: ray.train.report(m, checkpoint=checkpoint),
+        rank=tc.get_world_rank(),
+        world=tc.get_world_size(),
+        wrap=ray.train.torch.prepare_model,
+        get_checkpoint=ray.train.get_checkpoint,
+        checkpoint_cls=ray.train.Checkpoint,
+    )
 
 
 def trial_fn(config: dict, ctx=None):
@@ -270,29 +326,41 @@ def trial_fn(config: dict, ctx=None):
     with a checkpoint. With ray.tune.trial_workers > 1 the fine-tuning runs data-parallel in a
     TorchTrainer whose rank-0 metrics reach Tune (and its scheduler) through TuneReportCallback."""
     from ray import tune
+
     if "job" in config:  # a follow-up seeds round: the grid value is the whole trial spec
         config = {**config, **config["job"]}
     tcfg = ctx["cfg"]["ray"]["tune"]
     if tcfg["trial_workers"] <= 1:
-        _run_cell_trial(config, ctx, lambda m, checkpoint=None: tune.report(m, checkpoint=checkpoint),
-                        get_checkpoint=tune.get_checkpoint, checkpoint_cls=tune.Checkpoint)
+        _run_cell_trial(
+            config,
+            ctx,
+            lambda m, checkpoint=None: tune.report(m, checkpoint=checkpoint),
+            get_checkpoint=tune.get_checkpoint,
+            checkpoint_cls=tune.Checkpoint,
+        )
         return
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
+
     res = trial_worker_resources(TuneSettings.model_validate(tcfg))
     trainer = TorchTrainer(
-        _ddp_worker, train_loop_config={"config": config, "ctx": ray.put(ctx)},
-        scaling_config=ScalingConfig(num_workers=tcfg["trial_workers"], use_gpu=tcfg["trial_gpus"] > 0,
-                                     resources_per_worker=res),
-        run_config=RunConfig(name=f"ft-{tune.get_context().get_trial_id()}",
-                             storage_path=ctx.get("storage"), callbacks=[TuneReportCallback()],
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=ctx["cfg"]["ray"]["max_failures"]),
-                             logging_config=train_logging()))
+        _ddp_worker,
+        train_loop_config={"config": config, "ctx": ray.put(ctx)},
+        scaling_config=ScalingConfig(
+            num_workers=tcfg["trial_workers"], use_gpu=tcfg["trial_gpus"] > 0, resources_per_worker=res
+        ),
+        run_config=RunConfig(
+            name=f"ft-{tune.get_context().get_trial_id()}",
+            storage_path=ctx.get("storage"),
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=ctx["cfg"]["ray"]["max_failures"]),
+            logging_config=train_logging(),
+        ),
+    )
     trainer.fit()
-
 
 
 # --------------------------------------------------------------------------- the executor
@@ -302,6 +370,7 @@ def _pretrain_task(cfg_json, ancestor_ref, job: PretrainJob, fail=False, hold_s=
     from ..config import ModelSpec, config_from_dict
     from ..pipeline import setup_runtime
     from safetensors.torch import load_file
+
     if fail:  # fault injection for tests (MMLG_FAIL_PRETRAIN), like extraction's MMLG_FAIL_AT_STEP
         raise RuntimeError(f"injected failure of pre-training {job.name} (MMLG_FAIL_PRETRAIN)")
     cfg = config_from_dict(cfg_json)
@@ -322,6 +391,7 @@ class RayExecutor(Executor):
     def check(self, cfg, od):
         from .extract import check_precision
         from .logs import check_logging
+
         if {"mmlg", "tleg"} & set(cfg.descendants.grid.method):
             check_precision(cfg)
         check_logging(cfg, od.target)
@@ -331,6 +401,7 @@ class RayExecutor(Executor):
 
     def storage(self, cfg, od):
         from .settings import storage_uri
+
         return storage_uri(cfg, od.target)
 
     def previous_state(self, storage, fp):
@@ -338,28 +409,36 @@ class RayExecutor(Executor):
 
     def open(self, cfg, od, storage, resume):
         from .settings import check_storage, ensure_ray
+
         ensure_ray(cfg)
         check_storage(cfg, storage)
         check_artifact_root(cfg, od.target)
 
     def extract(self, cfg, anc, uri, method, mode, storage):
         from .extract import extract_on_ray
+
         extract_on_ray(cfg, anc, uri, method=method, storage=storage, mode=mode)
 
     def start_pretraining(self, cfg, anc, anc_ref, jobs, wait):
         import ray
         from ..pipeline import cells, shape_key
         from ..descend import descendant_spec
+
         if not jobs:
             return _Done({}, [])
-        remote = ray.remote(**pretrain_task_options(cfg.ray.tune), max_retries=cfg.ray.max_failures,
-                            retry_exceptions=False)(_pretrain_task)
+        remote = ray.remote(
+            **pretrain_task_options(cfg.ray.tune), max_retries=cfg.ray.max_failures, retry_exceptions=False
+        )(_pretrain_task)
         inject = os.environ.get("MMLG_FAIL_PRETRAIN", "")  # "method/shape" of a shape whose task must fail
         a = (anc.spec.model_dump(), anc.fingerprint, anc.source, anc_ref.to_json() if anc_ref else None)
         cfg_json = cfg.model_dump(mode="json")
         hold = float(os.environ.get("MMLG_HOLD_PRETRAIN_S") or 0)  # tests: each shape takes this much longer
-        refs = {j.name: remote.options(name=f"pretrain {j.name}").remote(
-            cfg_json, a, j, fail=inject in (f"{j.method}/{shape_key(j.spec)}", j.name), hold_s=hold) for j in jobs}
+        refs = {
+            j.name: remote.options(name=f"pretrain {j.name}").remote(
+                cfg_json, a, j, fail=inject in (f"{j.method}/{shape_key(j.spec)}", j.name), hold_s=hold
+            )
+            for j in jobs
+        }
         by_key = {(j.method, shape_key(j.spec), j.budget): j.name for j in jobs}
         cell_names = {}
         for c in cells(cfg):
@@ -381,27 +460,42 @@ def check_artifact_root(cfg: Config, target) -> None:
     """Trials and pre-training tasks read and write stage artifacts in the output store itself: on
     a multi-node cluster it must be a URI or a folder every node mounts."""
     import ray
+
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     if stor.is_uri(target) or cfg.ray.storage_shared or nodes <= 1:
         return
-    raise UserError("--output", f"the output {target} is a local folder, but this Ray cluster has {nodes} nodes: "
-                    "trials on other nodes read the stage artifacts from it", "put --output (or output_dir) on "
-                    "s3://..., or on a folder every node mounts and set ray.storage_shared=true")
+    raise UserError(
+        "--output",
+        f"the output {target} is a local folder, but this Ray cluster has {nodes} nodes: "
+        "trials on other nodes read the stage artifacts from it",
+        "put --output (or output_dir) on " "s3://..., or on a folder every node mounts and set ray.storage_shared=true",
+    )
 
 
 def _tuner(cfg, name, storage, od, trainable, phase, **kw):
     from ray import tune
     from ray.tune import RunConfig, Tuner
+
     # a trial lost with its worker (preempted node, killed process) is retried up to ray.max_failures
     # times from its latest checkpoint (one kept per trial: each evaluation's)
-    return Tuner(trainable, run_config=RunConfig(
-        storage_path=storage, name=name, verbose=1, progress_reporter=status_reporter(cfg, phase),
-        callbacks=tune_callbacks(cfg, od.target, phase), checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures)), **kw)
+    return Tuner(
+        trainable,
+        run_config=RunConfig(
+            storage_path=storage,
+            name=name,
+            verbose=1,
+            progress_reporter=status_reporter(cfg, phase),
+            callbacks=tune_callbacks(cfg, od.target, phase),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
+        ),
+        **kw,
+    )
 
 
 def _restore(path, trainable):
     from ray.tune import Tuner
+
     return Tuner.restore(path, trainable=trainable, resume_errored=True, resume_unfinished=True)
 
 
@@ -409,6 +503,7 @@ def run_tune(cfg, plan, ctx, pretraining, fp, storage, od) -> list[dict]:
     """The trials of `plan` on Ray Tune: the sweep experiment, then any follow-up seeds round."""
     from ray import tune
     from ray.tune import TuneConfig
+
     tcfg = cfg.ray.tune
     trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), trial_resources(tcfg))
     name = f"sweep-{fp}"
@@ -423,10 +518,21 @@ def run_tune(cfg, plan, ctx, pretraining, fp, storage, od) -> list[dict]:
             write_baked(cfg, storage, fp)  # the settings this experiment's restores will keep
             # num_samples=-1: no count of Tune's own ends the run (a restore keeps such a count, and a trial
             # retried in place would not fit it): the plan's FINISHED does
-            tuner = _tuner(cfg, name, storage, od, trainable, "sweep", tune_config=TuneConfig(
-                search_alg=plan_searcher, scheduler=PlanScheduler(name, plan.settings.max_t), num_samples=-1,
-                reuse_actors=True))  # the plan bounds concurrency: Tune's ConcurrencyLimiter would drop the
-                # completion of a trial retried on resume (it is not among its live trials), and the plan with it
+            tuner = _tuner(
+                cfg,
+                name,
+                storage,
+                od,
+                trainable,
+                "sweep",
+                tune_config=TuneConfig(
+                    search_alg=plan_searcher,
+                    scheduler=PlanScheduler(name, plan.settings.max_t),
+                    num_samples=-1,
+                    reuse_actors=True,
+                ),
+            )  # the plan bounds concurrency: Tune's ConcurrencyLimiter would drop the
+            # completion of a trial retried on resume (it is not among its live trials), and the plan with it
         grid = tuner.fit()
         live = _LIVE.get(name)
         if live is not None and live.plan is not plan:  # a restored run drives its own copy of the plan
@@ -456,18 +562,29 @@ def _round(cfg, plan, path, trainable, jobs, restore, od, storage) -> list[Trial
     from ray import tune
     from ray.tune import TuneConfig
     from ..stagelog import Stage
+
     name = path.rstrip("/").rsplit("/", 1)[-1]
     if restore and _restorable(path):
         tuner = _restore(path, trainable)
     else:
-        tuner = _tuner(cfg, name, storage, od, trainable, "seeds", param_space={"job": tune.grid_search(jobs)},
-                       tune_config=TuneConfig(max_concurrent_trials=cfg.ray.tune.max_concurrent, reuse_actors=True))
+        tuner = _tuner(
+            cfg,
+            name,
+            storage,
+            od,
+            trainable,
+            "seeds",
+            param_space={"job": tune.grid_search(jobs)},
+            tune_config=TuneConfig(max_concurrent_trials=cfg.ray.tune.max_concurrent, reuse_actors=True),
+        )
     st = Stage("seeds", f"{len(jobs)} seed re-runs at their cells' current best hyper-parameters ({name})")
     grid = tuner.fit()
     out = []
     for row in _rows(grid, None):
-        plan.add(row.trial_id, {"cell": row.cell, "phase": "seeds", "seed": row.seed, "lr": row.lr,
-                                "weight_decay": row.weight_decay})
+        plan.add(
+            row.trial_id,
+            {"cell": row.cell, "phase": "seeds", "seed": row.seed, "lr": row.lr, "weight_decay": row.weight_decay},
+        )
         if row.status != "running":
             plan.complete(row.trial_id, row.status, row.val_score)
         out.append(row)
@@ -480,6 +597,7 @@ def check_baked(cfg: Config, storage: str, fp: str) -> None:
     trial keeps its resources): refuse a resume that changes one, naming it, rather than record
     settings that do not hold. Run before anything is written."""
     from ..config import _dig
+
     path = f"{storage}/settings-{fp}.json"
     if not stor.exists(path):
         return
@@ -488,13 +606,17 @@ def check_baked(cfg: Config, storage: str, fp: str) -> None:
     changed = [k for k in BAKED if k in was and was[k] != now[k]]
     if changed:
         k = changed[0]
-        raise UserError(k, f"changed from {was[k]!r} to {now[k]!r} since the interrupted run, whose restored Tune "
-                        f"experiment keeps its first run's value ({', '.join(changed)} changed)",
-                        f"set {k}={json.dumps(was[k])} to resume, or start over with --fresh")
+        raise UserError(
+            k,
+            f"changed from {was[k]!r} to {now[k]!r} since the interrupted run, whose restored Tune "
+            f"experiment keeps its first run's value ({', '.join(changed)} changed)",
+            f"set {k}={json.dumps(was[k])} to resume, or start over with --fresh",
+        )
 
 
 def write_baked(cfg: Config, storage: str, fp: str) -> None:
     from ..config import _dig
+
     with stor.writing(f"{storage}/settings-{fp}.json") as tmp:
         Path(tmp).write_text(json.dumps({k: _dig(cfg.model_dump(mode="json"), k) for k in BAKED}, indent=1))
 
@@ -505,12 +627,14 @@ def _restorable(path: str) -> bool:
     would start trials without their configs, so such a phase is started anew (none of its trials
     had finished)."""
     from ray.tune import Tuner
+
     if not Tuner.can_restore(path):
         return False
     files = stor.list_files(path, recursive=False)
     return any(f.startswith("experiment_state-") for f in files) and (
         not path.rstrip("/").rsplit("/", 1)[-1].startswith("sweep-")  # the sweep: its searcher's records too
-        or any(f.startswith("searcher-state-") for f in files))
+        or any(f.startswith("searcher-state-") for f in files)
+    )
 
 
 def previous_state(storage: str, fp: str) -> list[str]:
@@ -539,9 +663,25 @@ def _error_line(err) -> str:
 
 
 # what Tune adds to every report (ray/tune/result.py's auto-filled keys): not columns of ours
-TUNE_KEYS = ("training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "hostname", "node_ip",
-             "time_since_restore", "iterations_since_restore", "checkpoint_dir_name", "done", "date",
-             "experiment_tag", "should_checkpoint", "checkpoint_path", "trial_id", "experiment_id")
+TUNE_KEYS = (
+    "training_iteration",
+    "time_this_iter_s",
+    "time_total_s",
+    "timestamp",
+    "pid",
+    "hostname",
+    "node_ip",
+    "time_since_restore",
+    "iterations_since_restore",
+    "checkpoint_dir_name",
+    "done",
+    "date",
+    "experiment_tag",
+    "should_checkpoint",
+    "checkpoint_path",
+    "trial_id",
+    "experiment_id",
+)
 
 
 def _rows(result_grid, plan) -> list[TrialRow]:
@@ -561,17 +701,22 @@ def _rows(result_grid, plan) -> list[TrialRow]:
         # Tune's trial folder is <trainable>_<trial id>_<tag>_<date> (ray/tune/experiment/trial.py)
         folder = res.path.rstrip("/").rsplit("/", 1)[-1]
         trial_id = str(m.get("trial_id") or folder.removeprefix("trial_fn_").split("_", 1)[0])
-        status = "error" if res.error is not None else \
-            ("finished" if m.get("final_report") else "stopped_early")
+        status = "error" if res.error is not None else ("finished" if m.get("final_report") else "stopped_early")
         rec = plan.records.get(trial_id) if plan is not None else None
-        if status != "error" and not m.get("final_report") and (
-                (rec is not None and rec["status"] == "running") or (plan is None)):
+        if (
+            status != "error"
+            and not m.get("final_report")
+            and ((rec is not None and rec["status"] == "running") or (plan is None))
+        ):
             status = "running"  # neither finished, errored nor cut: interrupted
         if not m.get("trial"):  # no report at all: describe it from its config
             m = {**m, **described_row(cfg["cell"], cfg).record()}
         hist = json.loads(m["history_json"]) if "history_json" in m else _history_from_df(res)
-        row = {k: v for k, v in m.items() if k not in ("history_json", "final_report", "config") and
-               not isinstance(v, dict)}
+        row = {
+            k: v
+            for k, v in m.items()
+            if k not in ("history_json", "final_report", "config") and not isinstance(v, dict)
+        }
         if status != "finished":  # cut by ASHA or errored: its last report carries the description and cost so far
             for k in list(m):
                 if k in EVAL_KEYS - {"step", "epoch"} or k.startswith(("i2t_", "t2i_")):
