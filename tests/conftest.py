@@ -1,4 +1,5 @@
 """Shared fixtures: tiny real models on the real packaged data; one session-wide cache."""
+
 from __future__ import annotations
 
 import os
@@ -10,13 +11,16 @@ import torch
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 torch.set_num_threads(2)
 
-# the fast lane (`make test-fast`: -m "not slow") leaves out every test that starts Ray or runs a sweep
-# in a subprocess: those asking for the session's Ray (ray_address) are marked here, the rest by hand
-SLOW_FIXTURES = {"ray_address"}
+# the fast lane (`make test-fast`: -m "not slow") leaves out every test that starts Ray or runs a sweep:
+# those asking for the session's Ray (ray_address) or a module's finished sweep (test_pipeline's
+# local_run, test_report's finished) are marked here, the rest by hand
+SLOW_FIXTURES = {"ray_address", "local_run", "finished"}
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: starts Ray or runs a sweep in a subprocess (make test-fast leaves it out)")
+    config.addinivalue_line(
+        "markers", "slow: starts Ray or runs a sweep in a subprocess (make test-fast leaves it out)"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,17 +30,31 @@ def pytest_collection_modifyitems(config, items):
 
 
 TINY = [
-    "ancestor.spec.image_depth=2", "ancestor.spec.text_depth=2",
-    "ancestor.spec.image_width=128", "ancestor.spec.text_width=64",
-    "ancestor.spec.embed_dim=32", "ancestor.spec.image_size=16", "ancestor.spec.patch_size=8",
+    "ancestor.spec.image_depth=2",
+    "ancestor.spec.text_depth=2",
+    "ancestor.spec.image_width=128",
+    "ancestor.spec.text_width=64",
+    "ancestor.spec.embed_dim=32",
+    "ancestor.spec.image_size=16",
+    "ancestor.spec.patch_size=8",
     "ancestor.spec.context_length=16",
-    "ancestor.pretrain.steps=30", "ancestor.pretrain.batch_size=64", "ancestor.pretrain.log_every=10",
-    "data.corpus.max_samples=4000", "data.zeroshot.max_samples=300",
-    "learngene.extraction.steps=12", "learngene.extraction.batch_size=32", "learngene.extraction.log_every=6",
+    "ancestor.pretrain.steps=30",
+    "ancestor.pretrain.batch_size=64",
+    "ancestor.pretrain.log_every=10",
+    "data.corpus.max_samples=4000",
+    "data.zeroshot.max_samples=300",
+    "learngene.extraction.steps=12",
+    "learngene.extraction.batch_size=32",
+    "learngene.extraction.log_every=6",
     "learngene.extraction.checkpoint_every=6",
-    "descendants.grid.modality=[image]", "descendants.grid.depth=[2]", "descendants.grid.width=[64]",
-    "descendants.grid.method=[mmlg]", "descendants.seeds=[0]",
-    "descendants.finetune.steps=20", "descendants.finetune.eval_every=10", "descendants.finetune.batch_size=32",
+    "descendants.grid.modality=[image]",
+    "descendants.grid.depth=[2]",
+    "descendants.grid.width=[64]",
+    "descendants.grid.method=[mmlg]",
+    "descendants.seeds=[0]",
+    "descendants.finetune.steps=20",
+    "descendants.finetune.eval_every=10",
+    "descendants.finetune.batch_size=32",
     "descendants.pretrain_steps=10",
 ]
 
@@ -54,18 +72,21 @@ def tiny_overrides(cache_dir):
 @pytest.fixture(scope="session")
 def tiny_cfg(tiny_overrides):
     from mmlg_ray.config import load_config
+
     return load_config(None, tiny_overrides)
 
 
 @pytest.fixture(scope="session")
 def tiny_ancestor(tiny_cfg):
     from mmlg_ray.ancestor import get_ancestor
+
     return get_ancestor(tiny_cfg, torch.device("cpu"))
 
 
 @pytest.fixture(scope="session")
 def tiny_learngene_path(tiny_cfg, tiny_ancestor, tmp_path_factory):
     from mmlg_ray.pipeline import extract
+
     path = tmp_path_factory.mktemp("lg") / "mmlg.safetensors"
     extract(tiny_cfg, tiny_ancestor, path, device=torch.device("cpu"))
     return path
@@ -81,13 +102,18 @@ def s3():
 
     import boto3
     from moto.server import ThreadedMotoServer
+
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true"}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     bucket = "mmlg-test"
@@ -117,7 +143,12 @@ def ray_address(s3):
     placement-group cleaner warns every second without it). Started after the S3 server, so its
     workers reach it."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", **s3.env}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=False,
+        runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", **s3.env}},
+    )
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

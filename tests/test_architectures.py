@@ -1,6 +1,7 @@
 """Real open_clip architectures as ancestors, and their flags carried through the learngene into every
 descendant, in miniature: towers of different widths and head widths, widths narrower than the
 learngene, QuickGELU, layer scale, attentional pooling, pool types, no_causal_mask, proj_bias."""
+
 import json
 
 import open_clip
@@ -18,14 +19,33 @@ from mmlg_ray.select import select_layer_tensor
 # A miniature of ViT-H-14's shape problems: image heads 40 wide, text heads 32 wide, towers 160 / 128,
 # different MLP ratios, plus every flag the learngene must carry.
 FLAGGED = ModelSpec(
-    image_depth=3, text_depth=2, image_width=160, text_width=128, head_width=40, text_head_width=32,
-    mlp_ratio=4.0, text_mlp_ratio=2.0, patch_size=8, image_size=16, context_length=12, embed_dim=80,
+    image_depth=3,
+    text_depth=2,
+    image_width=160,
+    text_width=128,
+    head_width=40,
+    text_head_width=32,
+    mlp_ratio=4.0,
+    text_mlp_ratio=2.0,
+    patch_size=8,
+    image_size=16,
+    context_length=12,
+    embed_dim=80,
     quick_gelu=True,
-    vision_flags={"ls_init_value": 0.5, "attentional_pool": True, "attn_pooler_queries": 4,
-                  "attn_pooler_heads": 2},
-    text_flags={"pool_type": "last", "no_causal_mask": True, "proj_bias": True})
-PLAIN_UNEQUAL = ModelSpec(image_depth=2, text_depth=2, image_width=192, text_width=128, head_width=64,
-                          embed_dim=32, image_size=16, patch_size=8, context_length=8)
+    vision_flags={"ls_init_value": 0.5, "attentional_pool": True, "attn_pooler_queries": 4, "attn_pooler_heads": 2},
+    text_flags={"pool_type": "last", "no_causal_mask": True, "proj_bias": True},
+)
+PLAIN_UNEQUAL = ModelSpec(
+    image_depth=2,
+    text_depth=2,
+    image_width=192,
+    text_width=128,
+    head_width=64,
+    embed_dim=32,
+    image_size=16,
+    patch_size=8,
+    context_length=8,
+)
 
 
 def _inputs(spec, n=3, seed=0):
@@ -68,8 +88,14 @@ def test_descendants_agree_with_the_auxiliary_model_at_every_width(spec, schedul
             for l in range(spec.depth(tower)):
                 for p in layer_params(spec, tower):
                     n = layer_name(tower, l, p)
-                    want = select_layer_tensor(p, aux_layers[n], spec.width(tower), d.width(tower),
-                                               spec.head_width_of(tower), d.mlp_hidden(tower))
+                    want = select_layer_tensor(
+                        p,
+                        aux_layers[n],
+                        spec.width(tower),
+                        d.width(tower),
+                        spec.head_width_of(tower),
+                        d.mlp_hidden(tower),
+                    )
                     worst = max(worst, float((got[n] - want).abs().max()))
     assert worst == 0.0
     # at the learngene's own shape the descendant *is* the auxiliary model
@@ -87,8 +113,9 @@ def test_selecting_the_shared_block_straight_to_the_descendant_width_would_diffe
     aux, lg = _learngene(PLAIN_UNEQUAL, tmp_path)
     m = lg.get("multimodal.mlp.c_fc.weight")
     straight = select_layer_tensor("mlp.c_fc.weight", m, 192, 64, 64)
-    composed = select_layer_tensor("mlp.c_fc.weight", select_layer_tensor("mlp.c_fc.weight", m, 192, 128, 64),
-                                   128, 64, 64)
+    composed = select_layer_tensor(
+        "mlp.c_fc.weight", select_layer_tensor("mlp.c_fc.weight", m, 192, 128, 64), 128, 64, 64
+    )
     assert not torch.equal(straight, composed)
 
 
@@ -131,6 +158,7 @@ def test_ancestor_methods_carry_the_flags(method):
         assert img.shape == (3, 80) and torch.isfinite(img).all() and torch.isfinite(txt).all()
 
 
+@pytest.mark.slow  # over 10 s
 def test_every_open_clip_architecture_is_exact_or_refused():
     """Walk open_clip's whole list: each either computes exactly what open_clip computes on the same
     weights (towers at depth 1 to fit memory) or is refused with one line naming the feature."""
@@ -156,12 +184,26 @@ def test_architecture_flags_are_read_from_open_clip():
     big = spec_from_arch("ViT-bigG-14")
     assert big.mlp_hidden("image") == 8192 and big.mlp_hidden("text") == 5120
     # the config reads the spec from the architecture, and grid widths are checked against it
-    cfg = load_config(None, ["ancestor.source=checkpoint", "ancestor.arch=ViT-H-14", "ancestor.checkpoint=/",
-                             "descendants.grid.width=[640]"])
+    cfg = load_config(
+        None,
+        [
+            "ancestor.source=checkpoint",
+            "ancestor.arch=ViT-H-14",
+            "ancestor.checkpoint=/",
+            "descendants.grid.width=[640]",
+        ],
+    )
     assert cfg.ancestor.spec == h14
     with pytest.raises(UserError, match="descendants.grid.width"):
-        load_config(None, ["ancestor.source=checkpoint", "ancestor.arch=ViT-H-14", "ancestor.checkpoint=/",
-                           "descendants.grid.width=[600]"])
+        load_config(
+            None,
+            [
+                "ancestor.source=checkpoint",
+                "ancestor.arch=ViT-H-14",
+                "ancestor.checkpoint=/",
+                "descendants.grid.width=[600]",
+            ],
+        )
 
 
 def test_quick_gelu_matters_and_is_kept():
@@ -190,10 +232,15 @@ def test_weights_trained_with_quick_gelu_get_it_whatever_the_arch_config_says():
     QuickGELU. The spec follows the weights (no download needed to know)."""
     cfg = load_config(None, ["ancestor.source=open_clip", "ancestor.arch=ViT-B-16", "ancestor.pretrained=openai"])
     assert cfg.ancestor.spec.quick_gelu
-    cfg = load_config(None, ["ancestor.source=open_clip", "ancestor.arch=ViT-B-16",
-                             "ancestor.pretrained=laion2b_s34b_b88k"])
+    cfg = load_config(
+        None, ["ancestor.source=open_clip", "ancestor.arch=ViT-B-16", "ancestor.pretrained=laion2b_s34b_b88k"]
+    )
     assert not cfg.ancestor.spec.quick_gelu
     from mmlg_ray.models import weights_need_quick_gelu
-    mismatched = [(a, t) for a, t in open_clip.list_pretrained() if weights_need_quick_gelu(a, t)
-                  and not (open_clip.get_model_config(a) or {}).get("quick_gelu")]
+
+    mismatched = [
+        (a, t)
+        for a, t in open_clip.list_pretrained()
+        if weights_need_quick_gelu(a, t) and not (open_clip.get_model_config(a) or {}).get("quick_gelu")
+    ]
     assert ("ViT-L-14", "openai") in mismatched

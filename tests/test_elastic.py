@@ -1,5 +1,6 @@
 """Elastic extraction: besides the auxiliary model, every step distils descendant shapes of the grid
 (largest, smallest, a random one), each expanded from the learngene exactly as a descendant is."""
+
 from __future__ import annotations
 
 import math
@@ -30,14 +31,17 @@ def test_plan_is_the_sandwich_rule_and_depends_only_on_seed_and_step(tiny_cfg):
     assert {d[2] for d in draws} == {"d1w128", "d2w64", "d2w128", "d3w64"}  # the rest, at random
     again = pipeline.elastic_plan(cfg, cfg.ancestor.spec)
     assert [again.at(s) for s in range(40)] == draws  # a resumed run draws what it would have drawn
-    other = pipeline.elastic_plan(load_config(None, ["seed=1", "descendants.grid.depth=[1,2,3]",
-                                                     "descendants.grid.width=[64,128]"]), cfg.ancestor.spec)
+    other = pipeline.elastic_plan(
+        load_config(None, ["seed=1", "descendants.grid.depth=[1,2,3]", "descendants.grid.width=[64,128]"]),
+        cfg.ancestor.spec,
+    )
     assert [other.at(s) for s in range(40)] != draws
     # each shape is the descendant the sweep builds at that grid point
     assert plan.specs["d2w64"] == descendant_spec(cfg.ancestor.spec, 2, 64)
     # a grid of at most `count` shapes is distilled whole every step
-    small = pipeline.elastic_plan(load_config(None, ["descendants.grid.depth=[1,2]", "descendants.grid.width=[128]"]),
-                                  cfg.ancestor.spec)
+    small = pipeline.elastic_plan(
+        load_config(None, ["descendants.grid.depth=[1,2]", "descendants.grid.width=[128]"]), cfg.ancestor.spec
+    )
     assert all(sorted(small.at(s)) == ["d1w128", "d2w128"] for s in range(5))
 
 
@@ -51,6 +55,7 @@ def test_cache_keys_keep_fixed_and_elastic_apart(tiny_cfg):
     assert pipeline.learngene_name(changed, "mmlg", "elastic") != elastic
     assert pipeline.learngene_name(load_config(None, ["descendants.grid.depth=[1,3]"]), "mmlg", "elastic") != elastic
     from mmlg_ray.errors import UserError
+
     with pytest.raises(UserError, match="extraction mode"):
         pipeline.learngene_name(cfg, "mmlg", "slimmable")
 
@@ -70,7 +75,10 @@ def test_elastic_shape_is_exactly_the_descendant_and_trains_the_learngene(tiny_o
             p.add_(0.02 * torch.randn_like(p))
     save_learngene(tmp_path / "lg.safetensors", aux.learngene, aux.inherited_state())
     lg = load_learngene(tmp_path / "lg.safetensors")
-    images, tokens = torch.randn(3, 3, spec.image_size, spec.image_size), torch.randint(1, 999, (3, spec.context_length))
+    images, tokens = (
+        torch.randn(3, 3, spec.image_size, spec.image_size),
+        torch.randint(1, 999, (3, spec.context_length)),
+    )
     for key, (d, w) in {"d1w64": (1, 64), "d2w128": (2, 128)}.items():
         model = init_descendant(method, "image_text", descendant_spec(spec, d, w), learngene=lg).eval()
         ours, theirs = aux.shape_forward(key, images, tokens), model(images, tokens)
@@ -83,9 +91,11 @@ def test_elastic_shape_is_exactly_the_descendant_and_trains_the_learngene(tiny_o
     assert "clip.visual.conv1.weight" not in no_grad and "clip.token_embedding.weight" not in no_grad
 
 
+@pytest.mark.slow  # two extractions each
 @pytest.mark.parametrize("method", ["mmlg", "tleg"])
-def test_elastic_learngene_starts_the_smallest_shape_closer_to_the_teacher(tiny_overrides, tiny_ancestor, tmp_path,
-                                                                         method):
+def test_elastic_learngene_starts_the_smallest_shape_closer_to_the_teacher(
+    tiny_overrides, tiny_ancestor, tmp_path, method
+):
     """Same steps, same data: the smallest grid shape (depth 1, width 64) expanded from the elastic
     learngene imitates the teacher better than from the fixed one, and better than at the start.
     Measured (20 steps, 3 seeds): distillation loss fixed 1.43-1.50, elastic 0.95-1.00 (mmlg),
@@ -139,8 +149,15 @@ def test_elastic_extraction_on_ray_zero3_bf16(tiny_overrides, tiny_ancestor, ray
     the engine's forward, where ZeRO-3 gathers what they read) in bf16: the elastic learngene has the
     fixed one's tensors, fp32, trained away from the warm start."""
     from mmlg_ray.distributed.extract import extract_on_ray
-    cfg = _cfg(tiny_overrides, "precision=bf16", "ray.num_workers=2", "ray.extraction.zero_stage=3",
-               "learngene.extraction.steps=4", "learngene.extraction.checkpoint_every=4")
+
+    cfg = _cfg(
+        tiny_overrides,
+        "precision=bf16",
+        "ray.num_workers=2",
+        "ray.extraction.zero_stage=3",
+        "learngene.extraction.steps=4",
+        "learngene.extraction.checkpoint_every=4",
+    )
     out = tmp_path / "lg.safetensors"
     cost = extract_on_ray(cfg, tiny_ancestor, out, storage=str(tmp_path / "ray"), mode="elastic")
     assert cost["steps"] == 4 and cost["zero_stage"] == 3 and math.isfinite(cost["final_loss"])

@@ -1,6 +1,7 @@
 """Mixed precision in the core (no Ray): autocast and loss scaling in TorchEngine / run_loop, every
 training stage and evaluation in bf16 with fp32 master weights, and DeepSpeed's offloaded optimizer
 keeping the project's schedule and weight-decay exclusions (one process, no Ray)."""
+
 import json
 import math
 import os
@@ -27,6 +28,7 @@ class LinearTrace:
         def hook(mod, args, out):
             if isinstance(mod, nn.Linear) and torch.is_tensor(out):
                 self.calls.append((id(mod), mod.training, torch.is_autocast_enabled("cpu"), out.dtype))
+
         self.handle = nn.modules.module.register_module_forward_hook(hook)
         return self
 
@@ -46,6 +48,7 @@ def test_autocast_scaler_and_fp32_losses():
         y = nn.Linear(4, 4)(torch.randn(2, 4))
         assert y.dtype == torch.bfloat16
         from mmlg_ray.train import clip_loss
+
         img, txt = (nn.functional.normalize(torch.randn(8, 16), dim=-1) for _ in range(2))
         loss = clip_loss(img.bfloat16(), txt.bfloat16(), torch.tensor(10.0))
     assert loss.dtype == torch.float32  # losses are formed in fp32 even under autocast
@@ -59,13 +62,14 @@ def test_fp16_loss_scaling_skips_an_overflowing_step():
     if not amp.autocast_supported("cpu", "fp16"):
         pytest.skip(f"torch {torch.__version__} has no fp16 autocast on CPU")
     from mmlg_ray.train import TorchEngine, run_loop
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 1))
     eng = TorchEngine(model, TrainConfig(steps=4, lr=1e-2, warmup_steps=0, weight_decay=0.0), precision="fp16")
     seen = []
 
     def loss_fn(batch):
-        x, = batch
+        (x,) = batch
         out = model(x)
         seen.append(out.dtype)
         return out.float().pow(2).mean(), {}
@@ -77,8 +81,14 @@ def test_fp16_loss_scaling_skips_an_overflowing_step():
     assert not torch.equal(model[0].weight, w0) and eng.scaler.get_scale() == scale0
     # an overflowing step (inf gradients) is skipped and the scale is lowered
     w1 = model[0].weight.detach().clone()
-    run_loop(eng, iter([(torch.full((32, 8), 6e4),)]), lambda b: (model(b[0]).float().pow(2).mean() * 1e30, {}),
-             3, start_step=2, log_every=10)
+    run_loop(
+        eng,
+        iter([(torch.full((32, 8), 6e4),)]),
+        lambda b: (model(b[0]).float().pow(2).mean() * 1e30, {}),
+        3,
+        start_step=2,
+        log_every=10,
+    )
     assert torch.equal(model[0].weight, w1) and eng.scaler.get_scale() < scale0
     assert "scaler" in eng.state_dict()
 
@@ -86,9 +96,11 @@ def test_fp16_loss_scaling_skips_an_overflowing_step():
 def test_bf16_finetune_runs_in_bf16_with_fp32_weights(tiny_cfg, tiny_ancestor):
     from mmlg_ray.descend import descendant_spec, init_descendant
     from mmlg_ray.finetune import finetune, load_task_data
+
     spec = descendant_spec(tiny_ancestor.spec, 2, 64)
-    model = init_descendant("weight_selection", "image", spec, ancestor_state=tiny_ancestor.state,
-                            ancestor_spec=tiny_ancestor.spec)
+    model = init_descendant(
+        "weight_selection", "image", spec, ancestor_state=tiny_ancestor.state, ancestor_spec=tiny_ancestor.spec
+    )
     data = load_task_data(tiny_cfg, "image", spec.image_size)
     fcfg = tiny_cfg.descendants.finetune.model_copy(update={"steps": 20, "eval_every": 10, "lr": 2e-3})
     with LinearTrace() as trace:
@@ -106,6 +118,7 @@ def test_pretraining_csm_and_extraction_in_bf16(tiny_cfg, tiny_ancestor, tmp_pat
 
     from mmlg_ray.descend import descendant_spec
     from mmlg_ray.pipeline import corpus, extract, pretrain_descendant
+
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.precision = "bf16"
     cfg.descendants.pretrain_steps = 3
@@ -133,6 +146,7 @@ def test_fp32_default_is_plain_pytorch(tiny_cfg):
     """precision=fp32 (the default) adds nothing: no autocast, no scaling, the same numbers as a bare
     AdamW + LambdaLR + clipping loop (what TorchEngine was before mixed precision)."""
     from mmlg_ray.train import TorchEngine, lr_lambda, param_groups, run_loop
+
     assert tiny_cfg.precision == "fp32"
     tcfg = TrainConfig(steps=3, lr=1e-2, warmup_steps=1)
     g = torch.Generator().manual_seed(1)
@@ -148,6 +162,7 @@ def test_fp32_default_is_plain_pytorch(tiny_cfg):
     def loss_fn(b):
         flags.append(torch.is_autocast_enabled("cpu"))
         return a(b[0]).pow(2).mean(), {}
+
     run_loop(eng, iter([(x,) for x in xs]), loss_fn, 3, log_every=10)
 
     b = model_()
@@ -203,20 +218,40 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.slow  # over 10 s
 def test_deepspeed_offload_keeps_schedule_and_weight_decay_exclusions(tiny_overrides):
     """ZeRO-2 and ZeRO-3 with the optimizer (and, for ZeRO-3, the parameters) offloaded to the CPU:
     DeepSpeed's CPU Adam runs over the project's two parameter groups (no weight decay on norms,
     biases, embeddings, logit scale) with the warm-up + cosine schedule, in bf16."""
-    sets = tiny_overrides + ["precision=bf16", "learngene.extraction.steps=4", "learngene.extraction.warmup_steps=2",
-                             "learngene.extraction.lr=0.001", "learngene.extraction.weight_decay=0.1"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "OMP_NUM_THREADS": "2"}
-    r = subprocess.run([sys.executable, "-c", _DS_SCRIPT, json.dumps(sets)], capture_output=True, text=True,
-                       env=env, timeout=400, cwd=ROOT)
+    sets = tiny_overrides + [
+        "precision=bf16",
+        "learngene.extraction.steps=4",
+        "learngene.extraction.warmup_steps=2",
+        "learngene.extraction.lr=0.001",
+        "learngene.extraction.weight_decay=0.1",
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "OMP_NUM_THREADS": "2",
+    }
+    r = subprocess.run(
+        [sys.executable, "-c", _DS_SCRIPT, json.dumps(sets)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+        cwd=ROOT,
+    )
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and lines, (r.stdout + r.stderr)[-4000:]
-    results = json.loads(lines[0][len("RESULT "):])
+    results = json.loads(lines[0][len("RESULT ") :])
     assert [x["stage"] for x in results] == [2, 3]
     for x in results:
         assert x["optimizer"] == "DeepSpeedCPUAdam", x
@@ -230,18 +265,21 @@ def test_fp16_extraction_on_cpu_workers_is_refused_up_front(tmp_path):
     from mmlg_ray.config import load_config
     from mmlg_ray.distributed.extract import check_precision
     from mmlg_ray.errors import UserError
+
     with pytest.raises(UserError) as e:
         check_precision(load_config(None, ["precision=fp16"]))
     assert str(e.value).startswith("precision") and "bf16" in str(e.value)
     check_precision(load_config(None, ["precision=fp16", "ray.use_gpu=true"]))
     check_precision(load_config(None, ["precision=bf16"]))
     from jobs import sweep as sweep_job
+
     assert sweep_job.main(["--set", "precision=fp16", "--output", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
 
 
 def _free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
