@@ -340,6 +340,21 @@ def shape_key(spec: ModelSpec) -> str:
     return f"i{spec.image_depth}x{spec.image_width}-t{spec.text_depth}x{spec.text_width}"
 
 
+# TrialRow fields set only when a trial ends (or by the executor): never in an evaluation's report
+AT_THE_END = (
+    "ended_at",
+    "val_score",
+    "linear_probe_init",
+    "status",
+    "error",
+    "trial_id",
+    "candidate",
+    "epochs",
+    "phase",
+    "stopped_early",
+)
+
+
 def run_trial(
     cfg: Config,
     cell: Cell,
@@ -414,7 +429,8 @@ def run_trial(
     )
     t0 = time.perf_counter()
     prior = float(resume["seconds"]) if resume else 0.0
-    described = {k: v for k, v in row.record().items() if not k.startswith(("final_", "best_"))}
+    # what every evaluation's report carries: the trial's description, not what is known only at its end
+    described = {k: v for k, v in row.record().items() if not k.startswith(("final_", "best_")) and k not in AT_THE_END}
 
     def running(step, metrics, snapshot):  # every evaluation carries the trial's description and cost so far
         if on_eval is not None:
@@ -457,9 +473,12 @@ def run_trial(
         finetune_flops=costmod.train_flops(spec, cell.modality, summary["samples"]),
         linear_probe_init=summary.get("linear_probe_init", float("nan")),
         ended_at=time.time(),
-        final={k: v for k, v in summary["final"].items() if k not in ("step", "epoch")},
+        # linear_probe_init is a column of its own (the same at every evaluation), as for a trial cut short
+        final={k: v for k, v in summary["final"].items() if k not in ("step", "epoch", "linear_probe_init")},
         val_score=float(summary["final"].get("val_score", float("nan"))),  # selection reads this, never test
-        best={k: v for k, v in summary["best"].items() if k not in ("epoch", "train_loss")},  # best on validation
+        best={  # the evaluation with the best validation score
+            k: v for k, v in summary["best"].items() if k not in ("epoch", "train_loss", "linear_probe_init")
+        },
         history=summary["history"],
     )
 

@@ -7,6 +7,7 @@ stages.parquet   measured cost of each stage (ancestor, each extraction, each de
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -15,8 +16,25 @@ import pandas as pd
 
 from .atomic import atomic_path
 
+log = logging.getLogger("mmlg_ray")
 STATUSES = ("finished", "stopped_early", "error", "superseded", "running")
 _NAN = float("nan")
+
+
+# int columns a trial is known by: never filled in (a missing count, NaN from a table, reads as 0)
+IDENTITY = ("seed", "depth", "width")
+
+
+def _coerce(name: str, kind: str, v):
+    if kind == "bool" and isinstance(v, str):
+        if v.lower() not in ("true", "false"):
+            raise ValueError(v)
+        return v.lower() == "true"
+    if kind == "int" and isinstance(v, float) and math.isnan(v) and name not in IDENTITY:
+        return 0
+    if kind == "int" and isinstance(v, float) and not float(v).is_integer():
+        raise ValueError(v)
+    return {"int": int, "float": float, "bool": bool, "str": str}[kind](v)
 
 
 @dataclass
@@ -84,12 +102,9 @@ class TrialRow:
         for f in fields(self):
             if f.type in ("int", "float", "bool", "str"):
                 v = getattr(self, f.name)
-                kind = {"int": int, "float": float, "bool": bool, "str": str}[f.type]
                 try:
-                    setattr(
-                        self, f.name, kind(v) if not (kind is int and isinstance(v, float) and math.isnan(v)) else 0
-                    )
-                except (TypeError, ValueError) as e:
+                    setattr(self, f.name, _coerce(f.name, f.type, v))
+                except (TypeError, ValueError, OverflowError) as e:
                     raise ValueError(f"trial {self.trial}: {f.name}={v!r} is not {f.type}") from e
         self.final = {k: float(v) for k, v in self.final.items()}
         self.best = {k: float(v) for k, v in self.best.items()}
@@ -105,12 +120,13 @@ class TrialRow:
         return replace(self, **kw)
 
     @classmethod
-    def of(cls, flat: dict, **kw) -> "TrialRow":
+    def of(cls, flat: dict, strict: bool = True, **kw) -> "TrialRow":
         """A row from a flat record (as `record()` writes it, or a trial's report to Tune); `kw` sets
         fields on top. A key that is neither a field nor final_* / best_* is an error, naming it: the
-        table's columns are declared here, and nowhere else."""
+        table's columns are declared here, and nowhere else. strict=False (a sweep's end, reading what
+        another Ray release may add to its reports) drops such keys with one warning instead."""
         names = {f.name for f in fields(cls)} - {"final", "best"}
-        own, final, best = {}, {}, {}
+        own, final, best, unknown = {}, {}, {}, []
         for k, v in {**flat, **kw}.items():
             if k in names:
                 own[k] = v
@@ -118,9 +134,17 @@ class TrialRow:
                 final[k[6:]] = v
             elif k.startswith("best_"):
                 best[k[5:]] = v
-            else:
+            elif strict:
                 raise ValueError(f"trial row: {k!r} is not a column of trials.parquet (mmlg_ray.results.TrialRow)")
+            else:
+                unknown.append(k)
+        if unknown and not _DROPPED.issuperset(unknown):
+            _DROPPED.update(unknown)
+            log.warning("trials.parquet: left out keys that are not its columns: %s", ", ".join(sorted(unknown)))
         return cls(**own, final=final, best=best)
+
+
+_DROPPED: set = set()  # keys a sweep's reports held that are not columns (warned about once)
 
 
 def write_parquet(df: pd.DataFrame, path: Path) -> Path:

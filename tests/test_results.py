@@ -49,10 +49,15 @@ def test_unknown_key_and_bad_values_fail_naming_them():
 
 
 def test_types_are_coerced_from_a_tune_report():
-    # Tune hands back numpy / float values; a missing int (NaN) reads as 0
-    row = TrialRow.of({"trial": "t", "depth": 2.0, "seed": float("nan"), "lr": "0.001", "stopped_early": 0})
-    assert row.depth == 2 and isinstance(row.depth, int) and row.seed == 0
+    # Tune hands back floats and numpy values; a missing count (NaN) reads as 0, a missing seed is an error
+    row = TrialRow.of({"trial": "t", "depth": 2.0, "steps": float("nan"), "lr": "0.001", "stopped_early": "False"})
+    assert row.depth == 2 and isinstance(row.depth, int) and row.steps == 0
     assert row.lr == 0.001 and row.stopped_early is False
+    for bad in ({"seed": float("nan")}, {"depth": 2.5}, {"steps": float("inf")}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}="):
+            TrialRow.of({"trial": "t", **bad})
+    # a sweep's end (another Ray release's keys) drops what is not a column instead
+    assert TrialRow.of({"trial": "t", "_hostname": "h"}, strict=False).record()["trial"] == "t"
 
 
 def test_table_has_every_column_even_when_every_trial_errored(tmp_path):
@@ -77,3 +82,46 @@ def test_metric_columns_follow_the_declared_ones_sorted():
         "final_top1",
         "final_zeroshot_top1",
     ]
+
+
+@pytest.mark.slow  # fine-tunes a trial
+def test_a_trial_cut_short_keeps_its_last_reports_scores_and_end(tiny_cfg, tiny_ancestor):
+    """The Ray executor's row of a trial ASHA cut after its first evaluation: built from that report
+    (as run_trial sends it to Tune, plus Tune's own keys), its end time the report's."""
+    from types import SimpleNamespace
+
+    from mmlg_ray.arms import Cell
+    from mmlg_ray.distributed.sweep import _rows
+    from mmlg_ray.pipeline import run_trial
+
+    reports = []
+    cell = Cell("image", 2, 64, "scratch")
+    run_trial(tiny_cfg, cell, 0, ancestor=tiny_ancestor, on_eval=lambda step, m, snap: reports.append(dict(m)))
+    first = reports[0]
+    assert first["steps"] == 10 and "ended_at" not in first and "val_score" in first
+    tune_keys = {
+        "timestamp": 1234567.0,
+        "training_iteration": 1,
+        "time_total_s": 3.0,
+        "pid": 1,
+        "hostname": "h",
+        "node_ip": "127.0.0.1",
+        "date": "d",
+        "done": False,
+        "trial_id": "abc12345",
+        "checkpoint_dir_name": None,
+    }
+    res = SimpleNamespace(
+        metrics={**first, **tune_keys},
+        error=None,
+        path="/tmp/sweep/trial_fn_abc12345_1_cell=x_2026",
+        config={"cell": cell.key, "phase": "search", "seed": 0, "lr": 1e-3, "weight_decay": 0.1, "candidate": 3},
+        metrics_dataframe=pd.DataFrame([{**first, **tune_keys}]),
+    )
+    (row,) = _rows([res], SimpleNamespace(records={"abc12345": {"status": "stopped_early"}}))
+    assert isinstance(row, TrialRow) and row.status == "stopped_early" and row.stopped_early
+    assert row.ended_at == 1234567.0 and row.started_at > 0  # on the stage timeline
+    assert row.trial == "scratch-image-d2-w64-s0-abc12345" and row.candidate == 3 and row.epochs == 1
+    assert row.final["score"] == first["score"] and row.best["val_score"] == first["val_score"]
+    assert row.val_score == first["val_score"] and row.steps == 10 and row.depth == 2
+    assert not ({"timestamp", "pid", "training_iteration"} & set(row.record()))

@@ -730,7 +730,7 @@ def _rows(result_grid, plan) -> list[TrialRow]:
                     row[f"best_{k}"] = float(v)
             row["epochs"] = len(hist)
         row["phase"] = cfg["phase"]
-        if "ended_at" not in row and m.get("timestamp"):  # cut short or errored: its last report's time
+        if not row.get("ended_at", 0) > 0 and m.get("timestamp"):  # cut short or errored: its last report's time
             row["ended_at"] = float(m["timestamp"])
         row["candidate"] = int(cfg.get("candidate", -1))  # a shape's common candidate (search), the chosen one (seeds)
         row["status"] = status
@@ -744,7 +744,7 @@ def _rows(result_grid, plan) -> list[TrialRow]:
         for k in [k for k in row if k in TUNE_KEYS]:
             row.pop(k, None)
         row["val_score"] = float(m.get("val_score", float("nan")))
-        rows.append(TrialRow.of(row, trial_id=trial_id, history=hist))
+        rows.append(TrialRow.of(row, strict=False, trial_id=trial_id, history=hist))
     return rows
 
 
