@@ -355,7 +355,7 @@ def trial_fn(config: dict, ctx=None):
             name=f"ft-{tune.get_context().get_trial_id()}",
             storage_path=ctx.get("storage"),
             callbacks=[TuneReportCallback()],
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),  # as the Tune trial's (see _tuner)
             failure_config=FailureConfig(max_failures=ctx["cfg"]["ray"]["max_failures"]),
             logging_config=train_logging(),
         ),
@@ -486,7 +486,13 @@ def _tuner(cfg, name, storage, od, trainable, phase, **kw):
             verbose=1,
             progress_reporter=status_reporter(cfg, phase),
             callbacks=tune_callbacks(cfg, od.target, phase),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # two, not one. Tune deletes a trial's older checkpoints as soon as a newer one registers, before
+            # the experiment state naming the newer one is saved (it forces that save every num_to_keep
+            # checkpoints of a trial). A driver killed in between left a state that restores the trial from
+            # a deleted checkpoint ("does not exist on storage anymore"): with one kept, that window follows
+            # every checkpoint; with two, every second one. Closing it (delete only what no saved state
+            # names) is issue 20's work
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
         ),
         **kw,
