@@ -49,7 +49,7 @@ RAY_ENV = {
     "RAY_AIR_NEW_OUTPUT": "0",
     # Tune warns "Experiment state snapshotting has been triggered multiple times in the last 5.0
     # seconds" (3 lines) whenever trials checkpoint faster than that: ours checkpoint at every
-    # evaluation with num_to_keep=2 by design (preemption), each forcing a snapshot that takes a few
+    # evaluation with num_to_keep=2 by design (preemption), every second one forcing a snapshot that takes a few
     # hundredths of a second in a local folder. 0 is Ray's documented off switch; its warning for a
     # snapshot that is really slow (TUNE_WARN_SLOW_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S) stays.
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
