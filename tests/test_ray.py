@@ -291,6 +291,7 @@ def test_trial_whose_worker_is_killed_resumes_from_its_checkpoint(tiny_overrides
     assert lines[0]["pid"] != lines[1]["pid"] == lines[2]["pid"]  # a new worker process after the kill
     hist = pd.read_parquet(out / "history.parquet")
     assert list(hist.step) == [10, 20, 30]
+    assert not list(out.glob("ray/sweep-*/*/checkpoint_*"))  # a finished trial's checkpoints go with its experiment
     # --fresh starts the experiment over (its Tune state removed), --fresh with --resume is refused
     monkeypatch.delenv("MMLG_KILL_TRIAL_AT_STEP")
     assert sweep_job.main(argv + ["--fresh", "--resume"]) == 2
@@ -341,6 +342,8 @@ def test_resume_after_a_trial_failed_for_good_completes_with_the_cells_seed_reru
     assert "died" in dead.error.lower() and "\n" not in dead.error and not dead.stopped_early
     assert dead.epochs == 1 and dead.best_score == dead.final_score
     assert json.loads((out / "experiment.json").read_text())["complete"] is False
+    kept = [p for p in out.glob("ray/sweep-*/*/checkpoint_*") if (p / "finetune.pt").is_file()]
+    assert len(kept) == 1 and "image" in kept[0].parent.name  # the errored trial's, which --resume retries from
     assert sweep_job.main(argv) == 2  # incomplete: a plain rerun asks for --resume or --fresh
     capsys.readouterr()
 
@@ -354,6 +357,7 @@ def test_resume_after_a_trial_failed_for_good_completes_with_the_cells_seed_reru
     assert image.loc["seeds", "seed"] == 1 and image.loc["seeds", "lr"] == image.loc["search", "lr"]
     assert set(trials[trials.modality == "text"].trial_id) == set(first[first.modality == "text"].trial_id)  # kept
     assert json.loads((out / "experiment.json").read_text())["complete"] is True
+    assert not list(out.glob("ray/*/*/checkpoint_*"))
 
 
 def test_a_best_trial_that_changes_on_resume_gets_new_seed_reruns_and_the_old_ones_are_superseded(

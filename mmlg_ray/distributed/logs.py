@@ -32,6 +32,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
 from ..config import Config
 from ..errors import UserError
 
@@ -47,12 +49,6 @@ RAY_ENV = {
     # and no result box per trial (the new engine prints a config box when a trial starts and a
     # result box when it ends, and its table interval is fixed at 30 s)
     "RAY_AIR_NEW_OUTPUT": "0",
-    # Tune warns "Experiment state snapshotting has been triggered multiple times in the last 5.0
-    # seconds" (3 lines) whenever trials checkpoint faster than that: ours checkpoint at every
-    # evaluation with num_to_keep=2 by design (preemption), every second one forcing a snapshot that takes a few
-    # hundredths of a second in a local folder. 0 is Ray's documented off switch; its warning for a
-    # snapshot that is really slow (TUNE_WARN_SLOW_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S) stays.
-    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
 }
 
 # Known-harmless warnings, silenced by message (a regular expression matched at the start) and
@@ -253,15 +249,34 @@ def _mlflow_callback(cfg: Config, out, phase: str):
     return PhaseTagged(tracking_uri=uri, experiment_name=cfg.ray.tune.mlflow.experiment, tags=dict(base))
 
 
+class _KeepsTheDriversCopy:
+    """Tune's loggers copy a trial's file back from the storage path whenever the trial restarts from a
+    checkpoint, over the driver's own copy. Storage holds the file as of Tune's last experiment sync
+    (on a period: nothing forces one per checkpoint, see .checkpoints), so a trial whose worker died
+    would lose the lines written since. The driver's copy is complete while the driver lives; storage's
+    is used when the driver has none (a restored experiment)."""
+
+    def _restore_from_remote(self, file_name, trial) -> None:
+        if not Path(trial.local_path, file_name).exists():
+            super()._restore_from_remote(file_name, trial)
+
+
+# module-level: Tune pickles its callbacks into the experiment, and a restore imports them
+class JsonLogger(_KeepsTheDriversCopy, JsonLoggerCallback):
+    """result.json per trial."""
+
+
+class CsvLogger(_KeepsTheDriversCopy, CSVLoggerCallback):
+    """progress.csv per trial."""
+
+
 def tune_callbacks(cfg: Config, out, phase: str) -> list:
     """The logger callbacks of one Tune phase: Tune's CSV and JSON loggers (the trials' result files,
     which resume and the tables read), TensorBoard and MLflow as configured. Passed explicitly, so
     Tune adds none of its own (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS): with ray.tune.tensorboard off
     there is no TensorBoard file anywhere."""
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    cbs = [CSVLoggerCallback(), JsonLoggerCallback()]
+    cbs = [CsvLogger(), JsonLogger()]
     if cfg.ray.tune.tensorboard:
         cbs.append(_tensorboard_callback(tensorboard_dir(out), phase))
     if cfg.ray.tune.mlflow.enabled:

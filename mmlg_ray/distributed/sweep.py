@@ -40,6 +40,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
+from .checkpoints import CheckpointPruner, drop_finished, resolve
 from .logs import quiet_worker, status_reporter, train_logging, tune_callbacks
 from .settings import pretrain_task_options, trial_resources, trial_worker_resources
 
@@ -133,7 +134,10 @@ class PlanScheduler(FIFOScheduler):
     def on_trial_result(self, tc, trial, result):
         if METRIC not in result or result.get("final_report") or self.name not in _LIVE:
             return TrialScheduler.CONTINUE
-        stop = self._plan().observe(trial.trial_id, int(result.get("training_iteration", 0)), result[METRIC])
+        # the trial's own evaluation count, not Tune's training_iteration: a trial restored from a superseded
+        # checkpoint resumes from a newer one than Tune's state knows (see .checkpoints)
+        evals = int(result.get("epoch") or result.get("training_iteration", 0))
+        stop = self._plan().observe(trial.trial_id, evals, result[METRIC])
         return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
 
     def debug_string(self):
@@ -197,14 +201,23 @@ CKPT_FILE = "finetune.pt"
 
 
 def _load_checkpoint(ckpt) -> dict | None:
-    """A fine-tuning snapshot from a Tune / Train checkpoint (None: start from step 0)."""
+    """A fine-tuning snapshot from a Tune / Train checkpoint (None: start from step 0). A checkpoint
+    since superseded (a tombstone: the saved experiment state was older than the trial) gives the
+    newest full checkpoint beside it (see .checkpoints)."""
     if ckpt is None:
         return None
     import torch
+    from ray.tune import Checkpoint
 
+    path = resolve(ckpt.filesystem, ckpt.path, CKPT_FILE)
+    if path is None:
+        log.warning("checkpoint %s was superseded and no newer one exists: starting from step 0", ckpt.path)
+        return None
+    if path != ckpt.path:
+        ckpt = Checkpoint(path, filesystem=ckpt.filesystem)
     with ckpt.as_directory() as d:
-        path = Path(d) / CKPT_FILE
-        return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+        f = Path(d) / CKPT_FILE
+        return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
 
 
 def _checkpoint_of(snapshot: dict, checkpoint_cls, d: str):
@@ -355,7 +368,9 @@ def trial_fn(config: dict, ctx=None):
             name=f"ft-{tune.get_context().get_trial_id()}",
             storage_path=ctx.get("storage"),
             callbacks=[TuneReportCallback()],
-            checkpoint_config=CheckpointConfig(num_to_keep=2),  # as the Tune trial's (see _tuner)
+            # Ray Train's own run: it keeps its latest two (it deletes older ones itself, and restores
+            # from its own run state, not Tune's)
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=ctx["cfg"]["ray"]["max_failures"]),
             logging_config=train_logging(),
         ),
@@ -477,7 +492,7 @@ def _tuner(cfg, name, storage, od, trainable, phase, **kw):
     from ray.tune import RunConfig, Tuner
 
     # a trial lost with its worker (preempted node, killed process) is retried up to ray.max_failures
-    # times from its latest checkpoint (one kept per trial: each evaluation's)
+    # times from its latest checkpoint (each evaluation's; one full one kept per trial)
     return Tuner(
         trainable,
         run_config=RunConfig(
@@ -485,14 +500,11 @@ def _tuner(cfg, name, storage, od, trainable, phase, **kw):
             name=name,
             verbose=1,
             progress_reporter=status_reporter(cfg, phase),
-            callbacks=tune_callbacks(cfg, od.target, phase),
-            # two, not one. Tune deletes a trial's older checkpoints as soon as a newer one registers, before
-            # the experiment state naming the newer one is saved (it forces that save every num_to_keep
-            # checkpoints of a trial). A driver killed in between left a state that restores the trial from
-            # a deleted checkpoint ("does not exist on storage anymore"): with one kept, that window follows
-            # every checkpoint; with two, every second one. Closing it (delete only what no saved state
-            # names) is issue 20's work
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=tune_callbacks(cfg, od.target, phase) + [CheckpointPruner()],
+            # num_to_keep=None: Tune deletes no checkpoint and forces no experiment sync per checkpoint
+            # (it saves its state on its own period); CheckpointPruner keeps one full checkpoint per
+            # trial, and a state older than its trial resumes from the newest (see .checkpoints)
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
         ),
         **kw,
@@ -549,6 +561,7 @@ def run_tune(cfg, plan, ctx, pretraining, fp, storage, od) -> list[dict]:
         _LIVE.pop(name, None)
     if plan.running():
         return rows  # interrupted: the job says so and writes nothing
+    drop_finished(grid)  # the experiment's final state is saved: no restore reads a finished trial's
     # follow-up seeds rounds: earlier ones first (restored: continued, or read back), then a new one
     index = f"{storage}/rounds-{fp}.json"
     rounds = json.loads(stor.read_text(index)) if stor.exists(index) else []
@@ -594,6 +607,8 @@ def _round(cfg, plan, path, trainable, jobs, restore, od, storage) -> list[Trial
         if row.status != "running":
             plan.complete(row.trial_id, row.status, row.val_score)
         out.append(row)
+    if not any(r.status == "running" for r in out):
+        drop_finished(grid)
     st.done(f"{len(out)} trials")
     return out
 
