@@ -16,7 +16,7 @@ import sys
 import open_clip
 import torch
 
-from mmlg_ray.archcheck import compare
+from mmlg_ray.method.archcheck import compare
 
 
 def main(argv=None) -> int:

@@ -5,7 +5,7 @@ Run by hand:
     .venv/bin/python benchmarks/cost_savings.py --results runs/study_cpu         # + a finished local sweep
     .venv/bin/python benchmarks/cost_savings.py --calibrate                      # + utilisation of this machine
 
-Definitions (one accounting, the one the report and the plan use, mmlg_ray/cost.py):
+Definitions (one accounting, the one the report and the plan use, mmlg_ray/cost/):
   storage ratio  = MM-LG's stored parameters (learngene layer blocks + inherited non-layer tensors)
                    / the parameters of the pre-trained CLIPs PT+FT stores (one per descendant shape;
                    a shape's image, text and image_text descendants share it)
@@ -29,9 +29,9 @@ from pathlib import Path
 
 from mmlg_ray import cost
 from mmlg_ray.config import ModelSpec, load_config
-from mmlg_ray.descend import descendant_spec
-from mmlg_ray.learngene import aux_spec
-from mmlg_ray.plan import ancestor_spec_of
+from mmlg_ray.method.descend import descendant_spec
+from mmlg_ray.method.learngene import aux_spec
+from mmlg_ray.engine.plan import ancestor_spec_of
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = {"storage": 0.25, "compute": 2.8}  # MM-LG's claims against PT+FT

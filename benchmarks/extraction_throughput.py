@@ -54,9 +54,9 @@ def bare_run(cfg, ancestor, out_path, threads: int) -> tuple[list[float], float]
     """pipeline.extract's loop in this process with `threads` torch threads: (step seconds, end-to-end s)."""
     import torch
 
-    from mmlg_ray.pipeline import build_aux, corpus, extraction_cost, finish_extraction, _close
-    from mmlg_ray.pipeline import aux_spec
-    from mmlg_ray.train import TorchEngine, extraction_step, run_loop
+    from mmlg_ray.engine.pipeline import build_aux, corpus, extraction_cost, finish_extraction, _close
+    from mmlg_ray.engine.pipeline import aux_spec
+    from mmlg_ray.method.train import TorchEngine, extraction_step, run_loop
 
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -99,11 +99,11 @@ def spread(xs: list[float]) -> dict:
 
 
 def main(argv=None):
-    from mmlg_ray.ancestor import get_ancestor
+    from mmlg_ray.method.ancestor import get_ancestor
     from mmlg_ray.cli import add_config_args, config_from_args
     from mmlg_ray.cost import extraction_flops
     from mmlg_ray.distributed.settings import ensure_ray
-    from mmlg_ray.pipeline import aux_spec, setup_runtime
+    from mmlg_ray.engine.pipeline import aux_spec, setup_runtime
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)

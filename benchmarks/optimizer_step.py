@@ -5,7 +5,7 @@
 A text tower carries open_clip's token embedding (49408 x width), so every fine-tuning and pre-training
 step updates it whole. PyTorch's CPU default (the for-loop AdamW) walks it in a dozen elementwise passes;
 foreach batches them; fused does one pass. The project uses fused where PyTorch has it
-(mmlg_ray.train.adamw). Gradient clipping is timed apart. Measured 2026-12-07 on the 2-core CPU machine,
+(mmlg_ray.method.train.adamw). Gradient clipping is timed apart. Measured 2026-12-07 on the 2-core CPU machine,
 width 128: for-loop 35.9 ms, foreach 14.9 ms, fused 4.7 ms per step (clipping 2.5-2.8 ms each).
 """
 

@@ -1,4 +1,4 @@
-"""What one suggestion of the sweep's search (mmlg_ray.search.SweepPlan) costs the driver, at N and 4N trials.
+"""What one suggestion of the sweep's search (mmlg_ray.engine.search.SweepPlan) costs the driver, at N and 4N trials.
 
     .venv/bin/python benchmarks/plan_scale.py
 
@@ -8,8 +8,8 @@ size of the plan's state (saved with every Tune experiment checkpoint). Linear g
 
 import json
 import time
-from mmlg_ray.arms import Cell
-from mmlg_ray.search import FINISHED, SearchSettings, SweepPlan
+from mmlg_ray.engine.arms import Cell
+from mmlg_ray.engine.search import FINISHED, SearchSettings, SweepPlan
 
 
 def run(ncells: int) -> None:

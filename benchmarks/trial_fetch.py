@@ -6,7 +6,7 @@ three generations of the sweep engine.
 v1 (one `tune.with_parameters` object): every trial fetched the ancestor, every learngene and every
 pre-trained shape. v2 (stop 16): each artifact put into the object store once by the driver, which
 first fetched every pre-trained state back from its task; each pt_ft / csm task was given the
-ancestor. v3, now (artifacts by reference, mmlg_ray.artifacts / mmlg_ray.job.trial_inputs): every
+ancestor. v3, now (artifacts by reference, mmlg_ray.engine.artifacts / mmlg_ray.engine.job.trial_inputs): every
 stage writes its artifact to the output store and hands on a URI + sha256; a pre-training task
 writes its own shape; a trial reads only its cell's artifact, through a node-local cache keyed by
 the hash (downloaded once per node, loaded once per worker process); nothing passes through the
@@ -23,9 +23,9 @@ from collections import Counter
 
 from mmlg_ray import cost
 from mmlg_ray.config import load_config
-from mmlg_ray.descend import descendant_spec
-from mmlg_ray.learngene import Learngene, LearngeneMeta
-from mmlg_ray.pipeline import arm_name, aux_spec, cells, learngene_arms, needs_pretraining, shape_key
+from mmlg_ray.method.descend import descendant_spec
+from mmlg_ray.method.learngene import Learngene, LearngeneMeta
+from mmlg_ray.engine.pipeline import arm_name, aux_spec, cells, learngene_arms, needs_pretraining, shape_key
 
 GB = 1e9
 

@@ -19,8 +19,8 @@ from typing import Annotated, ClassVar, Literal, Optional
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from .errors import UserError
-from .spec import ConfigError, ModelSpec, _Strict  # noqa: F401 (re-exported: config.ModelSpec, config.ConfigError)
+from mmlg_ray.errors import UserError
+from mmlg_ray.method.spec import ConfigError, ModelSpec, _Strict  # noqa: F401 (re-exported: config.ModelSpec, config.ConfigError)
 
 MODALITIES = ("image", "text", "image_text")
 METHODS = ("mmlg", "tleg", "weight_selection", "heur_lg", "scratch", "pt_ft", "csm")
@@ -82,7 +82,7 @@ class AncestorConfig(_Strict):
     @model_validator(mode="after")
     def _check(self):
         if self.arch:  # open_clip's own model config of the architecture is the spec, flags included
-            from .models import spec_from_arch, weights_need_quick_gelu
+            from mmlg_ray.method.models import spec_from_arch, weights_need_quick_gelu
 
             spec = spec_from_arch(self.arch)
             if self.pretrained and not spec.quick_gelu and weights_need_quick_gelu(self.arch, self.pretrained):

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .atomic import atomic_path
+from mmlg_ray.atomic import atomic_path
 
 
 def is_uri(path) -> bool:

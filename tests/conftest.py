@@ -78,14 +78,14 @@ def tiny_cfg(tiny_overrides):
 
 @pytest.fixture(scope="session")
 def tiny_ancestor(tiny_cfg):
-    from mmlg_ray.ancestor import get_ancestor
+    from mmlg_ray.method.ancestor import get_ancestor
 
     return get_ancestor(tiny_cfg, torch.device("cpu"))
 
 
 @pytest.fixture(scope="session")
 def tiny_learngene_path(tiny_cfg, tiny_ancestor, tmp_path_factory):
-    from mmlg_ray.pipeline import extract
+    from mmlg_ray.engine.pipeline import extract
 
     path = tmp_path_factory.mktemp("lg") / "mmlg.safetensors"
     extract(tiny_cfg, tiny_ancestor, path, device=torch.device("cpu"))

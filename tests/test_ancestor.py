@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mmlg_ray.ancestor import get_ancestor
+from mmlg_ray.method.ancestor import get_ancestor
 from mmlg_ray.config import load_config
 from mmlg_ray.errors import UserError
 
@@ -60,8 +60,8 @@ def test_local_ancestor_is_cached_by_config(tiny_cfg, tiny_ancestor):
 def test_chance_mean_recall_is_exact():
     """The analytic chance level equals the mean recall of random embeddings (many seeded draws),
     duplicate captions counted as correct as in evaluate.retrieval_metrics."""
-    from mmlg_ray.ancestor import chance_mean_recall
-    from mmlg_ray.evaluate import retrieval_metrics
+    from mmlg_ray.method.ancestor import chance_mean_recall
+    from mmlg_ray.method.evaluate import retrieval_metrics
 
     caps = [f"c{i}" for i in range(40)] + ["same"] * 5
     g = torch.Generator().manual_seed(0)
@@ -76,8 +76,8 @@ def test_chance_mean_recall_is_exact():
 def test_permutation_p_separates_knowledge_from_chance():
     """Embeddings that pair each image with its caption (plus noise) give the smallest p the test can give;
     unrelated embeddings give a p that is not small."""
-    from mmlg_ray.ancestor import permutation_p
-    from mmlg_ray.evaluate import retrieval_metrics
+    from mmlg_ray.method.ancestor import permutation_p
+    from mmlg_ray.method.evaluate import retrieval_metrics
 
     g = torch.Generator().manual_seed(1)
     caps = [f"c{i}" for i in range(60)]

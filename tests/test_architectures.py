@@ -8,13 +8,13 @@ import open_clip
 import pytest
 import torch
 
-from mmlg_ray.archcheck import compare
+from mmlg_ray.method.archcheck import compare
 from mmlg_ray.config import ModelSpec, load_config
-from mmlg_ray.descend import descendant_spec, export_descendant, init_descendant
+from mmlg_ray.method.descend import descendant_spec, export_descendant, init_descendant
 from mmlg_ray.errors import UserError
-from mmlg_ray.learngene import AuxCLIP, Learngene, LearngeneMeta, load_learngene, save_learngene, split_state
-from mmlg_ray.models import build_model, layer_name, layer_params, spec_from_arch
-from mmlg_ray.select import select_layer_tensor
+from mmlg_ray.method.learngene import AuxCLIP, Learngene, LearngeneMeta, load_learngene, save_learngene, split_state
+from mmlg_ray.method.models import build_model, layer_name, layer_params, spec_from_arch
+from mmlg_ray.method.select import select_layer_tensor
 
 # A miniature of ViT-H-14's shape problems: image heads 40 wide, text heads 32 wide, towers 160 / 128,
 # different MLP ratios, plus every flag the learngene must carry.
@@ -236,7 +236,7 @@ def test_weights_trained_with_quick_gelu_get_it_whatever_the_arch_config_says():
         None, ["ancestor.source=open_clip", "ancestor.arch=ViT-B-16", "ancestor.pretrained=laion2b_s34b_b88k"]
     )
     assert not cfg.ancestor.spec.quick_gelu
-    from mmlg_ray.models import weights_need_quick_gelu
+    from mmlg_ray.method.models import weights_need_quick_gelu
 
     mismatched = [
         (a, t)

@@ -1,4 +1,4 @@
-"""Stage artifacts by reference (mmlg_ray.artifacts, mmlg_ray.job.trial_inputs): a URI plus a content
+"""Stage artifacts by reference (mmlg_ray.engine.artifacts, mmlg_ray.engine.job.trial_inputs): a URI plus a content
 hash, read through a node-local cache keyed by the hash; a trial reads only what its cell needs."""
 
 import hashlib
@@ -7,9 +7,9 @@ import uuid
 import pytest
 import torch
 
-from mmlg_ray import artifacts as art
+from mmlg_ray.engine import artifacts as art
 from mmlg_ray import storage as stor
-from mmlg_ray.arms import Cell
+from mmlg_ray.engine.arms import Cell
 
 
 def test_a_uri_artifact_is_downloaded_once_per_node_and_checked_against_its_hash(s3, tmp_path):
@@ -37,7 +37,7 @@ def test_a_uri_artifact_is_downloaded_once_per_node_and_checked_against_its_hash
 def test_a_trial_reads_only_what_its_cell_needs(tiny_ancestor, tiny_learngene_path, tmp_path):
     from safetensors.torch import save_file
 
-    from mmlg_ray.job import trial_context, trial_inputs
+    from mmlg_ray.engine.job import trial_context, trial_inputs
 
     anc_file = tmp_path / "ancestor.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_ancestor.state.items()}, str(anc_file))
@@ -60,7 +60,7 @@ def test_a_trial_reads_only_what_its_cell_needs(tiny_ancestor, tiny_learngene_pa
 
 
 def test_a_pt_ft_trial_whose_shape_is_not_written_says_so(tiny_cfg, tiny_ancestor, tmp_path):
-    from mmlg_ray.job import pretrain_jobs, trial_context, trial_inputs
+    from mmlg_ray.engine.job import pretrain_jobs, trial_context, trial_inputs
     from mmlg_ray.storage import OutputDir
 
     cfg = tiny_cfg.model_copy(deep=True)

@@ -16,9 +16,9 @@ from jobs import descend as descend_job
 from jobs import extract as extract_job
 from jobs import report as report_job
 from jobs import sweep as sweep_job
-from mmlg_ray import preflight
+from mmlg_ray.engine import preflight
 from mmlg_ray.config import load_config
-from mmlg_ray.models import build_model
+from mmlg_ray.method.models import build_model
 
 SMALL = [
     "ancestor.spec.image_depth=1",
@@ -422,15 +422,15 @@ def test_at_least_30_distinct_cases():
 def stop_past_the_checks(monkeypatch):
     """Input that gets past the checks fails the test at once instead of running a job: the first
     step of each job after its checks raises (setup_runtime starts the sweep and extraction)."""
-    import mmlg_ray.descend
-    import mmlg_ray.pipeline
+    import mmlg_ray.method.descend
+    import mmlg_ray.engine.pipeline
     import mmlg_ray.report
 
     def stop(*a, **k):
         raise RuntimeError("bad input got past the checks")
 
-    monkeypatch.setattr(mmlg_ray.pipeline, "setup_runtime", stop)
-    monkeypatch.setattr(mmlg_ray.descend, "init_descendant", stop)
+    monkeypatch.setattr(mmlg_ray.engine.pipeline, "setup_runtime", stop)
+    monkeypatch.setattr(mmlg_ray.method.descend, "init_descendant", stop)
     monkeypatch.setattr(mmlg_ray.report, "build_report", stop)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the open_clip case must not wait on the network
 

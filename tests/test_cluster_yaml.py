@@ -218,7 +218,7 @@ def test_the_lock_holds_requirements_txt_with_hashes_and_pyproject_agrees():
             floors = [s.version for s in req.specifier if s.operator in (">=", "==", "~=")]
             assert floors == [version], f"pyproject {req}: its floor is not the locked {version}"
     names = {_name(Requirement(r).name) for r in project["dependencies"]}
-    assert "scipy" in names  # mmlg_ray/stats.py imports it
+    assert "scipy" in names  # mmlg_ray/report/stats.py imports it
     assert "mlflow-skinny" not in names and any(_name(Requirement(r).name) == "mlflow-skinny" for r in extras["mlflow"])
     assert {_name(Requirement(r).name) for r in extras["dev"]} >= TEST_ONLY
 

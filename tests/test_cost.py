@@ -4,7 +4,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mmlg_ray import cost
 from mmlg_ray.config import ModelSpec
-from mmlg_ray.models import build_model
+from mmlg_ray.method.models import build_model
 
 SPECS = [
     ModelSpec(
@@ -41,7 +41,7 @@ def test_param_count_matches_open_clip_exactly(spec, modality):
 
 
 def test_paper_scale_param_count():
-    from mmlg_ray.models import spec_from_arch as _spec_for_arch
+    from mmlg_ray.method.models import spec_from_arch as _spec_for_arch
     import open_clip
 
     spec = _spec_for_arch("ViT-B-16")
@@ -162,7 +162,7 @@ def test_method_costs_price_each_stage_at_its_precision():
 
 
 def plan_of(*sets):
-    from mmlg_ray.plan import make_plan
+    from mmlg_ray.engine.plan import make_plan
 
     return make_plan(load_config("configs/paper_vitb16.yaml", list(sets)))
 
@@ -200,7 +200,7 @@ def test_plan_shares_pretraining_per_shape_and_states_assumptions():
     text = " ".join(p.assumptions)
     for needle in ("backend=ray", "ASHA upper bound", "evaluation excluded", "report.ancestor=sunk", "us-west-2"):
         assert needle in text
-    from mmlg_ray.plan import make_plan
+    from mmlg_ray.engine.plan import make_plan
 
     local = make_plan(load_config("configs/paper_vitb16.yaml"), backend="local")
     assert local.n_trials == p.n_trials == len(p.descendants) * 6  # the same search on both backends

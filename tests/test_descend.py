@@ -7,9 +7,9 @@ from safetensors.torch import load_file
 
 from jobs import descend as descend_job
 from mmlg_ray.config import ModelSpec
-from mmlg_ray.descend import descendant_spec, init_descendant
-from mmlg_ray.learngene import load_learngene
-from mmlg_ray.models import build_model
+from mmlg_ray.method.descend import descendant_spec, init_descendant
+from mmlg_ray.method.learngene import load_learngene
+from mmlg_ray.method.models import build_model
 
 METHODS_WITH_ANCESTOR = ["weight_selection", "heur_lg", "scratch"]
 
@@ -106,7 +106,7 @@ def test_ancestor_based_init(tiny_ancestor, method):
     s = m.state_dict()
     w_anc = tiny_ancestor.state["visual.transformer.resblocks.0.mlp.c_fc.weight"]
     w_last = tiny_ancestor.state["visual.transformer.resblocks.1.mlp.c_fc.weight"]
-    from mmlg_ray.select import select_layer_tensor
+    from mmlg_ray.method.select import select_layer_tensor
 
     got = s["visual.transformer.resblocks.0.mlp.c_fc.weight"]
     if method == "weight_selection":  # first layers
@@ -132,8 +132,8 @@ def test_finetune_resumes_from_a_snapshot_of_its_evaluation(tiny_cfg, tiny_ances
 
     import torch
 
-    from mmlg_ray.descend import descendant_spec, init_descendant
-    from mmlg_ray.finetune import finetune, load_task_data
+    from mmlg_ray.method.descend import descendant_spec, init_descendant
+    from mmlg_ray.method.finetune import finetune, load_task_data
 
     spec = descendant_spec(tiny_ancestor.spec, 1, 64)
     data = load_task_data(tiny_cfg, "image", spec.image_size)

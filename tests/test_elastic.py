@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from mmlg_ray import pipeline
-from mmlg_ray.ancestor import Ancestor
+from mmlg_ray.engine import pipeline
+from mmlg_ray.method.ancestor import Ancestor
 from mmlg_ray.config import load_config
-from mmlg_ray.descend import descendant_spec, init_descendant
-from mmlg_ray.learngene import load_learngene, save_learngene, state_fingerprint
-from mmlg_ray.models import build_model
-from mmlg_ray.train import distill_loss
+from mmlg_ray.method.descend import descendant_spec, init_descendant
+from mmlg_ray.method.learngene import load_learngene, save_learngene, state_fingerprint
+from mmlg_ray.method.models import build_model
+from mmlg_ray.method.train import distill_loss
 
 GRID = ["descendants.grid.depth=[1,2]", "descendants.grid.width=[64,128]"]
 

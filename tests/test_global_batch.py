@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mmlg_ray.distributed.extract import gather_global_batch
-from mmlg_ray.train import extraction_step
+from mmlg_ray.method.train import extraction_step
 
 N, D, E = 12, 6, 4  # global batch, input width, embedding width
 

@@ -7,9 +7,9 @@ import torch
 
 from mmlg_ray.config import ModelSpec
 from mmlg_ray.errors import UserError
-from mmlg_ray.learngene import AuxCLIP, Learngene, LearngeneMeta, load_learngene, save_learngene
-from mmlg_ray.models import LAYER_PARAMS, layer_name
-from mmlg_ray.select import select_layer_tensor
+from mmlg_ray.method.learngene import AuxCLIP, Learngene, LearngeneMeta, load_learngene, save_learngene
+from mmlg_ray.method.models import LAYER_PARAMS, layer_name
+from mmlg_ray.method.select import select_layer_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ModelSpec(
@@ -81,7 +81,7 @@ def test_tleg_learngene_has_no_shared_block():
 def test_attention_only_sharing_shares_attention_and_keeps_each_towers_mlp(width, tmp_path):
     """learngene.shared=attention: the multimodal block holds only the attention half (at the wider tower's
     width, narrowed per tower); each tower's MLP half comes from its own base block, as TLEG's."""
-    from mmlg_ray.learngene import is_attention_param
+    from mmlg_ray.method.learngene import is_attention_param
 
     meta = LearngeneMeta(method="mmlg", schedule="tleg", spec=SPEC.model_dump(), shared="attention")
     lg = _randomized(meta)

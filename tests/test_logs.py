@@ -166,7 +166,7 @@ def test_the_log_has_stage_lines_status_tables_and_no_repeated_lines(sweep_run):
 
 # --------------------------------------------------------------------------- fast, no Ray
 def test_progress_prints_a_few_lines_per_loop_when_limited():
-    from mmlg_ray.train import Progress
+    from mmlg_ray.method.train import Progress
 
     printed = []
     p = Progress("t", 100, printer=printed.append, max_lines=4)

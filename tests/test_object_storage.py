@@ -20,8 +20,8 @@ def test_pretrain_stage_writes_each_shape_and_a_rerun_reuses_the_finished_ones(
     """Each pre-training task writes its shape to the bucket itself (weights, then the sidecar with
     its cost and content hash); the driver never holds a pre-trained state."""
     from mmlg_ray.distributed.sweep import RayExecutor
-    from mmlg_ray.job import pretrain_jobs, split_pretraining
-    from mmlg_ray.pipeline import shape_key
+    from mmlg_ray.engine.job import pretrain_jobs, split_pretraining
+    from mmlg_ray.engine.pipeline import shape_key
     from mmlg_ray.storage import OutputDir
 
     cfg = tiny_cfg.model_copy(deep=True)

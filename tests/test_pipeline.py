@@ -102,7 +102,7 @@ def test_mmlg_descendant_scores_above_chance(local_run, tiny_overrides):
     majority = 100 * float(test.labels.bincount().max()) / len(test)
     assert 20 < majority < 50 and mm.loc["text", "final_accuracy"] > majority
     # retrieval over the ~170 test pairs: above the exact chance mean recall of R@1/5/10 (about 3.5%)
-    from mmlg_ray.ancestor import chance_mean_recall
+    from mmlg_ray.method.ancestor import chance_mean_recall
 
     pairs = load_dataset(cfg.data.retrieval, "test", image_size=16, cache_dir=cfg.cache_path)
     assert mm.loc["image_text", "final_mean_recall"] > max(4.0, chance_mean_recall(pairs.captions))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmlg_ray import precision as amp
+from mmlg_ray.method import precision as amp
 from mmlg_ray.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def test_autocast_scaler_and_fp32_losses():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         y = nn.Linear(4, 4)(torch.randn(2, 4))
         assert y.dtype == torch.bfloat16
-        from mmlg_ray.train import clip_loss
+        from mmlg_ray.method.train import clip_loss
 
         img, txt = (nn.functional.normalize(torch.randn(8, 16), dim=-1) for _ in range(2))
         loss = clip_loss(img.bfloat16(), txt.bfloat16(), torch.tensor(10.0))
@@ -61,7 +61,7 @@ def test_autocast_scaler_and_fp32_losses():
 def test_fp16_loss_scaling_skips_an_overflowing_step():
     if not amp.autocast_supported("cpu", "fp16"):
         pytest.skip(f"torch {torch.__version__} has no fp16 autocast on CPU")
-    from mmlg_ray.train import TorchEngine, run_loop
+    from mmlg_ray.method.train import TorchEngine, run_loop
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 1))
@@ -94,8 +94,8 @@ def test_fp16_loss_scaling_skips_an_overflowing_step():
 
 
 def test_bf16_finetune_runs_in_bf16_with_fp32_weights(tiny_cfg, tiny_ancestor):
-    from mmlg_ray.descend import descendant_spec, init_descendant
-    from mmlg_ray.finetune import finetune, load_task_data
+    from mmlg_ray.method.descend import descendant_spec, init_descendant
+    from mmlg_ray.method.finetune import finetune, load_task_data
 
     spec = descendant_spec(tiny_ancestor.spec, 2, 64)
     model = init_descendant(
@@ -116,8 +116,8 @@ def test_bf16_finetune_runs_in_bf16_with_fp32_weights(tiny_cfg, tiny_ancestor):
 def test_pretraining_csm_and_extraction_in_bf16(tiny_cfg, tiny_ancestor, tmp_path):
     from safetensors import safe_open
 
-    from mmlg_ray.descend import descendant_spec
-    from mmlg_ray.pipeline import corpus, extract, pretrain_descendant
+    from mmlg_ray.method.descend import descendant_spec
+    from mmlg_ray.engine.pipeline import corpus, extract, pretrain_descendant
 
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.precision = "bf16"
@@ -145,7 +145,7 @@ def test_pretraining_csm_and_extraction_in_bf16(tiny_cfg, tiny_ancestor, tmp_pat
 def test_fp32_default_is_plain_pytorch(tiny_cfg):
     """precision=fp32 (the default) adds nothing: no autocast, no scaling, the same numbers as a bare
     AdamW + LambdaLR + clipping loop (what TorchEngine was before mixed precision)."""
-    from mmlg_ray.train import TorchEngine, lr_lambda, param_groups, run_loop
+    from mmlg_ray.method.train import TorchEngine, lr_lambda, param_groups, run_loop
 
     assert tiny_cfg.precision == "fp32"
     tcfg = TrainConfig(steps=3, lr=1e-2, warmup_steps=1)
@@ -183,13 +183,13 @@ _DS_SCRIPT = r"""
 import json, os, sys
 import torch
 import deepspeed
-from mmlg_ray.ancestor import Ancestor
+from mmlg_ray.method.ancestor import Ancestor
 from mmlg_ray.config import load_config
 from mmlg_ray.distributed.extract import make_engine
-from mmlg_ray.learngene import state_fingerprint
-from mmlg_ray.models import build_model
-from mmlg_ray.pipeline import build_aux
-from mmlg_ray.train import contrastive_step, lr_lambda, param_groups, run_loop
+from mmlg_ray.method.learngene import state_fingerprint
+from mmlg_ray.method.models import build_model
+from mmlg_ray.engine.pipeline import build_aux
+from mmlg_ray.method.train import contrastive_step, lr_lambda, param_groups, run_loop
 
 deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
 sets = json.loads(sys.argv[1])

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mmlg_ray.learngene import load_learngene
+from mmlg_ray.method.learngene import load_learngene
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_zero2_extraction_crashes_resumes_and_yields_a_learngene(
     tiny_cfg, tiny_ancestor, ray_address, tmp_path, monkeypatch
 ):
-    from mmlg_ray.descend import descendant_spec, init_descendant
+    from mmlg_ray.method.descend import descendant_spec, init_descendant
     from mmlg_ray.distributed.extract import extract_on_ray
 
     cfg = tiny_cfg.model_copy(deep=True)
@@ -58,7 +58,7 @@ def test_bf16_extraction_on_ray_yields_an_fp32_learngene(
     from safetensors import safe_open
 
     from mmlg_ray.distributed.extract import extract_on_ray
-    from mmlg_ray.train import lr_lambda
+    from mmlg_ray.method.train import lr_lambda
 
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.precision = "bf16"
@@ -368,7 +368,7 @@ def test_a_best_trial_that_changes_on_resume_gets_new_seed_reruns_and_the_old_on
     the earlier one stays on record as `superseded`, outside every result."""
     from jobs import sweep as sweep_job
     from mmlg_ray.report import final_trials
-    from mmlg_ray.search import shape_candidates
+    from mmlg_ray.engine.search import shape_candidates
 
     out = tmp_path / "best"
     lr = (1e-8, 1e-2)

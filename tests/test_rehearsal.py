@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from mmlg_ray import rehearsal as R
+from mmlg_ray.engine import rehearsal as R
 from mmlg_ray.config import load_config
 from mmlg_ray.errors import UserError
 

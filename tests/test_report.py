@@ -84,7 +84,7 @@ def test_report_has_every_section(finished):
     mm = cost.set_index("method").loc["mmlg"]
     assert 0 < mm.storage_vs_pt_ft and mm.pretrain_flops_measured > 0 and mm.pretrain_device_s_measured > 0
     # MM-LG's stored parameters are its learngene file's, exactly (shared block, unimodal blocks, inherited)
-    from mmlg_ray.learngene import load_learngene
+    from mmlg_ray.method.learngene import load_learngene
 
     st = pd.read_parquet(finished / "stages.parquet")
     lg_file = load_learngene(st[(st.stage == "extraction") & (st.name == "mmlg")].artifact.iloc[0])

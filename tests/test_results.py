@@ -5,8 +5,8 @@ import math
 import pandas as pd
 import pytest
 
-from mmlg_ray.job import error_row
-from mmlg_ray.results import TrialRow, trials_frame, write_tables
+from mmlg_ray.engine.job import error_row
+from mmlg_ray.engine.results import TrialRow, trials_frame, write_tables
 
 
 def _finished(**kw):
@@ -90,9 +90,9 @@ def test_a_trial_cut_short_keeps_its_last_reports_scores_and_end(tiny_cfg, tiny_
     (as run_trial sends it to Tune, plus Tune's own keys), its end time the report's."""
     from types import SimpleNamespace
 
-    from mmlg_ray.arms import Cell
+    from mmlg_ray.engine.arms import Cell
     from mmlg_ray.distributed.sweep import _rows
-    from mmlg_ray.pipeline import run_trial
+    from mmlg_ray.engine.pipeline import run_trial
 
     reports = []
     cell = Cell("image", 2, 64, "scratch")

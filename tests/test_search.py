@@ -1,4 +1,4 @@
-"""The sweep's search as plain bookkeeping (mmlg_ray.search, no Ray): common random candidates per
+"""The sweep's search as plain bookkeeping (mmlg_ray.engine.search, no Ray): common random candidates per
 shape, Optuna TPE per cell after the start-up, asynchronous successive halving per cell, seed
 re-runs at each cell's best by validation, and a state that a restored run continues from."""
 
@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from mmlg_ray.arms import Cell
-from mmlg_ray.search import FINISHED, SearchSettings, SweepPlan, shape_candidates, startup_count
+from mmlg_ray.engine.arms import Cell
+from mmlg_ray.engine.search import FINISHED, SearchSettings, SweepPlan, shape_candidates, startup_count
 
 
 def settings(**kw):

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from mmlg_ray.learngene import block_shapes
-from mmlg_ray.models import LAYER_PARAMS
-from mmlg_ray.select import head_idx, select_inherited, select_layer_tensor, uniform_idx
+from mmlg_ray.method.learngene import block_shapes
+from mmlg_ray.method.models import LAYER_PARAMS
+from mmlg_ray.method.select import head_idx, select_inherited, select_layer_tensor, uniform_idx
 
 
 def _block(width, ratio=4.0, seed=0):

@@ -1,11 +1,11 @@
-"""mmlg_ray.stats on constructed cases whose answers are known by hand."""
+"""mmlg_ray.report.stats on constructed cases whose answers are known by hand."""
 
 import math
 
 import numpy as np
 import pytest
 
-from mmlg_ray import stats
+from mmlg_ray.report import stats
 
 
 def test_holm_matches_a_hand_computed_example():

@@ -97,7 +97,7 @@ def test_local_output_dir_is_the_folder_itself(tmp_path):
 
 def test_learngene_on_s3_loads_through_a_local_copy(tiny_learngene_path, prefix, s3):
     from mmlg_ray.errors import UserError
-    from mmlg_ray.learngene import load_learngene
+    from mmlg_ray.method.learngene import load_learngene
 
     uri = f"{prefix[0]}/lg.safetensors"
     storage.upload(tiny_learngene_path, uri)

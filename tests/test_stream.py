@@ -93,7 +93,7 @@ def test_streamed_shards_skip_and_count_bad_samples(tmp_path, cache_dir):
 
 
 def test_shards_cli_writes_labelled_sets(tmp_path, cache_dir):
-    from mmlg_ray.shards import main
+    from mmlg_ray.data.shards import main
 
     out = tmp_path / "fm"
     assert (
@@ -125,7 +125,7 @@ def test_shards_cli_writes_labelled_sets(tmp_path, cache_dir):
     with tarfile.open(out / "train-000000.tar") as t:
         assert t.getnames()[:3] == ["00000000.png", "00000000.txt", "00000000.cls"]
     from mmlg_ray.config import load_config
-    from mmlg_ray.finetune import load_task_data
+    from mmlg_ray.method.finetune import load_task_data
 
     cfg = load_config(
         None,
@@ -142,8 +142,8 @@ def test_shards_cli_writes_labelled_sets(tmp_path, cache_dir):
     assert not set(task.val.shards) & (set(task.train.shards) | set(task.test.shards))
     # fine-tuning and scoring take streamed train and test sets (the probe and each evaluation: one pass)
     from mmlg_ray.config import FinetuneConfig, ModelSpec
-    from mmlg_ray.finetune import finetune
-    from mmlg_ray.models import build_model
+    from mmlg_ray.method.finetune import finetune
+    from mmlg_ray.method.models import build_model
 
     spec = ModelSpec(
         image_depth=1,
@@ -164,8 +164,8 @@ def test_shards_cli_writes_labelled_sets(tmp_path, cache_dir):
 def test_csm_pretraining_on_webdataset(tiny_cfg, tiny_ancestor, tmp_path, cache_dir):
     """csm takes its anchors from the stream (first distinct captions, first images), never from a
     materialized set; the stage's cost carries the skipped samples."""
-    from mmlg_ray.descend import descendant_spec
-    from mmlg_ray.pipeline import corpus, csm_anchors, pretrain_descendant
+    from mmlg_ray.method.descend import descendant_spec
+    from mmlg_ray.engine.pipeline import corpus, csm_anchors, pretrain_descendant
 
     out = _shards(tmp_path, cache_dir, labels=False)
     cfg = tiny_cfg.model_copy(deep=True)
@@ -193,7 +193,7 @@ def test_csm_pretraining_on_webdataset(tiny_cfg, tiny_ancestor, tmp_path, cache_
 def test_streamed_corpus_extraction_on_ray(tiny_cfg, tiny_ancestor, ray_address, tmp_path, cache_dir):
     """Ray Data ingest: decoding tasks feed a 2-worker extraction; bad samples are dropped and counted."""
     from mmlg_ray.distributed.extract import extract_on_ray
-    from mmlg_ray.learngene import load_learngene
+    from mmlg_ray.method.learngene import load_learngene
 
     out = _shards(tmp_path, cache_dir, n=200, per_shard=50)
     cfg = tiny_cfg.model_copy(deep=True)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import re
 
-from ..config import Config, load_config
-from ..errors import UserError
+from mmlg_ray.config import Config, load_config
+from mmlg_ray.errors import UserError
 
 
 DOCS = (
@@ -54,14 +54,14 @@ def config_from_args(args) -> Config:
 
 def run_sweep(cfg: Config, out, executor, resume: bool = False, fresh: bool = False):
     """jobs/sweep.py after its preflight: the --resume / --fresh rules, then the job on `executor`
-    (mmlg_ray.job.LocalExecutor, or the Ray layer's RayExecutor). Without either flag, an interrupted
+    (mmlg_ray.engine.job.LocalExecutor, or the Ray layer's RayExecutor). Without either flag, an interrupted
     experiment is refused and a finished one only has its report rebuilt; --fresh deletes this
     experiment's earlier Tune state (stage artifacts are kept)."""
     import logging
 
-    from .. import storage as stor
-    from ..job import run
-    from ..storage import OutputDir
+    from mmlg_ray import storage as stor
+    from mmlg_ray.engine.job import run
+    from mmlg_ray.storage import OutputDir
 
     log = logging.getLogger("mmlg_ray")
     if resume and fresh:
@@ -69,8 +69,8 @@ def run_sweep(cfg: Config, out, executor, resume: bool = False, fresh: bool = Fa
     od = OutputDir(out, cfg.cache_path)
     fp = cfg.experiment_fingerprint()  # the experiment's identity: result-affecting settings only
     if not resume and not fresh and _holds_results(od, cfg, fp):
-        from ..report import build_output_report
-        from ..results import write_run_files
+        from mmlg_ray.report import build_output_report
+        from mmlg_ray.engine.results import write_run_files
 
         log.info("sweep: %s already holds the results of this experiment; rebuilding the report only", od)
         write_run_files(od.local, cfg)  # operational and report settings may have changed
@@ -117,6 +117,6 @@ def _holds_results(out, cfg: Config, fp: str) -> bool:
                 "add --resume to retry its errored trials, or --fresh to start it over",
             )
         return True
-    from ..config import dump_config
+    from mmlg_ray.config import dump_config
 
     return out.read_text("config.yaml") == dump_config(cfg)

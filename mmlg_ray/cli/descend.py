@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import ArgumentParser
-from ..errors import UserError, exits_cleanly
+from mmlg_ray.cli import ArgumentParser
+from mmlg_ray.errors import UserError, exits_cleanly
 
 
 @exits_cleanly
@@ -36,11 +36,11 @@ def main(argv=None) -> int:
         v = getattr(a, name)
         if v is not None and v < 1:
             raise UserError(f"--{name.replace('_', '-')}", f"must be >= 1, got {v}", "give a positive whole number")
-    from mmlg_ray import preflight
+    from mmlg_ray.engine import preflight
 
     preflight.descend(a.learngene, a.out)  # before anything is computed or written
-    from ..descend import descendant_spec, export_descendant, init_descendant
-    from ..learngene import load_learngene
+    from mmlg_ray.method.descend import descendant_spec, export_descendant, init_descendant
+    from mmlg_ray.method.learngene import load_learngene
 
     lg = load_learngene(a.learngene)
     anc = lg.meta.model_spec

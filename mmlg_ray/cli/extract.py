@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import ArgumentParser, add_config_args, config_from_args
-from ..errors import exits_cleanly
+from mmlg_ray.cli import ArgumentParser, add_config_args, config_from_args
+from mmlg_ray.errors import exits_cleanly
 
 
 @exits_cleanly
@@ -39,16 +39,16 @@ def main(argv=None) -> int:
     p.add_argument("--backend", choices=["local", "ray"], default="ray")
     a = p.parse_args(argv)
     cfg = config_from_args(a)
-    from mmlg_ray import preflight
+    from mmlg_ray.engine import preflight
 
     preflight.extract(cfg, a.out, backend=a.backend)  # before Ray starts or anything is written
-    from ..ancestor import get_ancestor
-    from ..pipeline import extract, setup_runtime
+    from mmlg_ray.method.ancestor import get_ancestor
+    from mmlg_ray.engine.pipeline import extract, setup_runtime
 
     setup_runtime(cfg)
     anc = get_ancestor(cfg)
     if a.backend == "ray":
-        from ..distributed.extract import extract_on_ray
+        from mmlg_ray.distributed.extract import extract_on_ray
 
         cost = extract_on_ray(cfg, anc, a.out, method=a.method, mode=a.mode)
     else:

@@ -16,8 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import ArgumentParser, add_config_args, config_from_args
-from ..errors import UserError, exits_cleanly
+from mmlg_ray.cli import ArgumentParser, add_config_args, config_from_args
+from mmlg_ray.errors import UserError, exits_cleanly
 
 ROOT = Path(__file__).resolve().parents[2]  # the project's folder (a source checkout: cluster.yaml is there)
 
@@ -56,10 +56,10 @@ def main(argv=None) -> int:
         raise UserError("--output", f"{a.output} already holds files", "give a new folder, or delete this one")
     if a.idle_timeout_s <= 0:
         raise UserError("--idle-timeout-s", "must be positive", "give seconds, e.g. 20")
-    from .. import preflight
+    from mmlg_ray.engine import preflight
 
     preflight.sweep(cfg, a.output, output_field="--output", backend="ray")
-    from ..distributed.rehearse import rehearse
+    from mmlg_ray.distributed.rehearse import rehearse
 
     return rehearse(
         cfg,

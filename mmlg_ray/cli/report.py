@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import ArgumentParser
-from ..errors import exits_cleanly
+from mmlg_ray.cli import ArgumentParser
+from mmlg_ray.errors import exits_cleanly
 
 
 @exits_cleanly
@@ -17,11 +17,12 @@ def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("output", help="output folder or URI (s3://...) of a finished sweep (holds trials.parquet)")
     a = p.parse_args(argv)
-    from mmlg_ray import preflight, storage
+    from mmlg_ray.engine import preflight
+    from mmlg_ray import storage
 
     if not storage.is_uri(a.output):
         preflight.report(a.output)
-    from ..report import build_output_report
+    from mmlg_ray.report import build_output_report
 
     html = build_output_report(a.output)
     print(f"wrote {html}, report.md, cost.parquet")

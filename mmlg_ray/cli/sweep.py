@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import ArgumentParser, add_config_args, config_from_args
-from ..errors import exits_cleanly
+from mmlg_ray.cli import ArgumentParser, add_config_args, config_from_args
+from mmlg_ray.errors import exits_cleanly
 
 
 @exits_cleanly
@@ -37,22 +37,22 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     cfg = config_from_args(a)
     out = a.output or cfg.output_dir
-    from mmlg_ray import preflight
+    from mmlg_ray.engine import preflight
 
     if a.dry_run:
-        from ..plan import format_plan, make_plan
+        from mmlg_ray.engine.plan import format_plan, make_plan
 
         preflight.prices(cfg)
         print(format_plan(make_plan(cfg, backend=a.backend)))
         return 0
     # every bad path, file or data set is reported now, before Ray starts or a folder is made
     preflight.sweep(cfg, out, output_field="--output" if a.output else "output_dir", backend=a.backend)
-    from . import run_sweep
+    from mmlg_ray.cli import run_sweep
 
     if a.backend == "local":
-        from ..job import LocalExecutor as Executor
+        from mmlg_ray.engine.job import LocalExecutor as Executor
     else:
-        from ..distributed.sweep import RayExecutor as Executor
+        from mmlg_ray.distributed.sweep import RayExecutor as Executor
     path = run_sweep(cfg, out, Executor(), resume=a.resume, fresh=a.fresh)
     print(f"results in {path}")
     return 0

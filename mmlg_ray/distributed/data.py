@@ -27,8 +27,8 @@ import json
 import logging
 import random
 
-from ..config import Config
-from ..data import BadSample, decode_sample, is_streamed, read_unit, to_input, tokenize_captions
+from mmlg_ray.config import Config
+from mmlg_ray.data import BadSample, decode_sample, is_streamed, read_unit, to_input, tokenize_captions
 
 log = logging.getLogger("mmlg_ray")
 ROWS_PER_BATCH = 64  # rows per output batch of a decoding task
@@ -93,8 +93,8 @@ def corpus_dataset(cfg: Config, image_size: int, context_length: int, counter):
     """The corpus as a Ray Dataset of decoded rows {image: uint8 (3, S, S), tokens: int64 (ctx,)}."""
     import ray
 
-    from ..pipeline import corpus
-    from .settings import data_task_options
+    from mmlg_ray.method.pretrain import corpus
+    from mmlg_ray.distributed.settings import data_task_options
 
     data = corpus(cfg)  # a StreamingPairs: its index only (shard names / file lists), nothing decoded
     units = list(data.units)
@@ -120,7 +120,7 @@ def trainer_datasets(cfg: Config, ancestor) -> tuple[dict, dict, object]:
         return {}, {}, None
     from ray.train import DataConfig
 
-    from ..pipeline import aux_spec
+    from mmlg_ray.method.learngene import aux_spec
 
     spec = aux_spec(cfg, ancestor.spec)
     counter = new_skip_counter()
@@ -163,7 +163,7 @@ def corpus_batches(
     A streamed corpus comes from this worker's Ray Data shard, decoded by Ray tasks and normalized
     here on the training device; a local packaged corpus is in memory and sliced per rank."""
     if not is_streamed(cfg.data.corpus):
-        from ..pipeline import corpus
+        from mmlg_ray.method.pretrain import corpus
 
         return corpus(cfg).batches(batch_size * world, image_size, context_length, seed=seed, rank=rank, world=world)
     import ray.train

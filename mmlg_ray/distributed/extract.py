@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import Config
-from ..config import RayConfig
-from .. import storage as stor
-from ..errors import UserError
-from .settings import storage_uri
+from mmlg_ray.config import Config
+from mmlg_ray.config import RayConfig
+from mmlg_ray import storage as stor
+from mmlg_ray.errors import UserError
+from mmlg_ray.distributed.settings import storage_uri
 
 if TYPE_CHECKING:  # torch is imported in the workers, never at this module's top level
     import torch
@@ -76,7 +76,7 @@ def build_optimizer(model, ecfg, rs: RayConfig):
     or ahead by mmlg_ray.prebuild), which DeepSpeed requires there."""
     import torch
 
-    from ..train import adamw, lr_lambda, param_groups
+    from mmlg_ray.method.train import adamw, lr_lambda, param_groups
 
     groups = param_groups(model, ecfg.weight_decay)
     if rs.extraction.offload_optimizer:
@@ -111,12 +111,12 @@ def _train_worker(config: dict):
     import ray.train
     import torch
 
-    from ..config import config_from_dict
-    from ..pipeline import build_aux, elastic_plan, setup_runtime
-    from ..precision import dtype_of
-    from ..train import Progress, extraction_step, run_loop
-    from .data import corpus_batches
-    from .logs import captured_output, quiet_worker
+    from mmlg_ray.config import config_from_dict
+    from mmlg_ray.engine.pipeline import build_aux, elastic_plan, setup_runtime
+    from mmlg_ray.method.precision import dtype_of
+    from mmlg_ray.method.train import Progress, extraction_step, run_loop
+    from mmlg_ray.distributed.data import corpus_batches
+    from mmlg_ray.distributed.logs import captured_output, quiet_worker
 
     cfg = config_from_dict(config["cfg"])
     rs = cfg.ray
@@ -283,8 +283,8 @@ def extract_on_ray(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ..pipeline import (
-        aux_spec,
+    from mmlg_ray.method.learngene import aux_spec
+    from mmlg_ray.engine.pipeline import (
         build_aux,
         check_mode,
         elastic_plan,
@@ -292,10 +292,10 @@ def extract_on_ray(
         extraction_fingerprint,
         finish_extraction,
     )
-    from .actors import train_run_ends
-    from .data import skipped_count, trainer_datasets
-    from .logs import train_logging
-    from .settings import check_storage, ensure_ray, worker_resources
+    from mmlg_ray.distributed.actors import train_run_ends
+    from mmlg_ray.distributed.data import skipped_count, trainer_datasets
+    from mmlg_ray.distributed.logs import train_logging
+    from mmlg_ray.distributed.settings import check_storage, ensure_ray, worker_resources
 
     rs = cfg.ray
     check_precision(cfg)
@@ -345,7 +345,7 @@ def extract_on_ray(
     metrics = result.metrics or {}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from .logs import captured_output
+    from mmlg_ray.distributed.logs import captured_output
 
     with result.checkpoint.as_directory() as d:
         with captured_output("DeepSpeed's zero_to_fp32"):  # its progress prints, shown only if it fails

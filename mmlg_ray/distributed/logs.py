@@ -34,8 +34,8 @@ from pathlib import Path
 
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-from ..config import Config
-from ..errors import UserError
+from mmlg_ray.config import Config
+from mmlg_ray.errors import UserError
 
 log = logging.getLogger("mmlg_ray")
 
@@ -93,7 +93,7 @@ def silence_known_noise() -> None:
 def quiet_worker(rank: int = 0, lines: int = 4) -> None:
     """In a Ray worker (a Tune trial, a pre-training task, an extraction worker): at most `lines`
     progress lines per training loop, none from ranks other than 0, and the known noise silenced."""
-    from ..train import Progress
+    from mmlg_ray.method.train import Progress
 
     Progress.max_lines = lines if rank == 0 else 0
     if rank != 0:  # the other ranks of a data-parallel group say what rank 0 says: their warnings only
@@ -133,7 +133,7 @@ def captured_output(what: str, stderr: bool = True):
 
 
 # --------------------------------------------------------------------------- stage lines
-from ..stagelog import Stage, _dur  # noqa: E402,F401 (the core's)
+from mmlg_ray.engine.stagelog import Stage, _dur  # noqa: E402,F401 (the core's)
 
 
 # --------------------------------------------------------------------------- Tune's status table

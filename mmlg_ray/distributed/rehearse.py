@@ -27,10 +27,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from .. import rehearsal as R
-from ..atomic import atomic_path, write_json
-from ..config import Config
-from ..errors import UserError
+from mmlg_ray.engine import rehearsal as R
+from mmlg_ray.atomic import atomic_path, write_json
+from mmlg_ray.config import Config
+from mmlg_ray.errors import UserError
 
 log = logging.getLogger("mmlg_ray")
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def expected_trials(cfg: Config) -> int:
     """Tune trials the sweep runs: num_samples per grid cell in the search phase, one per cell and
     further seed in the seeds phase."""
-    from ..pipeline import cells
+    from mmlg_ray.engine.pipeline import cells
 
     n = len(cells(cfg))
     return n * cfg.ray.tune.num_samples + n * (len(cfg.descendants.seeds) - 1)
@@ -420,7 +420,7 @@ class Rehearsal:
         write_json(self.out / "rehearsal.json", summary)
         if trials is not None:  # the report of a rehearsed sweep gets the timeline's plot
             try:
-                from ..report import build_output_report
+                from mmlg_ray.report import build_output_report
 
                 build_output_report(str(self.out))
             except Exception as e:  # the checks stand without the report

@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..config import Config, RayConfig, TuneSettings
+from mmlg_ray.config import Config, RayConfig, TuneSettings
 
 log = logging.getLogger("mmlg_ray")
 
@@ -40,7 +40,7 @@ def check_storage(cfg: Config, storage: str) -> None:
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     problem = storage_problem(storage, nodes, cfg.ray.storage_shared)
     if problem:
-        from ..errors import UserError
+        from mmlg_ray.errors import UserError
 
         raise UserError(
             "ray.storage_path",
@@ -55,7 +55,7 @@ def ensure_ray(cfg: Config) -> None:
     start a local Ray instance when there is none."""
     import ray
 
-    from .logs import RAY_ENV, driver_env
+    from mmlg_ray.distributed.logs import RAY_ENV, driver_env
 
     driver_env()  # before Ray starts: this process's settings, and the ones a local instance inherits
     if ray.is_initialized():

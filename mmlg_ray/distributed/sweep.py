@@ -1,8 +1,8 @@
-"""The main job on Ray: `RayExecutor` runs mmlg_ray.job's stages on Ray Train (extraction), Ray tasks
+"""The main job on Ray: `RayExecutor` runs mmlg_ray.engine.job's stages on Ray Train (extraction), Ray tasks
 (pre-training) and Ray Tune (trials).
 
 The trials are one Tune experiment, `sweep-<experiment fingerprint>`, driven by the core's SweepPlan
-(mmlg_ray.search) through a Tune Searcher (`PlanSearcher`: which trial runs next: common random
+(mmlg_ray.engine.search) through a Tune Searcher (`PlanSearcher`: which trial runs next: common random
 candidates per shape, then Optuna TPE per cell, then each cell's seed re-runs once its search has
 ended) and a Tune TrialScheduler (`PlanScheduler`: asynchronous successive halving per cell, on the
 validation score; seed re-runs are never cut). The plan's state is its trial records, saved with
@@ -29,20 +29,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..arms import Cell
-from ..config import Config, TuneSettings
-from ..errors import UserError
-from ..job import Executor, PretrainJob, _Done, described_row, pretrain_and_write, trial_inputs
-from ..results import TrialRow
-from ..search import FINISHED, METRIC
-from .. import storage as stor
+from mmlg_ray.engine.arms import Cell
+from mmlg_ray.config import Config, TuneSettings
+from mmlg_ray.errors import UserError
+from mmlg_ray.engine.job import Executor, PretrainJob, _Done, described_row, pretrain_and_write, trial_inputs
+from mmlg_ray.engine.results import TrialRow
+from mmlg_ray.engine.search import FINISHED, METRIC
+from mmlg_ray import storage as stor
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from .checkpoints import CheckpointPruner, drop_finished, resolve
-from .logs import quiet_worker, status_reporter, train_logging, tune_callbacks
-from .settings import pretrain_task_options, trial_resources, trial_worker_resources
+from mmlg_ray.distributed.checkpoints import CheckpointPruner, drop_finished, resolve
+from mmlg_ray.distributed.logs import quiet_worker, status_reporter, train_logging, tune_callbacks
+from mmlg_ray.distributed.settings import pretrain_task_options, trial_resources, trial_worker_resources
 
 log = logging.getLogger("mmlg_ray")
 MODE = "max"
@@ -240,10 +240,10 @@ def _run_cell_trial(
 
     import torch
 
-    from ..config import config_from_dict
-    from ..descend import descendant_spec
-    from ..finetune import load_task_data
-    from ..pipeline import run_trial, setup_runtime
+    from mmlg_ray.config import config_from_dict
+    from mmlg_ray.method.descend import descendant_spec
+    from mmlg_ray.method.finetune import load_task_data
+    from mmlg_ray.engine.pipeline import run_trial, setup_runtime
 
     cfg = config_from_dict(ctx["cfg"])
     setup_runtime(cfg)
@@ -380,10 +380,10 @@ def trial_fn(config: dict, ctx=None):
 
 # --------------------------------------------------------------------------- the executor
 def _pretrain_task(cfg_json, ancestor_ref, job: PretrainJob, fail=False, hold_s=0.0):
-    from ..ancestor import Ancestor
-    from ..artifacts import load
-    from ..config import ModelSpec, config_from_dict
-    from ..pipeline import setup_runtime
+    from mmlg_ray.method.ancestor import Ancestor
+    from mmlg_ray.engine.artifacts import load
+    from mmlg_ray.config import ModelSpec, config_from_dict
+    from mmlg_ray.engine.pipeline import setup_runtime
     from safetensors.torch import load_file
 
     if fail:  # fault injection for tests (MMLG_FAIL_PRETRAIN), like extraction's MMLG_FAIL_AT_STEP
@@ -404,8 +404,8 @@ class RayExecutor(Executor):
     name = "ray"
 
     def check(self, cfg, od):
-        from .extract import check_precision
-        from .logs import check_logging
+        from mmlg_ray.distributed.extract import check_precision
+        from mmlg_ray.distributed.logs import check_logging
 
         if {"mmlg", "tleg"} & set(cfg.descendants.grid.method):
             check_precision(cfg)
@@ -415,7 +415,7 @@ class RayExecutor(Executor):
         check_baked(cfg, storage, fp)
 
     def storage(self, cfg, od):
-        from .settings import storage_uri
+        from mmlg_ray.distributed.settings import storage_uri
 
         return storage_uri(cfg, od.target)
 
@@ -423,21 +423,21 @@ class RayExecutor(Executor):
         return previous_state(storage, fp)
 
     def open(self, cfg, od, storage, resume):
-        from .settings import check_storage, ensure_ray
+        from mmlg_ray.distributed.settings import check_storage, ensure_ray
 
         ensure_ray(cfg)
         check_storage(cfg, storage)
         check_artifact_root(cfg, od.target)
 
     def extract(self, cfg, anc, uri, method, mode, storage):
-        from .extract import extract_on_ray
+        from mmlg_ray.distributed.extract import extract_on_ray
 
         extract_on_ray(cfg, anc, uri, method=method, storage=storage, mode=mode)
 
     def start_pretraining(self, cfg, anc, anc_ref, jobs, wait):
         import ray
-        from ..pipeline import cells, shape_key
-        from ..descend import descendant_spec
+        from mmlg_ray.engine.pipeline import cells, shape_key
+        from mmlg_ray.method.descend import descendant_spec
 
         if not jobs:
             return _Done({}, [])
@@ -580,7 +580,7 @@ def run_tune(cfg, plan, ctx, pretraining, fp, storage, od) -> list[dict]:
 def _round(cfg, plan, path, trainable, jobs, restore, od, storage) -> list[TrialRow]:
     from ray import tune
     from ray.tune import TuneConfig
-    from ..stagelog import Stage
+    from mmlg_ray.engine.stagelog import Stage
 
     name = path.rstrip("/").rsplit("/", 1)[-1]
     if restore and _restorable(path):
@@ -617,7 +617,7 @@ def check_baked(cfg: Config, storage: str, fp: str) -> None:
     """A restored Tune run keeps the settings of its first run (Tuner.restore reuses them; a restored
     trial keeps its resources): refuse a resume that changes one, naming it, rather than record
     settings that do not hold. Run before anything is written."""
-    from ..config import _dig
+    from mmlg_ray.config import _dig
 
     path = f"{storage}/settings-{fp}.json"
     if not stor.exists(path):
@@ -636,7 +636,7 @@ def check_baked(cfg: Config, storage: str, fp: str) -> None:
 
 
 def write_baked(cfg: Config, storage: str, fp: str) -> None:
-    from ..config import _dig
+    from mmlg_ray.config import _dig
 
     with stor.writing(f"{storage}/settings-{fp}.json") as tmp:
         Path(tmp).write_text(json.dumps({k: _dig(cfg.model_dump(mode="json"), k) for k in BAKED}, indent=1))

@@ -14,8 +14,8 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import storage as stor
-from .atomic import atomic_path
+from mmlg_ray import storage as stor
+from mmlg_ray.atomic import atomic_path
 
 _LOADED: dict = {}  # (kind, sha256) -> the loaded object, per process (a reused trial actor keeps it)
 _LOCK = threading.Lock()

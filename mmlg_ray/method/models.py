@@ -18,8 +18,8 @@ from torch import nn
 import open_clip
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower, _build_vision_tower
 
-from .spec import ModelSpec, unsupported_features  # noqa: F401 (re-exported)
-from .errors import UserError
+from mmlg_ray.method.spec import ModelSpec, unsupported_features  # noqa: F401 (re-exported)
+from mmlg_ray.errors import UserError
 
 TOWERS = ("image", "text")
 

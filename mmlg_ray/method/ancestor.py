@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .atomic import atomic_path, write_json
-from .config import IN_MEMORY_KINDS, Config, ModelSpec
-from .errors import UserError
-from .learngene import state_fingerprint
-from .models import build_model
+from mmlg_ray.atomic import atomic_path, write_json
+from mmlg_ray.config import IN_MEMORY_KINDS, Config, ModelSpec
+from mmlg_ray.errors import UserError
+from mmlg_ray.method.learngene import state_fingerprint
+from mmlg_ray.method.models import build_model
 
 log = logging.getLogger("mmlg_ray")
 HUB_HOST = "huggingface.co"
@@ -189,9 +189,9 @@ def chance_mean_recall(captions: list[str], ks=(1, 5, 10)) -> float:
 def own_retrieval(cfg: Config, state: dict, spec: ModelSpec, device=None) -> dict:
     """The ancestor's own image-text retrieval on the validation split of data.retrieval (local: Tux
     Paint, which no training stage sees): R@1/5/10 both ways, mean_recall, and its chance level."""
-    from .data import load_dataset
-    from .evaluate import embed, retrieval_metrics
-    from .train import resolve_device
+    from mmlg_ray.data import load_dataset
+    from mmlg_ray.method.evaluate import embed, retrieval_metrics
+    from mmlg_ray.method.train import resolve_device
 
     device = device or resolve_device(cfg.device)
     data = load_dataset(
@@ -216,9 +216,9 @@ def corpus_retrieval(
     t10k, openclipart's 5%): what it learnt, measured on pairs no stage trains on, beside its transfer to a
     downstream set (own_retrieval). At most `max_pairs` pairs per part (a fixed random draw); streamed corpora
     are left out (nothing is read from a cluster's object store for this). Keys `<kind>_test`."""
-    from .data import load_dataset
-    from .evaluate import embed, retrieval_metrics
-    from .train import resolve_device
+    from mmlg_ray.data import load_dataset
+    from mmlg_ray.method.evaluate import embed, retrieval_metrics
+    from mmlg_ray.method.train import resolve_device
 
     c = cfg.data.corpus
     parts = c.parts if c.kind == "mixture" else [c]
@@ -256,7 +256,7 @@ def permutation_p(
     """One-sided permutation test of "this retrieval is no better than chance": the same embeddings with the
     images paired to the captions at random, `permutations` times; p = (1 + #{mean recall >= observed}) /
     (1 + permutations). The smallest p it can give is 1 / (1 + permutations)."""
-    from .evaluate import retrieval_metrics
+    from mmlg_ray.method.evaluate import retrieval_metrics
 
     g = torch.Generator().manual_seed(seed)
     hits = sum(
@@ -280,7 +280,7 @@ def local_ancestor(cfg: Config, device=None) -> Ancestor:
         log.info("ancestor: reusing cached pre-trained CLIP %s", folder)
         _own_retrieval_into(cfg, meta, state, device, meta_path)
         return Ancestor(cfg.ancestor.spec, state, meta["fingerprint"], f"local:{key}", meta.get("cost", {}), meta)
-    from .pretrain import pretrain_clip
+    from mmlg_ray.method.pretrain import pretrain_clip
 
     log.info(
         "ancestor: pre-training the local default CLIP on %s (cached at %s)", "+".join(cfg.data.corpus.kinds()), folder

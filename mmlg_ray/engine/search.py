@@ -27,7 +27,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-from .arms import Cell
+from mmlg_ray.engine.arms import Cell
 
 log = logging.getLogger("mmlg_ray")
 FINISHED = "FINISHED"  # next_trial: nothing left to suggest in this run

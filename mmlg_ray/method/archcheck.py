@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .errors import UserError
+from mmlg_ray.errors import UserError
 
 
 def reference_model(arch: str, layers: int | None = None):
@@ -33,7 +33,7 @@ def reference_model(arch: str, layers: int | None = None):
 
 def compare(arch: str, layers: int | None = None, batch: int = 2, seed: int = 0) -> dict:
     """{'arch', 'supported', 'error' | 'image_rel_err', 'text_rel_err', 'params', 'seconds'}."""
-    from .models import build_model, spec_from_arch
+    from mmlg_ray.method.models import build_model, spec_from_arch
 
     t0 = time.perf_counter()
     try:

@@ -48,8 +48,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import DatasetConfig
-from .errors import UserError
+from mmlg_ray.config import DatasetConfig
+from mmlg_ray.errors import UserError
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
@@ -100,7 +100,7 @@ _TOKEN_CACHE: dict = {}
 
 def tokenize_captions(captions: list[str], context_length: int) -> torch.Tensor:
     """Tokenize with open_clip's tokenizer, each distinct caption once."""
-    from .models import tokenize
+    from mmlg_ray.method.models import tokenize
 
     uniq = sorted(set(captions))
     key = (context_length, hashlib.sha1("\x00".join(uniq).encode()).hexdigest())
@@ -422,7 +422,7 @@ class BatchStream:
     ):
         from torch.utils.data import DataLoader
 
-        from . import models  # noqa: F401  (open_clip's tokenizer: imported once here, inherited by forked workers)
+        from mmlg_ray.method import models  # noqa: F401  (open_clip's tokenizer: imported once here, inherited by forked workers)
 
         self.owner, self.limit, self.with_captions = owner, limit, with_captions
         self.samples = 0
@@ -563,7 +563,7 @@ def write_webdataset(
     name and renamed, and the tar members carry fixed metadata, so the same input gives the same bytes."""
     from PIL import Image
 
-    from .atomic import atomic_path, write_json
+    from mmlg_ray.atomic import atomic_path, write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -766,7 +766,7 @@ def _cached(cache: Path, build):
         return torch.load(cache, weights_only=True)
     blob = build()
     cache.parent.mkdir(parents=True, exist_ok=True)
-    from .atomic import atomic_path
+    from mmlg_ray.atomic import atomic_path
 
     with atomic_path(cache) as tmp:
         torch.save(blob, tmp)

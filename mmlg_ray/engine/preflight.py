@@ -26,8 +26,8 @@ import struct
 import tempfile
 from pathlib import Path
 
-from .config import Config, ModelSpec
-from .errors import UserError
+from mmlg_ray.config import Config, ModelSpec
+from mmlg_ray.errors import UserError
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 
@@ -50,7 +50,7 @@ def writable_folder(
     """`path` is a folder this job may create (with its parents) and write into; `target` (default:
     `path`) is what the job will create there, as the error names it."""
     if is_uri(path):
-        from .config import URI_SCHEMES
+        from mmlg_ray.config import URI_SCHEMES
 
         scheme = str(path).split("://", 1)[0]
         if scheme not in URI_SCHEMES:
@@ -124,7 +124,7 @@ def weight_shapes(path: str, field: str = "ancestor.checkpoint") -> dict[str, tu
     if path.endswith(".safetensors"):
         header = safetensors_header(path, field, fix)
         return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
-    from .ancestor import load_state_file
+    from mmlg_ray.method.ancestor import load_state_file
 
     state = load_state_file(path, field=field, mmap=True)
     return {k: tuple(v.shape) for k, v in state.items()}
@@ -134,8 +134,8 @@ def weights_match(shapes: dict[str, tuple], spec: ModelSpec, what: str, field: s
     """The weights fit an open_clip CLIP of `spec` (the model is built on the meta device: no memory)."""
     import torch
 
-    from .ancestor import check_shapes
-    from .models import build_model
+    from mmlg_ray.method.ancestor import check_shapes
+    from mmlg_ray.method.models import build_model
 
     with torch.device("meta"):
         own = {k: tuple(v.shape) for k, v in build_model(spec, "image_text").state_dict().items() if k != "attn_mask"}
@@ -180,7 +180,7 @@ def ancestor(cfg: Config) -> None:
             )
         weights_match(weight_shapes(path), a.spec, a.checkpoint)
     elif a.source == "open_clip":
-        from .ancestor import check_open_clip_source
+        from mmlg_ray.method.ancestor import check_open_clip_source
 
         check_open_clip_source(a)
 
@@ -210,7 +210,7 @@ def cache(cfg: Config, staging: bool = False) -> None:
 def data_sets(cfg: Config, sections: list[tuple[str, tuple[str, ...]]]) -> None:
     """Each (data section, splits): installed (packaged sets) or its index readable (streamed sets,
     local paths only); nothing but the index is read."""
-    from . import data as D
+    from mmlg_ray import data as D
 
     for section, splits in sections:
         d = getattr(cfg.data, section)
@@ -237,7 +237,7 @@ def data_sets(cfg: Config, sections: list[tuple[str, tuple[str, ...]]]) -> None:
                         f"{field}.kind",
                         f"{d.kind} at {d.path} has no class labels; a classification " "task needs them",
                         "webdataset: .cls members and a dataset.json naming the "
-                        "classes (mmlg_ray.shards writes both)",
+                        "classes (mmlg_ray.data.shards writes both)",
                     )
     if any(section == "zeroshot" for section, _ in sections):
         zeroshot_unseen(cfg)
@@ -246,7 +246,7 @@ def data_sets(cfg: Config, sections: list[tuple[str, tuple[str, ...]]]) -> None:
 def _classnames(d, cfg: Config) -> list[str] | None:
     """A set's class names without decoding it: the packaged sets' are known, a streamed set's come
     from its index (None: not known here, e.g. a set in an object store)."""
-    from . import data as D
+    from mmlg_ray import data as D
 
     if d.kind == "mixture":
         names = [_classnames(p, cfg) for p in d.parts]
@@ -291,7 +291,7 @@ def zeroshot_unseen(cfg: Config) -> None:
 
 def _packaged(d, field: str) -> None:
     """A packaged (Debian / PyPI) set is installed."""
-    from . import data as D
+    from mmlg_ray import data as D
 
     if d.kind == "fashion_mnist":
         D._need(d.path or D.FASHION_DIR, f"{field}.path", "dataset-fashion-mnist")
@@ -312,7 +312,7 @@ def _packaged(d, field: str) -> None:
 def prices(cfg: Config) -> None:
     """The price table loads and validates; report.device is in it with a report.pricing price and a
     peak for the dtype every stage runs in (cost.stage_dtypes)."""
-    from .cost import peak_flops, price_table, stage_dtypes
+    from mmlg_ray.cost import peak_flops, price_table, stage_dtypes
 
     table = price_table(cfg.report)
     r = cfg.report

@@ -4,13 +4,13 @@
   extraction   one learngene per learngene method and extraction mode in the grid
   pretrain     pt_ft / csm: each descendant shape pre-trained on the corpus (their cost is what the
                report compares against); each shape written as soon as it is done
-  trials       the search of every grid cell (mmlg_ray.search), its seed re-runs
+  trials       the search of every grid cell (mmlg_ray.engine.search), its seed re-runs
   tables       trials.parquet, history.parquet, stages.parquet, experiment.json; then the report
 
 An executor runs the stages: `LocalExecutor` (here) in this process, one trial after another;
 `mmlg_ray.distributed.sweep.RayExecutor` on Ray Train (extraction), Ray tasks (pre-training) and
 Ray Tune (trials). Every artifact is written to the output store and handed on by reference
-(URI + content hash, mmlg_ray.artifacts): a trial reads only what its cell needs.
+(URI + content hash, mmlg_ray.engine.artifacts): a trial reads only what its cell needs.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import artifacts as art
-from .arms import Cell
-from .config import Config, ModelSpec
-from .errors import JobFailed, UserError
-from .results import TrialRow
-from .storage import OutputDir
+from mmlg_ray.engine import artifacts as art
+from mmlg_ray.engine.arms import Cell
+from mmlg_ray.config import Config, ModelSpec
+from mmlg_ray.errors import JobFailed, UserError
+from mmlg_ray.engine.results import TrialRow
+from mmlg_ray.storage import OutputDir
 
 log = logging.getLogger("mmlg_ray")
 
@@ -54,7 +54,7 @@ class PretrainJob:
 def pretrain_fingerprint(cfg: Config) -> str:
     """What a pre-trained shape depends on: the ancestor, the corpus, the extraction's budget and
     optimizer (its 1x budget), pretrain_steps, seed, precision; not the elastic extraction's settings."""
-    from .pipeline import _fingerprint_of
+    from mmlg_ray.engine.pipeline import _fingerprint_of
 
     dumped = cfg.model_dump(mode="json")
     for name in ("elastic_weight", "elastic_shapes"):
@@ -65,7 +65,7 @@ def pretrain_fingerprint(cfg: Config) -> str:
 
 
 def pretrain_jobs(cfg: Config, ancestor_spec: ModelSpec, od: OutputDir) -> list[PretrainJob]:
-    from .pipeline import needs_pretraining, pretrain_name, shape_key
+    from mmlg_ray.engine.pipeline import needs_pretraining, pretrain_name, shape_key
 
     fp = pretrain_fingerprint(cfg)
     return [
@@ -80,8 +80,8 @@ def pretrain_and_write(cfg: Config, ancestor, job: PretrainJob, device=None, hol
     import torch
     from safetensors.torch import save_file
 
-    from . import storage as stor
-    from .pipeline import pretrain_descendant
+    from mmlg_ray import storage as stor
+    from mmlg_ray.engine.pipeline import pretrain_descendant
 
     started = time.time()
     state, cost = pretrain_descendant(cfg, ancestor, job.method, job.spec, device, budget=job.budget)
@@ -114,7 +114,7 @@ class PretrainFailed(JobFailed):
 # --------------------------------------------------------------------------- what a trial reads
 def trial_context(cfg: Config, anc, anc_ref, learngenes: dict, jobs: list[PretrainJob], storage: str | None) -> dict:
     """Everything a trial needs, by reference only (a few kB whatever the scale)."""
-    from .pipeline import shape_key
+    from mmlg_ray.engine.pipeline import shape_key
 
     return {
         "cfg": cfg.model_dump(mode="json"),
@@ -137,10 +137,10 @@ def trial_inputs(ctx: dict, cell: Cell):
     """(ancestor, learngenes, pretrained) one cell needs, read by reference through the node-local
     cache: the ancestor's weights only for weight_selection / heur_lg, its own learngene, its own
     pre-trained shape; nothing else."""
-    from .ancestor import Ancestor
-    from .descend import descendant_spec
-    from .learngene import load_learngene
-    from .pipeline import shape_key
+    from mmlg_ray.method.ancestor import Ancestor
+    from mmlg_ray.method.descend import descendant_spec
+    from mmlg_ray.method.learngene import load_learngene
+    from mmlg_ray.engine.pipeline import shape_key
     from safetensors.torch import load_file
 
     a, cache = ctx["ancestor"], ctx["cache_dir"]
@@ -221,7 +221,7 @@ class LocalExecutor(Executor):
     """Every stage in this process, one after another; no early stopping (each trial runs its budget)."""
 
     def __init__(self):
-        from .train import resolve_device
+        from mmlg_ray.method.train import resolve_device
 
         self.device = None
         self._resolve = resolve_device
@@ -230,8 +230,8 @@ class LocalExecutor(Executor):
         self.device = self._resolve(cfg.device)
 
     def extract(self, cfg, anc, uri, method, mode, storage):
-        from . import storage as stor
-        from .pipeline import extract
+        from mmlg_ray import storage as stor
+        from mmlg_ray.engine.pipeline import extract
 
         with stor.writing(uri) as tmp:
             extract(cfg, anc, tmp, method=method, device=self.device, mode=mode)
@@ -251,9 +251,9 @@ class LocalExecutor(Executor):
         return _Done(done, failed)
 
     def run_trials(self, cfg, plan, ctx, pretraining, fp, storage, od):
-        from .finetune import load_task_data
-        from .pipeline import run_trial, shape_key  # noqa: F401
-        from .search import FINISHED
+        from mmlg_ray.method.finetune import load_task_data
+        from mmlg_ray.engine.pipeline import run_trial, shape_key  # noqa: F401
+        from mmlg_ray.engine.search import FINISHED
 
         rows, data_cache, n = [], {}, 0
         while True:
@@ -264,7 +264,7 @@ class LocalExecutor(Executor):
             n += 1
             cell = Cell.of(job["cell"])
             anc, lgs, pre = trial_inputs(ctx, cell)
-            from .descend import descendant_spec
+            from mmlg_ray.method.descend import descendant_spec
 
             spec = descendant_spec(anc.spec, cell.depth, cell.width)
             if cell.modality not in data_cache:
@@ -353,15 +353,15 @@ def run(cfg: Config, out_dir, executor: Executor, resume: bool = False, storage:
     Every stage whose artifact the output store holds for the same config is reused. Raises JobFailed
     when a grid cell is left without its results (the tables and the report are written first)."""
     import torch
-    from .ancestor import get_ancestor
-    from .arms import arm_name
-    from .atomic import write_json
-    from .learngene import load_learngene
-    from .pipeline import _cost_cols, cells, learngene_arms, learngene_name, setup_runtime
-    from .report import build_output_report
-    from .results import write_parquet, write_run_files, write_tables
-    from .search import SearchSettings, SweepPlan
-    from .stagelog import Stage
+    from mmlg_ray.method.ancestor import get_ancestor
+    from mmlg_ray.engine.arms import arm_name
+    from mmlg_ray.atomic import write_json
+    from mmlg_ray.method.learngene import load_learngene
+    from mmlg_ray.engine.pipeline import _cost_cols, cells, learngene_arms, learngene_name, setup_runtime
+    from mmlg_ray.report import build_output_report
+    from mmlg_ray.engine.results import write_parquet, write_run_files, write_tables
+    from mmlg_ray.engine.search import SearchSettings, SweepPlan
+    from mmlg_ray.engine.stagelog import Stage
 
     setup_runtime(cfg)
     # the driver's own stages (local ancestor pre-training, consolidation) may use every core here;
@@ -493,7 +493,7 @@ def _ancestor_artifact(anc, od: OutputDir) -> art.ArtifactRef:
     """The ancestor's weights in the output store (written once per fingerprint), by reference."""
     from safetensors.torch import save_file
 
-    from .atomic import atomic_path
+    from mmlg_ray.atomic import atomic_path
 
     name = f"artifacts/ancestor-{anc.fingerprint[:16]}.safetensors"
     local = od.fetch(name)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 
-from .config import ModelSpec
-from .models import towers_of
+from mmlg_ray.config import ModelSpec
+from mmlg_ray.method.models import towers_of
 
 
 def layer_params(width: int, mlp_ratio: float, layer_scale: bool = False) -> int:
@@ -129,7 +129,7 @@ def _validate_table(raw, where: str, fix: str):
     """The validated table, or a UserError naming the first bad field as `where`.path."""
     from pydantic import ValidationError
 
-    from .errors import UserError
+    from mmlg_ray.errors import UserError
 
     try:
         t = _price_models().model_validate(raw)
@@ -162,7 +162,7 @@ def load_prices(report_cfg=None):
 
     import yaml
 
-    from .errors import UserError
+    from mmlg_ray.errors import UserError
 
     path = getattr(report_cfg, "prices_file", None)
     where = "report.prices_file" if path else "mmlg_ray/prices.yaml"
@@ -240,7 +240,7 @@ def stage_dtypes(cfg, device: str | None = None, table: dict | None = None) -> d
 
 def _entry(device: str, table: dict) -> dict:
     if device not in table:
-        from .errors import UserError
+        from mmlg_ray.errors import UserError
 
         raise UserError("report.device", f"{device!r} is not in the price table", f"one of {sorted(table)}")
     return table[device]
@@ -251,7 +251,7 @@ def peak_flops(device: str, dtype: str, table: dict | None = None) -> float:
     table = table or price_table()
     d = _entry(device, table)
     if dtype not in d["peak_tflops"]:
-        from .errors import UserError
+        from mmlg_ray.errors import UserError
 
         raise UserError(
             "precision",
@@ -274,7 +274,7 @@ def money(hours: float, device: str, pricing: str = "on_demand", table: dict | N
     table = table or price_table()
     price = _entry(device, table).get(pricing)
     if price is None:
-        from .errors import UserError
+        from mmlg_ray.errors import UserError
 
         raise UserError("report.pricing", f"the price table has no {pricing} price for {device}", "use on_demand")
     return hours * price
@@ -491,9 +491,9 @@ def measure_training_step(
     Returns both counts, the timing, and achieved FLOP/s by the analytic count."""
     import torch
 
-    from . import precision as amp
-    from .models import build_model
-    from .train import adamw, clip_loss
+    from mmlg_ray.method import precision as amp
+    from mmlg_ray.method.models import build_model
+    from mmlg_ray.method.train import adamw, clip_loss
 
     dev = torch.device(device)
     torch.manual_seed(0)

@@ -65,7 +65,7 @@ def autocast(device, precision: str):
         return contextlib.nullcontext()
     dt = _device_type(device)
     if not autocast_supported(dt, precision):
-        from .errors import UserError
+        from mmlg_ray.errors import UserError
 
         raise UserError(
             "precision",

@@ -33,11 +33,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .atomic import atomic_path
-from .config import ModelSpec
-from .errors import UserError
-from .models import build_model, layer_name, layer_params, parse_layer_name
-from .select import select_inherited_state, select_layer_tensor
+from mmlg_ray.atomic import atomic_path
+from mmlg_ray.config import ModelSpec
+from mmlg_ray.errors import UserError
+from mmlg_ray.method.models import build_model, layer_name, layer_params, parse_layer_name
+from mmlg_ray.method.select import select_inherited_state, select_layer_tensor
 
 EXTRACTION_MODES = ("fixed", "elastic")
 
@@ -312,7 +312,7 @@ def inherited_for(
     inherited: dict[str, torch.Tensor], spec_from: ModelSpec, spec_to: ModelSpec, towers
 ) -> dict[str, torch.Tensor]:
     """Width-select inherited non-layer tensors for a descendant of shape spec_to."""
-    from .models import tower_of_name
+    from mmlg_ray.method.models import tower_of_name
 
     out, per_tower = {}, {t: {} for t in ("image", "text")}
     for name, t in inherited.items():
@@ -347,7 +347,7 @@ class ElasticPlan:
     others drawn at random without replacement. A grid of at most `count` shapes is distilled whole
     at every step. The draw depends only on (seed, step), so a resumed run draws what the
     uninterrupted run would have. `specs` maps shape_key(depth, width) to the descendant's ModelSpec
-    (mmlg_ray.descend.descendant_spec of the ancestor), built exactly as descendants are."""
+    (mmlg_ray.method.descend.descendant_spec of the ancestor), built exactly as descendants are."""
 
     specs: dict[str, ModelSpec]
     depths: list[int]
@@ -371,7 +371,7 @@ class ElasticPlan:
     def train_flops(self, steps: int, batch: float, start: int = 0) -> int:
         """Training FLOPs (forward + backward) of the sampled shapes over steps start..steps-1, each
         step on `batch` samples (the global batch)."""
-        from .cost import train_flops
+        from mmlg_ray.cost import train_flops
 
         per = {k: train_flops(s, "image_text", 1) for k, s in self.specs.items()}
         return int(round(sum(per[k] for step in range(start, steps) for k in self.at(step)) * batch))
@@ -395,7 +395,7 @@ class AuxCLIP(nn.Module):
     Elastic extraction: `shapes` maps shape keys to descendant ModelSpecs; for each one the module
     holds a parameter-free open_clip CLIP of that shape (a skeleton) and `forward(..., shapes=[keys])`
     also runs those descendants, their layers expanded from the learngene and their non-layer
-    tensors width-selected from the inherited ones, exactly as mmlg_ray.descend initializes a
+    tensors width-selected from the inherited ones, exactly as mmlg_ray.method.descend initializes a
     descendant, and differentiably, so their losses train the same tensors. All of it runs inside
     this module's forward, where DeepSpeed ZeRO-3 gathers the partitioned parameters it touches.
     """
@@ -447,7 +447,7 @@ class AuxCLIP(nn.Module):
         return out
 
     def shape_tensors(self, key: str) -> dict[str, torch.Tensor]:
-        """Every parameter of the elastic shape `key`, as mmlg_ray.descend.init_descendant builds it."""
+        """Every parameter of the elastic shape `key`, as mmlg_ray.method.descend.init_descendant builds it."""
         spec_d = self.shape_specs[key]
         lg_spec = self.learngene.meta.model_spec
         out = {}
@@ -539,7 +539,7 @@ class LoadedLearngene:
 
 def load_learngene(path) -> LoadedLearngene:
     """Read and verify a learngene file: a local path or a URI (s3://...; read through a local copy)."""
-    from .storage import is_uri, is_file, reading
+    from mmlg_ray.storage import is_uri, is_file, reading
 
     if is_uri(path):
         if not is_file(path):

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import precision as amp
-from .config import TrainConfig
+from mmlg_ray.method import precision as amp
+from mmlg_ray.config import TrainConfig
 
 log = logging.getLogger("mmlg_ray")
 
@@ -29,7 +29,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from .errors import UserError
+        from mmlg_ray.errors import UserError
 
         raise UserError("device", "cuda requested but no CUDA device is visible", "use device=auto or cpu")
     return torch.device(name)
@@ -352,7 +352,7 @@ def extraction_step(
 
 def csm_step(model, teacher, modality: str, image_anchors, text_anchors, temperature: float = 1.0):
     """Descendant pre-training signal for the csm baseline (towers per modality)."""
-    from .models import image_features, text_features
+    from mmlg_ray.method.models import image_features, text_features
 
     def fn(batch):
         images, tokens, _ = batch

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from . import cost as costmod
-from .config import Config, ModelSpec, TrainConfig
-from .data import load_dataset
-from .models import build_model
-from .train import TorchEngine, contrastive_step, resolve_device, run_loop
+from mmlg_ray import cost as costmod
+from mmlg_ray.config import Config, ModelSpec, TrainConfig
+from mmlg_ray.data import load_dataset
+from mmlg_ray.method.models import build_model
+from mmlg_ray.method.train import TorchEngine, contrastive_step, resolve_device, run_loop
 
 
 def corpus(cfg: Config):

@@ -13,7 +13,7 @@ Every task has train / validation / test splits, disjoint by content. Every eval
 validation split (`val_score`, `val_<metric>`: what search, early stopping and every "best" use) and
 the test split (`score`, `<metric>`: what the report shows for the trials validation chose).
 Every task reports a primary metric under "score" so sweeps and schedulers compare like with like.
-Fine-tuning and evaluation run in the run's `precision` (see mmlg_ray.precision); metrics in fp32.
+Fine-tuning and evaluation run in the run's `precision` (see mmlg_ray.method.precision); metrics in fp32.
 Task sets may be in memory (the local packaged sets) or streamed (webdataset shards, image folders):
 evaluation makes one pass over the test set in batches and keeps only embeddings or logits.
 """
@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import precision as amp
-from .config import Config, FinetuneConfig, ModelSpec
-from .data import Pairs, StreamingPairs, load_dataset
-from .evaluate import PROBE_MAX, accuracy, embed, linear_probe, retrieval_metrics, zeroshot_top1
-from .models import image_features, text_features
-from .train import Progress, TorchEngine, clip_loss, run_loop
+from mmlg_ray.method import precision as amp
+from mmlg_ray.config import Config, FinetuneConfig, ModelSpec
+from mmlg_ray.data import Pairs, StreamingPairs, load_dataset
+from mmlg_ray.method.evaluate import PROBE_MAX, accuracy, embed, linear_probe, retrieval_metrics, zeroshot_top1
+from mmlg_ray.method.models import image_features, text_features
+from mmlg_ray.method.train import Progress, TorchEngine, clip_loss, run_loop
 
 TASK_NAMES = {"image": "image_classification", "text": "text_classification", "image_text": "retrieval"}
 SCORE_KEY = {"image": "top1", "text": "accuracy", "image_text": "mean_recall"}
@@ -58,12 +58,12 @@ def load_task_data(cfg: Config, modality: str, image_size: int) -> TaskData:
     kw = dict(image_size=image_size, cache_dir=cfg.cache_path, field_name=f"data.{section}")
     train, val, test = (load_dataset(dcfg, split, **kw) for split in ("train", "val", "test"))
     if modality != "image_text" and train.classnames is None:
-        from .errors import UserError
+        from mmlg_ray.errors import UserError
 
         raise UserError(
             f"data.{section}.kind",
             f"{dcfg.kind} has no class labels; a classification task needs them",
-            "webdataset: .cls members and a dataset.json naming the classes (mmlg_ray.shards writes both)",
+            "webdataset: .cls members and a dataset.json naming the classes (mmlg_ray.data.shards writes both)",
         )
     zs = None
     if modality == "image_text" and cfg.data.zeroshot is not None:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import cost
-from .config import Config, ModelSpec
-from .descend import descendant_spec
-from .learngene import aux_spec
-from .models import towers_of
-from .pipeline import cells, elastic_plan, learngene_arms, needs_pretraining, pretrain_name
+from mmlg_ray import cost
+from mmlg_ray.config import Config, ModelSpec
+from mmlg_ray.method.descend import descendant_spec
+from mmlg_ray.method.learngene import aux_spec
+from mmlg_ray.method.models import towers_of
+from mmlg_ray.engine.pipeline import cells, elastic_plan, learngene_arms, needs_pretraining, pretrain_name
 
 BACKENDS = ("ray", "local")
 
@@ -46,7 +46,7 @@ def ancestor_spec_of(cfg: Config) -> ModelSpec:
 
 def trials_per_cell(cfg: Config, backend: str = "ray") -> int:
     """The search's num_samples at the first seed, then one trial per further seed (both backends
-    run the same search, mmlg_ray.search)."""
+    run the same search, mmlg_ray.engine.search)."""
     return cfg.ray.tune.num_samples + max(0, len(cfg.descendants.seeds) - 1)
 
 

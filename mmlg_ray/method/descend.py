@@ -21,12 +21,12 @@ import math
 import torch
 from torch import nn
 
-from .atomic import atomic_dir
-from .config import ModelSpec
-from .data import MEAN, STD
-from .learngene import LoadedLearngene, inherited_for, split_state
-from .models import build_model, layer_name, layer_params, open_clip_model_cfg, towers_of
-from .select import select_layer_tensor
+from mmlg_ray.atomic import atomic_dir
+from mmlg_ray.config import ModelSpec
+from mmlg_ray.data import MEAN, STD
+from mmlg_ray.method.learngene import LoadedLearngene, inherited_for, split_state
+from mmlg_ray.method.models import build_model, layer_name, layer_params, open_clip_model_cfg, towers_of
+from mmlg_ray.method.select import select_layer_tensor
 
 
 def descendant_spec(

@@ -1,5 +1,5 @@
 """The pipeline's stages as plain functions (no Ray): ancestor, extraction, descendant pre-training
-(pt_ft / csm), and a trial (initialize + fine-tune + score). mmlg_ray.job chains them, on an
+(pt_ft / csm), and a trial (initialize + fine-tune + score). mmlg_ray.engine.job chains them, on an
 in-process executor or the Ray layer's (mmlg_ray.distributed)."""
 
 from __future__ import annotations
@@ -12,33 +12,32 @@ from pathlib import Path
 
 import torch
 
-from . import cost as costmod
-from . import precision as amp
-from .config import Config, ModelSpec, TrainConfig
-from .descend import descendant_spec, init_descendant
-from .learngene import (  # noqa: F401 (some re-exported: callers import them from here)
+from mmlg_ray import cost as costmod
+from mmlg_ray.method import precision as amp
+from mmlg_ray.config import Config, ModelSpec, TrainConfig
+from mmlg_ray.method.descend import descendant_spec, init_descendant
+from mmlg_ray.method.learngene import (
     EXTRACTION_MODES,
     AuxCLIP,
     ElasticPlan,
     Learngene,
     LearngeneMeta,
     aux_spec,
-    load_learngene,
     save_learngene,
     split_state,
 )
-from .learngene import shape_key as lg_shape_key
-from .models import build_model, towers_of
-from .pretrain import close_batches as _close
-from .pretrain import corpus, pretrain_clip  # noqa: F401 (re-exported: callers import them from here)
-from .results import TrialRow
-from .train import TorchEngine, csm_step, extraction_step, resolve_device, run_loop
+from mmlg_ray.method.learngene import shape_key as lg_shape_key
+from mmlg_ray.method.models import build_model, towers_of
+from mmlg_ray.method.pretrain import close_batches as _close
+from mmlg_ray.method.pretrain import corpus, pretrain_clip
+from mmlg_ray.engine.results import TrialRow
+from mmlg_ray.method.train import TorchEngine, csm_step, extraction_step, resolve_device, run_loop
 
 log = logging.getLogger("mmlg_ray")
 
 
 def setup_runtime(cfg: Config | None = None, level=logging.INFO):
-    from .prebuild import venv_ninja_first
+    from mmlg_ray.prebuild import venv_ninja_first
 
     venv_ninja_first()  # DeepSpeed's ops load with the ninja that built them (else they are compiled again)
     if not logging.getLogger().handlers:
@@ -53,7 +52,7 @@ def setup_runtime(cfg: Config | None = None, level=logging.INFO):
 # --------------------------------------------------------------------------- extraction
 def check_mode(mode: str) -> str:
     if mode not in EXTRACTION_MODES:
-        from .errors import UserError
+        from mmlg_ray.errors import UserError
 
         raise UserError("extraction mode", f"{mode!r} is not an extraction mode", f"one of {list(EXTRACTION_MODES)}")
     return mode
@@ -121,7 +120,7 @@ def _fingerprint_of(dumped: dict, sections) -> str:
     import hashlib
     import json
 
-    from .config import _dig, drop_defaults_added_later
+    from mmlg_ray.config import _dig, drop_defaults_added_later
 
     for ds in (dumped.get("data") or {}).values():
         if isinstance(ds, dict):
@@ -278,7 +277,7 @@ def csm_anchors(cfg: Config, teacher, data, device, n_images: int = 256, n_texts
     read in one ordered pass that stops as soon as both are collected, so a streamed corpus is never
     read whole (and an in-memory one gives the same anchors as its stream would). Computed in
     cfg.precision, kept as float32."""
-    from .data import tokenize_captions
+    from mmlg_ray.data import tokenize_captions
 
     spec = cfg.ancestor.spec
     prompts = [t.format(c) for c in data.classnames for t in data.templates] if data.classnames else None
@@ -297,7 +296,7 @@ def csm_anchors(cfg: Config, teacher, data, device, n_images: int = 256, n_texts
     finally:
         _close(stream)
     if not images:
-        from .errors import UserError
+        from mmlg_ray.errors import UserError
 
         raise UserError("data.corpus", "csm found no readable sample in the corpus", "check data.corpus.path")
     prompts = prompts or list(captions)[:n_texts]
@@ -308,7 +307,7 @@ def csm_anchors(cfg: Config, teacher, data, device, n_images: int = 256, n_texts
 
 
 # --------------------------------------------------------------------------- cells and trials
-from .arms import LEARNGENE_METHODS, PRETRAINED_METHODS, Cell, arm_name, parse_arm  # noqa: E402,F401
+from mmlg_ray.engine.arms import LEARNGENE_METHODS, PRETRAINED_METHODS, Cell, arm_name, parse_arm  # noqa: E402,F401
 
 
 def arms(cfg: Config) -> list[tuple[str, str, float]]:
@@ -376,7 +375,7 @@ def run_trial(
     """Initialize one descendant by its method, fine-tune it, score it. Returns its row (a TrialRow).
     `on_eval(step, row_so_far, snapshot)` is called at every evaluation (snapshot() gives a
     fine-tuning checkpoint); `resume=` such a checkpoint continues the trial from its step."""
-    from .finetune import SCORE_KEY, TASK_NAMES, finetune, load_task_data
+    from mmlg_ray.method.finetune import SCORE_KEY, TASK_NAMES, finetune, load_task_data
 
     device = device or resolve_device(cfg.device)
     fcfg = cfg.descendants.finetune.model_copy(

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import precision as amp
-from .data import tokenize_captions
-from .models import image_features, text_features
+from mmlg_ray.method import precision as amp
+from mmlg_ray.data import tokenize_captions
+from mmlg_ray.method.models import image_features, text_features
 
 PROBE_MAX = 20000  # linear probe: at most this many training samples are embedded
 

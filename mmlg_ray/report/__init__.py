@@ -1,6 +1,6 @@
 """The cost-comparison report of a finished sweep: report.html (self-contained, plots embedded),
 report.md (same content, plots beside it as PNG) and its tables as Parquet, under OUTPUT/report/.
-Sections are built from results and the cost model (SECTIONS) and rendered by mmlg_ray.render.
+Sections are built from results and the cost model (SECTIONS) and rendered by mmlg_ray.report.render.
 
     python jobs/report.py OUTPUT
 """
@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import cost as costmod
-from . import stats
-from .arms import arm_name  # noqa: F401 (re-exported: tables and tests name arms through it)
-from .atomic import atomic_dir
-from .config import Config, ModelSpec, config_from_dict, dump_config
-from .descend import descendant_spec
-from .errors import UserError
-from .learngene import Learngene, LearngeneMeta, aux_spec
-from .render import Bullets, Code, Figure, Para, Section, Table, render_html, render_md
+from mmlg_ray import cost as costmod
+from mmlg_ray.report import stats
+from mmlg_ray.engine.arms import arm_name  # noqa: F401 (re-exported: tables and tests name arms through it)
+from mmlg_ray.atomic import atomic_dir
+from mmlg_ray.config import Config, ModelSpec, config_from_dict, dump_config
+from mmlg_ray.method.descend import descendant_spec
+from mmlg_ray.errors import UserError
+from mmlg_ray.method.learngene import Learngene, LearngeneMeta, aux_spec
+from mmlg_ray.report.render import Bullets, Code, Figure, Para, Section, Table, render_html, render_md
 
 LEARNGENE_METHODS = ("mmlg", "tleg")
 MIN_SEEDS_TO_RANK = 3
@@ -1625,7 +1625,7 @@ def sec_plan(d: ReportData) -> list[Section]:
 def sec_provenance(d: ReportData) -> list[Section]:
     lg = d.stages[d.stages.stage == "extraction"]
     lg_fps = []
-    from .learngene import load_learngene
+    from mmlg_ray.method.learngene import load_learngene
 
     for _, r in lg.iterrows():
         try:
@@ -1667,7 +1667,7 @@ def sec_rehearsal(d: ReportData) -> list[Section]:
     path = d.out / "cluster_timeline.parquet"
     if not path.exists():
         return []
-    from . import rehearsal
+    from mmlg_ray.engine import rehearsal
 
     tl = pd.read_parquet(path)
     try:
@@ -1806,7 +1806,7 @@ def build_output_report(out) -> str:
     """build_report for an output folder that may be a URI (an OutputDir, or a local path): its tables
     and run files are fetched to the staging folder, the report is built there and uploaded to
     OUTPUT/report/. Returns where report.html is."""
-    from .storage import OutputDir
+    from mmlg_ray.storage import OutputDir
 
     od = out if isinstance(out, OutputDir) else OutputDir(out)
     for name in (

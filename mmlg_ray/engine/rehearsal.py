@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from .errors import UserError
+from mmlg_ray.errors import UserError
 
 # Ray's fake_multinode provider names its head node type this (node_provider.FAKE_HEAD_NODE_TYPE); a head
 # type of any other name is taken for a worker type and launched as one. cluster.yaml's head type keeps
@@ -349,7 +349,7 @@ def plot_timeline(timeline: pd.DataFrame, path: str | Path | None = None):
         fig.savefig(buf, format="png", dpi=110)
         plt.close(fig)
         return buf.getvalue()
-    from .atomic import atomic_path
+    from mmlg_ray.atomic import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .atomic import atomic_path
+from mmlg_ray.atomic import atomic_path
 
 log = logging.getLogger("mmlg_ray")
 STATUSES = ("finished", "stopped_early", "error", "superseded", "running")
@@ -135,7 +135,9 @@ class TrialRow:
             elif k.startswith("best_"):
                 best[k[5:]] = v
             elif strict:
-                raise ValueError(f"trial row: {k!r} is not a column of trials.parquet (mmlg_ray.results.TrialRow)")
+                raise ValueError(
+                    f"trial row: {k!r} is not a column of trials.parquet (mmlg_ray.engine.results.TrialRow)"
+                )
             else:
                 unknown.append(k)
         if unknown and not _DROPPED.issuperset(unknown):
@@ -194,8 +196,8 @@ def write_tables(out: Path, rows: list[TrialRow], stages: list[dict]) -> dict[st
 
 def write_run_files(out: Path, cfg, ancestor=None) -> None:
     """config.yaml (the exact config of the run) and ancestor.json, for the report's provenance."""
-    from .atomic import atomic_path, write_json
-    from .config import dump_config
+    from mmlg_ray.atomic import atomic_path, write_json
+    from mmlg_ray.config import dump_config
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

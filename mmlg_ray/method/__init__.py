@@ -1,0 +1,1 @@
+"""The method: models and their specs, learngene extraction, descendants, training, fine-tuning, evaluation."""
