@@ -424,14 +424,14 @@ def stop_past_the_checks(monkeypatch):
     step of each job after its checks raises (setup_runtime starts the sweep and extraction)."""
     import mmlg_ray.method.descend
     import mmlg_ray.engine.pipeline
-    import mmlg_ray.report
+    import mmlg_ray.report.build
 
     def stop(*a, **k):
         raise RuntimeError("bad input got past the checks")
 
     monkeypatch.setattr(mmlg_ray.engine.pipeline, "setup_runtime", stop)
     monkeypatch.setattr(mmlg_ray.method.descend, "init_descendant", stop)
-    monkeypatch.setattr(mmlg_ray.report, "build_report", stop)
+    monkeypatch.setattr(mmlg_ray.report.build, "build_report", stop)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the open_clip case must not wait on the network
 
 
