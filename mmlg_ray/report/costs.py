@@ -12,7 +12,8 @@ from mmlg_ray.engine.arms import arm_name  # noqa: F401 (re-exported: tables and
 from mmlg_ray.config import Config, ModelSpec
 from mmlg_ray.method.descend import descendant_spec
 from mmlg_ray.method.learngene import Learngene, LearngeneMeta, aux_spec
-from mmlg_ray.report.tables import CELL, LEARNGENE_METHODS, MIN_SEEDS_TO_RANK, _human, normalize
+from mmlg_ray.config import LEARNGENE_METHODS
+from mmlg_ray.report.tables import CELL, MIN_SEEDS_TO_RANK, _human, normalize
 
 
 # --------------------------------------------------------------------------- cost accounting

@@ -14,9 +14,6 @@ from mmlg_ray.config import Config, config_from_dict
 from mmlg_ray.errors import UserError
 
 
-LEARNGENE_METHODS = ("mmlg", "tleg")
-
-
 MIN_SEEDS_TO_RANK = 3
 
 
