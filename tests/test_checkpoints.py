@@ -12,7 +12,7 @@ from ray.tune import Checkpoint
 from ray.tune import Result
 
 from mmlg_ray.distributed.checkpoints import TOMBSTONE, CheckpointPruner, drop_finished
-from mmlg_ray.distributed.sweep import CKPT_FILE, _load_checkpoint
+from mmlg_ray.distributed.trial import CKPT_FILE, _load_checkpoint
 
 
 def _ckpt(trial, i, step):

@@ -347,7 +347,7 @@ def test_extraction_and_trials_pass_them_to_their_trainers(tmp_path, monkeypatch
     from ray.tune.integration import ray_train
 
     from mmlg_ray.config import load_config
-    from mmlg_ray.distributed import extract, settings, sweep
+    from mmlg_ray.distributed import extract, settings, trial
 
     seen = []
 
@@ -371,7 +371,7 @@ def test_extraction_and_trials_pass_them_to_their_trainers(tmp_path, monkeypatch
     with pytest.raises(Stop):
         extract.extract_on_ray(cfg, SimpleNamespace(spec=cfg.ancestor.spec), tmp_path / "lg.safetensors")
     with pytest.raises(Stop):
-        sweep.trial_fn({"cell": "x"}, ctx={"cfg": cfg.model_dump(mode="json"), "storage": str(tmp_path)})
+        trial.trial_fn({"cell": "x"}, ctx={"cfg": cfg.model_dump(mode="json"), "storage": str(tmp_path)})
     assert seen == [{"CPU": 1, "ondemand": 0.01}, {"CPU": 1, "spot": 0.5}]
 
 

@@ -107,3 +107,8 @@ def test_lower_layers_do_not_import_higher_ones():
         if _layer(m) == "report":
             assert not GRAPH[m] & {"engine.pipeline", "engine.job"}, f"{m} imports the pipeline"
     assert GRAPH["method.spec"] <= {"errors"}
+
+
+def test_no_module_is_much_over_500_lines():
+    sizes = {str(p.relative_to(CORE.parent)): len(p.read_text().splitlines()) for p in CORE.rglob("*.py")}
+    assert not {k: v for k, v in sizes.items() if v > 600}, "split these modules"

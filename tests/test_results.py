@@ -91,7 +91,7 @@ def test_a_trial_cut_short_keeps_its_last_reports_scores_and_end(tiny_cfg, tiny_
     from types import SimpleNamespace
 
     from mmlg_ray.engine.arms import Cell
-    from mmlg_ray.distributed.sweep import _rows
+    from mmlg_ray.distributed.tune import _rows
     from mmlg_ray.engine.pipeline import run_trial
 
     reports = []

@@ -120,14 +120,14 @@ def _fingerprint_of(dumped: dict, sections) -> str:
     import hashlib
     import json
 
-    from mmlg_ray.config import _dig, drop_defaults_added_later
+    from mmlg_ray.config import dig, drop_defaults_added_later
 
     for ds in (dumped.get("data") or {}).values():
         if isinstance(ds, dict):
             ds.pop("workers", None)
             ds.pop("prefetch", None)
     drop_defaults_added_later(dumped)
-    picked = {s: _dig(dumped, s) for s in sections}
+    picked = {s: dig(dumped, s) for s in sections}
     if picked.get("precision") == "fp32":
         del picked["precision"]
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]

@@ -41,7 +41,7 @@ class Plan:
 
 
 def ancestor_spec_of(cfg: Config) -> ModelSpec:
-    return cfg.ancestor.spec  # config.py reads it from open_clip's model config when ancestor.arch is set
+    return cfg.ancestor.spec  # mmlg_ray/config/base.py reads it from open_clip's model config when ancestor.arch is set
 
 
 def trials_per_cell(cfg: Config, backend: str = "ray") -> int:

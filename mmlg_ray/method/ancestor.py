@@ -119,7 +119,7 @@ def check_open_clip_source(a) -> None:
 
 def get_ancestor(cfg: Config, device=None) -> Ancestor:
     a = cfg.ancestor
-    spec = a.spec  # read from open_clip's own model config when ancestor.arch is set (config.py)
+    spec = a.spec  # read from open_clip's own model config when ancestor.arch is set (mmlg_ray/config/base.py)
     if a.source == "open_clip":
         import open_clip
 
