@@ -248,5 +248,10 @@ def test_trials_that_need_no_pretrained_shape_run_while_the_shapes_pretrain(swee
     assert (trials[trials.method == "pt_ft"].started_at >= shape_end).all()
     assert (trials[trials.method == "mmlg"].started_at < shape_end).any()
     assert {"ancestor", "extraction", "pretrain", "trial"} == set(tl.stage)
-    html = (out / "report" / "report.html").read_text()
-    assert "Stage timeline" in html and "started before the last shape was written" in html
+    from mmlg_ray.report import load_report_data
+    from mmlg_ray.report.provenance import sec_timeline
+    from mmlg_ray.report.texts import title
+
+    (sec,) = sec_timeline(load_report_data(out))
+    assert [b.key for b in sec.blocks if b.kind == "para"] == ["timeline", "timeline_early"]
+    assert title("timeline") in (out / "report" / "report.html").read_text()

@@ -191,7 +191,9 @@ def test_tiny_rehearsal_end_to_end(tiny_overrides, tmp_path):
     token_procs = [p for p in os.listdir("/proc") if p.isdigit() and _has_env(p, token)]
     assert not token_procs, token_procs
     html = (out / "report" / "report.html").read_text()  # the report of a rehearsed sweep shows its timeline
-    assert "Cluster rehearsal: autoscaling and preemption" in html and 'alt="worker nodes per node type' in html
+    from mmlg_ray.report.texts import title
+
+    assert title("rehearsal") in html and 'alt="worker nodes per node type' in html
 
 
 def _has_env(pid: str, kv: str) -> bool:

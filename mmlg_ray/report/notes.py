@@ -8,54 +8,27 @@ import pandas as pd
 
 from mmlg_ray.report import stats
 from mmlg_ray.engine.arms import arm_name  # noqa: F401 (re-exported: tables and tests name arms through it)
-from mmlg_ray.report.render import Bullets, Para, Table
-from mmlg_ray.report.tables import MIN_SEEDS_TO_RANK, SEED_NOTE, _ci, _human, selection_split
+from mmlg_ray.report.render import Bullets, Table
+from mmlg_ray.report.texts import para
+from mmlg_ray.report.tables import MIN_SEEDS_TO_RANK, _ci, _human, selection_split
 from mmlg_ray.report.costs import _off_ladder, equal_accuracy_sentence
 
 
 def reading_note(trials: pd.DataFrame, ft: pd.DataFrame) -> list:
     sel = selection_split(trials)
     if sel == "val":
-        first = Para(
-            "Every score in this report is a test score (final_score) of a trial chosen on the validation "
-            "split: per cell (arm x shape), the search trial with the best validation score, then the "
-            "other seeds at its hyper-parameters. The test split chose nothing. Every arm of a shape "
-            "was searched on the same hyper-parameter candidates (common random numbers) until each "
-            "cell's own Optuna TPE took over (ray.tune.startup_samples), so arms of a shape differ in "
-            "their initialization, not in their draw.",
-            lead="Selection on validation.",
-        )
+        first = para("selection_val")
     elif sel in ("test", "mixed"):
-        first = Para(
-            "These results predate validation splits "
-            f"({'no' if sel == 'test' else 'some'} search trials carry a val_score), so "
-            + ("each" if sel == "test" else "such a")
-            + " cell's search trial was chosen by its test "
-            "score, and the scores below are optimistic. Rerun the sweep to select on validation.",
-            lead="Note: selection used the test split.",
+        first = para(
+            "selection_test", some="no" if sel == "test" else "some", which="each" if sel == "test" else "such a"
         )
     else:
-        first = Para(
-            "Every trial ran the configured hyper-parameters: nothing was selected, and every score "
-            "is a test score (final_score).",
-            lead="No hyper-parameter search.",
-        )
+        first = para("selection_none")
     return [
         first,
-        Para(SEED_NOTE, lead="What a seed varies."),
-        Para(
-            f"Means over seeds with {stats.CONFIDENCE:.0%} bootstrap intervals (scipy.stats.bootstrap, BCa, "
-            f"percentile where BCa degenerates, {stats.N_RESAMPLES} resamples, seeded); every plotted score "
-            "carries that interval as an error bar (a cell with one seed has none). Methods are ranked only "
-            f"with at least {MIN_SEEDS_TO_RANK} seeds a side, by Welch t-tests Holm-corrected within a "
-            "family of comparisons.",
-            lead="Statistics.",
-        ),
-        Para(
-            "Costs are single measurements or exact counts (a stage runs once; FLOPs are counted, not "
-            "sampled): they carry no interval.",
-            lead="Costs.",
-        ),
+        para("seed_note"),
+        para("statistics", confidence=stats.CONFIDENCE, resamples=stats.N_RESAMPLES, min_seeds=MIN_SEEDS_TO_RANK),
+        para("costs_exact"),
     ]
 
 
@@ -65,7 +38,7 @@ def fixed_vs_elastic(ft: pd.DataFrame, method: str = "mmlg") -> list:
     modes = sorted({e or "fixed" for e in d.extraction})
     if not {"fixed", "elastic"} <= set(modes):
         have = ", ".join(modes) or "none"
-        return [Para(f"(this sweep ran {method} with {have} extraction only: no comparison)")]
+        return [para("fixed_vs_elastic_none", method=method, have=have)]
     rows = []
     for (mod, w, dep), g in d.groupby(["modality", "width", "depth"]):
         r = {"modality": mod, "width": w, "depth": dep}
@@ -82,11 +55,7 @@ def fixed_vs_elastic(ft: pd.DataFrame, method: str = "mmlg") -> list:
         r["diff 95% CI"] = _ci(dd["lo"], dd["hi"])
         rows.append(r)
     return [
-        Para(
-            f"{method} test scores by extraction mode: fixed is the paper's rule (the learngene trained at the "
-            "auxiliary model's shape only), elastic also distils sampled descendant shapes at each step. The "
-            "verdicts (Holm-corrected) are in the section above."
-        ),
+        para("fixed_vs_elastic", method=method),
         Table(pd.DataFrame(rows)),
     ]
 
@@ -96,18 +65,8 @@ _BOUND = {"crossing": "", "never": "> ", "always": "<= "}
 
 def equal_accuracy_blocks(eq: pd.DataFrame) -> list:
     if eq.empty:
-        return [Para("(needs both PT+FT (pt_ft) and a learngene method (mmlg or tleg) in the same cells: none here)")]
-    head = (
-        f"For each cell, PT+FT pre-trains the descendant's shape along a ladder of budgets (multiples of the "
-        f"extraction's sample budget); the ladder's points are (pre-training FLOPs, mean test score). The fit is "
-        f"an {stats.FIT}. Where that fit meets the learngene arm's mean test score is what PT+FT must spend to "
-        f"equal it. Compute saved at equal accuracy = that compute minus the arm's own pre-training compute; "
-        f"the ratio is PT+FT's over the arm's. Compute is per descendant: a learngene's extraction is shared "
-        f"equally by the cells it serves, a pre-trained shape by the modalities that use it (DESIGN section 3). "
-        f"Intervals: {stats.CONFIDENCE:.0%} percentile interval of the crossing over {stats.N_RESAMPLES} "
-        f"resamples of each arm's seeds (the ladder's budgets and the arm independently); a bound off the ladder "
-        f"is written as such. Beside it, the same crossing in measured device-seconds (point estimate)."
-    )
+        return [para("equal_accuracy_none")]
+    head = para("equal_accuracy_method", fit=stats.FIT, confidence=stats.CONFIDENCE, resamples=stats.N_RESAMPLES)
     items = [
         f"{r.task} d{r.depth} w{r.width}, {r.arm} (test {r.arm_score:.3g}, n={r.n_arm}): "
         + equal_accuracy_sentence(r)
@@ -152,4 +111,4 @@ def equal_accuracy_blocks(eq: pd.DataFrame) -> list:
             ],
         }
     )
-    return [Para(head), Bullets(items), Table(show)]
+    return [head, Bullets(items), Table(show)]

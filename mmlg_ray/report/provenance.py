@@ -13,7 +13,8 @@ from mmlg_ray import cost as costmod
 from mmlg_ray.engine.arms import arm_name  # noqa: F401 (re-exported: tables and tests name arms through it)
 from mmlg_ray.config import dump_config
 from mmlg_ray.method.descend import descendant_spec
-from mmlg_ray.report.render import Bullets, Code, Figure, Para, Section, Table
+from mmlg_ray.report.texts import para, section
+from mmlg_ray.report.render import Bullets, Code, Figure, Section, Table
 from mmlg_ray.report.tables import ARM_KEYS, CELL, _human, normalize
 from mmlg_ray.report.sections import ReportData
 from mmlg_ray.report.spend import _num, priced_dtype
@@ -106,12 +107,7 @@ def plan_against_run(d: ReportData) -> tuple[list[str], pd.DataFrame]:
 
 def sec_plan(d: ReportData) -> list[Section]:
     words, table = plan_against_run(d)
-    return [
-        Section(
-            "What the dry-run plan assumes, against what ran",
-            [Para("`jobs/sweep.py --dry-run` prices a sweep before it runs. Its rules:"), Bullets(words), Table(table)],
-        )
-    ]
+    return [section("plan", [para("plan"), Bullets(words), Table(table)])]
 
 
 def sec_provenance(d: ReportData) -> list[Section]:
@@ -145,9 +141,7 @@ def sec_provenance(d: ReportData) -> list[Section]:
         f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         "software: " + ", ".join(f"{k} {v}" for k, v in software_versions().items()),
     ]
-    return [
-        Section("Provenance: config, fingerprints, software", [Bullets(prov), Code(dump_config(d.cfg).strip(), "yaml")])
-    ]
+    return [section("provenance", [Bullets(prov), Code(dump_config(d.cfg).strip(), "yaml")])]
 
 
 # The report's sections, in order: each builder reads ReportData and returns its sections (none when it
@@ -167,13 +161,10 @@ def sec_rehearsal(d: ReportData) -> list[Section]:
     except (OSError, ValueError):
         summary = {}
     blocks = [
-        Para(
-            "cluster.yaml's node types as fake nodes on one machine (Ray's fake_multinode provider, CPUs "
-            "standing in for GPUs), the job submitted with ray job submit, one spot node preempted "
-            "mid-sweep (every process of it killed at once). Nodes are sampled every "
-            f"{tl.t_s.drop_duplicates().diff().median():.0f} s; the idle timeout was "
-            f"{summary.get('idle_timeout_s', float('nan')):.0f} s.",
-            lead="What ran.",
+        para(
+            "rehearsal",
+            every=tl.t_s.drop_duplicates().diff().median(),
+            idle=summary.get("idle_timeout_s", float("nan")),
         ),
         Figure("cluster_timeline.png", rehearsal.plot_timeline(tl), "worker nodes per node type over time"),
     ]
@@ -194,7 +185,7 @@ def sec_rehearsal(d: ReportData) -> list[Section]:
                 f"s wall, {summary.get('trials', '?')} of {summary.get('expected_trials', '?')} trials",
             )
         )
-    return [Section("Cluster rehearsal: autoscaling and preemption", blocks)]
+    return [section("rehearsal", blocks)]
 
 
 def sec_timeline(d: ReportData) -> list[Section]:
@@ -208,17 +199,9 @@ def sec_timeline(d: ReportData) -> list[Section]:
         return []
     pre = tl[tl.stage == "pretrain"]
     trials = tl[tl.stage == "trial"]
-    lines = [
-        f"{len(trials)} trials, {len(pre)} shapes pre-trained in this run, over "
-        f"{tl.end_s.max():.0f} s of wall clock."
-    ]
+    blocks = [para("timeline", trials=len(trials), shapes=len(pre), wall=tl.end_s.max())]
     if len(pre) and len(trials):
         early = trials[(trials.start_s < pre.end_s.max()) & trials.what.str.contains("needs none")]
-        lines.append(
-            f"{len(early)} trials of methods that need no pre-trained shape started before the last "
-            f"shape was written (at {pre.end_s.max():.0f} s)."
-        )
+        blocks.append(para("timeline_early", early=len(early), last=pre.end_s.max()))
     d.tables["timeline"] = tl[["stage", "name", "what", "start_s", "end_s"]]
-    return [
-        Section("Stage timeline", [Para(" ".join(lines)), Figure("timeline.png", plot_timeline(tl), "what ran when")])
-    ]
+    return [section("timeline", blocks + [Figure("timeline.png", plot_timeline(tl), "what ran when")])]

@@ -22,6 +22,7 @@ import pandas as pd
 class Para:
     text: str
     lead: str = ""  # a bold opening phrase
+    key: str = ""  # its key in mmlg_ray/templates/report_texts.yaml (see report.texts)
     kind: str = field(default="para", init=False)
 
 
@@ -60,6 +61,7 @@ class Section:
     blocks: list = field(default_factory=list)
     group: str = ""  # sections of one group share a contents entry
     anchor: str = ""  # set by render (unique per report)
+    key: str = ""  # its key in mmlg_ray/templates/report_texts.yaml (see report.texts)
 
     @property
     def figures(self) -> list[Figure]:

@@ -12,8 +12,9 @@ from mmlg_ray import cost as costmod
 from mmlg_ray.report import stats
 from mmlg_ray.engine.arms import arm_name  # noqa: F401 (re-exported: tables and tests name arms through it)
 from mmlg_ray.config import Config, ModelSpec
+from mmlg_ray.report.texts import para, section, words
 from mmlg_ray.report.render import Bullets, Figure, Para, Section, Table
-from mmlg_ray.report.spend import SHARING_RULE, TARGET_RULE, cost_to_target, priced_dtype, spend_summary, spend_table
+from mmlg_ray.report.spend import TARGET_FRACTION, cost_to_target, priced_dtype, spend_summary, spend_table
 from mmlg_ray.report.tables import _ci, cell_table
 from mmlg_ray.report.costs import compare_to_baselines, cost_table, equal_accuracy_table
 from mmlg_ray.report.notes import equal_accuracy_blocks, fixed_vs_elastic, reading_note
@@ -57,7 +58,7 @@ class ReportData:
 
 
 def sec_reading(d: ReportData) -> list[Section]:
-    return [Section("How the scores were chosen and what a seed varies", reading_note(d.trials, d.ft))]
+    return [section("reading", reading_note(d.trials, d.ft))]
 
 
 def sec_scores(d: ReportData) -> list[Section]:
@@ -65,19 +66,18 @@ def sec_scores(d: ReportData) -> list[Section]:
     for task in d.tasks:
         t = d.ft[d.ft.task == task]
         out.append(
-            Section(
-                f"Score against descendant size: {task}",
+            section(
+                "scores",
                 [
-                    Para(
-                        f"Test set: {t.dataset.iloc[0]}; metric: {t.score_metric.iloc[0]} (test scores of the trials chosen "
-                        f"as the first section says; error bars: {stats.CONFIDENCE:.0%} bootstrap CI of the mean over "
-                        "seeds)."
+                    para(
+                        "scores", dataset=t.dataset.iloc[0], metric=t.score_metric.iloc[0], confidence=stats.CONFIDENCE
                     ),
                     Figure(
                         f"score_vs_params_{task}.png", plot_score_vs_params(d.ft, task), f"score against size, {task}"
                     ),
                 ],
-                group="Score against descendant size",
+                group="scores_group",
+                task=task,
             )
         )
     return out
@@ -99,18 +99,11 @@ def sec_spend(d: ReportData) -> list[Section]:
         }
     )
     return [
-        Section(
-            "Device-hours and money per method and stage",
+        section(
+            "spend",
             [
-                Para(
-                    f"What this sweep spent, per arm (a method with its extraction mode or pre-training budget) and stage, "
-                    f"priced on {d.rate()}. Measured: device-seconds the stages and trials recorded (wall time x devices, "
-                    f"evaluation passes included). From FLOPs: the run's FLOP count through the cost model at {dtype} "
-                    "(peak x utilization from the price table), what a plan would have said for the same work. "
-                    "Measured money is right only when the run ran on report.device's device type.",
-                    lead="Spend.",
-                ),
-                Para(SHARING_RULE, lead="Shared stages."),
+                para("spend", rate=d.rate(), dtype=dtype),
+                para("sharing_rule"),
                 Figure(
                     "spend.png",
                     plot_spend(summary[summary.arm != "(ancestor)"], d.cfg.report.device),
@@ -126,7 +119,7 @@ def sec_spend(d: ReportData) -> list[Section]:
 def sec_cost_to_target(d: ReportData) -> list[Section]:
     res, cells, targets = cost_to_target(d.ft, d.stages, d.cfg, d.prices)
     d.tables["cost_to_target"] = res
-    blocks = [Para(TARGET_RULE.replace("(SHARING)", "(the shared-stage rule of the section above)"), lead="Rule.")]
+    blocks = [para("target_rule", fraction=TARGET_FRACTION)]
     for task in d.tasks:
         r = res[res.task == task]
         for name, v in targets.get(task, {}).items():
@@ -135,15 +128,23 @@ def sec_cost_to_target(d: ReportData) -> list[Section]:
             if len(best):
                 b = best.iloc[0]
                 blocks.append(
-                    Para(
-                        f"cheapest: {b.arm} at depth {int(b.depth)}, width {int(b.width)} "
-                        f"({b['mean']:.3g}, CI {_ci(b.lo, b.hi)}), ${b.money_alone:.3g} alone "
-                        f"({b.device_h_alone:.3g} device-h), ${b.money_shared:.3g} in this sweep.",
-                        lead=f"{task}, target {name} = {v:.3g}:",
+                    para(
+                        "target_reached",
+                        task=task,
+                        name=name,
+                        value=v,
+                        arm=b.arm,
+                        depth=int(b.depth),
+                        width=int(b.width),
+                        mean=b["mean"],
+                        ci=_ci(b.lo, b.hi),
+                        alone=b.money_alone,
+                        hours=b.device_h_alone,
+                        shared=b.money_shared,
                     )
                 )
             else:
-                blocks.append(Para("no arm reaches it.", lead=f"{task}, target {name} = {v:.3g}:"))
+                blocks.append(para("target_missed", task=task, name=name, value=v))
         show = r.assign(
             **{
                 "95% CI": [_ci(a, b) if ok else "" for a, b, ok in zip(r.get("lo", []), r.get("hi", []), r.reached)],
@@ -186,7 +187,7 @@ def sec_cost_to_target(d: ReportData) -> list[Section]:
             ),
             Table(show, f"{task}: the cheapest shape per arm"),
         ]
-    return [Section("Cost to reach a target score", blocks)]
+    return [section("cost_to_target", blocks)]
 
 
 def sec_pretraining(d: ReportData) -> list[Section]:
@@ -198,20 +199,13 @@ def sec_pretraining(d: ReportData) -> list[Section]:
         r = mm.loc["mmlg"]
         ra, rm = r.pretrain_ratio_pt_ft_over_method_analytic, r.pretrain_ratio_pt_ft_over_method_measured
         blocks.append(
-            Para(
-                f"MM-LG stores {r.storage_vs_pt_ft * 100:.1f}% of the parameters PT+FT stores (paper: ~25%). Pre-training "
-                f"all {int(mm.loc['pt_ft'].get('n_shapes', 0)) or ''} descendant shapes costs {ra:.2f}x the extraction "
-                "analytically"
-                + (f" and {rm:.2f}x in measured device-seconds" if not math.isnan(rm) else "")
-                + " (paper: ~2.8x)"
-                + (
-                    "; here the extraction costs more than PT+FT, because the descendant set is "
-                    "small next to the ancestor"
-                    if ra < 1
-                    else ""
-                )
-                + ". The ratio grows with the number of descendant sizes: PT+FT pays per size, MM-LG once.",
-                lead="MM-LG against PT+FT on this descendant set:",
+            para(
+                "mmlg_vs_pt_ft",
+                storage=r.storage_vs_pt_ft * 100,
+                shapes=int(mm.loc["pt_ft"].get("n_shapes", 0)) or "",
+                analytic=ra,
+                measured=words("mmlg_vs_pt_ft_measured", ratio=rm) if not math.isnan(rm) else "",
+                why=words("mmlg_vs_pt_ft_small") if ra < 1 else "",
             )
         )
     show = ct[
@@ -239,13 +233,10 @@ def sec_pretraining(d: ReportData) -> list[Section]:
     blocks += [
         Table(show),
         Bullets([f"{r.method}: {r.note}" for r in ct.itertuples()]),
-        Para(
-            "Bars are exact counts (parameters, FLOPs) and single measurements (device-seconds): no "
-            "interval applies."
-        ),
+        para("exact_counts"),
         Figure("costs.png", plot_costs(ct), "storage and pre-training compute"),
     ]
-    return [Section("Pre-training compute and storage against PT+FT", blocks)]
+    return [section("pretraining", blocks)]
 
 
 def sec_pareto(d: ReportData) -> list[Section]:
@@ -254,18 +245,14 @@ def sec_pareto(d: ReportData) -> list[Section]:
         png, front = plot_pareto(d.ft, task)
         names = ", ".join(f"{r.arm} (depth {r.depth}, width {r.width})" for _, r in front.iterrows())
         out.append(
-            Section(
-                f"Pareto frontier, score against total cost: {task}",
+            section(
+                "pareto",
                 [
-                    Para(
-                        f"On the frontier (by mean score): {names}. Total cost = fine-tuning FLOPs + the descendant's share "
-                        "of the pre-training behind it: its shape's pre-training (pt_ft, csm; shared by the modalities that "
-                        "use that shape) or its learngene's extraction (mmlg, tleg; shared by the cells it serves). Error "
-                        f"bars: {stats.CONFIDENCE:.0%} CI of the mean score over seeds."
-                    ),
+                    para("pareto", names=names, confidence=stats.CONFIDENCE),
                     Figure(f"pareto_{task}.png", png, f"Pareto frontier, {task}"),
                 ],
-                group="Pareto frontier, score against total cost",
+                group="pareto_group",
+                task=task,
             )
         )
     return out
@@ -306,18 +293,9 @@ def sec_cells(d: ReportData) -> list[Section]:
     else:
         comp_show = comp
     return [
-        Section(
-            "Mean score and spread over seeds, per grid cell",
-            [
-                Para(
-                    f"Test scores (mean over seeds, {stats.CONFIDENCE:.0%} bootstrap CI of the mean, n seeds) of the "
-                    "validation-chosen trials; val mean is their validation score."
-                ),
-                Table(show),
-            ],
-        ),
-        Section("MM-LG against each baseline", [Para(note.replace("*", "")), Table(comp_show)]),
-        Section("Fixed against elastic extraction, at every width", fixed_vs_elastic(d.ft)),
+        section("cells", [para("cells", confidence=stats.CONFIDENCE), Table(show)]),
+        section("comparisons", [Para(note.replace("*", ""), key="comparisons_verdict"), Table(comp_show)]),
+        section("fixed_vs_elastic", fixed_vs_elastic(d.ft)),
     ]
 
 
@@ -325,14 +303,7 @@ def sec_equal_accuracy(d: ReportData) -> list[Section]:
     eq, eq_res = equal_accuracy_table(d.ft, d.stages)
     if len(eq):
         d.tables["equal_accuracy"] = eq
-    blocks = [
-        Para(
-            "The learngene arm's own compute is its extraction's cost shared equally by the descendants it "
-            "initialized in this sweep, so that side of the saving shrinks as a sweep grows more sizes from one "
-            "extraction (the unshared extraction cost is in the cost table above); PT+FT's side is its ladder, "
-            "measured per shape. The ancestor's own pre-training is counted on neither side."
-        )
-    ]
+    blocks = [para("equal_accuracy")]
     blocks += equal_accuracy_blocks(eq)
     if eq_res:
         blocks.append(
@@ -342,4 +313,4 @@ def sec_equal_accuracy(d: ReportData) -> list[Section]:
                 "PT+FT's ladder against each learngene arm",
             )
         )
-    return [Section("Savings at equal accuracy", blocks)]
+    return [section("equal_accuracy", blocks)]

@@ -19,15 +19,6 @@ from mmlg_ray.report.costs import _budget_of, _extraction_name, pretrain_share
 SPEND_STAGES = ("extraction", "pretrain", "finetune")
 
 
-SHARING_RULE = (
-    "A stage that serves several descendants is counted once per method: one extraction serves "
-    "every cell of its learngene arm; one pre-training per shape (and budget) serves PT+FT's image, "
-    "text and image-text descendants of that shape. The ancestor serves every method that reads it "
-    "(the learngene methods, weight_selection, heur_lg, csm): its cost is on its own row and charged "
-    "to none of them."
-)
-
-
 def _num(df: pd.DataFrame, col: str) -> pd.Series:
     return df[col].astype(float).fillna(0.0) if col in df else pd.Series(0.0, index=df.index)
 
@@ -39,7 +30,7 @@ def priced_dtype(cfg: Config, table: dict) -> str:
 
 
 def spend_table(trials: pd.DataFrame, stages: pd.DataFrame, cfg: Config, table: dict) -> pd.DataFrame:
-    """What this sweep spent, per arm and stage (SHARING_RULE): each stage's FLOPs (the run's count)
+    """What this sweep spent, per arm and stage (report_texts.yaml: sharing_rule): each stage's FLOPs (the run's count)
     and measured device-seconds, as device-hours and money on report.device at report.pricing;
     beside them the device-hours and money the cost model gives for the same FLOPs (priced_dtype).
     Fine-tuning sums every trial of the arm (search, seeds and errored: all were paid for)."""
@@ -130,23 +121,10 @@ def _stage_whole(ft: pd.DataFrame, stages: pd.DataFrame) -> pd.Series:
 TARGET_FRACTION = 0.9
 
 
-TARGET_RULE = (
-    f"Targets per task: the scratch baseline's best cell (its highest mean test score over the "
-    f"shapes it ran), and {TARGET_FRACTION:.0%} of the best mean test score of any arm and shape. An arm reaches a target "
-    "with the cheapest shape whose mean test score (over seeds, of the validation-chosen trials) is at "
-    "least the target; its confidence interval is beside it, and 'surely' means the interval's lower "
-    "bound reaches the target too. Cheapest = least money for one descendant alone: its fine-tuning "
-    "(mean over its seeds) plus the whole stage behind it (the extraction, or its shape's pre-training; "
-    "the ancestor is charged to no method), as a team pays who needs just this one model; the 'in this "
-    "sweep' column charges only its share of that stage (SHARING). Money = measured device-hours x the "
-    "price of report.device."
-)
-
-
 def cost_to_target(
     ft: pd.DataFrame, stages: pd.DataFrame, cfg: Config, table: dict
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """TARGET_RULE. Returns (per task, target and arm: the cheapest cell reaching it; the cells with
+    """The target rule (report_texts.yaml: target_rule). Returns (per task, target and arm: the cheapest cell reaching it; the cells with
     their score CI and money; {task: {target name: score}})."""
     dev, pricing = cfg.report.device, cfg.report.pricing
     d = ft.assign(

@@ -53,13 +53,6 @@ CELL = ["modality", "depth", "width"]  # a grid cell's shape; an arm is (method,
 ARM_KEYS = ["method", "extraction", "pt_budget"]
 
 
-SEED_NOTE = (
-    "A seed varies fine-tuning only (data order, task head, scratch init); the ancestor, the learngenes "
-    "and the pre-trained shapes are shared across seeds, so intervals and tests cover fine-tuning "
-    "variance, not the variance of pre-training or extraction."
-)
-
-
 def normalize(trials: pd.DataFrame) -> pd.DataFrame:
     """Trials with the columns this report reads; folders written before validation splits, extraction
     modes and pre-training ladders lack some: arm = method, extraction = "", pt_budget = 1.0 for
