@@ -34,6 +34,11 @@ from mmlg_ray.distributed.logs import quiet_worker
 from mmlg_ray.distributed.settings import pretrain_task_options
 from mmlg_ray.distributed.tune import _Pretraining, check_baked, previous_state, run_tune
 
+# An experiment that an earlier version saved names these classes and the trainable by their old home,
+# this module (Tune pickles them into tuner.pkl); the names keep such an experiment restorable.
+from mmlg_ray.distributed.trial import trial_fn  # noqa: E402, F401
+from mmlg_ray.distributed.tune import PlanScheduler, PlanSearcher  # noqa: E402, F401
+
 
 # --------------------------------------------------------------------------- the executor
 def _pretrain_task(cfg_json, ancestor_ref, job: PretrainJob, fail=False, hold_s=0.0):
