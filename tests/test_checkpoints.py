@@ -29,16 +29,25 @@ def test_a_newer_checkpoint_buries_the_older_ones_and_a_restore_from_one_resumes
     assert sorted(p.name for p in c0.iterdir()) == [TOMBSTONE]  # weights gone, folder kept
     assert json.loads((c0 / TOMBSTONE).read_text()) == {"superseded_by": "checkpoint_000001"}
     assert (c1 / CKPT_FILE).is_file() and not (c1 / TOMBSTONE).exists()
-    # Tune's saved state still names checkpoint 0 (the driver died before it saved a newer one)
-    assert _load_checkpoint(Checkpoint(str(c0)))["step"] == 20
-    assert _load_checkpoint(Checkpoint(str(c1)))["step"] == 20
-    # a restored run's first checkpoint buries what the killed run left, and nothing newer
     c2 = _ckpt(trial, 2, 30)
-    c3 = _ckpt(trial, 3, 40)  # written after 2, not yet registered
     CheckpointPruner().on_checkpoint(0, [], None, Checkpoint(str(c2)))
-    assert not (c1 / CKPT_FILE).exists() and (c1 / TOMBSTONE).is_file()
-    assert (c3 / CKPT_FILE).is_file() and (c2 / CKPT_FILE).is_file()
-    assert _load_checkpoint(Checkpoint(str(c0)))["step"] == 40  # the newest full one
+    # the driver dies while checkpoint 3 is being written (never registered, its file cut short), and
+    # Tune's last saved state still names checkpoint 0
+    c3 = trial / "checkpoint_000003"
+    c3.mkdir()
+    (c3 / CKPT_FILE).write_bytes((c2 / CKPT_FILE).read_bytes()[:40])
+    assert _load_checkpoint(Checkpoint(str(c0)))["step"] == 30  # the newest full one that loads
+    assert _load_checkpoint(Checkpoint(str(c2)))["step"] == 30
+    # restored from that state, the trial counts on from checkpoint 0: its next one (step 40) lands in
+    # checkpoint 1's folder, a tombstone of the killed run; registering it buries every other folder
+    torch.save({"step": 40}, c1 / CKPT_FILE)
+    (c1 / TOMBSTONE).write_text('{"superseded_by": "checkpoint_000002"}')
+    CheckpointPruner().on_checkpoint(0, [], None, Checkpoint(str(c1)))
+    assert not (c1 / TOMBSTONE).exists() and (c1 / CKPT_FILE).is_file()
+    for c in (c0, c2, c3):
+        assert sorted(p.name for p in c.iterdir()) == [TOMBSTONE], c.name
+    assert _load_checkpoint(Checkpoint(str(c1)))["step"] == 40  # a worker lost now: Tune restores 1
+    assert _load_checkpoint(Checkpoint(str(c0)))["step"] == 40  # the driver lost now, its state naming 0
 
 
 def test_a_tombstone_with_no_full_checkpoint_beside_it_starts_from_step_0(tmp_path, caplog):
@@ -47,6 +56,9 @@ def test_a_tombstone_with_no_full_checkpoint_beside_it_starts_from_step_0(tmp_pa
     (c0 / TOMBSTONE).write_text('{"superseded_by": "checkpoint_000001"}')
     assert _load_checkpoint(Checkpoint(str(c0))) is None
     assert "starting from step 0" in caplog.text
+    (tmp_path / "not_a_folder").write_text("x")  # listing the trial's folder fails
+    CheckpointPruner().on_checkpoint(0, [], None, Checkpoint(str(tmp_path / "not_a_folder" / "checkpoint_000001")))
+    assert "could not prune" in caplog.text  # logged: an error here must not keep Tune from registering
     assert _load_checkpoint(None) is None
 
 
@@ -67,3 +79,19 @@ def test_an_ended_experiment_drops_its_finished_trials_checkpoints_and_keeps_an_
     assert sorted(p.name for p in trial.iterdir()) == (
         ["checkpoint_000000", "checkpoint_000001", "result.json"] if errored else ["result.json"]
     )
+
+
+def test_an_experiment_saved_before_the_package_split_still_loads():
+    """tests/data/sweep_state_42d9002.pkl: a PlanSearcher (with its SweepPlan) and a PlanScheduler
+    pickled by commit 42d9002, when they lived in mmlg_ray.distributed.sweep and mmlg_ray.search, as
+    Tune pickles them into tuner.pkl. A restore must still read them."""
+    import pickle
+    from pathlib import Path
+
+    from mmlg_ray.distributed.tune import PlanScheduler, PlanSearcher, old_module_homes
+    from mmlg_ray.engine.search import SweepPlan
+
+    old_module_homes()
+    state = pickle.loads((Path(__file__).parent / "data" / "sweep_state_42d9002.pkl").read_bytes())
+    assert isinstance(state["search_alg"], PlanSearcher) and isinstance(state["scheduler"], PlanScheduler)
+    assert isinstance(state["search_alg"].plan, SweepPlan) and state["search_alg"].plan.settings.max_t == 2

@@ -112,3 +112,18 @@ def test_lower_layers_do_not_import_higher_ones():
 def test_no_module_is_much_over_500_lines():
     sizes = {str(p.relative_to(CORE.parent)): len(p.read_text().splitlines()) for p in CORE.rglob("*.py")}
     assert not {k: v for k, v in sizes.items() if v > 600}, "split these modules"
+
+
+def test_the_model_vocabulary_is_below_config_data_and_cost():
+    """The packages lean on one another only through the model's vocabulary: config, data and cost
+    read method.spec and method.models (and cost's calibration the training step), nothing else of
+    the method; spec and models read nothing of the method's stages."""
+    vocabulary = {"method.spec", "method.models"}
+    for m in MODULES:
+        method = {d for d in GRAPH[m] if _layer(d) == "method"}
+        if _layer(m) in ("config", "data"):
+            assert method <= vocabulary, f"{m} imports {sorted(method - vocabulary)}"
+        if _layer(m) == "cost":
+            allowed = vocabulary | ({"method.train", "method.precision"} if m == "cost.calibrate" else set())
+            assert method <= allowed, f"{m} imports {sorted(method - allowed)}"
+    assert GRAPH["method.models"] <= {"errors", "method.spec"}

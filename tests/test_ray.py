@@ -250,6 +250,9 @@ def test_trial_with_a_two_worker_torchtrainer_reaches_tune(tiny_overrides, ray_a
     assert row.workers == 2 and not row.stopped_early and row.epochs == 2
     assert row.finetune_device_s == pytest.approx(2 * row.finetune_wall_s)
     assert 0 <= row.final_score <= 100
+    # its checkpoints (the inner Ray Train run's, ft-<trial id>) went with the finished experiment
+    assert [p.name for p in out.rglob("ft-*")] == [f"ft-{row.trial_id}"]
+    assert not list(out.rglob("checkpoint_0*"))
 
 
 def _result_lines(run_dir: Path) -> list[list[dict]]:

@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from mmlg_ray.method.spec import ConfigError, ModelSpec, _Strict  # noqa: F401 (re-exported: config.ModelSpec, config.ConfigError)
+from mmlg_ray.method.spec import ConfigError, ModelSpec, _Strict
 
 
 MODALITIES = ("image", "text", "image_text")
@@ -20,6 +20,8 @@ SCHEDULES = ("tleg", "convex", "constant", "learned")
 
 
 LEARNGENE_METHODS = ("mmlg", "tleg")  # the methods that extract a learngene (the others read the ancestor or none)
+PRETRAINED_METHODS = ("pt_ft", "csm")  # the methods that fine-tune a pre-trained shape
+SELECTION_METHODS = ("weight_selection", "heur_lg")  # the methods that select the ancestor's weights
 
 
 EXTRACTIONS = ("fixed", "elastic")

@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from mmlg_ray.method.spec import ConfigError, ModelSpec, _Strict  # noqa: F401 (re-exported: config.ModelSpec, config.ConfigError)
+from mmlg_ray.method.spec import ConfigError, _Strict
 from mmlg_ray.config.base import IN_MEMORY_KINDS, KINDS, STREAMED_KINDS
 
 

@@ -11,7 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from mmlg_ray.errors import UserError
-from mmlg_ray.method.spec import ConfigError, ModelSpec, _Strict  # noqa: F401 (re-exported: config.ModelSpec, config.ConfigError)
+from mmlg_ray.method.spec import ConfigError
 from mmlg_ray.config.root import Config
 
 

@@ -10,7 +10,7 @@ from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from mmlg_ray.method.spec import ConfigError, ModelSpec, _Strict  # noqa: F401 (re-exported: config.ModelSpec, config.ConfigError)
+from mmlg_ray.method.spec import ConfigError, _Strict
 from mmlg_ray.config.base import AncestorConfig, Seed, dig
 from mmlg_ray.config.datasets import DataConfig
 from mmlg_ray.config.stages import DescendantsConfig, LearngeneConfig, drop_defaults_added_later

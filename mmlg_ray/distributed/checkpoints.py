@@ -74,46 +74,69 @@ def bury(fs, path: str, by: str) -> None:
             fs.delete_file(info.path)
 
 
-def resolve(fs, path: str, payload: str) -> str | None:
-    """The checkpoint folder a trial restored from `path` resumes from: `path` itself if it holds
-    `payload`, else (a tombstone) the newest folder beside it that does; None if there is none."""
+def _holds_files(fs, path: str) -> bool:
+    """The folder holds something besides a tombstone marker (weights, or part of them)."""
+    from pyarrow import fs as pafs
+
+    return any(
+        i.type == pafs.FileType.File and posixpath.basename(i.path) != TOMBSTONE
+        for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    )
+
+
+def candidates(fs, path: str, payload: str) -> list[str]:
+    """The checkpoint folders a trial restored from `path` may resume from, best first: `path` itself
+    if it is not a tombstone; else every full folder beside it (holding `payload`, no marker), newest
+    first. A reader tries them in turn: a folder the killed run was still writing (Tune never registered
+    it) may hold a truncated file. Empty: start from step 0."""
     if not _exists(fs, posixpath.join(path, TOMBSTONE)):
-        return path
-    for _, p in _siblings(fs, posixpath.dirname(path.rstrip("/"))):
-        if _exists(fs, posixpath.join(p, payload)) and not _exists(fs, posixpath.join(p, TOMBSTONE)):
-            log.info("checkpoint %s was superseded: resuming from %s", path, p)
-            return p
-    return None
+        return [path]
+    return [
+        p
+        for _, p in _siblings(fs, posixpath.dirname(path.rstrip("/")))
+        if _exists(fs, posixpath.join(p, payload)) and not _exists(fs, posixpath.join(p, TOMBSTONE))
+    ]
 
 
 class CheckpointPruner(Callback):
-    """Buries a trial's older checkpoints once a newer one is registered (see the module's text).
-    Stateless: it lists the trial's folder, so a restored run buries what the killed one left."""
+    """Keeps one full checkpoint per trial: the one just registered (see the module's text).
+
+    Stateless: it lists the trial's folder, so a restored run buries what the killed one left. A trial
+    restored from a stale state counts its checkpoints on from the one that state names, so its next
+    one may land in a folder the killed run had already buried: the marker there is removed, and every
+    other folder still holding files is buried, whatever its number."""
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        fs, path = checkpoint.filesystem, checkpoint.path
-        new = _index(path)
-        if new is None:
-            return
-        for i, p in _siblings(fs, posixpath.dirname(path.rstrip("/"))):
-            if i < new and not _exists(fs, posixpath.join(p, TOMBSTONE)):
-                try:
+        try:  # an error here would keep Tune from registering the checkpoint: log it, never raise
+            fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
+            if _index(path) is None:
+                return
+            marker = posixpath.join(path, TOMBSTONE)
+            if _exists(fs, marker):
+                fs.delete_file(marker)
+            for _, p in _siblings(fs, posixpath.dirname(path)):
+                if p.rstrip("/") != path and _holds_files(fs, p):
                     bury(fs, p, path)
-                except OSError as e:  # a failed deletion costs storage, not correctness
-                    log.warning("could not prune checkpoint %s: %s", p, e)
+        except Exception as e:  # noqa: BLE001 (a failed deletion costs storage, not correctness)
+            log.warning("could not prune the checkpoints beside %s: %s", getattr(checkpoint, "path", "?"), e)
 
 
 def drop_finished(grid) -> int:
     """Delete every checkpoint of the finished (not errored) trials of an ended experiment whose final
-    state Tune has saved; return how many folders went."""
+    state Tune has saved, a multi-worker trial's own Ray Train run (`<storage>/ft-<trial id>`)
+    included; return how many folders went."""
     n = 0
     for res in grid:
         if res.error is not None or res.filesystem is None or not res.path:
             continue
-        for _, p in _siblings(res.filesystem, res.path):
-            try:
-                res.filesystem.delete_dir(p)
-                n += 1
-            except OSError as e:
-                log.warning("could not delete checkpoint %s: %s", p, e)
+        trial_id = (res.metrics or {}).get("trial_id")
+        storage = posixpath.dirname(posixpath.dirname(res.path.rstrip("/")))
+        where = [res.path] + ([posixpath.join(storage, f"ft-{trial_id}")] if trial_id else [])
+        for folder in where:
+            for _, p in _siblings(res.filesystem, folder):
+                try:
+                    res.filesystem.delete_dir(p)
+                    n += 1
+                except OSError as e:
+                    log.warning("could not delete checkpoint %s: %s", p, e)
     return n

@@ -12,7 +12,7 @@ from mmlg_ray.engine.arms import Cell
 from mmlg_ray.config import TuneSettings
 from mmlg_ray.engine.job import trial_inputs
 
-from mmlg_ray.distributed.checkpoints import resolve
+from mmlg_ray.distributed.checkpoints import candidates
 from mmlg_ray.distributed.logs import quiet_worker, train_logging
 from mmlg_ray.distributed.settings import trial_worker_resources
 
@@ -46,21 +46,24 @@ CKPT_FILE = "finetune.pt"
 def _load_checkpoint(ckpt) -> dict | None:
     """A fine-tuning snapshot from a Tune / Train checkpoint (None: start from step 0). A checkpoint
     since superseded (a tombstone: the saved experiment state was older than the trial) gives the
-    newest full checkpoint beside it (see .checkpoints)."""
+    newest full checkpoint beside it that loads (see .checkpoints)."""
     if ckpt is None:
         return None
     import torch
     from ray.tune import Checkpoint
 
-    path = resolve(ckpt.filesystem, ckpt.path, CKPT_FILE)
-    if path is None:
-        log.warning("checkpoint %s was superseded and no newer one exists: starting from step 0", ckpt.path)
-        return None
-    if path != ckpt.path:
-        ckpt = Checkpoint(path, filesystem=ckpt.filesystem)
-    with ckpt.as_directory() as d:
-        f = Path(d) / CKPT_FILE
-        return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
+    for path in candidates(ckpt.filesystem, ckpt.path, CKPT_FILE):
+        if path != ckpt.path:
+            log.info("checkpoint %s was superseded: trying %s", ckpt.path, path)
+        try:
+            with Checkpoint(path, filesystem=ckpt.filesystem).as_directory() as d:
+                f = Path(d) / CKPT_FILE
+                if f.is_file():
+                    return torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 (a folder the killed run was writing: try the next one)
+            log.warning("checkpoint %s does not load (%s): trying an older one", path, str(e).splitlines()[0])
+    log.warning("no full checkpoint beside %s: starting from step 0", ckpt.path)
+    return None
 
 
 def _checkpoint_of(snapshot: dict, checkpoint_cls, d: str):
@@ -108,8 +111,14 @@ def _run_cell_trial(
             return
         tmp = tempfile.mkdtemp(prefix="mmlg-ft-") if checkpoint_cls is not None and rank == 0 else None
         try:
-            ckpt = _checkpoint_of(snapshot(), checkpoint_cls, tmp) if tmp else None
-            report(dict(metrics), checkpoint=ckpt)  # persisted to the run's storage path before it returns
+            ckpt, report_ = None, dict(metrics)
+            if tmp:
+                snap = snapshot()
+                ckpt = _checkpoint_of(snap, checkpoint_cls, tmp)
+                # the history so far rides along: a trial that ends cut short or errored gets its row's
+                # history from its last report, whatever Tune's result files kept (see .checkpoints)
+                report_["history_json"] = json.dumps(snap["history"])
+            report(report_, checkpoint=ckpt)  # persisted to the run's storage path before it returns
         finally:
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)

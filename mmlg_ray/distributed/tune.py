@@ -192,8 +192,49 @@ def _tuner(cfg, name, storage, od, trainable, phase, **kw):
     )
 
 
+# An experiment saved by an earlier version pickled its plan (and the like) under the modules' old
+# homes, before mmlg_ray was split into packages; a restore finds them there.
+OLD_HOMES = {
+    "mmlg_ray.ancestor": "mmlg_ray.method.ancestor",
+    "mmlg_ray.archcheck": "mmlg_ray.method.archcheck",
+    "mmlg_ray.descend": "mmlg_ray.method.descend",
+    "mmlg_ray.evaluate": "mmlg_ray.method.evaluate",
+    "mmlg_ray.finetune": "mmlg_ray.method.finetune",
+    "mmlg_ray.learngene": "mmlg_ray.method.learngene",
+    "mmlg_ray.models": "mmlg_ray.method.models",
+    "mmlg_ray.precision": "mmlg_ray.method.precision",
+    "mmlg_ray.pretrain": "mmlg_ray.method.pretrain",
+    "mmlg_ray.select": "mmlg_ray.method.select",
+    "mmlg_ray.spec": "mmlg_ray.method.spec",
+    "mmlg_ray.train": "mmlg_ray.method.train",
+    "mmlg_ray.shards": "mmlg_ray.data.shards",
+    "mmlg_ray.render": "mmlg_ray.report.render",
+    "mmlg_ray.stats": "mmlg_ray.report.stats",
+    "mmlg_ray.job": "mmlg_ray.engine.job",
+    "mmlg_ray.pipeline": "mmlg_ray.engine.pipeline",
+    "mmlg_ray.search": "mmlg_ray.engine.search",
+    "mmlg_ray.arms": "mmlg_ray.engine.arms",
+    "mmlg_ray.results": "mmlg_ray.engine.results",
+    "mmlg_ray.artifacts": "mmlg_ray.engine.artifacts",
+    "mmlg_ray.plan": "mmlg_ray.engine.plan",
+    "mmlg_ray.stagelog": "mmlg_ray.engine.stagelog",
+    "mmlg_ray.preflight": "mmlg_ray.engine.preflight",
+    "mmlg_ray.rehearsal": "mmlg_ray.engine.rehearsal",
+}
+
+
+def old_module_homes() -> None:
+    import importlib
+    import sys
+
+    for old, new in OLD_HOMES.items():
+        sys.modules.setdefault(old, importlib.import_module(new))
+
+
 def _restore(path, trainable):
     from ray.tune import Tuner
+
+    old_module_homes()
 
     return Tuner.restore(path, trainable=trainable, resume_errored=True, resume_unfinished=True)
 

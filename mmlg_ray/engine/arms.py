@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-LEARNGENE_METHODS = ("mmlg", "tleg")
-PRETRAINED_METHODS = ("pt_ft", "csm")
+from mmlg_ray.config import LEARNGENE_METHODS, PRETRAINED_METHODS
 
 
 def arm_name(method: str, extraction: str = "", pt_budget: float = 0.0) -> str:

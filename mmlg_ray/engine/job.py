@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mmlg_ray.engine import artifacts as art
 from mmlg_ray.engine.arms import Cell
-from mmlg_ray.config import Config, ModelSpec
+from mmlg_ray.config import SELECTION_METHODS, Config, ModelSpec
 from mmlg_ray.errors import JobFailed, UserError
 from mmlg_ray.engine.results import TrialRow
 from mmlg_ray.storage import OutputDir
@@ -146,7 +146,7 @@ def trial_inputs(ctx: dict, cell: Cell):
     a, cache = ctx["ancestor"], ctx["cache_dir"]
     spec = ModelSpec(**a["spec"])
     state = {}
-    if cell.method in ("weight_selection", "heur_lg"):
+    if cell.method in SELECTION_METHODS:
         if not a.get("ref"):
             raise RuntimeError(f"{cell.method} needs the ancestor's weights and the sweep wrote none")
         state = art.load(a["ref"], "ancestor", lambda p: load_file(str(p)), cache)

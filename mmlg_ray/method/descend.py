@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mmlg_ray.atomic import atomic_dir
-from mmlg_ray.config import ModelSpec
+from mmlg_ray.config import SELECTION_METHODS, ModelSpec
 from mmlg_ray.data import MEAN, STD
 from mmlg_ray.method.learngene import LoadedLearngene, inherited_for, split_state
 from mmlg_ray.method.models import build_model, layer_name, layer_params, open_clip_model_cfg, towers_of
@@ -87,7 +87,7 @@ def init_descendant(
         for t in towers:
             state.update(learngene.expand(t, spec.depth(t), spec.width(t)))
         state.update(inherited_for(learngene.inherited, lg_spec, spec, towers))
-    elif method in ("weight_selection", "heur_lg"):
+    elif method in SELECTION_METHODS:
         if ancestor_state is None or ancestor_spec is None:
             raise ValueError(f"method {method} needs the ancestor")
         for t in towers:

@@ -18,7 +18,7 @@ from torch import nn
 import open_clip
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower, _build_vision_tower
 
-from mmlg_ray.method.spec import ModelSpec, unsupported_features  # noqa: F401 (re-exported)
+from mmlg_ray.method.spec import ModelSpec, unsupported_features
 from mmlg_ray.errors import UserError
 
 TOWERS = ("image", "text")

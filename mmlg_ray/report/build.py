@@ -6,7 +6,6 @@ from pathlib import Path
 
 
 from mmlg_ray import cost as costmod
-from mmlg_ray.engine.arms import arm_name  # noqa: F401 (re-exported: tables and tests name arms through it)
 from mmlg_ray.atomic import atomic_dir
 from mmlg_ray.config import ModelSpec
 from mmlg_ray.errors import UserError

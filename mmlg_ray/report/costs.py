@@ -8,7 +8,6 @@ import pandas as pd
 
 from mmlg_ray import cost as costmod
 from mmlg_ray.report import stats
-from mmlg_ray.engine.arms import arm_name  # noqa: F401 (re-exported: tables and tests name arms through it)
 from mmlg_ray.config import Config, ModelSpec
 from mmlg_ray.method.descend import descendant_spec
 from mmlg_ray.method.learngene import Learngene, LearngeneMeta, aux_spec

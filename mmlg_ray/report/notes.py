@@ -7,7 +7,6 @@ import math
 import pandas as pd
 
 from mmlg_ray.report import stats
-from mmlg_ray.engine.arms import arm_name  # noqa: F401 (re-exported: tables and tests name arms through it)
 from mmlg_ray.report.render import Bullets, Table
 from mmlg_ray.report.texts import para
 from mmlg_ray.report.tables import MIN_SEEDS_TO_RANK, _ci, _human, selection_split

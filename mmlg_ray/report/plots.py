@@ -8,7 +8,6 @@ import math
 import pandas as pd
 
 from mmlg_ray.report import stats
-from mmlg_ray.engine.arms import arm_name  # noqa: F401 (re-exported: tables and tests name arms through it)
 from mmlg_ray.config import LEARNGENE_METHODS
 from mmlg_ray.report.tables import COLORS, _human
 from mmlg_ray.report.spend import SPEND_STAGES

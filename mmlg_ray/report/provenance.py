@@ -10,7 +10,6 @@ import platform
 import pandas as pd
 
 from mmlg_ray import cost as costmod
-from mmlg_ray.engine.arms import arm_name  # noqa: F401 (re-exported: tables and tests name arms through it)
 from mmlg_ray.config import dump_config
 from mmlg_ray.method.descend import descendant_spec
 from mmlg_ray.report.texts import para, section

@@ -10,7 +10,6 @@ import pandas as pd
 
 from mmlg_ray import cost as costmod
 from mmlg_ray.report import stats
-from mmlg_ray.engine.arms import arm_name  # noqa: F401 (re-exported: tables and tests name arms through it)
 from mmlg_ray.config import Config, ModelSpec
 from mmlg_ray.report.texts import para, section, words
 from mmlg_ray.report.render import Bullets, Figure, Para, Section, Table

@@ -9,7 +9,6 @@ from pathlib import Path
 import pandas as pd
 
 from mmlg_ray.report import stats
-from mmlg_ray.engine.arms import arm_name  # noqa: F401 (re-exported: tables and tests name arms through it)
 from mmlg_ray.config import Config, config_from_dict
 from mmlg_ray.errors import UserError
 
