@@ -90,10 +90,15 @@ def test_sweep_with_its_output_on_s3(tiny_overrides, ray_address, s3):
         assert name in files, sorted(files)
     assert [f for f in files if f.startswith("learngenes/mmlg-") and f.endswith(".safetensors")]
     # Ray Train's ZeRO checkpoints, Ray Tune's experiment state and the trial's own checkpoint (uploaded
-    # by the trial's worker process) went to the bucket's ray/ folder
+    # by the trial's worker process) went to the bucket's ray/ folder; the trial finished, so its
+    # checkpoint was deleted there once the experiment's final state was saved
     assert [f for f in files if f.startswith("ray/extract-mmlg-") and "/checkpoint_" in f]
     assert [f for f in files if f.startswith("ray/sweep-") and "experiment_state" in f]
-    assert [f for f in files if f.startswith("ray/sweep-") and "/checkpoint_" in f]
+    (rj,) = [f for f in files if f.startswith("ray/sweep-") and f.endswith("/result.json")]
+    body = s3.client.get_object(Bucket=s3.bucket, Key=f"{key}/{rj}")["Body"].read().decode()
+    reported = [json.loads(line).get("checkpoint_dir_name") for line in body.splitlines() if line.strip()]
+    assert reported[0] == "checkpoint_000000"  # the first evaluation's, persisted to the bucket
+    assert not [f for f in files if f.startswith("ray/sweep-") and "/checkpoint_" in f]
     trials = _parquet(s3, f"{key}/trials.parquet")
     assert len(trials) == 1 and set(trials.method) == {"mmlg"} and (trials.status == "finished").all()
     stages = _parquet(s3, f"{key}/stages.parquet")
