@@ -124,7 +124,10 @@ def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_a
     ]
     argv = [sys.executable, str(ROOT / "jobs/sweep.py"), "--output", str(out)] + sum((["--set", s] for s in sets), [])
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # Tune saves its experiment state on a period (auto: every 10 s or more; nothing forces a save per
+    # checkpoint): every second here, so that some trial is recorded finished while the sweep still runs
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     deadline = time.time() + 400
     try:
         while time.time() < deadline and proc.poll() is None and not _settled_trials(out):
