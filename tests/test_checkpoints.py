@@ -48,6 +48,11 @@ def test_a_newer_checkpoint_buries_the_older_ones_and_a_restore_from_one_resumes
         assert sorted(p.name for p in c.iterdir()) == [TOMBSTONE], c.name
     assert _load_checkpoint(Checkpoint(str(c1)))["step"] == 40  # a worker lost now: Tune restores 1
     assert _load_checkpoint(Checkpoint(str(c0)))["step"] == 40  # the driver lost now, its state naming 0
+    # the checkpoint Tune registered fails to load (a read error): the attempt fails and Tune retries it,
+    # rather than the trial starting over (and its next checkpoint burying the good one)
+    (c1 / CKPT_FILE).write_bytes(b"not a torch file")
+    with pytest.raises(Exception):
+        _load_checkpoint(Checkpoint(str(c1)))
 
 
 def test_a_tombstone_with_no_full_checkpoint_beside_it_starts_from_step_0(tmp_path, caplog):
@@ -64,21 +69,27 @@ def test_a_tombstone_with_no_full_checkpoint_beside_it_starts_from_step_0(tmp_pa
 
 @pytest.mark.parametrize("errored", [False, True])
 def test_an_ended_experiment_drops_its_finished_trials_checkpoints_and_keeps_an_errored_ones(tmp_path, errored):
-    trial = tmp_path / "trial_c"
+    trial = tmp_path / "ray" / "sweep-x" / "trial_c"
     _ckpt(trial, 0, 10)
     _ckpt(trial, 1, 20)
     (trial / "result.json").write_text("{}\n")
+    # a multi-worker trial's own Ray Train run beside the experiment, its checkpoints named by date
+    ft = tmp_path / "ray" / "ft-abc"
+    (ft / "checkpoint_2026-12-07_10-00-00.000000").mkdir(parents=True)
+    (ft / "checkpoint_2026-12-07_10-00-00.000000" / "finetune.pt").write_bytes(b"x")
+    (ft / "checkpoint_manager_snapshot.json").write_text("{}")
     res = Result(
-        metrics={},
+        metrics={"trial_id": "abc"},
         checkpoint=None,
         error=RuntimeError("worker died") if errored else None,
         path=str(trial),
         _storage_filesystem=pafs.LocalFileSystem(),
     )
-    assert drop_finished([res]) == (0 if errored else 2)
+    assert drop_finished([res]) == (0 if errored else 3)
     assert sorted(p.name for p in trial.iterdir()) == (
         ["checkpoint_000000", "checkpoint_000001", "result.json"] if errored else ["result.json"]
     )
+    assert len(list(ft.iterdir())) == (2 if errored else 1)  # Train's own state file stays
 
 
 def test_an_experiment_saved_before_the_package_split_still_loads():

@@ -16,13 +16,15 @@ state on its own period, `TUNE_GLOBAL_CHECKPOINT_S`), and:
   soon as a newer one registers: its weights are deleted, its folder stays with one small file,
   `superseded.json`. Storage holds one full checkpoint per live trial, as before.
 - A trial restored from a tombstone (the saved state was older than the trial) resumes from the
-  newest full checkpoint in its own folder (`resolve`): never from a deleted one, never from step 0.
+  newest full checkpoint in its own folder that loads (`candidates`): never from a deleted one, never
+  from step 0 while one exists.
 - Once an experiment has ended and Tune has saved its final state, `drop_finished` deletes the
   checkpoints of its finished trials, which no restore will read; an errored trial keeps its latest,
   which `--resume` retries from.
 
-Small per-trial operations only: a listing of the trial's folder, one delete and one small write per
-checkpoint; nothing grows with the number of trials.
+Per checkpoint, small operations on the trial's own folder only: a listing of it and of each of its
+checkpoint folders (one per evaluation so far), the deletions, one small write. Nothing grows with the
+number of trials.
 """
 
 from __future__ import annotations
@@ -131,12 +133,24 @@ def drop_finished(grid) -> int:
             continue
         trial_id = (res.metrics or {}).get("trial_id")
         storage = posixpath.dirname(posixpath.dirname(res.path.rstrip("/")))
-        where = [res.path] + ([posixpath.join(storage, f"ft-{trial_id}")] if trial_id else [])
-        for folder in where:
-            for _, p in _siblings(res.filesystem, folder):
-                try:
-                    res.filesystem.delete_dir(p)
-                    n += 1
-                except OSError as e:
-                    log.warning("could not delete checkpoint %s: %s", p, e)
+        folders = [p for _, p in _siblings(res.filesystem, res.path)]
+        if trial_id:  # Ray Train names its checkpoints checkpoint_<date>, not checkpoint_<index>
+            folders += _checkpoint_dirs(res.filesystem, posixpath.join(storage, f"ft-{trial_id}"))
+        for p in folders:
+            try:
+                res.filesystem.delete_dir(p)
+                n += 1
+            except OSError as e:
+                log.warning("could not delete checkpoint %s: %s", p, e)
     return n
+
+
+def _checkpoint_dirs(fs, folder: str) -> list[str]:
+    """Every `checkpoint_*` folder in `folder` (any suffix)."""
+    from pyarrow import fs as pafs
+
+    return [
+        i.path
+        for i in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        if i.type == pafs.FileType.Directory and posixpath.basename(i.path).startswith("checkpoint_")
+    ]

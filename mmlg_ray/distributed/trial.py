@@ -52,15 +52,19 @@ def _load_checkpoint(ckpt) -> dict | None:
     import torch
     from ray.tune import Checkpoint
 
-    for path in candidates(ckpt.filesystem, ckpt.path, CKPT_FILE):
-        if path != ckpt.path:
-            log.info("checkpoint %s was superseded: trying %s", ckpt.path, path)
+    def load(path):
+        with Checkpoint(path, filesystem=ckpt.filesystem).as_directory() as d:
+            f = Path(d) / CKPT_FILE
+            return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
+
+    found = candidates(ckpt.filesystem, ckpt.path, CKPT_FILE)
+    if found == [ckpt.path]:  # the checkpoint Tune registered: an error here fails the attempt (Tune retries)
+        return load(ckpt.path)
+    for path in found:
+        log.info("checkpoint %s was superseded: trying %s", ckpt.path, path)
         try:
-            with Checkpoint(path, filesystem=ckpt.filesystem).as_directory() as d:
-                f = Path(d) / CKPT_FILE
-                if f.is_file():
-                    return torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 (a folder the killed run was writing: try the next one)
+            return load(path)
+        except Exception as e:  # noqa: BLE001 (one the killed run was still writing, never registered: try the next)
             log.warning("checkpoint %s does not load (%s): trying an older one", path, str(e).splitlines()[0])
     log.warning("no full checkpoint beside %s: starting from step 0", ckpt.path)
     return None
