@@ -1,5 +1,6 @@
 """The report and the plan, built from a small finished sweep (the local backend's tables)."""
 
+import functools
 from pathlib import Path
 
 import pandas as pd
@@ -10,21 +11,29 @@ from jobs import sweep as sweep_job
 from mmlg_ray.config import load_config
 
 
+@functools.lru_cache(maxsize=4)
+def _sections(out: str) -> list:
+    """The report's sections for the results in `out`, built once per folder (plots included)."""
+    from mmlg_ray.report import SECTIONS, load_report_data
+
+    d = load_report_data(out)
+    return [sec for build in SECTIONS for sec in build(d)]
+
+
 def outline(out) -> dict:
     """The report's structure, not its words: {section key: [block descriptors]} (a paragraph by its
     key in mmlg_ray/templates/report_texts.yaml, a figure by its file, a table by its columns); a
     section built more than once (one per task) has its blocks listed in turn."""
-    from mmlg_ray.report import SECTIONS, load_report_data
-
-    d = load_report_data(out)
     found: dict = {}
-    for build in SECTIONS:
-        for sec in build(d):
-            for b in sec.blocks:
-                desc = {"para": lambda: ("para", b.key), "figure": lambda: ("figure", b.name)}.get(
-                    b.kind, lambda: (b.kind, tuple(b.df.columns) if b.kind == "table" else "")
-                )()
-                found.setdefault(sec.key, []).append(desc)
+    for sec in _sections(str(out)):
+        for b in sec.blocks:
+            if b.kind == "para":
+                desc = ("para", b.key)
+            elif b.kind == "figure":
+                desc = ("figure", b.name)
+            else:
+                desc = (b.kind, tuple(b.df.columns) if b.kind == "table" else "")
+            found.setdefault(sec.key, []).append(desc)
     return found
 
 
@@ -47,10 +56,7 @@ def finished(tiny_overrides, tmp_path_factory):
 
 
 def outline_blocks(out, key: str) -> list:
-    from mmlg_ray.report import SECTIONS, load_report_data
-
-    d = load_report_data(out)
-    return [b for build in SECTIONS for sec in build(d) if sec.key == key for b in sec.blocks]
+    return [b for sec in _sections(str(out)) if sec.key == key for b in sec.blocks]
 
 
 def outline_table(out, key: str) -> pd.DataFrame:
