@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from mmlg_ray.cli import ArgumentParser, add_config_args, config_from_args
-from mmlg_ray.errors import exits_cleanly
+from mmlg_ray.errors import JobFailed, exits_cleanly
 
 
 @exits_cleanly
@@ -39,21 +39,26 @@ def main(argv=None) -> int:
     out = a.output or cfg.output_dir
     from mmlg_ray.engine import preflight
 
+    # every bad path, file or data set is reported now, before Ray starts, a folder is made or a node
+    # boots: a dry run checks what the real run checks, then prints its plan
+    field = "--output" if a.output else "output_dir"
+    preflight.sweep(cfg, out, output_field=field, backend=a.backend, dry_run=a.dry_run)
     if a.dry_run:
         from mmlg_ray.engine.plan import format_plan, make_plan
 
-        preflight.prices(cfg)
         print(format_plan(make_plan(cfg, backend=a.backend)))
         return 0
-    # every bad path, file or data set is reported now, before Ray starts or a folder is made
-    preflight.sweep(cfg, out, output_field="--output" if a.output else "output_dir", backend=a.backend)
-    from mmlg_ray.cli import run_sweep
+    from mmlg_ray.cli import run_sweep, sigterm_as_ctrl_c
 
     if a.backend == "local":
         from mmlg_ray.engine.job import LocalExecutor as Executor
     else:
         from mmlg_ray.distributed.sweep import RayExecutor as Executor
-    path = run_sweep(cfg, out, Executor(), resume=a.resume, fresh=a.fresh)
+    try:
+        with sigterm_as_ctrl_c():  # `ray job stop` stops the sweep as Ctrl-C does: its state is saved
+            path = run_sweep(cfg, out, Executor(), resume=a.resume, fresh=a.fresh)
+    except KeyboardInterrupt:  # stopped outside Tune's graceful stop (a stage before or after the trials)
+        raise JobFailed("the job was stopped (Ctrl-C or SIGTERM); rerun with --resume to continue it") from None
     print(f"results in {path}")
     return 0
 

@@ -222,11 +222,12 @@ def assumptions(cfg: Config, backend: str, dtypes: dict, prices, per_cell: int) 
             if rc.ancestor == "sunk"
             else "split equally among the methods that read it (all but scratch and pt_ft)"
         )
-        + (
-            " ; open_clip weights are downloaded: no ancestor pre-training is run or priced"
-            if cfg.ancestor.source != "local"
-            else " ; its pre-training is run (when not cached) and in the total"
-        ),
+        + {
+            "open_clip": f" ; open_clip's {cfg.ancestor.arch} weights ({cfg.ancestor.pretrained}) are downloaded: "
+            "no ancestor pre-training is run or priced",
+            "checkpoint": f" ; its weights are read from ancestor.checkpoint ({cfg.ancestor.checkpoint}): no "
+            "ancestor pre-training is run or priced",
+        }.get(cfg.ancestor.source, " ; its pre-training is run (when not cached) and in the total"),
     ]
     if backend == "ray" and prices.head is not None:
         out.append(

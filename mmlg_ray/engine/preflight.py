@@ -168,7 +168,7 @@ def learngene_file(path: str, field: str = "--learngene") -> None:
 
 
 # --------------------------------------------------------------------------- config sections
-def ancestor(cfg: Config) -> None:
+def ancestor(cfg: Config, network: bool = True) -> None:
     a = cfg.ancestor
     if a.source == "checkpoint" and not is_uri(a.checkpoint):
         path = os.path.expanduser(a.checkpoint)
@@ -182,7 +182,7 @@ def ancestor(cfg: Config) -> None:
     elif a.source == "open_clip":
         from mmlg_ray.method.ancestor import check_open_clip_source
 
-        check_open_clip_source(a)
+        check_open_clip_source(a, network=network)
 
 
 def cache(cfg: Config, staging: bool = False) -> None:
@@ -356,8 +356,9 @@ def _own_retrieval(cfg: Config) -> list[tuple[str, tuple[str, ...]]]:
     return [("retrieval", ("val",))] if cfg.ancestor.source == "local" else []
 
 
-def sweep(cfg: Config, output, *, output_field: str = "--output", backend: str = "ray") -> None:
-    """jobs/sweep.py: everything the sweep reads or writes, before Ray starts or a folder is made."""
+def sweep(cfg: Config, output, *, output_field: str = "--output", backend: str = "ray", dry_run: bool = False) -> None:
+    """jobs/sweep.py: everything the sweep reads or writes, before Ray starts or a folder is made. A dry
+    run checks the same, but only warns where this machine cannot reach the ancestor's download."""
     writable_folder(
         output,
         output_field,
@@ -371,7 +372,7 @@ def sweep(cfg: Config, output, *, output_field: str = "--output", backend: str =
     prices(cfg)
     if backend == "ray" and {"mmlg", "tleg"} & set(cfg.descendants.grid.method):
         precision(cfg)
-    ancestor(cfg)
+    ancestor(cfg, network=not dry_run)
     data_sets(cfg, [("corpus", ("train",))] + _own_retrieval(cfg) + _task_sections(cfg))
 
 

@@ -97,8 +97,10 @@ def load_state_file(path: str, field: str = "ancestor.checkpoint", mmap: bool = 
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def check_open_clip_source(a) -> None:
-    """ancestor.source=open_clip: the tag exists for the architecture and its weights can be fetched."""
+def check_open_clip_source(a, network: bool = True) -> None:
+    """ancestor.source=open_clip: the tag exists for the architecture and (`network`) its weights can be
+    fetched from this machine; a dry run, which may price a cluster from a machine without that
+    network, only warns."""
     import open_clip
 
     if a.pretrained not in open_clip.list_pretrained_tags_by_model(a.arch):
@@ -108,6 +110,15 @@ def check_open_clip_source(a) -> None:
             f"one of {open_clip.list_pretrained_tags_by_model(a.arch)}",
         )
     if not hub_reachable():
+        if not network:
+            log.warning(
+                "ancestor.pretrained: %s/%s cannot be downloaded on this machine (%s is unreachable); "
+                "the cluster's nodes must reach it",
+                a.arch,
+                a.pretrained,
+                HUB_HOST,
+            )
+            return
         raise UserError(
             "ancestor.pretrained",
             f"open_clip weights {a.arch}/{a.pretrained} cannot be downloaded "
