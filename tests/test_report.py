@@ -1,6 +1,7 @@
 """The report and the plan, built from a small finished sweep (the local backend's tables)."""
 
 import functools
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -182,6 +183,23 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
     assert f"{n_cells} grid cells, {n_trials} trials" in text
     assert "device-hours" in text and "extraction" in text and "FLOPs" in text
     assert not out.exists()
+
+
+def test_dry_run_checks_what_the_real_run_checks(tmp_path, capsys):
+    """A corrupt ancestor.checkpoint is refused by the dry run as by the real one (exit 2, the field
+    named, no plan printed); the plan says where a checkpoint ancestor's weights come from."""
+    bad = tmp_path / "ancestor.safetensors"
+    bad.write_bytes(os.urandom(1000))
+    sets = ["--set", "ancestor.source=checkpoint", "--set", f"ancestor.checkpoint={bad}"]
+    assert sweep_job.main(["--dry-run", "--output", str(tmp_path / "dry"), *sets]) == 2
+    cap = capsys.readouterr()
+    assert "ancestor.checkpoint" in cap.err and "grid cells" not in cap.out
+    assert not (tmp_path / "dry").exists()
+    from mmlg_ray.engine.plan import format_plan, make_plan
+
+    cfg = load_config(None, ["ancestor.source=checkpoint", f"ancestor.checkpoint={bad}"])
+    text = format_plan(make_plan(cfg, backend="ray"))
+    assert f"read from ancestor.checkpoint ({bad})" in text and "downloaded" not in text
 
 
 def test_paper_plan_prices_a_gpu_cluster(capsys):
