@@ -10,6 +10,12 @@ import torch
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 torch.set_num_threads(2)
+# the venv's ninja first on PATH for every process the tests start (subprocess jobs, the session's Ray and
+# its workers), as the product's entry points and Ray workers have it: another ninja on PATH rebuilds
+# DeepSpeed's prebuilt ops (CPU Adam: ~50 s) in whatever process loads one
+from mmlg_ray.prebuild import venv_ninja_first  # noqa: E402
+
+venv_ninja_first()
 
 # the fast lane (`make test-fast`: -m "not slow") leaves out every test that starts Ray or runs a sweep:
 # those asking for the session's Ray (ray_address) or a module's finished sweep (test_pipeline's
