@@ -120,6 +120,51 @@ def test_every_node_has_an_iam_instance_profile(prepared, no_aws):
     assert no_aws._configure_iam_role(dict(prepared, head_node={}))["available_node_types"] == types
 
 
+def test_nodes_require_imdsv2_encrypt_their_disks_and_authenticate_with_a_token(cluster):
+    for name, t in cluster["available_node_types"].items():
+        nc = t["node_config"]
+        assert nc["MetadataOptions"]["HttpTokens"] == "required", name  # IMDSv1 refused
+        # a hop more than the host: a container reaches the metadata service (the spot watcher does)
+        assert nc["MetadataOptions"]["HttpPutResponseHopLimit"] >= 2, name
+        assert nc["BlockDeviceMappings"] and all(b["Ebs"]["Encrypted"] is True for b in nc["BlockDeviceMappings"]), name
+    starts = cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert "~/.ray/auth_token" in cluster["file_mounts"]  # the token every node and the driver present
+    # `ray job stop` waits for the driver's graceful stop (Tune's last state save) before SIGKILL
+    head = next(c for c in cluster["head_start_ray_commands"] if "ray start" in c)
+    assert int(re.search(r"RAY_JOB_STOP_WAIT_TIME_S=(\d+)", head).group(1)) >= 60
+
+
+def test_iam_policies_are_least_privilege():
+    """deploy/iam: the workers may read the data and write the output prefix, nothing else; the head
+    also launches workers, terminates only this cluster's instances and passes only the worker role."""
+    import json
+
+    iam = ROOT / "deploy/iam"
+    head, worker = (json.loads((iam / f"{n}-policy.json").read_text())["Statement"] for n in ("head", "worker"))
+
+    def actions(stmts):
+        return {a for s in stmts for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+
+    assert all(a.startswith("s3:") for a in actions(worker))
+    assert not any("*" in a for a in actions(head) | actions(worker))  # no wildcard actions
+    for s in worker:
+        res = [s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"]
+        assert all(r.startswith("arn:aws:s3:::YOUR-BUCKET") for r in res)
+        if set(actions([s])) & {"s3:PutObject", "s3:DeleteObject"}:
+            assert res == ["arn:aws:s3:::YOUR-BUCKET/mmlg_ray/*"]  # writes: the output prefix only
+        if "s3:ListBucket" in actions([s]):
+            assert s["Condition"]["StringLike"]["s3:prefix"]  # listing: named prefixes only
+    term = next(s for s in head if "ec2:TerminateInstances" in actions([s]))
+    assert term["Condition"]["StringEquals"]["ec2:ResourceTag/ray-cluster-name"] == yaml.safe_load(TEXT)["cluster_name"]
+    passrole = next(s for s in head if "iam:PassRole" in actions([s]))
+    assert passrole["Resource"].endswith(":role/mmlg-ray-worker")
+    names = {
+        t["node_config"]["IamInstanceProfile"]["Name"] for t in yaml.safe_load(TEXT)["available_node_types"].values()
+    }
+    assert names == {"mmlg-ray-head", "mmlg-ray-worker"}
+
+
 def test_ssh_only_from_a_cidr_the_user_sets(prepared, no_aws):
     # Ray's launcher adds SSH from the whole world to every security group it creates itself ...
     world = [
