@@ -153,6 +153,26 @@ def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_a
     assert sweep_job.main(["--output", str(out), "--resume"] + sum((["--set", s] for s in sets + ops + baked), [])) == 2
     err = capsys.readouterr().err
     assert "ray.tune.max_concurrent" in err and "--fresh" in err and len(err.strip().splitlines()) == 1
+    # `ray job stop` sends SIGTERM: the resumed sweep stops as on Ctrl-C once one more trial is settled
+    # (Tune saves its state, the trials stop), says to rerun with --resume, and exits 1
+    argv_resume = argv + ["--resume"] + sum((["--set", s] for s in ops), [])
+    with open(tmp_path / "second.log", "w") as log:
+        proc = subprocess.Popen(argv_resume, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        deadline = time.time() + 300
+        try:
+            while time.time() < deadline and proc.poll() is None and len(_settled_trials(out)) <= len(before):
+                time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)  # the driver alone, as Ray's job supervisor signals it
+            proc.wait(120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    second = (tmp_path / "second.log").read_text()
+    assert proc.returncode == 1, second[-3000:]
+    assert "SIGTERM received" in second and "Experiment has been interrupted" in second, second[-3000:]
+    (said,) = [ln for ln in second.splitlines() if ln.startswith("failed: ")]  # the job's one closing line
+    assert "interrupted" in said and "rerun with --resume" in said
+    assert not (out / "trials.parquet").exists()
     with caplog.at_level(logging.INFO, logger="mmlg_ray"):
         assert sweep_job.main(["--output", str(out), "--resume"] + sum((["--set", s] for s in sets + ops), [])) == 0
     assert "restored the plan of" in caplog.text  # the search's records (and so its rungs) came back

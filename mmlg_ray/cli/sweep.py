@@ -48,7 +48,8 @@ def main(argv=None) -> int:
 
         print(format_plan(make_plan(cfg, backend=a.backend)))
         return 0
-    from mmlg_ray.cli import run_sweep, sigterm_as_ctrl_c
+    from mmlg_ray.cli import run_sweep
+    from mmlg_ray.stopping import sigterm_as_ctrl_c
 
     if a.backend == "local":
         from mmlg_ray.engine.job import LocalExecutor as Executor

@@ -55,11 +55,23 @@ def ensure_ray(cfg: Config) -> None:
     start a local Ray instance when there is none."""
     import ray
 
-    from mmlg_ray.distributed.logs import RAY_ENV, driver_env
+    from mmlg_ray import stopping
+    from mmlg_ray.distributed.logs import driver_env
 
     driver_env()  # before Ray starts: this process's settings, and the ones a local instance inherits
     if ray.is_initialized():
         return
+    try:
+        _init(cfg)
+    finally:
+        stopping.reinstall()  # ray.init's fatal-signal handler would end the job on SIGTERM (exit 15)
+
+
+def _init(cfg: Config) -> None:
+    import ray
+
+    from mmlg_ray.distributed.logs import RAY_ENV
+
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:  # a submitted job (its runtime env is the job's) or an explicit cluster
         ray.init(address=address, log_to_driver=True)
