@@ -10,7 +10,7 @@ the trial from a checkpoint that no longer exists ("does not exist on storage an
 retry of that trial fails the same way.
 
 So the trials run with `num_to_keep=None` (Tune deletes nothing and forces nothing; it saves its
-state on its own period, `TUNE_GLOBAL_CHECKPOINT_S`), and:
+state on its own period, which .syncing sets and makes incremental), and:
 
 - `CheckpointPruner`, a Tune callback, turns each older checkpoint of a trial into a *tombstone* as
   soon as a newer one registers: its weights are deleted, its folder stays with one small file,

@@ -18,6 +18,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
+from mmlg_ray.distributed import syncing
 from mmlg_ray.distributed.checkpoints import CheckpointPruner, drop_finished
 from mmlg_ray.distributed.logs import status_reporter, tune_callbacks
 from mmlg_ray.distributed.settings import trial_resources
@@ -246,6 +247,10 @@ def run_tune(cfg, plan, ctx, pretraining, fp, storage, od) -> list[dict]:
 
     tcfg = cfg.ray.tune
     trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), trial_resources(tcfg))
+    # uploads that grow linearly with the trials: changed files only, the state on a period that grows
+    # with the planned trial count (see .syncing)
+    syncing.incremental_uploads()
+    syncing.set_state_period(len(plan.cells) * (plan.settings.num_samples + len(plan.settings.seeds) - 1))
     name = f"sweep-{fp}"
     path = f"{storage}/{name}"
     plan_searcher = PlanSearcher(plan, name)
