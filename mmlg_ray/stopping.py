@@ -1,10 +1,13 @@
 """A graceful stop on SIGTERM: `ray job stop`, Kubernetes and most schedulers send SIGTERM, and the job
-stops as on Ctrl-C. The signal is handed to whatever handles SIGINT at that moment: during a sweep that
-is Ray Tune's graceful stop (the experiment's state is saved, the trials are stopped; a second signal
-skips that), before or after it KeyboardInterrupt.
+stops as on Ctrl-C. Inside a Tune run (`tune_run()`), the signal goes to Tune's SIGINT handler: its
+graceful stop saves the experiment's state and stops the trials; Tune then puts back the handler from
+before, so a second signal raises KeyboardInterrupt and skips that. Anywhere else (the ancestor,
+extraction, pre-training, the tables, the report) it raises KeyboardInterrupt at once: the SIGINT
+handler there may be one a framework left behind (Tune never uninstalls its own; Ray Train's exits 0),
+so it is not asked. Outputs are written to a temporary name and renamed: nothing is left half-written.
 
-ray.init installs Ray's own fatal-signal handler for SIGTERM in the driver (it prints a stack and exits
-15), over any handler set before; `reinstall()` is called after ray.init to put this one back."""
+ray.init installs Ray's own SIGTERM handler in the driver (it exits 15), over any handler set before;
+`reinstall()` is called after ray.init to put this one back."""
 
 from __future__ import annotations
 
@@ -17,13 +20,31 @@ log = logging.getLogger("mmlg_ray")
 _active = False
 
 
+_in_tune = False
+
+
 def _on_term(signum, frame):
     log.warning("SIGTERM received: stopping as Ctrl-C would")
     handler = signal.getsignal(signal.SIGINT)
-    if callable(handler):
-        handler(signal.SIGINT, frame)
-    else:  # SIGINT ignored (a background job of a shell) or not set from Python
+    if _in_tune and callable(handler):
+        handler(signal.SIGINT, frame)  # Tune's graceful stop (the first time), then KeyboardInterrupt
+    else:
         raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def tune_run():
+    """Around a Tune `fit()`: SIGTERM goes to Tune's graceful stop; afterwards the SIGINT handler from
+    before is put back (Tune leaves its own installed, which would swallow a later signal)."""
+    global _in_tune
+    before = signal.getsignal(signal.SIGINT) if _main_thread() else None
+    _in_tune = True
+    try:
+        yield
+    finally:
+        _in_tune = False
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
 
 
 def _main_thread() -> bool:
@@ -46,7 +67,7 @@ def sigterm_as_ctrl_c():
 
 
 def reinstall() -> None:
-    """Inside sigterm_as_ctrl_c, after something (ray.init) replaced the process's SIGTERM handler at the C
-    level, where Python's signal.getsignal cannot see it: set ours again."""
+    """Inside sigterm_as_ctrl_c, after ray.init replaced the process's SIGTERM handler with its own (which
+    exits 15): set ours again."""
     if _active and _main_thread():
         signal.signal(signal.SIGTERM, _on_term)

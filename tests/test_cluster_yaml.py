@@ -124,7 +124,7 @@ def test_nodes_require_imdsv2_encrypt_their_disks_and_authenticate_with_a_token(
     for name, t in cluster["available_node_types"].items():
         nc = t["node_config"]
         assert nc["MetadataOptions"]["HttpTokens"] == "required", name  # IMDSv1 refused
-        # a hop more than the host: a container reaches the metadata service (the spot watcher does)
+        # a hop more than the host: a process in the node's container reaches the metadata service
         assert nc["MetadataOptions"]["HttpPutResponseHopLimit"] >= 2, name
         assert nc["BlockDeviceMappings"] and all(b["Ebs"]["Encrypted"] is True for b in nc["BlockDeviceMappings"]), name
     starts = cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
@@ -154,9 +154,16 @@ def test_iam_policies_are_least_privilege():
         if set(actions([s])) & {"s3:PutObject", "s3:DeleteObject"}:
             assert res == ["arn:aws:s3:::YOUR-BUCKET/mmlg_ray/*"]  # writes: the output prefix only
         if "s3:ListBucket" in actions([s]):
-            assert s["Condition"]["StringLike"]["s3:prefix"]  # listing: named prefixes only
+            # listing: named prefixes only; a request without a prefix (HeadBucket, which pyarrow and Ray's
+            # storage checks send) must pass, or no write reaches the bucket
+            assert s["Condition"]["StringLikeIfExists"]["s3:prefix"]
+    name = yaml.safe_load(TEXT)["cluster_name"]
     term = next(s for s in head if "ec2:TerminateInstances" in actions([s]))
-    assert term["Condition"]["StringEquals"]["ec2:ResourceTag/ray-cluster-name"] == yaml.safe_load(TEXT)["cluster_name"]
+    assert term["Condition"]["StringEquals"]["ec2:ResourceTag/ray-cluster-name"] == name
+    # the tag that scopes termination cannot be put on another instance: tags at launch, or on the cluster's own
+    for s in (s for s in head if "ec2:CreateTags" in actions([s])):
+        cond = s["Condition"]["StringEquals"]
+        assert cond.get("ec2:CreateAction") == "RunInstances" or cond.get("ec2:ResourceTag/ray-cluster-name") == name
     passrole = next(s for s in head if "iam:PassRole" in actions([s]))
     assert passrole["Resource"].endswith(":role/mmlg-ray-worker")
     names = {

@@ -162,7 +162,7 @@ def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_a
         try:
             while time.time() < deadline and proc.poll() is None and len(_settled_trials(out)) <= len(before):
                 time.sleep(0.5)
-            proc.send_signal(signal.SIGTERM)  # the driver alone, as Ray's job supervisor signals it
+            proc.send_signal(signal.SIGTERM)  # the driver (Ray's job supervisor signals it and its children)
             proc.wait(120)
         finally:
             if proc.poll() is None:

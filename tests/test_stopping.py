@@ -8,23 +8,33 @@ import pytest
 from mmlg_ray import stopping
 
 
-def test_sigterm_is_handed_to_the_current_sigint_handler_then_restored():
+def test_sigterm_goes_to_tunes_graceful_stop_inside_a_tune_run_and_raises_elsewhere():
     before = signal.getsignal(signal.SIGTERM)
+    before_int = signal.getsignal(signal.SIGINT)
     seen = []
-    old_int = signal.signal(signal.SIGINT, lambda s, f: seen.append(s))  # as Ray Tune's graceful stop
     try:
         with stopping.sigterm_as_ctrl_c():
-            os.kill(os.getpid(), signal.SIGTERM)
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # outside Tune: KeyboardInterrupt
+            # a handler a framework left behind (Tune's, Ray Train's) is not asked outside a Tune run
+            signal.signal(signal.SIGINT, lambda s, f: seen.append("stale"))
             with pytest.raises(KeyboardInterrupt):
                 os.kill(os.getpid(), signal.SIGTERM)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what ray.init's own handler amounts to
+            with stopping.tune_run():
+                signal.signal(signal.SIGINT, lambda s, f: seen.append("tune"))  # as Tune's fit() installs
+                os.kill(os.getpid(), signal.SIGTERM)
+            assert signal.getsignal(signal.SIGINT) is not None and seen == ["tune"]
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what ray.init's own handler does to ours
             stopping.reinstall()
             with pytest.raises(KeyboardInterrupt):
                 os.kill(os.getpid(), signal.SIGTERM)
     finally:
-        signal.signal(signal.SIGINT, old_int)
-    assert seen == [signal.SIGINT]
+        signal.signal(signal.SIGINT, before_int)
     assert signal.getsignal(signal.SIGTERM) is before
     stopping.reinstall()  # outside the block: does nothing
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_tune_run_puts_back_the_sigint_handler_from_before():
+    before = signal.getsignal(signal.SIGINT)
+    with stopping.tune_run():
+        signal.signal(signal.SIGINT, lambda s, f: None)  # Tune never uninstalls its own
+    assert signal.getsignal(signal.SIGINT) is before

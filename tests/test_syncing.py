@@ -61,9 +61,10 @@ def test_state_period_grows_with_the_planned_trials(monkeypatch):
     assert syncing.state_period(40) == 10.0 and syncing.state_period(1512) == 0.2 * 1512
     monkeypatch.setattr(syncing, "USER_PERIOD", None)
     monkeypatch.delenv(syncing.PERIOD_ENV, raising=False)
-    syncing.set_state_period(1512)
-    assert os.environ[syncing.PERIOD_ENV] == "302.4"
+    with syncing.state_period_set(1512):
+        assert os.environ[syncing.PERIOD_ENV] == "302.4"
+    assert syncing.PERIOD_ENV not in os.environ  # not left for a later job of this process
     monkeypatch.setattr(syncing, "USER_PERIOD", "1")  # the user's own setting wins
     monkeypatch.setenv(syncing.PERIOD_ENV, "1")
-    syncing.set_state_period(1512)
-    assert os.environ[syncing.PERIOD_ENV] == "1"
+    with syncing.state_period_set(1512):
+        assert os.environ[syncing.PERIOD_ENV] == "1"

@@ -25,6 +25,7 @@ Driver-side only: the trials' checkpoints are uploaded by Ray Train's own code, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
@@ -45,11 +46,22 @@ def state_period(n_trials: int) -> float:
     return max(10.0, S_PER_TRIAL * n_trials)
 
 
-def set_state_period(n_trials: int) -> None:
-    """Before a Tune run of `n_trials` planned trials (read by Tune's controller as it starts)."""
+@contextlib.contextmanager
+def state_period_set(n_trials: int):
+    """Around the Tune runs of `n_trials` planned trials (Tune's controller reads the period as it starts);
+    the environment is as before afterwards, so a later job this process starts is not held to it."""
     if USER_PERIOD is not None:
+        yield
         return
+    before = os.environ.get(PERIOD_ENV)
     os.environ[PERIOD_ENV] = f"{state_period(n_trials):g}"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PERIOD_ENV, None)
+        else:
+            os.environ[PERIOD_ENV] = before
 
 
 def upload_changed(local_path: str, fs, fs_path: str, exclude=None) -> None:
@@ -82,11 +94,12 @@ def upload_changed(local_path: str, fs, fs_path: str, exclude=None) -> None:
     def put(item):
         path, rel, sig = item
         try:
-            with open(path, "rb") as src, fs.open_output_stream(posixpath.join(fs_path, rel)) as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-        except FileNotFoundError:
+            src = open(path, "rb")
+        except FileNotFoundError:  # removed since the walk: nothing to send (an error at the destination raises)
             return
+        with src, fs.open_output_stream(posixpath.join(fs_path, rel)) as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
         with _lock:
             sent[rel] = sig
 

@@ -18,6 +18,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
+from mmlg_ray import stopping
 from mmlg_ray.distributed import syncing
 from mmlg_ray.distributed.checkpoints import CheckpointPruner, drop_finished
 from mmlg_ray.distributed.logs import status_reporter, tune_callbacks
@@ -243,14 +244,19 @@ def _restore(path, trainable):
 def run_tune(cfg, plan, ctx, pretraining, fp, storage, od) -> list[dict]:
     """The trials of `plan` on Ray Tune: the sweep experiment, then any follow-up seeds round."""
     from ray import tune
-    from ray.tune import TuneConfig
 
     tcfg = cfg.ray.tune
     trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), trial_resources(tcfg))
     # uploads that grow linearly with the trials: changed files only, the state on a period that grows
     # with the planned trial count (see .syncing)
     syncing.incremental_uploads()
-    syncing.set_state_period(len(plan.cells) * (plan.settings.num_samples + len(plan.settings.seeds) - 1))
+    with syncing.state_period_set(len(plan.cells) * (plan.settings.num_samples + len(plan.settings.seeds) - 1)):
+        return _run_tune(cfg, plan, ctx, pretraining, fp, storage, od, trainable)
+
+
+def _run_tune(cfg, plan, ctx, pretraining, fp, storage, od, trainable) -> list[dict]:
+    from ray.tune import TuneConfig
+
     name = f"sweep-{fp}"
     path = f"{storage}/{name}"
     plan_searcher = PlanSearcher(plan, name)
@@ -278,7 +284,8 @@ def run_tune(cfg, plan, ctx, pretraining, fp, storage, od) -> list[dict]:
                 ),
             )  # the plan bounds concurrency: Tune's ConcurrencyLimiter would drop the
             # completion of a trial retried on resume (it is not among its live trials), and the plan with it
-        grid = tuner.fit()
+        with stopping.tune_run():  # SIGTERM: Tune's graceful stop
+            grid = tuner.fit()
         live = _LIVE.get(name)
         if live is not None and live.plan is not plan:  # a restored run drives its own copy of the plan
             plan.load_state(live.plan.state())
@@ -324,7 +331,8 @@ def _round(cfg, plan, path, trainable, jobs, restore, od, storage) -> list[Trial
             tune_config=TuneConfig(max_concurrent_trials=cfg.ray.tune.max_concurrent, reuse_actors=True),
         )
     st = Stage("seeds", f"{len(jobs)} seed re-runs at their cells' current best hyper-parameters ({name})")
-    grid = tuner.fit()
+    with stopping.tune_run():
+        grid = tuner.fit()
     out = []
     for row in _rows(grid, None):
         plan.add(
