@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages: the data the default run reads, and chromium (headless), which the report's test opens
 DATA_PKGS := dataset-fashion-mnist tuxpaint-stamps-default openclipart-png openclipart-svg chromium
 
-.PHONY: setup data venv lock run run-local rehearse study test test-fast lint bench paper-mini clean
+.PHONY: setup data venv lock run run-local rehearse study test test-fast lint bench bench-scale paper-mini clean
 setup: data venv
 
 data:
@@ -80,6 +80,12 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/extraction_throughput.py
+
+# a sweep of the paper grid's trial count (1,512 micro-model trials) with its output on a loopback S3
+# server that counts what it is sent: wall time, driver peak memory, bytes and puts (docs/results.md);
+# benchmarks/sweep_scale.py --trials 40 / 160 is the N-to-4N check (~1 and ~2 minutes)
+bench-scale: setup
+	RAY_USAGE_STATS_ENABLED=0 $(PY) benchmarks/sweep_scale.py --trials 1512 --json runs/bench/sweep_scale-1512.json
 
 # configs/paper_vitb16.yaml's code path in miniature on this CPU (random-weight ViT-B-16 ancestor,
 # webdataset shards written from the packaged data, bf16, ZeRO-3 on 2 workers, two widths)
