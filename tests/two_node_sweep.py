@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+
 
 def main(out_uri: str, overrides: list[str]) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -36,11 +38,18 @@ def main(out_uri: str, overrides: list[str]) -> None:
     second = None
     try:
         cache = os.path.realpath(load_config(None, overrides).cache_path)
-        mounts = "mount -t tmpfs tmpfs /tmp" + (
-            ""
-            if cache.startswith("/tmp/")
-            else f" && mkdir -p {shlex.quote(cache)} && mount -t tmpfs tmpfs {shlex.quote(cache)}"
+        # what a cloud node has on its own disk: the code and the venv (a clone in /tmp, as CI's may be,
+        # would vanish under the tmpfs), bound back in place from a descriptor opened before the mount
+        keep = [p for p in {ROOT, os.path.realpath(sys.prefix)} if p.startswith("/tmp/")]
+        keep = [p for p in keep if not any(p != q and p.startswith(q + "/") for q in keep)]
+        opens = " && ".join(f"exec {3 + i}<{shlex.quote(p)}" for i, p in enumerate(keep))
+        binds = "".join(
+            f" && mkdir -p {shlex.quote(p)} && mount --no-canonicalize --bind /proc/$$/fd/{3 + i} {shlex.quote(p)}"
+            for i, p in enumerate(keep)
         )
+        mounts = (opens + " && " if opens else "") + "mount -t tmpfs tmpfs /tmp" + binds
+        if not cache.startswith("/tmp/"):
+            mounts += f" && mkdir -p {shlex.quote(cache)} && mount -t tmpfs tmpfs {shlex.quote(cache)}"
         ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
         start = f"{mounts} && exec {shlex.quote(ray_cli)} start --address={cluster.address} --num-cpus=1 --resources='{{\"nodisk\": 1}}' --disable-usage-stats --block"
         second = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", start])
