@@ -1,6 +1,6 @@
-"""Ray end-to-end tests (tiny sizes, one Ray instance per session): ZeRO-2 extraction on Ray Train
-with a crash and resume; bf16 extraction under ZeRO-2 and ZeRO-3 (+ offload); the Tune sweep
-interrupted mid-way and resumed."""
+"""Ray end-to-end tests (tiny sizes, one Ray instance per session): bf16 ZeRO-3 (+ offload)
+extraction on Ray Train with a crash and resume; the Tune sweep interrupted mid-way and resumed, and
+its trials killed, failed for good, retried and superseded."""
 
 import json
 import logging
@@ -21,23 +21,41 @@ from mmlg_ray.method.learngene import load_learngene
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_zero2_extraction_crashes_resumes_and_yields_a_learngene(
+def test_bf16_zero3_offload_extraction_crashes_resumes_and_yields_an_fp32_learngene(
     tiny_cfg, tiny_ancestor, ray_address, tmp_path, monkeypatch
 ):
+    """precision=bf16, DeepSpeed ZeRO-3 on 2 Ray Train workers, optimizer and parameters offloaded to
+    the CPU; one worker crashes right after the first checkpoint (step 6 of 12), Ray Train restarts
+    the workers, which resume from that checkpoint (partitioned, offloaded state), not from step 0.
+    The student and the teacher run in bf16 (the teacher used to stay fp32 and crash on bf16 images);
+    the learngene is consolidated from the fp32 master weights and makes a working descendant. ZeRO-2
+    runs in every sweep below (the default), elastic ZeRO-3 in test_elastic."""
+    from safetensors import safe_open
+
     from mmlg_ray.method.descend import descendant_spec, init_descendant
     from mmlg_ray.distributed.extract import extract_on_ray
+    from mmlg_ray.method.train import lr_lambda
 
     cfg = tiny_cfg.model_copy(deep=True)
-    cfg.ray.extraction.zero_stage = 2
+    cfg.precision = "bf16"
+    cfg.ray.extraction.zero_stage = 3
+    cfg.ray.extraction.offload_optimizer = cfg.ray.extraction.offload_params = True
     cfg.ray.num_workers = 2
     cfg.ray.max_failures = 1
-    # one worker crash right after the first checkpoint (step 6 of 12); Ray Train restarts the
-    # workers, which must resume from that checkpoint, not from step 0
     monkeypatch.setenv("MMLG_FAIL_AT_STEP", "6")
     out = tmp_path / "lg.safetensors"
     cost = extract_on_ray(cfg, tiny_ancestor, out, storage=str(tmp_path / "ray"))
     assert cost["resumed_from_step"] == 6
-    assert cost["steps"] == 12 and cost["devices"] == 2 and cost["zero_stage"] == 2
+    assert cost["steps"] == 12 and cost["devices"] == 2 and cost["zero_stage"] == 3
+    assert cost["precision"] == "bf16" and math.isfinite(cost["final_loss"])
+    ecfg = cfg.learngene.extraction
+    assert cost["final_lr"] == pytest.approx(ecfg.lr * lr_lambda(ecfg)(12))  # the project's schedule held
+    with safe_open(str(out), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    # fp32 master weights, not bf16 weights cast up: trained tensors hold values bf16 cannot represent
+    trained = [t for k, t in tensors.items() if k.startswith(("multimodal.", "unimodal."))]
+    assert any((t != t.bfloat16().float()).any() for t in trained)
     lg = load_learngene(out)
     assert lg.meta.cost["backend"] == "ray_train+deepspeed"
     spec = descendant_spec(lg.meta.model_spec, 2, 64)
@@ -46,41 +64,6 @@ def test_zero2_extraction_crashes_resumes_and_yields_a_learngene(
         torch.randn(2, 3, spec.image_size, spec.image_size), torch.randint(1, 999, (2, spec.context_length))
     )
     assert torch.isfinite(img).all() and img.shape == (2, spec.embed_dim)
-
-
-@pytest.mark.parametrize("stage, offload", [(2, False), (3, True)], ids=["zero2", "zero3-offload"])
-def test_bf16_extraction_on_ray_yields_an_fp32_learngene(
-    tiny_cfg, tiny_ancestor, ray_address, tmp_path, stage, offload
-):
-    """precision=bf16: DeepSpeed's bf16 student and a bf16 teacher on 2 workers (the teacher used to
-    stay fp32 and crash on bf16 images); ZeRO-3 also offloads optimizer and parameters to the CPU.
-    The learngene is consolidated from the fp32 master weights."""
-    from safetensors import safe_open
-
-    from mmlg_ray.distributed.extract import extract_on_ray
-    from mmlg_ray.method.train import lr_lambda
-
-    cfg = tiny_cfg.model_copy(deep=True)
-    cfg.precision = "bf16"
-    cfg.ray.num_workers = 2
-    cfg.ray.extraction.zero_stage = stage
-    cfg.ray.extraction.offload_optimizer = offload
-    cfg.ray.extraction.offload_params = offload
-    cfg.learngene.extraction.steps = 6
-    cfg.learngene.extraction.checkpoint_every = 6
-    out = tmp_path / "lg.safetensors"
-    cost = extract_on_ray(cfg, tiny_ancestor, out, storage=str(tmp_path / "ray"))
-    assert cost["zero_stage"] == stage and cost["precision"] == "bf16" and cost["steps"] == 6
-    assert math.isfinite(cost["final_loss"])
-    ecfg = cfg.learngene.extraction
-    assert cost["final_lr"] == pytest.approx(ecfg.lr * lr_lambda(ecfg)(6))  # the project's schedule held
-    with safe_open(str(out), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    assert {t.dtype for t in tensors.values()} == {torch.float32}
-    # fp32 master weights, not bf16 weights cast up: trained tensors hold values bf16 cannot represent
-    trained = [t for k, t in tensors.items() if k.startswith(("multimodal.", "unimodal."))]
-    assert any((t != t.bfloat16().float()).any() for t in trained)
-    assert load_learngene(out).meta.cost["backend"] == "ray_train+deepspeed"
 
 
 def _finished_trials(run_dir: Path) -> dict[str, int]:
