@@ -99,6 +99,28 @@ def tiny_learngene_path(tiny_cfg, tiny_ancestor, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def seed_learngene(tiny_cfg, tiny_learngene_path):
+    """seed(out, sets): the session's mmlg learngene copied into a sweep's output folder, under the name
+    that sweep's config gives it, so that a sweep testing its trials (not its extraction) reuses it, as
+    any rerun would, instead of extracting again on Ray Train (~30 s). Refused when the sweep's
+    extraction settings differ from the session's (the copy would then stand for another learngene)."""
+    import shutil
+
+    from mmlg_ray.config import load_config
+    from mmlg_ray.engine.pipeline import extraction_fingerprint, learngene_path
+
+    def seed(out, sets: list[str]):
+        cfg = load_config(None, sets)
+        assert extraction_fingerprint(cfg) == extraction_fingerprint(tiny_cfg), "not the session's extraction"
+        dst = learngene_path(cfg, out, "mmlg")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tiny_learngene_path, dst)
+        return dst
+
+    return seed
+
+
+@pytest.fixture(scope="session")
 def s3():
     """A real S3-compatible server for the session: moto's server mode on 127.0.0.1 (a free port), with
     one bucket. Its address and test credentials are exported as the AWS_* variables that pyarrow (so

@@ -95,7 +95,9 @@ def _settled_trials(run_dir: Path) -> dict[str, int]:
     return {name: n for name, n in _finished_trials(run_dir).items() if name.split("_")[2] in done}
 
 
-def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_address, tmp_path, caplog, capsys):
+def test_sweep_interrupted_and_resumed_has_each_trial_once(
+    tiny_overrides, ray_address, seed_learngene, tmp_path, caplog, capsys
+):
     out = tmp_path / "sweep"
     sets = tiny_overrides + [
         f"ray.address={ray_address}",
@@ -105,6 +107,7 @@ def test_sweep_interrupted_and_resumed_has_each_trial_once(tiny_overrides, ray_a
         "descendants.finetune.steps=30",
         "descendants.finetune.eval_every=10",
     ]
+    seed_learngene(out, sets)  # the trials are under test here; extraction on Ray Train is test_logs' and others'
     argv = [sys.executable, str(ROOT / "jobs/sweep.py"), "--output", str(out)] + sum((["--set", s] for s in sets), [])
     log = open(tmp_path / "first.log", "w")
     # Tune saves its experiment state on a period (auto: every 10 s or more; nothing forces a save per
