@@ -1,6 +1,7 @@
-"""The main job on object storage (a real S3 server on loopback: the session's `s3` fixture), and the
-pre-training stage as resumable work: each shape is written to storage as it finishes, one failure
-does not discard the others, and a rerun reuses every finished shape."""
+"""The pre-training stage on object storage (a real S3 server on loopback: the session's `s3` fixture) as
+resumable work: each shape is written to storage as it finishes, one failure does not discard the
+others, and a rerun reuses every finished shape. The whole job with its output on S3, resumed there, is
+test_two_nodes'."""
 
 import io
 import json
@@ -55,67 +56,3 @@ def test_pretrain_stage_writes_each_shape_and_a_rerun_reuses_the_finished_ones(
     assert not failed and list(done) == [f"pt_ft/{narrow}@1x"]
     after = {o["Key"]: o["LastModified"] for o in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=key)["Contents"]}
     assert len(after) == 4 and all(after[k] == t for k, t in before.items())  # reused, not written again
-
-
-def test_sweep_with_its_output_on_s3(tiny_overrides, ray_address, s3):
-    """--output s3://bucket/run: learngene, tables, report and Ray's checkpoints land in the bucket (the
-    pre-trained shapes' writes are the test above's); an interrupted experiment there needs --resume
-    (exit 2 without), which reuses it."""
-    from jobs import sweep as sweep_job
-
-    key = f"runs/{uuid.uuid4().hex[:8]}"
-    uri = f"s3://{s3.bucket}/{key}"
-    sets = tiny_overrides + [
-        f"ray.address={ray_address}",
-        "descendants.grid.method=[mmlg]",
-        "descendants.seeds=[0]",
-        "ray.tune.num_samples=1",
-        "ray.num_workers=1",
-    ]
-    argv = ["--output", uri] + sum((["--set", s] for s in sets), [])
-    assert sweep_job.main(argv) == 0
-    keys = s3.keys(key + "/")
-    files = {k[len(key) + 1 :] for k in keys}
-    for name in (
-        "config.yaml",
-        "ancestor.json",
-        "experiment.json",
-        "trials.parquet",
-        "history.parquet",
-        "stages.parquet",
-        "report/report.html",
-        "report/report.md",
-        "report/cost.parquet",
-    ):
-        assert name in files, sorted(files)
-    assert [f for f in files if f.startswith("learngenes/mmlg-") and f.endswith(".safetensors")]
-    # Ray Train's ZeRO checkpoints, Ray Tune's experiment state and the trial's own checkpoint (uploaded
-    # by the trial's worker process) went to the bucket's ray/ folder; the trial finished, so its
-    # checkpoint was deleted there once the experiment's final state was saved
-    assert [f for f in files if f.startswith("ray/extract-mmlg-") and "/checkpoint_" in f]
-    assert [f for f in files if f.startswith("ray/sweep-") and "experiment_state" in f]
-    (rj,) = [f for f in files if f.startswith("ray/sweep-") and f.endswith("/result.json")]
-    body = s3.client.get_object(Bucket=s3.bucket, Key=f"{key}/{rj}")["Body"].read().decode()
-    reported = [json.loads(line).get("checkpoint_dir_name") for line in body.splitlines() if line.strip()]
-    assert reported[0] == "checkpoint_000000"  # the first evaluation's, persisted to the bucket
-    assert not [f for f in files if f.startswith("ray/sweep-") and "/checkpoint_" in f]
-    trials = _parquet(s3, f"{key}/trials.parquet")
-    assert len(trials) == 1 and set(trials.method) == {"mmlg"} and (trials.status == "finished").all()
-    stages = _parquet(s3, f"{key}/stages.parquet")
-    assert stages[stages.stage == "extraction"].artifact.str.startswith(f"{uri}/learngenes/").all()
-    html = s3.client.get_object(Bucket=s3.bucket, Key=f"{key}/report/report.html")["Body"].read().decode()
-    from mmlg_ray.method.learngene import load_learngene
-
-    sha = load_learngene(stages[stages.stage == "extraction"].artifact.iloc[0]).meta.tensors_sha256
-    assert sha in html  # provenance read the learngene from S3
-
-    # the driver "dies" after the sweep but before its tables: an interrupted experiment in the bucket
-    lg_key = next(k for k in keys if "/learngenes/" in k)
-    lg_time = s3.client.head_object(Bucket=s3.bucket, Key=lg_key)["LastModified"]
-    for name in ("trials.parquet", "history.parquet", "stages.parquet"):
-        s3.client.delete_object(Bucket=s3.bucket, Key=f"{key}/{name}")
-    assert sweep_job.main(argv) == 2  # refused: it needs --resume (or a fresh start)
-    assert sweep_job.main(argv + ["--resume"]) == 0
-    again = _parquet(s3, f"{key}/trials.parquet")
-    assert sorted(again.trial_id) == sorted(trials.trial_id)  # the finished trials, restored, not run again
-    assert s3.client.head_object(Bucket=s3.bucket, Key=lg_key)["LastModified"] == lg_time  # learngene reused

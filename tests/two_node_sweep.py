@@ -4,7 +4,9 @@ named by AWS_ENDPOINT_URL, then only that cluster shut down. The head (ray.clust
 sees this machine's files; the second node (`ray start`, 1 CPU, custom resource `nodisk`) runs in a
 mount namespace of its own with a private tmpfs over /tmp, where the cache folder, the test's
 folders and the head's Ray session live: a read of the head's disk fails there, as on a cloud node.
-Prints one JSON line: the nodes, the second node's id, and the node of every extraction worker.
+With MMLG_TWO_NODES_SHARED_DISK set (where `unshare --mount` is not allowed) the second node is a plain
+`ray start` sharing the disk. Prints one JSON line: the nodes, the second node's id, and the node of
+every extraction worker.
 
     python tests/two_node_sweep.py OUTPUT_URI '["override=value", ...]'
 """
@@ -52,7 +54,11 @@ def main(out_uri: str, overrides: list[str]) -> None:
             mounts += f" && mkdir -p {shlex.quote(cache)} && mount -t tmpfs tmpfs {shlex.quote(cache)}"
         ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
         start = f"{mounts} && exec {shlex.quote(ray_cli)} start --address={cluster.address} --num-cpus=1 --resources='{{\"nodisk\": 1}}' --disable-usage-stats --block"
-        second = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", start])
+        if os.environ.get("MMLG_TWO_NODES_SHARED_DISK"):  # no private mounts allowed here: a plain second node
+            start = start[len(mounts) + len(" && ") :]
+            second = subprocess.Popen(["sh", "-c", start])
+        else:
+            second = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", start])
         ray.init(address=cluster.address, log_to_driver=False)
         deadline = time.time() + 120
         while len([n for n in ray.nodes() if n["Alive"]]) < 2:
