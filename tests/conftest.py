@@ -66,27 +66,49 @@ TINY = [
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def cache_dir(tmp_path_factory, worker_id):
+    """The session's cache folder (ancestors, decoded data): one for all pytest-xdist workers of a run."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if worker_id != "master" else base
+    path = root / "cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="session")
-def tiny_overrides(cache_dir):
+def worker_id(request):
+    """pytest-xdist's worker name (gw0, gw1...), "master" without xdist (its own fixture, when installed, wins)."""
+    return getattr(getattr(request.config, "workerinput", None), "get", lambda k, d: d)("workerid", "master")
+
+
+@pytest.fixture(scope="session")
+def _tiny_sets(cache_dir):
     return TINY + [f"cache_dir={cache_dir}"]
 
 
 @pytest.fixture(scope="session")
-def tiny_cfg(tiny_overrides):
+def tiny_cfg(_tiny_sets):
     from mmlg_ray.config import load_config
 
-    return load_config(None, tiny_overrides)
+    return load_config(None, _tiny_sets)
 
 
 @pytest.fixture(scope="session")
-def tiny_ancestor(tiny_cfg):
+def tiny_ancestor(tiny_cfg, cache_dir):
+    """The tiny ancestor, pre-trained once per run into the cache (one xdist worker builds it, the others wait)."""
+    from filelock import FileLock
+
     from mmlg_ray.method.ancestor import get_ancestor
 
-    return get_ancestor(tiny_cfg, torch.device("cpu"))
+    with FileLock(str(cache_dir) + ".lock"):
+        return get_ancestor(tiny_cfg, torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(_tiny_sets, tiny_ancestor):
+    """TINY and the session's cache, for a job run from the command line; the ancestor is in the cache
+    by then, so no job (a subprocess, or another xdist worker's) pre-trains it a second time."""
+    return _tiny_sets
 
 
 @pytest.fixture(scope="session")
