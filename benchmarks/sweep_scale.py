@@ -26,20 +26,11 @@ import threading
 import time
 from pathlib import Path
 
+from mmlg_ray.config import as_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
-MICRO = [
-    "ancestor.spec.image_depth=2",
-    "ancestor.spec.text_depth=2",
-    "ancestor.spec.image_width=128",
-    "ancestor.spec.text_width=64",
-    "ancestor.spec.embed_dim=32",
-    "ancestor.spec.image_size=16",
-    "ancestor.spec.patch_size=8",
-    "ancestor.spec.context_length=16",
-    "ancestor.pretrain.steps=30",
-    "ancestor.pretrain.batch_size=64",
-    "data.corpus.max_samples=4000",
-    "data.zeroshot.max_samples=300",
+# configs/tiny.yaml's micro ancestor; 4 cells of scratch trials, each evaluated (and checkpointed) 8 times
+MICRO = as_overrides("tiny") + [
     "descendants.grid.modality=[image]",
     "descendants.grid.depth=[1,2]",
     "descendants.grid.width=[32,64]",

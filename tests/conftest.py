@@ -13,6 +13,7 @@ torch.set_num_threads(2)
 # the venv's ninja first on PATH for every process the tests start (subprocess jobs, the session's Ray and
 # its workers), as the product's entry points and Ray workers have it: another ninja on PATH rebuilds
 # DeepSpeed's prebuilt ops (CPU Adam: ~50 s) in whatever process loads one
+from mmlg_ray.config import as_overrides  # noqa: E402
 from mmlg_ray.prebuild import venv_ninja_first  # noqa: E402
 
 venv_ninja_first()
@@ -35,50 +36,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
-TINY = [
-    "ancestor.spec.image_depth=2",
-    "ancestor.spec.text_depth=2",
-    "ancestor.spec.image_width=128",
-    "ancestor.spec.text_width=64",
-    "ancestor.spec.embed_dim=32",
-    "ancestor.spec.image_size=16",
-    "ancestor.spec.patch_size=8",
-    "ancestor.spec.context_length=16",
-    "ancestor.pretrain.steps=30",
-    "ancestor.pretrain.batch_size=64",
-    "ancestor.pretrain.log_every=10",
-    "data.corpus.max_samples=4000",
-    "data.zeroshot.max_samples=300",
-    "learngene.extraction.steps=12",
-    "learngene.extraction.batch_size=32",
-    "learngene.extraction.log_every=6",
-    "learngene.extraction.checkpoint_every=6",
-    "descendants.grid.modality=[image]",
-    "descendants.grid.depth=[2]",
-    "descendants.grid.width=[64]",
-    "descendants.grid.method=[mmlg]",
-    "descendants.seeds=[0]",
-    "descendants.finetune.steps=20",
-    "descendants.finetune.eval_every=10",
-    "descendants.finetune.batch_size=32",
-    "descendants.pretrain_steps=10",
-]
+# the suite's sizes: configs/tiny.yaml (a micro ancestor, a 12-step extraction, one 20-step trial), as overrides
+TINY = as_overrides("tiny")
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory, worker_id):
-    """The session's cache folder (ancestors, decoded data): one for all pytest-xdist workers of a run."""
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if worker_id != "master" else base
-    path = root / "cache"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-@pytest.fixture(scope="session")
-def worker_id(request):
-    """pytest-xdist's worker name (gw0, gw1...), "master" without xdist (its own fixture, when installed, wins)."""
-    return getattr(getattr(request.config, "workerinput", None), "get", lambda k, d: d)("workerid", "master")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture(scope="session")
@@ -94,20 +58,17 @@ def tiny_cfg(_tiny_sets):
 
 
 @pytest.fixture(scope="session")
-def tiny_ancestor(tiny_cfg, cache_dir):
-    """The tiny ancestor, pre-trained once per run into the cache (one xdist worker builds it, the others wait)."""
-    from filelock import FileLock
-
+def tiny_ancestor(tiny_cfg):
+    """The tiny ancestor, pre-trained once per session into the session's cache."""
     from mmlg_ray.method.ancestor import get_ancestor
 
-    with FileLock(str(cache_dir) + ".lock"):
-        return get_ancestor(tiny_cfg, torch.device("cpu"))
+    return get_ancestor(tiny_cfg, torch.device("cpu"))
 
 
 @pytest.fixture(scope="session")
 def tiny_overrides(_tiny_sets, tiny_ancestor):
     """TINY and the session's cache, for a job run from the command line; the ancestor is in the cache
-    by then, so no job (a subprocess, or another xdist worker's) pre-trains it a second time."""
+    by then, so no job (in a subprocess or not) pre-trains it a second time."""
     return _tiny_sets
 
 

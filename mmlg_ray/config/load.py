@@ -125,6 +125,23 @@ def presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
+def as_overrides(path: str | os.PathLike) -> list[str]:
+    """A YAML config (or a preset's name) as the dotted overrides that give the same config, to be
+    extended with more: load_config(None, as_overrides("tiny") + ["seed=1"])."""
+
+    def walk(tree: dict, prefix: str) -> list[str]:
+        out = []
+        for k, v in tree.items():
+            if isinstance(v, dict) and v:
+                out += walk(v, f"{prefix}{k}.")
+            else:  # the value as YAML that reads back as itself (1e-5 as 1.0e-05, a list in flow style)
+                text = yaml.safe_dump(v, default_flow_style=True, width=1 << 30).removesuffix("\n...\n").strip()
+                out.append(f"{prefix}{k}={text}")
+        return out
+
+    return walk(yaml.safe_load(resolve_config_path(path).read_text()) or {}, "")
+
+
 def resolve_config_path(path: str | os.PathLike) -> Path:
     """A YAML file, or the name of a preset under configs/ (`--config paper_vitb16`)."""
     p = Path(os.path.expanduser(str(path)))
