@@ -162,8 +162,14 @@ def test_tiny_rehearsal_end_to_end(tiny_overrides, tmp_path):
     """Fake nodes from zero, extraction on on-demand nodes, trials on spot ones, one preempted mid-trial,
     every trial once, and the scale-down to the head: the command checks them itself (exit 0)."""
     out = tmp_path / "rehearsal"
-    # one trial, long enough (60 steps) to be preempted on its spot node and retried on another
-    sets = tiny_overrides + ["ray.tune.num_samples=1", "descendants.seeds=[0]", "descendants.finetune.steps=60"]
+    # one trial, long enough to be preempted on its spot node (the rehearsal preempts a node once a trial has
+    # run there 5 s; a tiny trial's start-up and data take ~7 s, its steps ~20 ms) and retried on another
+    sets = tiny_overrides + [
+        "ray.tune.num_samples=1",
+        "descendants.seeds=[0]",
+        "descendants.finetune.steps=400",
+        "descendants.finetune.eval_every=100",
+    ]
     cmd = [sys.executable, str(ROOT / "jobs/rehearse.py"), "--output", str(out), "--idle-timeout-s", "10"]
     for s in sets:
         cmd += ["--set", s]
