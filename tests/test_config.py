@@ -20,14 +20,15 @@ def test_paper_preset_loads_and_describes_vitb16():
     assert cfg.data.retrieval.kind == "flickr30k" and cfg.data.image_classification.kind == "oxford_pets"
 
 
-@pytest.mark.parametrize("preset", ["tiny", "local", "study_cpu", "paper_vitb16"])
-def test_a_preset_as_overrides_is_the_same_config(preset):
+def test_every_preset_as_overrides_is_the_same_config():
     """as_overrides (how the suite and benchmarks/sweep_scale.py read configs/tiny.yaml) loses nothing."""
-    from mmlg_ray.config import as_overrides
+    from mmlg_ray.config import as_overrides, presets
 
-    sets = as_overrides(preset)
-    assert load_config(None, sets).model_dump(mode="json") == load_config(preset).model_dump(mode="json")
-    assert load_config(None, sets + ["seed=7"]).seed == 7
+    assert {"tiny", "local", "study_cpu", "paper_vitb16"} <= set(presets())
+    for preset in presets():
+        sets = as_overrides(preset)
+        assert load_config(None, sets).model_dump(mode="json") == load_config(preset).model_dump(mode="json"), preset
+        assert load_config(None, sets + ["seed=7"]).seed == 7
 
 
 def test_dotted_overrides_are_typed():

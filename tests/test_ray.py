@@ -125,6 +125,7 @@ def test_sweep_interrupted_and_resumed_has_each_trial_once(
     before = _settled_trials(out)
     unsettled = {k: n for k, n in _finished_trials(out).items() if k not in before}
     assert before, (tmp_path / "first.log").read_text()[-3000:]
+    assert "extraction mmlg: reusing" in (tmp_path / "first.log").read_text()  # the seeded learngene
     assert not (out / "trials.parquet").exists()
 
     from jobs import sweep as sweep_job

