@@ -91,13 +91,13 @@ def seed_learngene(tiny_cfg, tiny_learngene_path):
 
     from mmlg_ray.config import load_config
     from mmlg_ray.engine.pipeline import extraction_fingerprint, learngene_path
+    from mmlg_ray.method.learngene import load_learngene
+
+    assert load_learngene(tiny_learngene_path).meta.method == "mmlg"
 
     def seed(out, sets: list[str]):
         cfg = load_config(None, sets)
         assert extraction_fingerprint(cfg) == extraction_fingerprint(tiny_cfg), "not the session's extraction"
-        from mmlg_ray.method.learngene import load_learngene
-
-        assert load_learngene(tiny_learngene_path).meta.method == "mmlg"
         dst = learngene_path(cfg, out, "mmlg")
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(tiny_learngene_path, dst)

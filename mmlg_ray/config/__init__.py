@@ -51,9 +51,9 @@ from mmlg_ray.config.cluster import (
 from mmlg_ray.config.root import Config, ReportConfig, URI_SCHEMES
 from mmlg_ray.config.load import (
     PRESETS_DIR,
+    as_overrides,
     config_from_dict,
     dump_config,
-    as_overrides,
     load_config,
     parse_override,
     presets,
