@@ -162,16 +162,17 @@ def test_tiny_rehearsal_end_to_end(tiny_overrides, tmp_path):
     """Fake nodes from zero, extraction on on-demand nodes, trials on spot ones, one preempted mid-trial,
     every trial once, and the scale-down to the head: the command checks them itself (exit 0)."""
     out = tmp_path / "rehearsal"
-    # one trial, long enough to be preempted on its spot node (the rehearsal preempts a node once a trial has
-    # run there 5 s; a tiny trial's process start-up takes ~6 s, its data ~1 s, a step ~20 ms) and retried
-    # on another
+    # one trial, preempted on its spot node at the first sample (every 2 s) that sees it there: its process
+    # start-up alone takes seconds, so the preemption lands mid-trial however fast the machine (a fixed delay
+    # raced the trial: on a fast day 400 steps ran in 2.4 s and nothing was preempted); retried on another
     sets = tiny_overrides + [
         "ray.tune.num_samples=1",
         "descendants.seeds=[0]",
-        "descendants.finetune.steps=400",
-        "descendants.finetune.eval_every=100",
+        "descendants.finetune.steps=200",
+        "descendants.finetune.eval_every=50",
     ]
     cmd = [sys.executable, str(ROOT / "jobs/rehearse.py"), "--output", str(out), "--idle-timeout-s", "10"]
+    cmd += ["--preempt-after-s", "0"]
     for s in sets:
         cmd += ["--set", s]
     log = tmp_path / "rehearse.log"
