@@ -3,7 +3,8 @@ subprocess; the session's S3 server). The second node runs in a mount namespace 
 tmpfs over /tmp and the cache folder, so nothing is read from another node's disk (the learngene is
 consolidated by the driver from the checkpoint in S3, the trial reads its inputs by reference); where
 `unshare --mount` is not allowed (not root) the nodes share the disk and that one check is left out.
-The ZeRO extraction's two workers land on different nodes, the trial on the second node; learngene,
+The ZeRO extraction's two workers land on different nodes, crash once after step 6 and resume there
+from their checkpoint in S3; the trial runs on the second node; learngene,
 tables, report and Ray's checkpoints land in the bucket. Then the driver "dies" before its tables, and
 on the session's own Ray (another cluster, as after a head replaced) the interrupted experiment in the
 bucket needs --resume, which restores it without running a trial or an extraction again."""
@@ -58,6 +59,7 @@ def test_two_node_cluster_extracts_on_both_nodes_sweeps_to_s3_and_resumes_there(
     ]
     log = tmp_path / "two_nodes.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MMLG_TWO_NODES_SHARED_DISK": "" if private else "1"}
+    env["MMLG_FAIL_AT_STEP"] = "6"  # the extraction crashes once, after its step-6 checkpoint in S3
     with open(log, "w") as err:
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / "tests/two_node_sweep.py"), uri, json.dumps(sets)],
@@ -76,8 +78,8 @@ def test_two_node_cluster_extracts_on_both_nodes_sweeps_to_s3_and_resumes_there(
     assert proc.returncode == 0, log.read_text()[-4000:]
     res = json.loads(out.strip().splitlines()[-1])
     assert len(res["nodes"]) == 2
-    # 2 workers of 1 CPU on two 1-CPU nodes: one on each, as Ray's state API reports
-    assert sorted(res["train_worker_nodes"]) == res["nodes"]
+    # 2 workers of 1 CPU on two 1-CPU nodes: one on each in each of the two attempts, as Ray's state API reports
+    assert sorted(res["train_worker_nodes"]) == sorted(res["nodes"] * 2)
     assert res["trial_nodes"] == [res["nodisk"]]
     # a file the head's driver wrote in /tmp is not there for the second node (there, as the mode says, when
     # the nodes share the disk)
@@ -122,6 +124,8 @@ def test_two_node_cluster_extracts_on_both_nodes_sweeps_to_s3_and_resumes_there(
     assert lg.meta.tensors_sha256 in html  # provenance read the learngene from S3
     cost = lg.meta.cost
     assert cost["steps"] == 12 and cost["zero_stage"] == 2
+    # resumed on both nodes from the checkpoint in S3 (each rank its own ZeRO shard), not started again
+    assert cost["resumed_from_step"] == 6
     assert cost["devices"] == 2 and {t.dtype for t in lg.tensors.values()} == {torch.float32}
 
     # the driver "dies" after the sweep but before its tables: an interrupted experiment in the bucket

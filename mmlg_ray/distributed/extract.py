@@ -227,6 +227,14 @@ def _train_worker(config: dict):
         chunk_start = chunk_end
         report(chunk_end, {**last, "samples": samples[0], "resumed_from_step": start})
         if fail_at and start == 0 and chunk_end >= fail_at:
+            # every rank's report queued first: Ray Train commits a checkpoint once all ranks have reported,
+            # and a rank that raised while another was still uploading its shard (slower to S3 from another
+            # node) ended the attempt with that checkpoint uncommitted: the retry then started at step 0 and
+            # failed here again, spending every retry
+            if world > 1:
+                import torch.distributed as dist
+
+                dist.barrier()
             raise RuntimeError(f"injected failure after step {chunk_end} (MMLG_FAIL_AT_STEP)")
 
 
