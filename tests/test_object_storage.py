@@ -1,6 +1,6 @@
 """The pre-training stage on object storage (a real S3 server on loopback: the session's `s3` fixture) as
 resumable work: each shape is written to storage as it finishes, one failure does not discard the
-others, and a rerun reuses every finished shape. The whole job with its output on S3, resumed there, is
+others, a rerun reuses every finished shape, and a task whose process dies resumes from its checkpoint there. The whole job with its output on S3, resumed there, is
 test_two_nodes'."""
 
 import io
@@ -8,6 +8,7 @@ import json
 import uuid
 
 import pandas as pd
+import pytest
 
 
 def _parquet(s3, key) -> pd.DataFrame:
@@ -37,10 +38,12 @@ def test_pretrain_stage_writes_each_shape_and_a_rerun_reuses_the_finished_ones(
     done, failed = RayExecutor().start_pretraining(cfg, tiny_ancestor, None, jobs, wait=False).wait()
     assert [n for n, _ in failed] == [f"pt_ft/{narrow}@1x"] and list(done) == [f"pt_ft/{wide}@1x"]
     assert "injected failure" in str(failed[0][1])
-    written = s3.keys(key)
+    # (a "folder/" marker is what pyarrow leaves when it deletes a folder's last file: the checkpoint's)
+    written = [k for k in s3.keys(key) if not k.endswith("/")]
     assert sorted(k.rsplit(".", 1)[-1] for k in written) == ["json", "safetensors"]
     assert all(f"/pretrained/pt_ft-{wide}-1x-" in k for k in written)  # the finished shape is there, the failed not
     before = {o["Key"]: o["LastModified"] for o in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=key)["Contents"]}
+    before = {k: t for k, t in before.items() if not k.endswith("/")}
     stored = json.loads(
         s3.client.get_object(Bucket=s3.bucket, Key=next(k for k in before if k.endswith(".json")))["Body"].read()
     )
@@ -52,7 +55,70 @@ def test_pretrain_stage_writes_each_shape_and_a_rerun_reuses_the_finished_ones(
     reused, todo = split_pretraining(pretrain_jobs(cfg, tiny_ancestor.spec, fresh))
     assert list(reused) == [f"pt_ft/{wide}@1x"] and [shape_key(j.spec) for j in todo] == [narrow]
     assert reused[f"pt_ft/{wide}@1x"]["cost"] == stored["cost"]  # its measured cost is the first run's
+    # this time its task's process dies (SIGKILL, as when its node is reclaimed) right after its step-5
+    # checkpoint in the bucket: Ray runs the task again, which resumes there
+    cfg.descendants.pretrain_checkpoint_every = 5
+    cfg.ray.max_failures = 1
+    monkeypatch.setenv("MMLG_KILL_PRETRAIN_AT_STEP", "5")
     done, failed = RayExecutor().start_pretraining(cfg, tiny_ancestor, None, todo, wait=True).wait()
     assert not failed and list(done) == [f"pt_ft/{narrow}@1x"]
+    cost, whole = done[f"pt_ft/{narrow}@1x"]["cost"], stored["cost"]  # the wide shape ran without a break
+    assert cost["resumed_from_step"] == 5 and whole["resumed_from_step"] == 0
+    # the whole run's steps and samples, and the schedule continued where it stopped
+    assert cost["steps"] == whole["steps"] == cfg.descendants.pretrain_steps and cost["samples"] == whole["samples"]
+    assert cost["final_lr"] == whole["final_lr"]
     after = {o["Key"]: o["LastModified"] for o in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=key)["Contents"]}
-    assert len(after) == 4 and all(after[k] == t for k, t in before.items())  # reused, not written again
+    after = {k: t for k, t in after.items() if not k.endswith("/")}
+    # reused, not written again; the checkpoint deleted once its shape was written
+    assert len(after) == 4 and all(after[k] == t for k, t in before.items())
+    assert not [k for k in after if k.endswith(".ckpt.pt")]
+
+
+def test_a_pretraining_resumes_from_its_checkpoint_and_a_bad_one_starts_again(
+    tiny_cfg, tiny_ancestor, tmp_path, caplog
+):
+    """The checkpoints of one shape's pre-training (no Ray: the file the Ray task writes to the output
+    store): a run stopped after its step-4 checkpoint continues from step 4 with its schedule and
+    counts whole; a checkpoint that does not load is set aside with a warning and the run starts over."""
+    from dataclasses import replace
+
+    import torch
+
+    from mmlg_ray.engine.job import pretrain_checkpointing
+    from mmlg_ray.engine.pipeline import pretrain_descendant
+    from mmlg_ray.method.descend import descendant_spec
+
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.descendants.pretrain_checkpoint_every = 4
+    spec = descendant_spec(tiny_ancestor.spec, 2, 64)
+    path = tmp_path / "shape.ckpt.pt"
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_4(step, start):
+        if step == 4:
+            raise Stop
+
+    saved = []
+    ckpt = pretrain_checkpointing(cfg, str(path))
+    first = replace(ckpt, save=lambda snap: (saved.append(snap["step"]), ckpt.save(snap)), after_save=stop_at_4)
+    with pytest.raises(Stop):
+        pretrain_descendant(cfg, tiny_ancestor, "pt_ft", spec, checkpoint=first)
+    assert saved == [4] and torch.load(path, weights_only=True)["step"] == 4
+    _, resumed = pretrain_descendant(
+        cfg, tiny_ancestor, "pt_ft", spec, checkpoint=pretrain_checkpointing(cfg, str(path))
+    )
+    _, whole = pretrain_descendant(cfg, tiny_ancestor, "pt_ft", spec)  # no checkpoints, never stopped
+    assert resumed["resumed_from_step"] == 4 and whole["resumed_from_step"] == 0
+    assert resumed["steps"] == whole["steps"] == 10 and resumed["samples"] == whole["samples"]
+    assert resumed["final_lr"] == pytest.approx(whole["final_lr"])  # the schedule went on from step 4
+    assert resumed["wall_s"] > torch.load(path, weights_only=True)["seconds"] > 0  # both attempts' time
+
+    path.write_bytes(b"not a checkpoint")
+    with caplog.at_level("WARNING", logger="mmlg_ray"):
+        _, again = pretrain_descendant(
+            cfg, tiny_ancestor, "pt_ft", spec, checkpoint=pretrain_checkpointing(cfg, str(path))
+        )
+    assert again["resumed_from_step"] == 0 and again["steps"] == 10
+    assert "does not load" in caplog.text and str(path) in caplog.text

@@ -113,6 +113,7 @@ class Config(_Strict):
             if isinstance(ds, dict):
                 ds.pop("workers", None)
                 ds.pop("prefetch", None)
+        (data.get("descendants") or {}).pop("pretrain_checkpoint_every", None)  # operational, as the loaders'
         drop_defaults_added_later(data)
         picked = {s: dig(data, s) for s in sections} if sections else data
         if sections and picked.get("precision") == "fp32":

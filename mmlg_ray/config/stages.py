@@ -124,6 +124,12 @@ class DescendantsConfig(_Strict):
     pretrain_steps: Optional[int] = Field(
         None, ge=1, description="pt_ft / csm pre-training steps; default = learngene.extraction.steps"
     )
+    pretrain_checkpoint_every: Optional[int] = Field(
+        None,
+        ge=1,
+        description="pt_ft / csm pre-training checkpoints to the output store every this many steps, and a retried "
+        "task (a preempted node) resumes from there; default = learngene.extraction.checkpoint_every",
+    )
     heur_lg_layers: Optional[int] = Field(None, ge=1, description="heur_lg inherits this many last layers")
     pt_budgets: list[float] = Field(
         [1.0],

@@ -41,7 +41,7 @@ from mmlg_ray.distributed.tune import PlanScheduler, PlanSearcher  # noqa: E402,
 
 
 # --------------------------------------------------------------------------- the executor
-def _pretrain_task(cfg_json, ancestor_ref, job: PretrainJob, fail=False, hold_s=0.0):
+def _pretrain_task(cfg_json, ancestor_ref, job: PretrainJob, fail=False, hold_s=0.0, kill_at=0):
     from mmlg_ray.method.ancestor import Ancestor
     from mmlg_ray.engine.artifacts import load
     from mmlg_ray.config import ModelSpec, config_from_dict
@@ -55,7 +55,7 @@ def _pretrain_task(cfg_json, ancestor_ref, job: PretrainJob, fail=False, hold_s=
     quiet_worker()
     spec, fpr, source, ref = ancestor_ref
     state = load(ref, "ancestor", lambda p: load_file(str(p)), cfg.cache_path) if ref and job.method == "csm" else {}
-    return pretrain_and_write(cfg, Ancestor(ModelSpec(**spec), state, fpr, source), job, hold_s=hold_s)
+    return pretrain_and_write(cfg, Ancestor(ModelSpec(**spec), state, fpr, source), job, hold_s=hold_s, kill_at=kill_at)
 
 
 class RayExecutor(Executor):
@@ -106,9 +106,12 @@ class RayExecutor(Executor):
         a = (anc.spec.model_dump(), anc.fingerprint, anc.source, anc_ref.to_json() if anc_ref else None)
         cfg_json = cfg.model_dump(mode="json")
         hold = float(os.environ.get("MMLG_HOLD_PRETRAIN_S") or 0)  # tests: each shape takes this much longer
+        # tests: each shape's first attempt kills its own process after its checkpoint at this step (a lost
+        # node, as far as Ray knows): the task is retried and resumes from that checkpoint
+        kill_at = int(os.environ.get("MMLG_KILL_PRETRAIN_AT_STEP") or 0)
         refs = {
             j.name: remote.options(name=f"pretrain {j.name}").remote(
-                cfg_json, a, j, fail=inject in (f"{j.method}/{shape_key(j.spec)}", j.name), hold_s=hold
+                cfg_json, a, j, fail=inject in (f"{j.method}/{shape_key(j.spec)}", j.name), hold_s=hold, kill_at=kill_at
             )
             for j in jobs
         }

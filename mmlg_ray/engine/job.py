@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from mmlg_ray.engine import artifacts as art
@@ -27,84 +26,19 @@ from mmlg_ray.engine.arms import Cell
 from mmlg_ray.config import SELECTION_METHODS, Config, ModelSpec
 from mmlg_ray.errors import JobFailed, UserError
 from mmlg_ray.engine.results import TrialRow
+
+# the pre-training stage's units (mmlg_ray.engine.pretraining), also under their names here
+from mmlg_ray.engine.pretraining import (  # noqa: F401
+    PretrainJob,
+    pretrain_and_write,
+    pretrain_checkpointing,
+    pretrain_fingerprint,
+    pretrain_jobs,
+    split_pretraining,
+)
 from mmlg_ray.storage import OutputDir
 
 log = logging.getLogger("mmlg_ray")
-
-
-@dataclass(frozen=True)
-class PretrainJob:
-    """One pre-trained descendant shape: weights at `base`.safetensors, cost and reference at `base`.json."""
-
-    method: str
-    spec: ModelSpec
-    budget: float
-    name: str  # pretrain_name: its row in stages.parquet
-    base: str  # the output store's URI or path, without suffix
-
-    @property
-    def weights(self) -> str:
-        return self.base + ".safetensors"
-
-    @property
-    def sidecar(self) -> str:
-        return self.base + ".json"
-
-
-def pretrain_fingerprint(cfg: Config) -> str:
-    """What a pre-trained shape depends on: the ancestor, the corpus, the extraction's budget and
-    optimizer (its 1x budget), pretrain_steps, seed, precision; not the elastic extraction's settings."""
-    from mmlg_ray.engine.pipeline import _fingerprint_of
-
-    dumped = cfg.model_dump(mode="json")
-    for name in ("elastic_weight", "elastic_shapes"):
-        dumped["learngene"]["extraction"].pop(name, None)
-    return _fingerprint_of(
-        dumped, ("ancestor", "data.corpus", "learngene.extraction", "descendants.pretrain_steps", "seed", "precision")
-    )
-
-
-def pretrain_jobs(cfg: Config, ancestor_spec: ModelSpec, od: OutputDir) -> list[PretrainJob]:
-    from mmlg_ray.engine.pipeline import needs_pretraining, pretrain_name, shape_key
-
-    fp = pretrain_fingerprint(cfg)
-    return [
-        PretrainJob(m, s, b, pretrain_name(m, s, b), od.uri(f"pretrained/{m}-{shape_key(s)}-{b:g}x-{fp}"))
-        for m, s, b in needs_pretraining(cfg, ancestor_spec)
-    ]
-
-
-def pretrain_and_write(cfg: Config, ancestor, job: PretrainJob, device=None, hold_s: float = 0.0) -> dict:
-    """Pre-train one shape and write it to the output store (weights, then the sidecar with its cost
-    and content hash: a reader that sees the sidecar sees a complete artifact). Returns the sidecar."""
-    import torch
-    from safetensors.torch import save_file
-
-    from mmlg_ray import storage as stor
-    from mmlg_ray.engine.pipeline import pretrain_descendant
-
-    started = time.time()
-    state, cost = pretrain_descendant(cfg, ancestor, job.method, job.spec, device, budget=job.budget)
-    if hold_s:  # tests (MMLG_HOLD_PRETRAIN_S, read by the driver): a shape that takes this much longer
-        time.sleep(hold_s)
-    cost = {**cost, "started_at": started, "ended_at": time.time()}  # wall clock: the job's stage timeline
-    with stor.writing(job.weights) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        sha = art.file_sha256(tmp)
-    del state
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    side = {"cost": cost, "ref": art.ArtifactRef(job.weights, sha).to_json(), "name": job.name}
-    art.write_sidecar(job.sidecar, side)
-    log.info("pretrain %s: wrote %s", job.name, job.weights)
-    return side
-
-
-def split_pretraining(jobs: list[PretrainJob]) -> tuple[dict, list[PretrainJob]]:
-    """(sidecars of the shapes the output store already holds: reused, the jobs still to run)."""
-    reused = {j.name: s for j in jobs if (s := art.read_sidecar(j.sidecar)) is not None}
-    for n in reused:
-        log.info("pretrain %s: reusing it", n)
-    return reused, [j for j in jobs if j.name not in reused]
 
 
 class PretrainFailed(JobFailed):

@@ -29,7 +29,7 @@ from mmlg_ray.method.learngene import (
 from mmlg_ray.method.learngene import shape_key as lg_shape_key
 from mmlg_ray.method.models import build_model, towers_of
 from mmlg_ray.method.pretrain import close_batches as _close
-from mmlg_ray.method.pretrain import corpus, pretrain_clip
+from mmlg_ray.method.pretrain import Checkpointing, checkpointed_loop, corpus, loop_cost, pretrain_clip
 from mmlg_ray.engine.results import TrialRow
 from mmlg_ray.method.train import TorchEngine, csm_step, extraction_step, resolve_device, run_loop
 
@@ -218,11 +218,19 @@ def finish_extraction(aux: AuxCLIP, out_path, cost: dict):
 
 # --------------------------------------------------------------------------- descendant pre-training
 def pretrain_descendant(
-    cfg: Config, ancestor, method: str, spec: ModelSpec, device=None, data=None, budget: float = 1.0
+    cfg: Config,
+    ancestor,
+    method: str,
+    spec: ModelSpec,
+    device=None,
+    data=None,
+    budget: float = 1.0,
+    checkpoint: Checkpointing | None = None,
 ):
     """pt_ft: contrastive pre-training of this descendant shape; csm: cross-modal similarity
     matching against the ancestor. Same corpus and batch as the extraction, `budget` times its steps
-    (descendants.pretrain_steps, when set, replaces the extraction's steps as the 1x budget)."""
+    (descendants.pretrain_steps, when set, replaces the extraction's steps as the 1x budget).
+    `checkpoint`: resumed from its latest snapshot, and saved to it as it goes."""
     device = device or resolve_device(cfg.device)
     ecfg = cfg.learngene.extraction
     steps = max(1, round((cfg.descendants.pretrain_steps or ecfg.steps) * budget))
@@ -237,37 +245,23 @@ def pretrain_descendant(
     data = data or corpus(cfg)
     name = f"pretrain/{method}/d{spec.image_depth}w{spec.image_width}@{budget:g}x"
     if method == "pt_ft":
-        return pretrain_clip(cfg, spec, tcfg, seed=cfg.seed, name=name, device=device, data=data)
+        return pretrain_clip(cfg, spec, tcfg, seed=cfg.seed, name=name, device=device, data=data, checkpoint=checkpoint)
     torch.manual_seed(cfg.seed)
     model = build_model(spec, "image_text").to(device)
     teacher = ancestor.model(device)
     anchors_img, anchors_txt = csm_anchors(cfg, teacher, data, device)
     engine = TorchEngine(model, tcfg, precision=cfg.precision)
-    batches = data.batches(tcfg.batch_size, spec.image_size, spec.context_length, seed=cfg.seed)
-    try:
-        res = run_loop(
-            engine,
-            batches,
-            csm_step(model, teacher, "image_text", anchors_img, anchors_txt),
-            steps,
-            log_every=tcfg.log_every,
-            name=name,
-            device=device,
-        )
-    finally:
-        _close(batches)
+
+    def batches_at(start):
+        return data.batches(tcfg.batch_size, spec.image_size, spec.context_length, seed=cfg.seed + 7919 * start)
+
+    step_fn = csm_step(model, teacher, "image_text", anchors_img, anchors_txt)
+    res = checkpointed_loop(
+        engine, batches_at, step_fn, steps, checkpoint, log_every=tcfg.log_every, name=name, device=device
+    )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "attn_mask"}
     flops = costmod.train_flops(spec, "image_text", res.samples) + costmod.forward_flops(ancestor.spec) * res.samples
-    return state, {
-        "steps": res.steps,
-        "samples": res.samples,
-        "wall_s": res.seconds,
-        "device_s": res.seconds,
-        "flops": flops,
-        "final_loss": res.last.get("loss"),
-        "precision": cfg.precision,
-        "skipped_samples": data.skipped,
-    }
+    return state, loop_cost(cfg, res, flops, data, engine)
 
 
 @torch.no_grad()

@@ -3,13 +3,19 @@ and the corpus itself: the layer below the pipeline and the ancestor, which both
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from mmlg_ray import cost as costmod
 from mmlg_ray.config import Config, ModelSpec, TrainConfig
 from mmlg_ray.data import load_dataset
 from mmlg_ray.method.models import build_model
-from mmlg_ray.method.train import TorchEngine, contrastive_step, resolve_device, run_loop
+from mmlg_ray.method.train import LoopResult, Progress, TorchEngine, contrastive_step, resolve_device, run_loop
+
+log = logging.getLogger("mmlg_ray")
 
 
 def corpus(cfg: Config):
@@ -28,35 +34,116 @@ def corpus(cfg: Config):
 
 
 # --------------------------------------------------------------------------- pre-training (CLIP loss)
+@dataclass
+class Checkpointing:
+    """Periodic checkpoints of a training loop, wherever the caller keeps them: every `every` steps
+    `save(snapshot)` writes one (model, optimizer and schedule, step, samples and seconds so far);
+    `load()` returns the latest, or None. `after_save(step, start)`: tests' fault injection."""
+
+    every: int
+    load: Callable[[], dict | None]
+    save: Callable[[dict], None]
+    after_save: Callable[[int, int], None] | None = None
+
+
+def checkpointed_loop(
+    engine: TorchEngine,
+    batches_at: Callable[[int], object],
+    loss_fn: Callable,
+    steps: int,
+    ckpt: Checkpointing | None,
+    *,
+    log_every: int,
+    name: str,
+    device=None,
+) -> LoopResult:
+    """run_loop over `steps`, continued from `ckpt`'s latest snapshot when there is one and saving one
+    every `ckpt.every` steps (not after the last). `batches_at(start)`: the batches from step `start`
+    (a resumed run draws a stream of its own from there, as the extraction's does). The result counts
+    the steps, samples and seconds of every attempt; `resumed_from` says where this one began."""
+    model, start, total = engine.module, 0, LoopResult()
+    snap = ckpt.load() if ckpt else None
+    if snap:
+        model.load_state_dict(snap["model"])
+        engine.load_state_dict(snap["engine"])
+        start = total.steps = int(snap["step"])
+        total.samples, total.seconds = int(snap["samples"]), float(snap["seconds"])
+        log.info("%s: resumed from its checkpoint at step %d", name, start)
+    total.resumed_from = start
+    batches, step = batches_at(start), start
+    progress = Progress(name, steps, start)
+    try:
+        while step < steps:
+            end = min(steps, (step // ckpt.every + 1) * ckpt.every) if ckpt else steps
+            res = run_loop(
+                engine, batches, loss_fn, end, start_step=step, log_every=log_every, name=name, device=device,
+                progress=progress,
+            )  # fmt: skip
+            step = total.steps = res.steps
+            total.samples += res.samples
+            total.seconds += res.seconds
+            total.last = res.last or total.last
+            total.history += res.history
+            if ckpt and step < steps:
+                ckpt.save(
+                    {
+                        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                        "engine": engine.state_dict(),
+                        "step": step,
+                        "samples": total.samples,
+                        "seconds": total.seconds,
+                    }
+                )
+                if ckpt.after_save is not None:
+                    ckpt.after_save(step, start)
+    finally:
+        close_batches(batches)
+    return total
+
+
 def pretrain_clip(
-    cfg: Config, spec: ModelSpec, tcfg: TrainConfig, seed: int = 0, name: str = "pretrain", device=None, data=None
+    cfg: Config,
+    spec: ModelSpec,
+    tcfg: TrainConfig,
+    seed: int = 0,
+    name: str = "pretrain",
+    device=None,
+    data=None,
+    checkpoint: Checkpointing | None = None,
 ) -> tuple[dict, dict]:
     """Contrastive pre-training of a CLIP of `spec` on the corpus, in cfg.precision (fp32 master
-    weights). Returns (state dict, cost)."""
+    weights), resumed from `checkpoint`'s latest and checkpointed by it. Returns (state dict, cost)."""
     device = device or resolve_device(cfg.device)
     torch.manual_seed(seed)
     model = build_model(spec, "image_text").to(device)
     data = data or corpus(cfg)
     engine = TorchEngine(model, tcfg, precision=cfg.precision)
-    batches = data.batches(tcfg.batch_size, spec.image_size, spec.context_length, seed=seed)
-    try:
-        res = run_loop(
-            engine, batches, contrastive_step(model), tcfg.steps, log_every=tcfg.log_every, name=name, device=device
-        )
-    finally:
-        close_batches(batches)
+
+    def batches_at(start):
+        return data.batches(tcfg.batch_size, spec.image_size, spec.context_length, seed=seed + 7919 * start)
+
+    res = checkpointed_loop(
+        engine, batches_at, contrastive_step(model), tcfg.steps, checkpoint, log_every=tcfg.log_every, name=name,
+        device=device,
+    )  # fmt: skip
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "attn_mask"}
-    c = {
+    return state, loop_cost(cfg, res, costmod.train_flops(spec, "image_text", res.samples), data, engine)
+
+
+def loop_cost(cfg: Config, res: LoopResult, flops, data, engine: TorchEngine) -> dict:
+    """A pre-training's cost: every attempt's steps, samples and seconds (a resumed run's too)."""
+    return {
         "steps": res.steps,
         "samples": res.samples,
         "wall_s": res.seconds,
         "device_s": res.seconds,
-        "flops": costmod.train_flops(spec, "image_text", res.samples),
+        "flops": flops,
         "final_loss": res.last.get("loss"),
+        "final_lr": float(engine.optimizer.param_groups[0]["lr"]),
         "precision": cfg.precision,
         "skipped_samples": data.skipped,
+        "resumed_from_step": res.resumed_from,
     }
-    return state, c
 
 
 def close_batches(batches):

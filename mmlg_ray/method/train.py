@@ -136,6 +136,7 @@ class LoopResult:
     last: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
     step_s: list = field(default_factory=list)  # seconds of each step (data, forward, backward, optimizer, logging)
+    resumed_from: int = 0  # checkpointed_loop: the step this attempt began at
 
 
 class Progress:

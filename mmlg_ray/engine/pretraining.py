@@ -1,0 +1,140 @@
+"""The pre-training stage's units, written once (no Ray): one PretrainJob per descendant shape that pt_ft
+or csm pre-trains, named by what it depends on; each written to the output store as soon as it is done
+(weights, then a sidecar), checkpointed there on the way and resumed from there when run again; a
+rerun reuses every shape already written."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from mmlg_ray.engine import artifacts as art
+from mmlg_ray.config import Config, ModelSpec
+from mmlg_ray.storage import OutputDir
+
+log = logging.getLogger("mmlg_ray")
+
+
+@dataclass(frozen=True)
+class PretrainJob:
+    """One pre-trained descendant shape: weights at `base`.safetensors, cost and reference at `base`.json."""
+
+    method: str
+    spec: ModelSpec
+    budget: float
+    name: str  # pretrain_name: its row in stages.parquet
+    base: str  # the output store's URI or path, without suffix
+
+    @property
+    def weights(self) -> str:
+        return self.base + ".safetensors"
+
+    @property
+    def sidecar(self) -> str:
+        return self.base + ".json"
+
+    @property
+    def checkpoint(self) -> str:  # while it pre-trains
+        return self.base + ".ckpt.pt"
+
+
+def pretrain_fingerprint(cfg: Config) -> str:
+    """What a pre-trained shape depends on: the ancestor, the corpus, the extraction's budget and
+    optimizer (its 1x budget), pretrain_steps, seed, precision; not the elastic extraction's settings."""
+    from mmlg_ray.engine.pipeline import _fingerprint_of
+
+    dumped = cfg.model_dump(mode="json")
+    for name in ("elastic_weight", "elastic_shapes"):
+        dumped["learngene"]["extraction"].pop(name, None)
+    return _fingerprint_of(
+        dumped, ("ancestor", "data.corpus", "learngene.extraction", "descendants.pretrain_steps", "seed", "precision")
+    )
+
+
+def pretrain_jobs(cfg: Config, ancestor_spec: ModelSpec, od: OutputDir) -> list[PretrainJob]:
+    from mmlg_ray.engine.pipeline import needs_pretraining, pretrain_name, shape_key
+
+    fp = pretrain_fingerprint(cfg)
+    return [
+        PretrainJob(m, s, b, pretrain_name(m, s, b), od.uri(f"pretrained/{m}-{shape_key(s)}-{b:g}x-{fp}"))
+        for m, s, b in needs_pretraining(cfg, ancestor_spec)
+    ]
+
+
+def pretrain_and_write(
+    cfg: Config, ancestor, job: PretrainJob, device=None, hold_s: float = 0.0, kill_at: int = 0
+) -> dict:
+    """Pre-train one shape and write it to the output store (weights, then the sidecar with its cost
+    and content hash: a reader that sees the sidecar sees a complete artifact). Returns the sidecar.
+    On the way it checkpoints to the output store (`job.checkpoint`, every
+    descendants.pretrain_checkpoint_every steps) and, run again after its process or node was lost,
+    resumes from there; the checkpoint is deleted once the shape is written. `kill_at` (tests): the
+    process kills itself, as a reclaimed node ends it, after its first checkpoint at or past that step."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mmlg_ray import storage as stor
+    from mmlg_ray.engine.pipeline import pretrain_descendant
+
+    started = time.time()
+    ckpt = pretrain_checkpointing(cfg, job.checkpoint, kill_at)
+    state, cost = pretrain_descendant(cfg, ancestor, job.method, job.spec, device, budget=job.budget, checkpoint=ckpt)
+    if hold_s:  # tests (MMLG_HOLD_PRETRAIN_S, read by the driver): a shape that takes this much longer
+        time.sleep(hold_s)
+    cost = {**cost, "started_at": started, "ended_at": time.time()}  # wall clock: the job's stage timeline
+    with stor.writing(job.weights) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        sha = art.file_sha256(tmp)
+    del state
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    side = {"cost": cost, "ref": art.ArtifactRef(job.weights, sha).to_json(), "name": job.name}
+    art.write_sidecar(job.sidecar, side)
+    if stor.exists(job.checkpoint):
+        stor.remove(job.checkpoint)
+    log.info("pretrain %s: wrote %s", job.name, job.weights)
+    return side
+
+
+def pretrain_checkpointing(cfg: Config, path: str, kill_at: int = 0):
+    """A pre-training's checkpoints in one file of the output store (a path or a URI), replaced whole
+    each time (written to a temporary name, then renamed or uploaded). One that does not load (another
+    version's) is set aside with a warning and the shape starts again."""
+    import io
+
+    import torch
+
+    from mmlg_ray import storage as stor
+    from mmlg_ray.method.pretrain import Checkpointing
+
+    def load():
+        if not stor.exists(path):
+            return None
+        try:
+            return torch.load(io.BytesIO(stor.read_bytes(path)), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: start again, say so
+            log.warning("pretrain: checkpoint %s does not load (%s); starting from step 0", path, e)
+            return None
+
+    def save(snap: dict):
+        with stor.writing(path) as tmp:
+            torch.save(snap, str(tmp))
+
+    def after_save(step: int, start: int):
+        if kill_at and start == 0 and step >= kill_at:
+            import signal
+
+            log.warning("pretrain: killing this process after the step-%d checkpoint (kill_at, tests)", step)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    every = cfg.descendants.pretrain_checkpoint_every or cfg.learngene.extraction.checkpoint_every
+    return Checkpointing(every, load, save, after_save)
+
+
+def split_pretraining(jobs: list[PretrainJob]) -> tuple[dict, list[PretrainJob]]:
+    """(sidecars of the shapes the output store already holds: reused, the jobs still to run)."""
+    reused = {j.name: s for j in jobs if (s := art.read_sidecar(j.sidecar)) is not None}
+    for n in reused:
+        log.info("pretrain %s: reusing it", n)
+    return reused, [j for j in jobs if j.name not in reused]
