@@ -1,0 +1,116 @@
+"""The spot-notice watcher (mmlg_ray.distributed.spot_watch) against an instance metadata service on
+loopback that speaks IMDSv2 (a session token on every read, 404 until the notice): it exits on an
+on-demand instance, drains on the notice with the preemption reason and the deadline, and, on a real
+two-node Ray cluster, an actor lost with the drained node fails as *preempted*: the flag by which Tune
+retries a trial without counting a failure and Ray Train charges max_preemption_failures instead of
+max_failures."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from mmlg_ray.distributed import spot_watch as W
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FakeImds:
+    """life_cycle: spot | on-demand; notice: the instance-action document once set (else 404)."""
+
+    def __init__(self, life_cycle="spot"):
+        self.life_cycle, self.notice, self.tokens, self.reads = life_cycle, None, 0, []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code, body=""):
+                self.send_response(code)
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def do_PUT(self):
+                if self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
+                    outer.tokens += 1
+                    return self._send(200, f"token-{outer.tokens}")
+                self._send(400)
+
+            def do_GET(self):
+                if self.headers.get("X-aws-ec2-metadata-token") != f"token-{outer.tokens}":
+                    return self._send(401)  # IMDSv2 only: no token, or an old one
+                outer.reads.append(self.path)
+                if self.path == "/latest/meta-data/instance-life-cycle":
+                    return self._send(200, outer.life_cycle)
+                if self.path == "/latest/meta-data/spot/instance-action" and outer.notice:
+                    return self._send(200, json.dumps(outer.notice))
+                self._send(404)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+def test_notice_parsing_and_the_drain_command():
+    n = W.parse_notice('{"action": "terminate", "time": "2026-12-07T10:02:00Z"}', now=1796637600.0)  # 10:00:00
+    assert n == W.Notice("terminate", "2026-12-07T10:02:00Z", 120)
+    late = W.parse_notice('{"action": "stop", "time": "2026-12-07T10:02:00Z"}', now=1796637800.0)
+    assert late.deadline_s == 1  # past its time: drain at once
+    cmd = W.drain_command(n, "10.0.0.1:6379", "ab" * 28, ray_cli="/venv/bin/ray")
+    assert cmd[:2] == ["/venv/bin/ray", "drain-node"]
+    assert "--reason=DRAIN_NODE_REASON_PREEMPTION" in cmd and "--deadline-remaining-seconds=120" in cmd
+    assert "--address=10.0.0.1:6379" in cmd and f"--node-id={'ab' * 28}" in cmd
+    assert any(
+        c.startswith("--reason-message=spot interruption notice: terminate at 2026-12-07T10:02:00Z") for c in cmd
+    )
+
+
+def test_watcher_exits_on_demand_and_polls_with_a_fresh_token_on_spot():
+    on_demand = FakeImds("on-demand")
+    assert W.watch(W.Imds(on_demand.url), "x:1", node_id="n", poll_s=0) is None
+    assert on_demand.reads == ["/latest/meta-data/instance-life-cycle"]
+    spot = FakeImds("spot")
+    imds = W.Imds(spot.url)
+    assert W.watch(imds, "x:1", node_id="n", poll_s=0, max_polls=3) is None  # no notice: polls on
+    assert spot.reads.count("/latest/meta-data/spot/instance-action") == 3
+    spot.tokens += 1  # the service rotated its token: the watcher's is refused once, then renewed
+    assert imds.get("/latest/meta-data/instance-life-cycle") == "spot"
+
+
+@pytest.mark.slow  # a two-node Ray cluster of its own, in a subprocess
+def test_a_drained_spot_node_loses_its_actor_as_preempted(tmp_path):
+    imds = FakeImds("spot")
+    imds.notice = {"action": "terminate", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 120))}
+    script = ROOT / "tests" / "spot_drain.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), imds.url], capture_output=True, text=True, timeout=240, cwd=ROOT
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    res = json.loads(line[len("RESULT ") :])
+    assert res["notice"]["action"] == "terminate" and 60 < res["notice"]["deadline_s"] <= 120
+    assert res["actor_error"] == "ActorDiedError" and res["preempted"] is True
+    assert res["control_preempted"] is False  # the same loss without the notice: a plain node death
+
+
+def test_cluster_yaml_starts_the_watcher_on_every_worker():
+    import yaml
+
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    assert cluster["file_mounts"]["~/spot_watch.py"] == "./mmlg_ray/distributed/spot_watch.py"
+    (start,) = [c for c in cluster["worker_start_ray_commands"] if "spot_watch.py" in c]
+    assert "--address=$RAY_HEAD_IP:6379" in start and "RAY_AUTH_MODE=token" in start and start.rstrip().endswith("&")
+    assert not [c for c in cluster["head_start_ray_commands"] if "spot_watch" in c]
+    # the mounted file runs without the project (not installed on the nodes): stdlib and ray only
+    import ast
+
+    tree = ast.parse((ROOT / "mmlg_ray/distributed/spot_watch.py").read_text())
+    mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert mods <= set(sys.stdlib_module_names) | {"ray", "__future__"}, mods
