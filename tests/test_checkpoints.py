@@ -106,3 +106,40 @@ def test_an_experiment_saved_before_the_package_split_still_loads():
     state = pickle.loads((Path(__file__).parent / "data" / "sweep_state_42d9002.pkl").read_bytes())
     assert isinstance(state["search_alg"], PlanSearcher) and isinstance(state["scheduler"], PlanScheduler)
     assert isinstance(state["search_alg"].plan, SweepPlan) and state["search_alg"].plan.settings.max_t == 2
+
+
+def test_restarts_are_counted_by_cause_as_tune_counts_failures(ray_address, tmp_path):
+    """A real Tune Trial takes each error through Tune's own handle_error, which counts a failure
+    (against max_failures) for anything but an actor lost with a node drained as preempted;
+    RestartCounter sorts each recovery by that, into the live plan's record of the trial."""
+    from ray.exceptions import RayActorError
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    from mmlg_ray.distributed import tune as T
+
+    trial = Trial("trial_fn", stub=True, storage=StorageContext(storage_path=str(tmp_path), experiment_dir_name="e"))
+    trial.init_local_path()
+    counter = T.RestartCounter("restarts-test")
+
+    class Plan:
+        records = {trial.trial_id: {"status": "running"}}
+
+    T._LIVE["restarts-test"] = type("Live", (), {"plan": Plan()})()
+    try:
+        counter.on_trial_start(0, [trial], trial)
+        for err in (
+            RayActorError(preempted=True),
+            RayActorError(),
+            RuntimeError("a bug"),
+            RayActorError(preempted=True),
+        ):
+            trial.handle_error(err)  # Tune's classification
+            counter.on_trial_recover(0, [trial], trial)
+            counter.on_trial_result(0, [trial], trial, {})
+        assert trial.run_metadata.num_failures == 2  # what max_failures saw: the two that were not preemptions
+        assert T._RESTARTS["restarts-test"][trial.trial_id] == {"preemptions": 2, "retries": 2}
+        assert Plan.records[trial.trial_id] == {"status": "running", "preemptions": 2, "retries": 2}
+    finally:
+        T._LIVE.pop("restarts-test", None)
+        T._RESTARTS.pop("restarts-test", None)

@@ -192,6 +192,9 @@ def test_tiny_rehearsal_end_to_end(tiny_overrides, tmp_path):
     assert tl.groupby("node_type").t_s.apply(lambda t: t.diff().max()).max() <= 5.0  # a sample every <=5 s
     assert tl.event.str.startswith("preempted gpu_a10g_spot").any()
     summary = json.loads((out / "rehearsal.json").read_text())
+    # the node was killed without notice (no drain): Tune counted a failure and retried the trial once
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert trials.retries.tolist() == [1] and trials.preemptions.tolist() == [0]
     assert summary["trials"] == summary["expected_trials"] == 1
     assert all(c["ok"] for c in summary["checks"]) and len(summary["checks"]) == 8
     # the rehearsal left no process of its cluster behind

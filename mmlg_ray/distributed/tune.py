@@ -14,6 +14,7 @@ from mmlg_ray.engine.job import described_row
 from mmlg_ray.engine.results import TrialRow
 from mmlg_ray.engine.search import FINISHED, METRIC
 from mmlg_ray import storage as stor
+from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
@@ -85,6 +86,43 @@ class PlanSearcher(Searcher):
             len(self.plan.records),
             len(self.plan.running()),
         )
+
+
+_RESTARTS: dict = {}  # experiment name -> {trial id: {"preemptions": n, "retries": n}} in the driver's process
+RESTART_KINDS = ("preemptions", "retries")
+
+
+class RestartCounter(Callback):
+    """Each trial's restarts, by cause, as Tune itself tells them apart: a trial's error adds to its
+    `run_metadata.num_failures` (what FailureConfig.max_failures bounds), except a RayActorError whose
+    node was drained as preempted (ray/tune/experiment/trial.py, _handle_ray_actor_error; the spot
+    watcher drains a spot node on AWS's notice). A recovery that left num_failures where it was at the
+    trial's start (or last result) is a preemption; one that added to it, a retry. Sweep trials keep their counts in
+    the plan's record (saved with the searcher: a resumed run keeps them), seed rounds in _RESTARTS."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._at_start: dict[str, int] = {}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._at_start[trial.trial_id] = trial.run_metadata.num_failures
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):  # a reused actor's trial has no start
+        self._at_start[trial.trial_id] = trial.run_metadata.num_failures
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        now = trial.run_metadata.num_failures
+        before = self._at_start.get(trial.trial_id, now - 1 if now else 0)
+        kind = "retries" if now > before else "preemptions"
+        self._at_start[trial.trial_id] = now
+        counts = _RESTARTS.setdefault(self.name, {}).setdefault(trial.trial_id, dict.fromkeys(RESTART_KINDS, 0))
+        counts[kind] += 1
+        live = _LIVE.get(self.name)
+        rec = live.plan.records.get(trial.trial_id) if live is not None else None
+        if rec is not None:
+            rec[kind] = rec.get(kind, 0) + 1
+        cause = "a preemption" if kind == "preemptions" else "a failure"
+        log.warning("trial %s: restarted after %s (so far: %s)", trial.trial_id, cause, counts)
 
 
 class PlanScheduler(FIFOScheduler):
@@ -183,7 +221,7 @@ def _tuner(cfg, name, storage, od, trainable, phase, **kw):
             name=name,
             verbose=1,
             progress_reporter=status_reporter(cfg, phase),
-            callbacks=tune_callbacks(cfg, od.target, phase) + [CheckpointPruner()],
+            callbacks=tune_callbacks(cfg, od.target, phase) + [CheckpointPruner(), RestartCounter(name)],
             # num_to_keep=None: Tune deletes no checkpoint and forces no experiment sync per checkpoint
             # (it saves its state on its own period); CheckpointPruner keeps one full checkpoint per
             # trial, and a state older than its trial resumes from the newest (see .checkpoints)
@@ -289,7 +327,7 @@ def _run_tune(cfg, plan, ctx, pretraining, fp, storage, od, trainable) -> list[d
         live = _LIVE.get(name)
         if live is not None and live.plan is not plan:  # a restored run drives its own copy of the plan
             plan.load_state(live.plan.state())
-        rows = _rows(grid, plan)
+        rows = _rows(grid, plan, name)
     finally:
         _PRETRAINING["watch"] = None
         _LIVE.pop(name, None)
@@ -334,7 +372,7 @@ def _round(cfg, plan, path, trainable, jobs, restore, od, storage) -> list[Trial
     with stopping.tune_run():
         grid = tuner.fit()
     out = []
-    for row in _rows(grid, None):
+    for row in _rows(grid, None, name):
         plan.add(
             row.trial_id,
             {"cell": row.cell, "phase": "seeds", "seed": row.seed, "lr": row.lr, "weight_decay": row.weight_decay},
@@ -440,7 +478,7 @@ TUNE_KEYS = (
 )
 
 
-def _rows(result_grid, plan) -> list[TrialRow]:
+def _rows(result_grid, plan, name: str = "") -> list[TrialRow]:
     """One row per trial from a Tune ResultGrid (its stored state, so resumed runs count once), with
     its `status`: finished, stopped_early (cut by ASHA), error (and the error's first line), or
     running (interrupted; never written). A trial that errored before its first report still has
@@ -500,6 +538,9 @@ def _rows(result_grid, plan) -> list[TrialRow]:
         for k in [k for k in row if k in TUNE_KEYS]:
             row.pop(k, None)
         row["val_score"] = float(m.get("val_score", float("nan")))
+        restarts = rec if rec is not None else _RESTARTS.get(name, {}).get(trial_id, {})
+        for k in RESTART_KINDS:
+            row[k] = int(restarts.get(k, 0))
         rows.append(TrialRow.of(row, strict=False, trial_id=trial_id, history=hist))
     return rows
 

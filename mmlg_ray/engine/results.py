@@ -79,6 +79,8 @@ class TrialRow:
     epochs: int = 0
     steps: int = 0
     resumed_from_step: int = 0
+    preemptions: int = 0  # restarts after its node was preempted (drained as such): no failure counted
+    retries: int = 0  # restarts after a failure (a node lost without notice, a crash): each spends ray.max_failures
     started_at: float = _NAN
     ended_at: float = _NAN
     finetune_wall_s: float = 0.0
