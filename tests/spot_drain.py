@@ -45,7 +45,7 @@ def main(url: str) -> None:
 
         def lost(actor, node) -> tuple[str, bool | None, str]:
             cluster.remove_node(node, allow_graceful=False)  # the instance is gone: no goodbye
-            deadline = time.time() + 60
+            deadline, last = time.time() + 60, None
             while time.time() < deadline:
                 try:
                     ray.get(actor.node.remote(), timeout=10)

@@ -1,7 +1,7 @@
 """The spot-notice watcher (mmlg_ray.distributed.spot_watch) against an instance metadata service on
 loopback that speaks IMDSv2 (a session token on every read, 404 until the notice): it exits on an
 on-demand instance, drains on the notice with the preemption reason and the deadline, and, on a real
-two-node Ray cluster, an actor lost with the drained node fails as *preempted*: the flag by which Tune
+Ray cluster (a head and two workers), an actor lost with the drained node fails as *preempted*: the flag by which Tune
 retries a trial without counting a failure and Ray Train charges max_preemption_failures instead of
 max_failures."""
 
@@ -12,6 +12,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -49,7 +50,8 @@ class FakeImds:
                 if self.path == "/latest/meta-data/instance-life-cycle":
                     return self._send(200, outer.life_cycle)
                 if self.path == "/latest/meta-data/spot/instance-action" and outer.notice:
-                    return self._send(200, json.dumps(outer.notice))
+                    body = outer.notice.pop(0) if isinstance(outer.notice, list) else outer.notice
+                    return self._send(200, body if isinstance(body, str) else json.dumps(body))
                 self._send(404)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -83,6 +85,28 @@ def test_watcher_exits_on_demand_and_polls_with_a_fresh_token_on_spot():
     assert imds.get("/latest/meta-data/instance-life-cycle") == "spot"
 
 
+def test_an_odd_notice_is_polled_again_and_a_failing_drain_is_retried_with_rays_message(tmp_path, caplog, monkeypatch):
+    imds = FakeImds("spot")
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 30))
+    imds.notice = ["not json", {"action": "terminate", "time": when}]  # a bad document first, then the notice
+    # a `ray` that refuses twice (its message on stderr), then drains
+    calls = tmp_path / "calls"
+    ray = tmp_path / "ray"
+    ray.write_text(
+        f'#!/bin/sh\necho "$@" >> {calls}\n'
+        f'[ $(wc -l < {calls}) -ge 3 ] && exit 0\necho "GCS unavailable" >&2; exit 1\n'
+    )
+    ray.chmod(0o755)
+    # the watcher's own waits (2 s between drain attempts) shortened, in its module only
+    monkeypatch.setattr(W, "time", SimpleNamespace(time=time.time, sleep=lambda s: time.sleep(min(s, 0.05))))
+    with caplog.at_level("WARNING", logger="mmlg_ray.spot_watch"):
+        notice = W.watch(W.Imds(imds.url), "x:1", node_id="n1", poll_s=0, ray_cli=str(ray), max_polls=5)
+    assert notice is not None and notice.action == "terminate"
+    assert len(calls.read_text().splitlines()) == 3  # two refusals, then the drain
+    assert "no notice read" in caplog.text and caplog.text.count("GCS unavailable") == 2
+    assert "node n1 drained" in caplog.text
+
+
 @pytest.mark.slow  # a two-node Ray cluster of its own, in a subprocess
 def test_a_drained_spot_node_loses_its_actor_as_preempted(tmp_path):
     imds = FakeImds("spot")
@@ -94,7 +118,7 @@ def test_a_drained_spot_node_loses_its_actor_as_preempted(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     res = json.loads(line[len("RESULT ") :])
-    assert res["notice"]["action"] == "terminate" and 60 < res["notice"]["deadline_s"] <= 120
+    assert res["notice"]["action"] == "terminate" and 0 < res["notice"]["deadline_s"] <= 120
     assert res["actor_error"] == "ActorDiedError" and res["preempted"] is True
     assert res["control_preempted"] is False  # the same loss without the notice: a plain node death
 
@@ -105,7 +129,9 @@ def test_cluster_yaml_starts_the_watcher_on_every_worker():
     cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     assert cluster["file_mounts"]["~/spot_watch.py"] == "./mmlg_ray/distributed/spot_watch.py"
     (start,) = [c for c in cluster["worker_start_ray_commands"] if "spot_watch.py" in c]
-    assert "--address=$RAY_HEAD_IP:6379" in start and "RAY_AUTH_MODE=token" in start and start.rstrip().endswith("&")
+    assert "--address=$RAY_HEAD_IP:6379" in start and "RAY_AUTH_MODE=token" in start
+    assert "nohup python ~/spot_watch.py" in start and "& echo $! > /tmp/spot_watch.pid" in start  # in the background
+    assert start.startswith("kill $(cat /tmp/spot_watch.pid")  # an earlier start's watcher stopped first
     assert not [c for c in cluster["head_start_ray_commands"] if "spot_watch" in c]
     # the mounted file runs without the project (not installed on the nodes): stdlib and ray only
     import ast

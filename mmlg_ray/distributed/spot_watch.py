@@ -9,7 +9,9 @@ restart to FailureConfig.max_preemption_failures (unbounded by default), not to 
 node death, and spends ray.max_failures like a bug would.
 
 cluster.yaml starts it on every worker after `ray start`; it exits at once on an on-demand instance
-(`instance-life-cycle` is not `spot`) and after its one drain. The metadata it reads:
+(`instance-life-cycle` is not `spot`) and after its one drain. `ray drain-node` is a developer command
+that Ray hides from `ray --help` and exempts from its API-stability promise: tests/test_spot_watch.py
+runs it against the Ray the tests run. The metadata it reads:
 
   PUT /latest/api/token                        a session token (IMDSv2; IMDSv1 is disabled in cluster.yaml)
   GET /latest/meta-data/instance-life-cycle    spot | on-demand
@@ -68,12 +70,13 @@ class Imds:
 
     def __init__(self, base: str = IMDS, timeout_s: float = 2.0):
         self.base, self.timeout_s, self._token = base.rstrip("/"), timeout_s, None
+        self._open = urllib.request.build_opener(urllib.request.ProxyHandler({})).open  # never via HTTP(S)_PROXY
 
     def _fetch_token(self) -> str:
         req = urllib.request.Request(
             f"{self.base}/latest/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"}
         )
-        with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+        with self._open(req, timeout=self.timeout_s) as r:
             return r.read().decode()
 
     def get(self, path: str) -> str | None:
@@ -83,7 +86,7 @@ class Imds:
                 self._token = self._fetch_token()
             req = urllib.request.Request(f"{self.base}{path}", headers={"X-aws-ec2-metadata-token": self._token})
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+                with self._open(req, timeout=self.timeout_s) as r:
                     return r.read().decode()
             except urllib.error.HTTPError as e:
                 if e.code == 404:
@@ -106,6 +109,33 @@ def own_node_id(address: str) -> str:
         ray.shutdown()
 
 
+def _patiently(what: str, fn, attempts: int = 30, wait_s: float = 2.0):
+    """fn(), tried again on any error for about a minute: at boot the metadata service or the GCS may
+    not answer yet, and a watcher that died then would leave the node unwatched for its whole life."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - logged, and the last one raised
+            if i == attempts - 1:
+                raise
+            log.warning("spot watch: %s failed (%s); trying again", what, e)
+            time.sleep(wait_s)
+
+
+def drain(cmd: list[str], notice: Notice, clock=time.time, wait_s: float = 2.0) -> bool:
+    """Run the drain, again on failure, until it works or the notice's deadline is near; each
+    failure logged with Ray's own message."""
+    give_up = clock() + max(notice.deadline_s - 10, 1)
+    while True:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode == 0:
+            return True
+        log.error("spot watch: drain failed (exit %d): %s", r.returncode, (r.stderr or r.stdout).strip()[-500:])
+        if clock() + wait_s >= give_up:
+            return False
+        time.sleep(wait_s)
+
+
 def watch(
     imds: Imds,
     address: str,
@@ -116,26 +146,29 @@ def watch(
     max_polls: int | None = None,
 ) -> Notice | None:
     """Poll until the notice, then drain this node once. Returns the notice (None: not a spot
-    instance, or max_polls reached)."""
-    if (imds.get("/latest/meta-data/instance-life-cycle") or "").strip() != "spot":
-        log.info("spot watch: not a spot instance; nothing to watch")
+    instance, or max_polls reached). Start-up reads are retried for about a minute; a poll that
+    fails, or a notice that does not parse, is logged and polled again."""
+    life = _patiently("reading the instance life cycle", lambda: imds.get("/latest/meta-data/instance-life-cycle"))
+    if (life or "").strip() != "spot":
+        log.info("spot watch: not a spot instance (%s); nothing to watch", (life or "?").strip())
         return None
-    node_id = node_id or own_node_id(address)
+    node_id = node_id or _patiently("finding this node's Ray id", lambda: own_node_id(address))
     log.info("spot watch: watching for the interruption notice of node %s", node_id)
     polls = 0
     while max_polls is None or polls < max_polls:
         polls += 1
         try:
             body = imds.get("/latest/meta-data/spot/instance-action")
-        except (OSError, urllib.error.URLError) as e:  # the metadata service hiccups: try again next poll
-            log.warning("spot watch: instance metadata unreadable (%s)", e)
-            body = None
-        if body:
-            notice = parse_notice(body, clock())
+            notice = parse_notice(body, clock()) if body else None
+        except Exception as e:  # noqa: BLE001 - the service hiccups, or an odd document: poll again
+            log.warning("spot watch: no notice read (%s)", e)
+            notice = None
+        if notice is not None:
             cmd = drain_command(notice, address, node_id, ray_cli)
             log.warning("spot watch: %s at %s (%d s left): draining node %s", notice.action, notice.time,
                         notice.deadline_s, node_id)  # fmt: skip
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
+            if drain(cmd, notice, clock):
+                log.warning("spot watch: node %s drained", node_id)
             return notice
         time.sleep(poll_s)
     return None
