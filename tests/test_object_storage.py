@@ -122,3 +122,71 @@ def test_a_pretraining_resumes_from_its_checkpoint_and_a_bad_one_starts_again(
         )
     assert again["resumed_from_step"] == 0 and again["steps"] == 10
     assert "does not load" in caplog.text and str(path) in caplog.text
+
+
+def test_a_resumed_loop_starts_from_the_checkpoints_weights_optimizer_and_schedule(tiny_cfg, tiny_ancestor, caplog):
+    """checkpointed_loop itself: a loop resumed from a snapshot (into a model initialized otherwise)
+    holds, before its first step, the snapshot's weights, AdamW's moments and step count and the
+    schedule's learning rate; a snapshot of another shape is refused before any tensor is copied."""
+    import torch
+
+    from mmlg_ray.config import TrainConfig
+    from mmlg_ray.method.descend import descendant_spec
+    from mmlg_ray.method.models import build_model
+    from mmlg_ray.method.pretrain import Checkpointing, checkpointed_loop, corpus
+    from mmlg_ray.method.train import TorchEngine, contrastive_step
+
+    spec = descendant_spec(tiny_ancestor.spec, 2, 64)
+    data = corpus(tiny_cfg)
+    tcfg = TrainConfig(steps=8, batch_size=16, lr=1e-3, weight_decay=0.1, warmup_steps=2, log_every=4)
+
+    def engine(seed, s=spec):
+        torch.manual_seed(seed)
+        return TorchEngine(build_model(s, "image_text"), tcfg)
+
+    def batches(start):
+        return data.batches(16, spec.image_size, spec.context_length, seed=start)
+
+    class Stop(Exception):
+        pass
+
+    def stop(step, start):
+        raise Stop
+
+    first, saved = engine(0), {}
+    with pytest.raises(Stop):
+        checkpointed_loop(
+            first, batches, contrastive_step(first.module), 8, Checkpointing(4, lambda: None, saved.update, stop),
+            log_every=4, name="t",
+        )  # fmt: skip
+    lr_at_4 = first.optimizer.param_groups[0]["lr"]
+    moments = {k: v["exp_avg"].clone() for k, v in first.optimizer.state_dict()["state"].items()}
+
+    second, seen = engine(1), {}  # other initial weights, a fresh optimizer
+
+    def batches_seen(start):  # called once the snapshot is loaded, before the first step
+        opt = second.optimizer.state_dict()
+        seen.update(
+            start=start,
+            weights=all(torch.equal(v, saved["model"][k]) for k, v in second.module.state_dict().items()),
+            adam_steps={int(s["step"]) for s in opt["state"].values()},
+            moments=all(torch.equal(opt["state"][k]["exp_avg"], m) for k, m in moments.items()),
+            lr=second.optimizer.param_groups[0]["lr"],
+        )
+        return batches(start)
+
+    res = checkpointed_loop(
+        second, batches_seen, contrastive_step(second.module), 8, Checkpointing(4, lambda: saved, lambda s: None),
+        log_every=4, name="t",
+    )  # fmt: skip
+    assert seen == {"start": 4, "weights": True, "adam_steps": {4}, "moments": True, "lr": lr_at_4}
+    assert (res.resumed_from, res.steps) == (4, 8)
+
+    wide = descendant_spec(tiny_ancestor.spec, 2, 128)
+    other = engine(2, wide)
+    with caplog.at_level("WARNING", logger="mmlg_ray"):
+        res = checkpointed_loop(
+            other, lambda start: data.batches(16, wide.image_size, wide.context_length, seed=start),
+            contrastive_step(other.module), 1, Checkpointing(4, lambda: saved, lambda s: None), log_every=1, name="t",
+        )  # fmt: skip
+    assert res.resumed_from == 0 and "another model's tensors" in caplog.text  # same names, other shapes

@@ -231,10 +231,13 @@ def _train_worker(config: dict):
             # and a rank that raised while another was still uploading its shard (slower to S3 from another
             # node) ended the attempt with that checkpoint uncommitted: the retry then started at step 0 and
             # failed here again, spending every retry
+            # and a Train poll round (every 2 s) that sees them all before any rank's error: one round's
+            # polls run at slightly different moments, and could see one rank's empty queue and another's error
             if world > 1:
                 import torch.distributed as dist
 
                 dist.barrier()
+                time.sleep(5.0)
             raise RuntimeError(f"injected failure after step {chunk_end} (MMLG_FAIL_AT_STEP)")
 
 

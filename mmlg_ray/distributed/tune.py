@@ -98,7 +98,10 @@ class RestartCounter(Callback):
     node was drained as preempted (ray/tune/experiment/trial.py, _handle_ray_actor_error; the spot
     watcher drains a spot node on AWS's notice). A recovery that left num_failures where it was at the
     trial's start (or last result) is a preemption; one that added to it, a retry. Sweep trials keep their counts in
-    the plan's record (saved with the searcher: a resumed run keeps them), seed rounds in _RESTARTS."""
+    the plan's record (saved with the searcher: a resumed run keeps those saved before the driver
+    stopped), a follow-up seeds round's only in this driver's _RESTARTS (a resumed round's rows count
+    its restarts since the resume). Not counted: restarts inside a multi-worker trial's own Train run;
+    and an actor preempted while Tune restored it from a checkpoint, which Tune counts as a failure."""
 
     def __init__(self, name: str):
         self.name = name
@@ -107,7 +110,7 @@ class RestartCounter(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         self._at_start[trial.trial_id] = trial.run_metadata.num_failures
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):  # a reused actor's trial has no start
+    def on_trial_result(self, iteration, trials, trial, result, **info):  # its count as of its latest report too
         self._at_start[trial.trial_id] = trial.run_metadata.num_failures
 
     def on_trial_recover(self, iteration, trials, trial, **info):

@@ -503,5 +503,6 @@ def _cost_cols(c: dict) -> dict:
         "device_s": float(c.get("device_s", 0.0) or 0.0),
         "flops": float(c.get("flops", 0) or 0),
         "skipped_samples": int(c.get("skipped_samples", 0) or 0),
+        "resumed_from_step": int(c.get("resumed_from_step", 0) or 0),  # restarted: the checkpoint step it went on from
         "precision": str(c.get("precision") or ""),
     }  # the stage's precision ("": not recorded), priced by cost

@@ -78,6 +78,11 @@ def pretrain_and_write(
     from mmlg_ray import storage as stor
     from mmlg_ray.engine.pipeline import pretrain_descendant
 
+    done = art.read_sidecar(job.sidecar)
+    if done is not None:  # a retry of a task whose node was lost after it wrote the shape: nothing to redo
+        if stor.exists(job.checkpoint):
+            stor.remove(job.checkpoint)
+        return done
     started = time.time()
     ckpt = pretrain_checkpointing(cfg, job.checkpoint, kill_at)
     state, cost = pretrain_descendant(cfg, ancestor, job.method, job.spec, device, budget=job.budget, checkpoint=ckpt)
@@ -111,9 +116,10 @@ def pretrain_checkpointing(cfg: Config, path: str, kill_at: int = 0):
     def load():
         if not stor.exists(path):
             return None
+        raw = stor.read_bytes(path)  # a storage error raises: the task fails and is retried, the file kept
         try:
-            return torch.load(io.BytesIO(stor.read_bytes(path)), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: start again, say so
+            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a file that is not a checkpoint: start again, say so
             log.warning("pretrain: checkpoint %s does not load (%s); starting from step 0", path, e)
             return None
 

@@ -63,6 +63,9 @@ def checkpointed_loop(
     the steps, samples and seconds of every attempt; `resumed_from` says where this one began."""
     model, start, total = engine.module, 0, LoopResult()
     snap = ckpt.load() if ckpt else None
+    if snap and not _fits(model, snap):
+        log.warning("%s: its checkpoint holds another model's tensors; starting from step 0", name)
+        snap = None
     if snap:
         model.load_state_dict(snap["model"])
         engine.load_state_dict(snap["engine"])
@@ -99,6 +102,21 @@ def checkpointed_loop(
     finally:
         close_batches(batches)
     return total
+
+
+def _fits(model, snap: dict) -> bool:
+    """The snapshot holds this model's tensors, name for name and shape for shape (checked before any is
+    copied: a failed load_state_dict would leave the model half overwritten)."""
+    try:
+        own, saved = model.state_dict(), snap["model"]
+        engine = snap["engine"]["optimizer"]
+    except (KeyError, TypeError):
+        return False
+    return (
+        isinstance(engine, dict)
+        and set(own) == set(saved)
+        and all(tuple(own[k].shape) == tuple(saved[k].shape) for k in own)
+    )
 
 
 def pretrain_clip(
