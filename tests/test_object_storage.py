@@ -74,12 +74,14 @@ def test_pretrain_stage_writes_each_shape_and_a_rerun_reuses_the_finished_ones(
     assert not [k for k in after if k.endswith(".ckpt.pt")]
 
 
+@pytest.mark.parametrize("method,precision", [("pt_ft", "fp32"), ("csm", "bf16")])
 def test_a_pretraining_resumes_from_its_checkpoint_and_a_bad_one_starts_again(
-    tiny_cfg, tiny_ancestor, tmp_path, caplog
+    tiny_cfg, tiny_ancestor, tmp_path, caplog, method, precision
 ):
     """The checkpoints of one shape's pre-training (no Ray: the file the Ray task writes to the output
     store): a run stopped after its step-4 checkpoint continues from step 4 with its schedule and
-    counts whole; a checkpoint that does not load is set aside with a warning and the run starts over."""
+    counts whole; a checkpoint that does not load is set aside with a warning and the run starts over.
+    Both pre-training methods, csm in bf16 (its snapshot holds the fp32 master weights and AdamW state)."""
     from dataclasses import replace
 
     import torch
@@ -90,6 +92,7 @@ def test_a_pretraining_resumes_from_its_checkpoint_and_a_bad_one_starts_again(
 
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.descendants.pretrain_checkpoint_every = 4
+    cfg.precision = precision
     spec = descendant_spec(tiny_ancestor.spec, 2, 64)
     path = tmp_path / "shape.ckpt.pt"
 
@@ -104,12 +107,12 @@ def test_a_pretraining_resumes_from_its_checkpoint_and_a_bad_one_starts_again(
     ckpt = pretrain_checkpointing(cfg, str(path))
     first = replace(ckpt, save=lambda snap: (saved.append(snap["step"]), ckpt.save(snap)), after_save=stop_at_4)
     with pytest.raises(Stop):
-        pretrain_descendant(cfg, tiny_ancestor, "pt_ft", spec, checkpoint=first)
+        pretrain_descendant(cfg, tiny_ancestor, method, spec, checkpoint=first)
     assert saved == [4] and torch.load(path, weights_only=True)["step"] == 4
     _, resumed = pretrain_descendant(
-        cfg, tiny_ancestor, "pt_ft", spec, checkpoint=pretrain_checkpointing(cfg, str(path))
+        cfg, tiny_ancestor, method, spec, checkpoint=pretrain_checkpointing(cfg, str(path))
     )
-    _, whole = pretrain_descendant(cfg, tiny_ancestor, "pt_ft", spec)  # no checkpoints, never stopped
+    _, whole = pretrain_descendant(cfg, tiny_ancestor, method, spec)  # no checkpoints, never stopped
     assert resumed["resumed_from_step"] == 4 and whole["resumed_from_step"] == 0
     assert resumed["steps"] == whole["steps"] == 10 and resumed["samples"] == whole["samples"]
     assert resumed["final_lr"] == pytest.approx(whole["final_lr"])  # the schedule went on from step 4
@@ -118,7 +121,7 @@ def test_a_pretraining_resumes_from_its_checkpoint_and_a_bad_one_starts_again(
     path.write_bytes(b"not a checkpoint")
     with caplog.at_level("WARNING", logger="mmlg_ray"):
         _, again = pretrain_descendant(
-            cfg, tiny_ancestor, "pt_ft", spec, checkpoint=pretrain_checkpointing(cfg, str(path))
+            cfg, tiny_ancestor, method, spec, checkpoint=pretrain_checkpointing(cfg, str(path))
         )
     assert again["resumed_from_step"] == 0 and again["steps"] == 10
     assert "does not load" in caplog.text and str(path) in caplog.text

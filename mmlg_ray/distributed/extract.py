@@ -227,12 +227,11 @@ def _train_worker(config: dict):
         chunk_start = chunk_end
         report(chunk_end, {**last, "samples": samples[0], "resumed_from_step": start})
         if fail_at and start == 0 and chunk_end >= fail_at:
-            # every rank's report queued first: Ray Train commits a checkpoint once all ranks have reported,
-            # and a rank that raised while another was still uploading its shard (slower to S3 from another
-            # node) ended the attempt with that checkpoint uncommitted: the retry then started at step 0 and
-            # failed here again, spending every retry
-            # and a Train poll round (every 2 s) that sees them all before any rank's error: one round's
-            # polls run at slightly different moments, and could see one rank's empty queue and another's error
+            # Ray Train commits a checkpoint once a poll has seen every rank's report of it. A rank that raised
+            # while another still uploaded its shard (slower to S3 from another node) ended the attempt with
+            # the checkpoint uncommitted: the retry began at step 0 and failed here again. So every rank's
+            # report is queued first (the barrier), then a poll round (every 2 s) sees them all before any
+            # rank's error (the polls of one round run at slightly different moments)
             if world > 1:
                 import torch.distributed as dist
 
