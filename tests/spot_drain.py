@@ -1,9 +1,11 @@
 """Run by tests/test_spot_watch.py in a subprocess (the test session has its own ray.init): a Ray
-cluster of a head and two 1-CPU worker nodes on this machine, an actor on each worker. The spot
-watcher reads the notice from the metadata service at the URL given and drains the first worker;
-then each worker in turn is killed outright (what AWS does when its two minutes are up). Prints one
-line, RESULT and JSON: the notice, and how each actor's loss was reported (Ray's own logs go to stdout
-too).
+cluster of a head and two 1-CPU worker nodes on this machine, an actor and a task on each worker. The
+spot watcher reads the notice from the metadata service at the URL given and drains the first worker;
+then each worker in turn is killed outright (what AWS does when its two minutes are up) and a fresh
+one of its kind joins. The tasks are watched as the sweep watches its pre-training
+(mmlg_ray.distributed.pretraining.PretrainingWatch, max_failures=1). Prints one line, RESULT and JSON:
+the notice, how each actor's loss was reported, and each task's restarts by cause (Ray's own logs go
+to stdout too).
 
     python tests/spot_drain.py IMDS_URL
 """
@@ -23,6 +25,7 @@ def main(url: str) -> None:
     from ray.exceptions import RayActorError
 
     from mmlg_ray.distributed import spot_watch as W
+    from mmlg_ray.distributed.pretraining import PretrainingWatch
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
@@ -40,6 +43,21 @@ def main(url: str) -> None:
         b = Worker.options(resources={"control": 0.01}).remote()
         node_a = ray.get(a.node.remote())
         ray.get(b.node.remote())
+
+        # a pre-training-like task on each worker: runs until its first node is gone, then returns at once
+        @ray.remote(num_cpus=0, max_retries=0)
+        def shape(restarts, first_nodes):
+            here = ray.get_runtime_context().get_node_id()
+            while here in first_nodes:
+                time.sleep(0.2)
+            return {"node": here, "restarts": restarts}
+
+        first = [node_a, ray.get(b.node.remote())]
+        kinds = {"on_spot": "spot", "on_control": "control"}
+        watch = PretrainingWatch(
+            list(kinds), lambda n, r: shape.options(resources={kinds[n]: 0.01}).remote(r, first), {}, 1, poll_s=0.2
+        )
+        time.sleep(2)  # both tasks running
         ray_cli = str(Path(sys.executable).with_name("ray"))
         notice = W.watch(W.Imds(url), cluster.address, node_id=node_a, poll_s=0.2, ray_cli=ray_cli, max_polls=50)
 
@@ -58,6 +76,9 @@ def main(url: str) -> None:
 
         err_a, pre_a, msg_a = lost(a, spot)
         _, pre_b, _ = lost(b, control)
+        cluster.add_node(num_cpus=1, resources={"spot": 1})  # the autoscaler's replacements
+        cluster.add_node(num_cpus=1, resources={"control": 1})
+        done, failed = watch.wait()
         print(
             "RESULT "
             + json.dumps(
@@ -67,6 +88,9 @@ def main(url: str) -> None:
                     "actor_error": err_a,
                     "preempted": pre_a,
                     "control_preempted": pre_b,
+                    "tasks": {n: d["restarts"] for n, d in done.items()},
+                    "moved": all(d["node"] not in first for d in done.values()),
+                    "failed": [n for n, _ in failed],
                 }
             )
         )

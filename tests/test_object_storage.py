@@ -64,6 +64,8 @@ def test_pretrain_stage_writes_each_shape_and_a_rerun_reuses_the_finished_ones(
     assert not failed and list(done) == [f"pt_ft/{narrow}@1x"]
     cost, whole = done[f"pt_ft/{narrow}@1x"]["cost"], stored["cost"]  # the wide shape ran without a break
     assert cost["resumed_from_step"] == 5 and whole["resumed_from_step"] == 0
+    # the loss counted as what it was to Ray (a worker gone without a drain): a retry, in the shape's cost
+    assert (cost["retries"], cost["preemptions"], whole["retries"], whole["preemptions"]) == (1, 0, 0, 0)
     # the whole run's steps and samples, and the schedule continued where it stopped
     assert cost["steps"] == whole["steps"] == cfg.descendants.pretrain_steps and cost["samples"] == whole["samples"]
     assert cost["final_lr"] == whole["final_lr"]
@@ -72,6 +74,40 @@ def test_pretrain_stage_writes_each_shape_and_a_rerun_reuses_the_finished_ones(
     # reused, not written again; the checkpoint deleted once its shape was written
     assert len(after) == 4 and all(after[k] == t for k, t in before.items())
     assert not [k for k in after if k.endswith(".ckpt.pt")]
+
+
+def test_a_pretraining_task_lost_with_its_worker_is_retried_max_failures_times(ray_address, tmp_path):
+    """The driver's own retries (the tasks run with max_retries=0): a worker that dies is a retry, each
+    attempt gets the counts so far, and after ray.max_failures of them the shape fails for good; an
+    error of the task's own code is not retried."""
+    import os
+
+    import ray
+
+    from mmlg_ray.distributed.pretraining import PretrainingWatch
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def shape(name, restarts, log):
+        with open(log, "a") as f:
+            f.write(f"{name} {restarts['retries']}\n")
+        if name == "crashes" or (name == "crashes once" and restarts["retries"] == 0):
+            os._exit(1)  # the worker process dies: Ray reports WorkerCrashedError
+        if name == "raises":
+            raise ValueError("a bug in the task")
+        return restarts
+
+    log = tmp_path / "attempts"
+    names = ["crashes", "crashes once", "raises"]
+    watch = PretrainingWatch(names, lambda n, r: shape.remote(n, r, str(log)), {}, max_failures=2)
+    done, failed = watch.wait()
+    assert done == {"crashes once": {"preemptions": 0, "retries": 1}}
+    assert {n: type(e).__name__ for n, e in failed} == {
+        "crashes": "WorkerCrashedError",
+        "raises": "RayTaskError(ValueError)",
+    }
+    attempts = sorted(log.read_text().splitlines())
+    assert attempts == ["crashes 0", "crashes 1", "crashes 2", "crashes once 0", "crashes once 1", "raises 0"]
+    assert watch.restarts["crashes"] == {"preemptions": 0, "retries": 2}
 
 
 @pytest.mark.parametrize("method,precision", [("pt_ft", "fp32"), ("csm", "bf16")])

@@ -108,7 +108,7 @@ def test_an_odd_notice_is_polled_again_and_a_failing_drain_is_retried_with_rays_
 
 
 @pytest.mark.slow  # a two-node Ray cluster of its own, in a subprocess
-def test_a_drained_spot_node_loses_its_actor_as_preempted(tmp_path):
+def test_a_drained_spot_node_loses_its_actor_and_task_as_preempted(tmp_path):
     imds = FakeImds("spot")
     imds.notice = {"action": "terminate", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 120))}
     script = ROOT / "tests" / "spot_drain.py"
@@ -121,6 +121,13 @@ def test_a_drained_spot_node_loses_its_actor_as_preempted(tmp_path):
     assert res["notice"]["action"] == "terminate" and 0 < res["notice"]["deadline_s"] <= 120
     assert res["actor_error"] == "ActorDiedError" and res["preempted"] is True
     assert res["control_preempted"] is False  # the same loss without the notice: a plain node death
+    # the pre-training watch: the task on the drained node ran again without spending ray.max_failures (1), the
+    # one on the node lost without notice spent it; both finished on the replacement nodes
+    assert res["tasks"] == {
+        "on_spot": {"preemptions": 1, "retries": 0},
+        "on_control": {"preemptions": 0, "retries": 1},
+    }
+    assert res["moved"] and res["failed"] == []
 
 
 def test_cluster_yaml_starts_the_watcher_on_every_worker():

@@ -32,7 +32,8 @@ from mmlg_ray import storage as stor
 
 from mmlg_ray.distributed.logs import quiet_worker
 from mmlg_ray.distributed.settings import pretrain_task_options
-from mmlg_ray.distributed.tune import _Pretraining, check_baked, previous_state, run_tune
+from mmlg_ray.distributed.pretraining import PretrainingWatch
+from mmlg_ray.distributed.tune import check_baked, previous_state, run_tune
 
 # An experiment that an earlier version saved names these classes and the trainable by their old home,
 # this module (Tune pickles them into tuner.pkl); the names keep such an experiment restorable.
@@ -41,7 +42,7 @@ from mmlg_ray.distributed.tune import PlanScheduler, PlanSearcher  # noqa: E402,
 
 
 # --------------------------------------------------------------------------- the executor
-def _pretrain_task(cfg_json, ancestor_ref, job: PretrainJob, fail=False, hold_s=0.0, kill_at=0):
+def _pretrain_task(cfg_json, ancestor_ref, job: PretrainJob, restarts=None, fail=False, hold_s=0.0, kill_at=0):
     from mmlg_ray.method.ancestor import Ancestor
     from mmlg_ray.engine.artifacts import load
     from mmlg_ray.config import ModelSpec, config_from_dict
@@ -55,7 +56,8 @@ def _pretrain_task(cfg_json, ancestor_ref, job: PretrainJob, fail=False, hold_s=
     quiet_worker()
     spec, fpr, source, ref = ancestor_ref
     state = load(ref, "ancestor", lambda p: load_file(str(p)), cfg.cache_path) if ref and job.method == "csm" else {}
-    return pretrain_and_write(cfg, Ancestor(ModelSpec(**spec), state, fpr, source), job, hold_s=hold_s, kill_at=kill_at)
+    anc = Ancestor(ModelSpec(**spec), state, fpr, source)
+    return pretrain_and_write(cfg, anc, job, hold_s=hold_s, kill_at=kill_at, restarts=restarts)
 
 
 class RayExecutor(Executor):
@@ -99,9 +101,11 @@ class RayExecutor(Executor):
 
         if not jobs:
             return _Done({}, [])
-        remote = ray.remote(
-            **pretrain_task_options(cfg.ray.tune), max_retries=cfg.ray.max_failures, retry_exceptions=False
-        )(_pretrain_task)
+        # max_retries=0: the driver retries a lost task itself, telling a preempted node from a failed one
+        # (mmlg_ray.distributed.pretraining)
+        remote = ray.remote(**pretrain_task_options(cfg.ray.tune), max_retries=0, retry_exceptions=False)(
+            _pretrain_task
+        )
         inject = os.environ.get("MMLG_FAIL_PRETRAIN", "")  # "method/shape" of a shape whose task must fail
         a = (anc.spec.model_dump(), anc.fingerprint, anc.source, anc_ref.to_json() if anc_ref else None)
         cfg_json = cfg.model_dump(mode="json")
@@ -109,12 +113,15 @@ class RayExecutor(Executor):
         # tests: each shape's first attempt kills its own process after its checkpoint at this step (a lost
         # node, as far as Ray knows): the task is retried and resumes from that checkpoint
         kill_at = int(os.environ.get("MMLG_KILL_PRETRAIN_AT_STEP") or 0)
-        refs = {
-            j.name: remote.options(name=f"pretrain {j.name}").remote(
-                cfg_json, a, j, fail=inject in (f"{j.method}/{shape_key(j.spec)}", j.name), hold_s=hold, kill_at=kill_at
+        by_name = {j.name: j for j in jobs}
+
+        def submit(name: str, restarts: dict):
+            j = by_name[name]
+            fail = inject in (f"{j.method}/{shape_key(j.spec)}", j.name)
+            return remote.options(name=f"pretrain {name}").remote(
+                cfg_json, a, j, restarts, fail=fail, hold_s=hold, kill_at=kill_at
             )
-            for j in jobs
-        }
+
         by_key = {(j.method, shape_key(j.spec), j.budget): j.name for j in jobs}
         cell_names = {}
         for c in cells(cfg):
@@ -122,7 +129,7 @@ class RayExecutor(Executor):
                 k = (c.method, shape_key(descendant_spec(anc.spec, c.depth, c.width)), c.pt_budget)
                 if k in by_key:
                     cell_names[c.key] = by_key[k]
-        watch = _Pretraining(refs, cell_names)
+        watch = PretrainingWatch(list(by_name), submit, cell_names, cfg.ray.max_failures)
         if wait:
             done, failed = watch.wait()
             return _Done(done, failed)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from pathlib import Path
 
 from mmlg_ray.config import Config
@@ -23,6 +22,7 @@ from mmlg_ray import stopping
 from mmlg_ray.distributed import syncing
 from mmlg_ray.distributed.checkpoints import CheckpointPruner, drop_finished
 from mmlg_ray.distributed.logs import status_reporter, tune_callbacks
+from mmlg_ray.distributed.pretraining import RESTART_KINDS, PretrainingWatch
 from mmlg_ray.distributed.settings import trial_resources
 from mmlg_ray.distributed.trial import EVAL_KEYS, trial_fn
 
@@ -89,7 +89,6 @@ class PlanSearcher(Searcher):
 
 
 _RESTARTS: dict = {}  # experiment name -> {trial id: {"preemptions": n, "retries": n}} in the driver's process
-RESTART_KINDS = ("preemptions", "retries")
 
 
 class RestartCounter(Callback):
@@ -154,45 +153,6 @@ class PlanScheduler(FIFOScheduler):
 
     def debug_string(self):
         return f"asynchronous successive halving per cell (max {self.max_t} evaluations)"
-
-
-class _Pretraining:
-    """The pre-training tasks of a run, watched from the driver: ready(name) for the searcher
-    (polled at most once a second per shape), wait() at the end."""
-
-    def __init__(self, refs: dict, names_of_cells: dict):
-        self.refs, self.cells = refs, names_of_cells  # task name -> ObjectRef; cell key -> task name
-        self.state: dict[str, str] = {}
-        self.polled: dict[str, float] = {}
-        self.results: dict = {}
-
-    def ready(self, name: str) -> bool:
-        import ray
-
-        if name not in self.refs or self.state.get(name):
-            return True
-        now = time.monotonic()
-        if now - self.polled.get(name, 0) < 1.0:
-            return False
-        self.polled[name] = now
-        done, _ = ray.wait([self.refs[name]], timeout=0)
-        if done:
-            self.state[name] = "done"
-        return bool(done)
-
-    def wait(self):
-        import ray
-
-        done, failed = {}, []
-        for name, ref in self.refs.items():
-            try:
-                done[name] = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 (a task's error, or its worker / node lost more often than retried)
-                cause = getattr(e, "cause", None)
-                err = cause if isinstance(cause, UserError) else e
-                log.error("pretrain %s failed: %s", name, str(err).strip().splitlines()[-1])
-                failed.append((name, err))
-        return done, failed
 
 
 _PRETRAINING: dict = {"watch": None}
@@ -301,7 +261,7 @@ def _run_tune(cfg, plan, ctx, pretraining, fp, storage, od, trainable) -> list[d
     name = f"sweep-{fp}"
     path = f"{storage}/{name}"
     plan_searcher = PlanSearcher(plan, name)
-    _PRETRAINING["watch"] = pretraining if isinstance(pretraining, _Pretraining) else None
+    _PRETRAINING["watch"] = pretraining if isinstance(pretraining, PretrainingWatch) else None
     try:
         if _restorable(path):
             log.info("sweep: resuming %s", path)

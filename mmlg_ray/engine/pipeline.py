@@ -504,5 +504,7 @@ def _cost_cols(c: dict) -> dict:
         "flops": float(c.get("flops", 0) or 0),
         "skipped_samples": int(c.get("skipped_samples", 0) or 0),
         "resumed_from_step": int(c.get("resumed_from_step", 0) or 0),  # restarted: the checkpoint step it went on from
+        "preemptions": int(c.get("preemptions", 0) or 0),  # attempts lost with a preempted node (Ray's pre-training)
+        "retries": int(c.get("retries", 0) or 0),  # attempts lost with a worker or node otherwise (ray.max_failures)
         "precision": str(c.get("precision") or ""),
     }  # the stage's precision ("": not recorded), priced by cost

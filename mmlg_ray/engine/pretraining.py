@@ -64,14 +64,22 @@ def pretrain_jobs(cfg: Config, ancestor_spec: ModelSpec, od: OutputDir) -> list[
 
 
 def pretrain_and_write(
-    cfg: Config, ancestor, job: PretrainJob, device=None, hold_s: float = 0.0, kill_at: int = 0
+    cfg: Config,
+    ancestor,
+    job: PretrainJob,
+    device=None,
+    hold_s: float = 0.0,
+    kill_at: int = 0,
+    restarts: dict | None = None,
 ) -> dict:
     """Pre-train one shape and write it to the output store (weights, then the sidecar with its cost
     and content hash: a reader that sees the sidecar sees a complete artifact). Returns the sidecar.
     On the way it checkpoints to the output store (`job.checkpoint`, every
     descendants.pretrain_checkpoint_every steps) and, run again after its process or node was lost,
     resumes from there; the checkpoint is deleted once the shape is written. `kill_at` (tests): the
-    process kills itself, as a reclaimed node ends it, after its first checkpoint at or past that step."""
+    process kills itself, as a reclaimed node ends it, after its first checkpoint at or past that step.
+    `restarts`: the earlier attempts lost to a preemption or a failure ({"preemptions": n, "retries": n},
+    counted by the Ray driver), kept in the cost."""
     import torch
     from safetensors.torch import save_file
 
@@ -89,6 +97,7 @@ def pretrain_and_write(
     if hold_s:  # tests (MMLG_HOLD_PRETRAIN_S, read by the driver): a shape that takes this much longer
         time.sleep(hold_s)
     cost = {**cost, "started_at": started, "ended_at": time.time()}  # wall clock: the job's stage timeline
+    cost.update({k: int((restarts or {}).get(k, 0)) for k in ("preemptions", "retries")})
     with stor.writing(job.weights) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
         sha = art.file_sha256(tmp)
