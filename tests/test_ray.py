@@ -21,33 +21,47 @@ from mmlg_ray.method.learngene import load_learngene
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bf16_zero3_offload_extraction_crashes_resumes_and_yields_an_fp32_learngene(
-    tiny_cfg, tiny_ancestor, ray_address, tmp_path, monkeypatch
+def test_bf16_zero3_offload_elastic_extraction_crashes_resumes_and_yields_an_fp32_learngene(
+    tiny_overrides, tiny_ancestor, ray_address, tmp_path, monkeypatch
 ):
     """precision=bf16, DeepSpeed ZeRO-3 on 2 Ray Train workers, optimizer and parameters offloaded to
-    the CPU; one worker crashes right after the first checkpoint (step 6 of 12), Ray Train restarts
-    the workers, which resume from that checkpoint (partitioned, offloaded state), not from step 0.
-    The student and the teacher run in bf16 (the teacher used to stay fp32 and crash on bf16 images);
-    the learngene is consolidated from the fp32 master weights and makes a working descendant. ZeRO-2
-    runs in every sweep below (the default), elastic ZeRO-3 in test_elastic."""
+    the CPU, elastic extraction (descendant shapes expanded inside the engine's forward, where ZeRO-3
+    gathers what they read); one worker crashes right after the first checkpoint (step 6 of 12), Ray
+    Train restarts the workers, which resume from that checkpoint (partitioned, offloaded state), not
+    from step 0. The student and the teacher run in bf16 (the teacher used to stay fp32 and crash on
+    bf16 images); the learngene is consolidated from the fp32 master weights, has the fixed one's
+    tensors trained away from the warm start, and makes a working descendant. ZeRO-2 runs in every
+    sweep below (the default) and crashes on two nodes in test_two_nodes."""
     from safetensors import safe_open
 
+    from mmlg_ray.config import load_config
+    from mmlg_ray.engine import pipeline
     from mmlg_ray.method.descend import descendant_spec, init_descendant
     from mmlg_ray.distributed.extract import extract_on_ray
     from mmlg_ray.method.train import lr_lambda
 
-    cfg = tiny_cfg.model_copy(deep=True)
-    cfg.precision = "bf16"
-    cfg.ray.extraction.zero_stage = 3
-    cfg.ray.extraction.offload_optimizer = cfg.ray.extraction.offload_params = True
-    cfg.ray.num_workers = 2
-    cfg.ray.max_failures = 1
+    cfg = load_config(
+        None,
+        tiny_overrides
+        + [
+            "descendants.grid.depth=[1,2]",
+            "descendants.grid.width=[64,128]",
+            "precision=bf16",
+            "ray.extraction.zero_stage=3",
+            "ray.extraction.offload_optimizer=true",
+            "ray.extraction.offload_params=true",
+            "ray.num_workers=2",
+            "ray.max_failures=1",
+        ],
+    )
     monkeypatch.setenv("MMLG_FAIL_AT_STEP", "6")
     out = tmp_path / "lg.safetensors"
-    cost = extract_on_ray(cfg, tiny_ancestor, out, storage=str(tmp_path / "ray"))
+    cost = extract_on_ray(cfg, tiny_ancestor, out, storage=str(tmp_path / "ray"), mode="elastic")
     assert cost["resumed_from_step"] == 6
     assert cost["steps"] == 12 and cost["devices"] == 2 and cost["zero_stage"] == 3
     assert cost["precision"] == "bf16" and math.isfinite(cost["final_loss"])
+    assert cost["extraction_mode"] == "elastic" and cost["elastic_flops"] > 0
+    assert math.isfinite(cost["final_elastic_loss"]) and math.isfinite(cost["final_distill_smallest"])
     ecfg = cfg.learngene.extraction
     assert cost["final_lr"] == pytest.approx(ecfg.lr * lr_lambda(ecfg)(12))  # the project's schedule held
     with safe_open(str(out), framework="pt") as f:
@@ -57,7 +71,13 @@ def test_bf16_zero3_offload_extraction_crashes_resumes_and_yields_an_fp32_learng
     trained = [t for k, t in tensors.items() if k.startswith(("multimodal.", "unimodal."))]
     assert any((t != t.bfloat16().float()).any() for t in trained)
     lg = load_learngene(out)
-    assert lg.meta.cost["backend"] == "ray_train+deepspeed"
+    assert lg.meta.cost["backend"] == "ray_train+deepspeed" and lg.meta.extraction_mode == "elastic"
+    # the fixed extraction's learngene tensors, trained away from the warm start
+    start = pipeline.build_aux(cfg, tiny_ancestor, "mmlg", mode="elastic")
+    names = {f"learngene.tensors.{k.replace('.', '__')}" for k in lg.tensors if not k.startswith("inherited.")}
+    assert names == {n for n, _ in start.named_parameters() if n.startswith("learngene.")}
+    moved = [k for k, v in start.learngene.state_tensors().items() if not torch.allclose(lg.tensors[k], v)]
+    assert len(moved) > len(lg.tensors) // 4
     spec = descendant_spec(lg.meta.model_spec, 2, 64)
     model = init_descendant("mmlg", "image_text", spec, learngene=lg)
     img, txt, _ = model(
