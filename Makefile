@@ -55,7 +55,8 @@ run-local: setup
 	$(PY) jobs/sweep.py --config configs/local.yaml --backend local
 
 # the autoscaling rehearsal (jobs/rehearse.py): cluster.yaml's node types as fake nodes on this machine, the
-# local default submitted with `ray job submit`, one spot node preempted mid-sweep, the scale-down watched.
+# local default submitted with `ray job submit`, spot nodes preempted mid-trial (one drained on its notice by the
+# spot watcher, one killed without notice), the scale-down watched.
 # Timeline, checks and report in runs/rehearsal/ (an earlier rehearsal there is deleted first)
 rehearse: setup
 	rm -rf runs/rehearsal

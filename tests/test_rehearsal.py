@@ -122,9 +122,26 @@ def test_timeline_and_checks_on_constructed_runs(cluster):
     good = pd.DataFrame(
         [{"kind": "extraction", "node_type": "gpu_a10g"}, {"kind": "trial", "node_type": "gpu_a10g_spot"}]
     )
-    trials = pd.DataFrame({"phase": ["search", "search", "seeds"], "trial_id": ["a", "b", "c"], "status": "finished"})
-    kw = dict(job_status="SUCCEEDED", trials=trials, expected_trials=3, preempted="preempted x", scaled_down=True)
+    trials = pd.DataFrame(
+        {
+            "phase": ["search", "search", "seeds"],
+            "trial_id": ["a", "b", "c"],
+            "status": "finished",
+            "preemptions": [1, 0, 0],
+            "retries": [0, 0, 1],
+        }
+    )
+    hits = [{"mode": m, "node_type": "gpu_a10g_spot", "node_id": f"n{m}", "processes": 5} for m in ("drain", "kill")]
+    kw = dict(
+        job_status="SUCCEEDED",
+        trials=trials,
+        expected_trials=3,
+        preemptions=hits,
+        preempt_modes=["drain", "kill"],
+        scaled_down=True,
+    )
     assert all(c.ok for c in R.check_rehearsal(tl, good, plan, **kw))
+    assert len(R.check_rehearsal(tl, good, plan, **kw)) == 10
 
     def failed(**over):
         args = {**kw, **over}
@@ -137,7 +154,7 @@ def test_timeline_and_checks_on_constructed_runs(cluster):
     )
     assert failed(pl=bad) == {"extraction only on on-demand node types"}
     # a trial recorded twice (a retried trial written again), or one missing
-    assert failed(trials=pd.concat([trials, trials.iloc[:1]])) == {
+    assert failed(trials=pd.concat([trials, trials.iloc[1:2]])) == {
         "every trial exactly once in trials.parquet, none errored"
     }
     assert failed(expected_trials=4) == {"every trial exactly once in trials.parquet, none errored"}
@@ -151,7 +168,21 @@ def test_timeline_and_checks_on_constructed_runs(cluster):
     sparse = tl[tl.t_s != 4.0].copy()  # a sample missing: a 4-s gap is fine, a 6-s one is not
     assert "the cluster sampled at least every 5 s" not in failed(tl=sparse)
     assert "the cluster sampled at least every 5 s" in failed(tl=sparse[sparse.t_s != 6.0])
-    assert failed(job_status="FAILED", preempted=None) == {"the job succeeded", "a worker node was preempted mid-sweep"}
+    assert failed(job_status="FAILED", preemptions=[]) == {
+        "the job succeeded",
+        "a spot node drained on its spot notice, then reclaimed mid-trial",
+        "a spot node killed without notice, then reclaimed mid-trial",
+    }
+    # the drain was not made; the restarts were counted against the wrong cause
+    assert failed(preemptions=hits[1:]) == {
+        "a spot node drained on its spot notice, then reclaimed mid-trial",
+        "trials.parquet counts each restart by its cause",
+    }
+    assert failed(trials=trials.assign(preemptions=0, retries=[0, 1, 1])) == {
+        "trials.parquet counts each restart by its cause"
+    }
+    # only the kill asked for
+    assert not failed(preemptions=hits[1:], preempt_modes=["kill"], trials=trials.assign(preemptions=0))
     png = R.plot_timeline(tl, Path(os.environ.get("TMPDIR", "/tmp")) / f"tl-{os.getpid()}.png")
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     png.unlink()
@@ -172,7 +203,7 @@ def test_tiny_rehearsal_end_to_end(tiny_overrides, tmp_path):
         "descendants.finetune.eval_every=50",
     ]
     cmd = [sys.executable, str(ROOT / "jobs/rehearse.py"), "--output", str(out), "--idle-timeout-s", "10"]
-    cmd += ["--preempt-after-s", "0"]
+    cmd += ["--preempt-after-s", "0", "--preempt", "drain,kill", "--notice-s", "1"]
     for s in sets:
         cmd += ["--set", s]
     log = tmp_path / "rehearse.log"
@@ -190,13 +221,18 @@ def test_tiny_rehearsal_end_to_end(tiny_overrides, tmp_path):
     assert list(tl.columns) == ["t_s", "node_type", "nodes", "event"]
     assert set(tl.node_type) == {"gpu_a10g", "gpu_a10g_spot"}
     assert tl.groupby("node_type").t_s.apply(lambda t: t.diff().max()).max() <= 5.0  # a sample every <=5 s
-    assert tl.event.str.startswith("preempted gpu_a10g_spot").any()
+    events = tl.event.dropna()
+    assert events.str.match(r"spot notice for gpu_a10g_spot …\w{5}: drained").any()
+    assert events.str.match(r"preempted gpu_a10g_spot …\w{5}: killed 1 s after its notice").any()
+    assert events.str.match(r"preempted gpu_a10g_spot …\w{5}: killed without notice").any()
     summary = json.loads((out / "rehearsal.json").read_text())
-    # the node was killed without notice (no drain): Tune counted a failure and retried the trial once
+    # the trial's first node was drained by the spot watcher, then killed: Tune restarted it without counting a
+    # failure; its second node was killed without notice: a failure counted, and the trial retried once more
     trials = pd.read_parquet(out / "trials.parquet")
-    assert trials.retries.tolist() == [1] and trials.preemptions.tolist() == [0]
+    assert trials.preemptions.tolist() == [1] and trials.retries.tolist() == [1]
+    assert [p["mode"] for p in summary["preemptions"]] == ["drain", "kill"]
     assert summary["trials"] == summary["expected_trials"] == 1
-    assert all(c["ok"] for c in summary["checks"]) and len(summary["checks"]) == 8
+    assert all(c["ok"] for c in summary["checks"]) and len(summary["checks"]) == 10
     # the rehearsal left no process of its cluster behind
     token = f"MMLG_REHEARSAL={summary['token']}"
     token_procs = [p for p in os.listdir("/proc") if p.isdigit() and _has_env(p, token)]

@@ -8,55 +8,16 @@ max_failures."""
 import json
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from mmlg_ray.distributed import spot_watch as W
+from mmlg_ray.distributed.fake_imds import FakeImds, notice_in
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class FakeImds:
-    """life_cycle: spot | on-demand; notice: the instance-action document once set (else 404)."""
-
-    def __init__(self, life_cycle="spot"):
-        self.life_cycle, self.notice, self.tokens, self.reads = life_cycle, None, 0, []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _send(self, code, body=""):
-                self.send_response(code)
-                self.end_headers()
-                self.wfile.write(body.encode())
-
-            def do_PUT(self):
-                if self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
-                    outer.tokens += 1
-                    return self._send(200, f"token-{outer.tokens}")
-                self._send(400)
-
-            def do_GET(self):
-                if self.headers.get("X-aws-ec2-metadata-token") != f"token-{outer.tokens}":
-                    return self._send(401)  # IMDSv2 only: no token, or an old one
-                outer.reads.append(self.path)
-                if self.path == "/latest/meta-data/instance-life-cycle":
-                    return self._send(200, outer.life_cycle)
-                if self.path == "/latest/meta-data/spot/instance-action" and outer.notice:
-                    body = outer.notice.pop(0) if isinstance(outer.notice, list) else outer.notice
-                    return self._send(200, body if isinstance(body, str) else json.dumps(body))
-                self._send(404)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
 
 def test_notice_parsing_and_the_drain_command():
@@ -109,8 +70,7 @@ def test_an_odd_notice_is_polled_again_and_a_failing_drain_is_retried_with_rays_
 
 @pytest.mark.slow  # a two-node Ray cluster of its own, in a subprocess
 def test_a_drained_spot_node_loses_its_actor_and_task_as_preempted(tmp_path):
-    imds = FakeImds("spot")
-    imds.notice = {"action": "terminate", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 120))}
+    imds = FakeImds("spot", notice=notice_in(120))
     script = ROOT / "tests" / "spot_drain.py"
     proc = subprocess.run(
         [sys.executable, str(script), imds.url], capture_output=True, text=True, timeout=240, cwd=ROOT

@@ -1,13 +1,15 @@
 """The autoscaling rehearsal: cluster.yaml's node types on this machine (Ray's fake_multinode provider,
-CPUs standing in for GPUs), the main job submitted with `ray job submit` as on a cluster, one spot node
-preempted mid-sweep, and the cluster watched until it is back to its head alone.
+CPUs standing in for GPUs), the main job submitted with `ray job submit` as on a cluster, spot nodes
+preempted mid-trial (one drained by the spot watcher on its interruption notice, then killed; one killed
+without notice), and the cluster watched until it is back to its head alone.
 
     python jobs/rehearse.py --config configs/local.yaml --output runs/rehearsal [--set k=v ...]
 
 Writes OUTPUT/cluster_timeline.parquet (t_s, node_type, nodes, event), cluster_timeline.png,
 rehearsal.json (events, checks) next to the sweep's own results, and rebuilds the report with the
 timeline. Exits 1 when a check fails: workers start from zero, extraction only on on-demand types,
-trials on spot types, the job succeeds despite the preemption with every trial once, scale-down.
+trials on spot types, each preemption made, the job succeeds despite them with every trial once and its
+restarts counted by cause, scale-down.
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ def main(argv=None) -> int:
     p.add_argument(
         "--preempt-after-s", type=float, default=5.0, help="preempt a spot node once a trial has run on it this long"
     )
+    p.add_argument(
+        "--preempt",
+        default="drain,kill",
+        help="the preemptions to make, in order, each of a trial on a spot node: drain (the spot watcher drains "
+        "the node on its interruption notice, then it is killed) or kill (killed without notice); none: no preemption",
+    )
+    p.add_argument("--notice-s", type=float, default=5.0, help="seconds from a drained node's notice to its kill")
     a = p.parse_args(argv)
     cfg = config_from_args(a)
     if a.cluster is None:
@@ -54,6 +63,11 @@ def main(argv=None) -> int:
     if out.exists() and any(out.iterdir()):
         # the sweep would resume the results there and start no node: every check would fail
         raise UserError("--output", f"{a.output} already holds files", "give a new folder, or delete this one")
+    modes = [] if a.preempt.strip() == "none" else [m.strip() for m in a.preempt.split(",")]
+    if not set(modes) <= {"drain", "kill"}:
+        raise UserError(
+            "--preempt", f"is {a.preempt!r}", "give drain, kill or both comma-separated (drain,kill), or none"
+        )
     if a.idle_timeout_s <= 0:
         raise UserError("--idle-timeout-s", "must be positive", "give seconds, e.g. 20")
     from mmlg_ray.engine import preflight
@@ -71,6 +85,8 @@ def main(argv=None) -> int:
         max_per_type=a.max_per_type,
         idle_timeout_s=a.idle_timeout_s,
         preempt_after_s=a.preempt_after_s,
+        preempt=tuple(modes),
+        notice_s=a.notice_s,
         job_timeout_s=a.job_timeout_s,
     )
 

@@ -1,6 +1,7 @@
 """The autoscaling rehearsal: cluster.yaml's node types on one machine (Ray's fake_multinode provider),
-the main job submitted to it as cluster users submit it, one spot node preempted mid-sweep, and the
-cluster watched until it is back to its head alone.
+the main job submitted to it as cluster users submit it, spot nodes preempted mid-trial (drained on a
+notice by the spot watcher, or killed without one), and the cluster watched until it is back to its
+head alone.
 
     python jobs/rehearse.py --config configs/local.yaml --output runs/rehearsal
 
@@ -90,11 +91,17 @@ class Rehearsal:
         idle_timeout_s: float = 20.0,
         sample_s: float = 2.0,
         preempt_after_s: float = 5.0,
+        preempt: tuple[str, ...] = ("drain", "kill"),
+        notice_s: float = 5.0,
         scale_down_wait_s: float = 240.0,
         job_timeout_s: float = 3600.0,
     ):
         self.cfg, self.config_arg, self.sets, self.out = cfg, config_arg, list(sets), Path(out)
         self.cpus_per_gpu, self.sample_s, self.preempt_after_s = cpus_per_gpu, sample_s, preempt_after_s
+        # the preemptions to make, in order, each of a trial on a spot node: "drain" (the spot watcher drains
+        # the node on its interruption notice, served by a fake metadata service; the node is killed
+        # notice_s later) or "kill" (killed without notice)
+        self.preempt_modes, self.notice_s = list(preempt), notice_s
         # the autoscaler's idle timeout, its 5-s update period, and the GCS noticing a node's exit
         self.scale_down_wait_s = max(scale_down_wait_s, 3 * idle_timeout_s + 60)
         self.job_timeout_s = job_timeout_s
@@ -122,7 +129,9 @@ class Rehearsal:
         self.samples: list[dict] = []
         self.placements: list[dict] = []
         self.events: list[dict] = []
-        self.preempted: str | None = None
+        self.preemptions: list[dict] = []  # each preemption made: mode, node type and id, processes killed
+        self._preempting = False  # a drained node waiting for its reclaim
+        self._hit: set[str] = set()  # trial actors chosen for a preemption
         self.t0 = time.time()
         self.head: subprocess.Popen | None = None
         self.tmp = Path(tempfile.mkdtemp(prefix="mmlg_rh."))  # short: Ray's socket paths live under it
@@ -268,23 +277,67 @@ class Rehearsal:
             )
             if kind == "trial" and nt in self.plan.spot_types():
                 self._trial_seen.setdefault(a.actor_id, t)
-                if self.preempted is None and t - self._trial_seen[a.actor_id] >= self.preempt_after_s:
-                    self.preempt(a.node_id, nt)
+                if (
+                    self._may_preempt(a.actor_id, a.node_id)
+                    and t - self._trial_seen[a.actor_id] >= self.preempt_after_s
+                ):
+                    self._hit.add(a.actor_id)
+                    if self.preempt_modes[len(self._hit) - 1] == "kill":
+                        self.preempt(a.node_id, nt, "kill")
+                    else:
+                        self._preempting = True
+                        threading.Thread(target=self.drain_then_reclaim, args=(a.node_id, nt), daemon=True).start()
         evs = [e for e in self.events if e.get("_sampled") is None]
         for e in evs:
             e["_sampled"] = True
         self.samples.append({"t_s": t, "nodes": counts, "events": evs})
 
-    def preempt(self, node_id: str, node_type: str) -> None:
-        """Kill every process of one fake node at once, as a spot reclaim does (no drain, no warning)."""
+    def _may_preempt(self, actor_id: str, node_id: str) -> bool:
+        """A preemption is left to make, none is under way, and this trial actor and its node were not hit."""
+        return (
+            len(self._hit) < len(self.preempt_modes)
+            and not self._preempting
+            and actor_id not in self._hit
+            and node_id not in self.killed
+        )
+
+    def preempt(self, node_id: str, node_type: str, mode: str = "kill") -> None:
+        """Kill every process of one fake node at once, as a spot reclaim does (mode "kill": no notice
+        before; "drain": after the node was drained on its notice)."""
         pids = _our_pids(self.token, node_id)
         if not pids:  # its processes are not visible here (/proc unreadable?): nothing was preempted
             log.warning("rehearsal: no process of node %s found to kill", node_id)
             return
         _kill(pids)
         self.killed.add(node_id)
-        self.preempted = f"preempted {node_type} node …{node_id[-5:]} ({len(pids)} processes killed)"
-        self.event(f"preempted {node_type} …{node_id[-5:]}", node_type)
+        how = "killed without notice" if mode == "kill" else f"killed {self.notice_s:g} s after its notice"
+        self.preemptions.append({"mode": mode, "node_type": node_type, "node_id": node_id, "processes": len(pids)})
+        self.event(f"preempted {node_type} …{node_id[-5:]}: {how}", node_type)
+
+    def drain_then_reclaim(self, node_id: str, node_type: str) -> None:
+        """The drain path of cluster.yaml's spot nodes: a metadata service on loopback serves the node's
+        interruption notice, the spot watcher (mmlg_ray.distributed.spot_watch, as on the node) reads it
+        and drains the node with the preemption reason; notice_s later the node is killed."""
+        from mmlg_ray.distributed import spot_watch as W
+        from mmlg_ray.distributed.fake_imds import FakeImds, notice_in
+
+        imds = FakeImds("spot", notice=notice_in(120))
+        try:
+            ray_cli = str(Path(sys.executable).with_name("ray"))
+            notice = W.watch(
+                W.Imds(imds.url), f"{self.ip}:{self.port}", node_id=node_id, poll_s=0.2, ray_cli=ray_cli, max_polls=25
+            )
+            if notice is None:
+                self.event(f"spot notice for {node_type} …{node_id[-5:]}: not drained (see the log)", node_type)
+                return
+            self.event(f"spot notice for {node_type} …{node_id[-5:]}: drained", node_type)
+            time.sleep(self.notice_s)  # AWS's two minutes, shortened
+            self.preempt(node_id, node_type, "drain")
+        except Exception as e:  # noqa: BLE001 (the rehearsal goes on; its checks say what did not happen)
+            log.warning("rehearsal: draining node %s failed: %s", node_id, e)
+        finally:
+            imds.close()
+            self._preempting = False
 
     # -- the job -------------------------------------------------------------------------------
     def job_command(self) -> list[str]:
@@ -397,7 +450,8 @@ class Rehearsal:
             job_status=status,
             trials=trials,
             expected_trials=expected_trials(self.cfg),
-            preempted=self.preempted,
+            preemptions=self.preemptions,
+            preempt_modes=self.preempt_modes,
             scaled_down=scaled_down,
         )
         R.plot_timeline(tl, self.out / "cluster_timeline.png")
@@ -407,7 +461,7 @@ class Rehearsal:
             "job_status": status,
             "trials": None if trials is None else len(trials),
             "expected_trials": expected_trials(self.cfg),
-            "preempted": self.preempted,
+            "preemptions": self.preemptions,
             "idle_timeout_s": self.plan.config["idle_timeout_minutes"] * 60,
             "samples": len(self.samples),
             "sample_errors": errors[:5],

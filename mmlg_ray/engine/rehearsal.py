@@ -249,7 +249,8 @@ def check_rehearsal(
     job_status: str,
     trials: pd.DataFrame | None,
     expected_trials: int,
-    preempted: str | None,
+    preemptions: list[dict],
+    preempt_modes: list[str],
     scaled_down: bool,
 ) -> list[Check]:
     """The rehearsal's verdicts. placements: one row per observed piece of work (kind: 'extraction' or
@@ -281,13 +282,14 @@ def check_rehearsal(
     tr_types = sorted(set(tr.node_type)) if len(tr) else []
     ok = bool(tr_types) and set(tr_types) <= set(plan.types) and bool(set(tr_types) & set(plan.spot_types()))
     checks.append(Check("trials on spot node types", ok, f"trials seen on {tr_types or 'no node'}"))
-    checks.append(
-        Check(
-            "a worker node was preempted mid-sweep",
-            preempted is not None,
-            preempted or "no trial ran on a spot node long enough to preempt it",
-        )
-    )
+    done = [p["mode"] for p in preemptions]
+    for mode, name in (("drain", "drained on its spot notice"), ("kill", "killed without notice")):
+        if mode in preempt_modes:
+            n = done.count(mode)
+            want = preempt_modes.count(mode)
+            hit = [f"{p['node_type']} …{p['node_id'][-5:]}" for p in preemptions if p["mode"] == mode]
+            detail = f"{n} of {want}: " + (", ".join(hit) if hit else "no trial ran on a spot node long enough")
+            checks.append(Check(f"a spot node {name}, then reclaimed mid-trial", n == want, detail))
     checks.append(Check("the job succeeded", job_status == "SUCCEEDED", f"job status {job_status}"))
     if trials is None:
         checks.append(Check("every trial exactly once in trials.parquet", False, "no trials.parquet"))
@@ -303,6 +305,18 @@ def check_rehearsal(
                 f"{n} rows for {expected_trials} planned trials, {dup} duplicated, {err} errored",
             )
         )
+        if preemptions and {"preemptions", "retries"} <= set(trials.columns):
+            # Tune's count: a trial lost with a drained node restarts as preempted, one killed without notice
+            # as failed (spending ray.max_failures)
+            pre, ret = int(trials.preemptions.sum()), int(trials.retries.sum())
+            checks.append(
+                Check(
+                    "trials.parquet counts each restart by its cause",
+                    (pre, ret) == (done.count("drain"), done.count("kill")),
+                    f"{pre} preemptions and {ret} retries, for {done.count('drain')} drained and "
+                    f"{done.count('kill')} killed nodes",
+                )
+            )
     ts = timeline.t_s.drop_duplicates().sort_values()
     gap = float(ts.diff().max()) if len(ts) > 1 else float("inf")
     checks.append(Check("the cluster sampled at least every 5 s", gap <= 5.0, f"longest gap {gap:.1f} s"))
