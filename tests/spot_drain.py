@@ -88,7 +88,8 @@ def main(url: str) -> None:
                     "actor_error": err_a,
                     "preempted": pre_a,
                     "control_preempted": pre_b,
-                    "tasks": {n: d["restarts"] for n, d in done.items()},
+                    "tasks": {n: {k: d["restarts"][k] for k in ("preemptions", "retries")} for n, d in done.items()},
+                    "losses": {n: len(d["restarts"]["losses"]) for n, d in done.items()},
                     "moved": all(d["node"] not in first for d in done.values()),
                     "failed": [n for n, _ in failed],
                 }

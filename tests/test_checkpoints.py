@@ -120,7 +120,8 @@ def test_restarts_are_counted_by_cause_as_tune_counts_failures(ray_address, tmp_
 
     trial = Trial("trial_fn", stub=True, storage=StorageContext(storage_path=str(tmp_path), experiment_dir_name="e"))
     trial.init_local_path()
-    counter = T.RestartCounter("restarts-test")
+    now = [100.0]
+    counter = T.RestartCounter("restarts-test", devices=2, clock=lambda: now[0])
 
     class Plan:
         records = {trial.trial_id: {"status": "running"}}
@@ -134,12 +135,22 @@ def test_restarts_are_counted_by_cause_as_tune_counts_failures(ray_address, tmp_
             RuntimeError("a bug"),
             RayActorError(preempted=True),
         ):
+            now[0] += 3.0  # 3 s of work since the start or the last result (its checkpoint): lost
             trial.handle_error(err)  # Tune's classification
             counter.on_trial_recover(0, [trial], trial)
+            now[0] += 10.0  # not lost: up to the next result
             counter.on_trial_result(0, [trial], trial, {})
+        now[0] += 1.5
+        counter.on_trial_error(0, [trial], trial)  # failed for good: its last 1.5 s lost too
         assert trial.run_metadata.num_failures == 2  # what max_failures saw: the two that were not preemptions
-        assert T._RESTARTS["restarts-test"][trial.trial_id] == {"preemptions": 2, "retries": 2}
-        assert Plan.records[trial.trial_id] == {"status": "running", "preemptions": 2, "retries": 2}
+        lost = 2 * (4 * 3.0 + 1.5)  # x 2 devices
+        assert T._RESTARTS["restarts-test"][trial.trial_id] == {"preemptions": 2, "retries": 2, "lost_device_s": lost}
+        assert Plan.records[trial.trial_id] == {
+            "status": "running",
+            "preemptions": 2,
+            "retries": 2,
+            "lost_device_s": lost,
+        }
     finally:
         T._LIVE.pop("restarts-test", None)
         T._RESTARTS.pop("restarts-test", None)

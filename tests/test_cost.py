@@ -141,6 +141,13 @@ def test_method_costs_count_each_shared_stage_once():
     )
     # measured money: device-seconds / 3600 x price
     assert math.isclose(mc.loc["pt_ft@1x", "money"], (30 + 50 + 12) / 3600 * 3.6)
+    # work thrown away by restarts (a trial's, a pre-training's) was paid for: it is in the device-seconds
+    lost_t = trials.assign(lost_device_s=[7.0] + [0.0] * (len(trials) - 1))  # an mmlg trial
+    lost_s = stages.assign(lost_device_s=[0.0, 0.0, 4.0, 0.0, 0.0, 0.0])  # pt_ft's first shape
+    ml = cost.method_costs(lost_t, lost_s, device="dev", table=TABLE).set_index("method")
+    assert ml.loc["mmlg", "total_device_s"] == mc.loc["mmlg", "total_device_s"] + 7
+    assert ml.loc["pt_ft@1x", "total_device_s"] == mc.loc["pt_ft@1x", "total_device_s"] + 4
+    assert ml.loc["scratch", "total_device_s"] == mc.loc["scratch", "total_device_s"]
     # charge: the ancestor split equally among the arms that read it (mmlg, csm; not pt_ft, scratch)
     ch = cost.method_costs(trials, stages, device="dev", table=TABLE, ancestor="charge").set_index("method")
     assert ch.loc["mmlg", "ancestor_flops"] == ch.loc["csm", "ancestor_flops"] == 500
@@ -277,3 +284,25 @@ def test_calibration_measures_a_real_step():
     assert m["counted_flops"] > 0 and m["min_s"] <= m["median_s"] <= m["max_s"]
     c = cost.calibrate_utilization(m["analytic_flops"], m["median_s"], "cpu-2core", "fp32")
     assert math.isclose(c["utilization"], m["achieved_flops_per_s"] / 0.2e12)
+
+
+def test_the_spend_charges_the_work_restarts_threw_away():
+    """A restarted trial or pre-training paid for the work it lost (from its last checkpoint to the
+    loss): the spend's measured device-hours include it, and say how much of them it is."""
+    from mmlg_ray.config import load_config
+    from mmlg_ray.report.spend import spend_table
+
+    trials, stages = constructed_sweep()
+    trials = trials.assign(extraction="fixed", pt_budget=[1.0 if a == "pt_ft@1x" else float("nan") for a in trials.arm])
+    cfg = load_config(None, ["report.device=dev"])
+    base = spend_table(trials, stages, cfg, TABLE).set_index(["arm", "stage"])
+    lost_t = trials.assign(lost_device_s=[7.0 if a == "mmlg" else 0.0 for a in trials.arm])
+    lost_s = stages.assign(lost_device_s=[0.0, 0.0, 4.0, 0.0, 0.0, 0.0])  # pt_ft's first shape
+    sp = spend_table(lost_t, lost_s, cfg, TABLE).set_index(["arm", "stage"])
+    assert sp.loc[("mmlg", "finetune"), "device_s"] == base.loc[("mmlg", "finetune"), "device_s"] + 12 * 7
+    assert sp.loc[("mmlg", "finetune"), "lost_device_s"] == 12 * 7
+    assert sp.loc[("pt_ft@1x", "pretrain"), "device_s"] == base.loc[("pt_ft@1x", "pretrain"), "device_s"] + 4
+    assert sp.loc[("pt_ft@1x", "pretrain"), "lost_device_s"] == 4
+    assert math.isclose(sp.loc[("pt_ft@1x", "pretrain"), "money"], (30 + 50 + 4) / 3600 * 3.6)
+    assert (sp.drop([("mmlg", "finetune"), ("pt_ft@1x", "pretrain")]).lost_device_s == 0).all()
+    assert (sp.plan_device_h == base.plan_device_h).all()  # the FLOPs model knows nothing of restarts

@@ -66,6 +66,8 @@ def test_pretrain_stage_writes_each_shape_and_a_rerun_reuses_the_finished_ones(
     assert cost["resumed_from_step"] == 5 and whole["resumed_from_step"] == 0
     # the loss counted as what it was to Ray (a worker gone without a drain): a retry, in the shape's cost
     assert (cost["retries"], cost["preemptions"], whole["retries"], whole["preemptions"]) == (1, 0, 0, 0)
+    # the work the killed attempt did after its step-5 checkpoint was lost, and is charged; the other lost none
+    assert 0 < cost["lost_device_s"] < 60 and whole["lost_device_s"] == 0
     # the whole run's steps and samples, and the schedule continued where it stopped
     assert cost["steps"] == whole["steps"] == cfg.descendants.pretrain_steps and cost["samples"] == whole["samples"]
     assert cost["final_lr"] == whole["final_lr"]
@@ -100,7 +102,8 @@ def test_a_pretraining_task_lost_with_its_worker_is_retried_max_failures_times(r
     names = ["crashes", "crashes once", "raises"]
     watch = PretrainingWatch(names, lambda n, r: shape.remote(n, r, str(log)), {}, max_failures=2)
     done, failed = watch.wait()
-    assert done == {"crashes once": {"preemptions": 0, "retries": 1}}
+    (last,) = done["crashes once"].pop("losses")  # when its lost attempt was submitted and lost, for the charge
+    assert done == {"crashes once": {"preemptions": 0, "retries": 1}} and last[0] <= last[1]
     assert {n: type(e).__name__ for n, e in failed} == {
         "crashes": "WorkerCrashedError",
         "raises": "RayTaskError(ValueError)",
@@ -229,3 +232,20 @@ def test_a_resumed_loop_starts_from_the_checkpoints_weights_optimizer_and_schedu
             contrastive_step(other.module), 1, Checkpointing(4, lambda: saved, lambda s: None), log_every=1, name="t",
         )  # fmt: skip
     assert res.resumed_from == 0 and "another model's tensors" in caplog.text  # same names, other shapes
+
+
+def test_the_work_lost_attempts_threw_away_is_counted_once_from_their_checkpoint():
+    """lost_seconds: the attempt that saved the checkpoint lost what it did after the save; an attempt
+    that saved none lost everything since its submission; losses an earlier checkpoint already charged
+    are not charged again."""
+    from mmlg_ray.engine.pretraining import lost_seconds
+
+    losses = [[0.0, 50.0], [60.0, 70.0], [80.0, 95.0]]  # three lost attempts: [submitted at, lost at]
+    assert lost_seconds([], None) == 0.0
+    assert lost_seconds(losses, None) == 50 + 10 + 15  # no checkpoint: every attempt lost all it did
+    # attempt 0 saved at 40 (nothing charged before it): it lost 10 s; attempts 1 and 2 all of theirs
+    assert lost_seconds(losses, {"attempt": 0, "saved_at": 40.0, "lost_s": 0.0}) == 10 + 10 + 15
+    # attempt 1 saved at 65 after charging attempt 0's 10 s: 10 + (70 - 65) + 15
+    assert lost_seconds(losses, {"attempt": 1, "saved_at": 65.0, "lost_s": 10.0}) == 10 + 5 + 15
+    # a checkpoint of the attempt now running (nothing lost since): only what it recorded
+    assert lost_seconds(losses, {"attempt": 3, "saved_at": 99.0, "lost_s": 35.0}) == 35

@@ -320,6 +320,8 @@ def test_trial_whose_worker_is_killed_resumes_from_its_checkpoint(tiny_overrides
     row = trials.iloc[0]
     assert row.status == "finished" and row.error == "" and row.resumed_from_step == 10 and row.epochs == 3
     assert (row.retries, row.preemptions) == (1, 0)  # a process killed without notice: a failure, as Tune counts it
+    # the work between the step-10 checkpoint and the kill, seen by the driver as lost (and charged in the spend)
+    assert 0 < row.lost_device_s < 60
     (lines,) = _result_lines(out)
     assert [ln["step"] for ln in lines] == [10, 20, 30]  # step 10 reported once: resumed after it, not from 0
     assert lines[0]["pid"] != lines[1]["pid"] == lines[2]["pid"]  # a new worker process after the kill

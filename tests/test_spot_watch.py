@@ -87,7 +87,7 @@ def test_a_drained_spot_node_loses_its_actor_and_task_as_preempted(tmp_path):
         "on_spot": {"preemptions": 1, "retries": 0},
         "on_control": {"preemptions": 0, "retries": 1},
     }
-    assert res["moved"] and res["failed"] == []
+    assert res["moved"] and res["failed"] == [] and res["losses"] == {"on_spot": 1, "on_control": 1}
 
 
 def test_cluster_yaml_starts_the_watcher_on_every_worker():

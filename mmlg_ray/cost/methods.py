@@ -77,7 +77,9 @@ def method_costs(
       counted (False for a sunk ancestor row).
     The arms' totals plus a counted ancestor add up to every stage and trial exactly once.
     trials: trials.parquet rows (arm or method/extraction/pt_budget; modality, depth, width;
-    finetune_flops, finetune_device_s). stages: stages.parquet rows (stage, name, flops, device_s)."""
+    finetune_flops, finetune_device_s). stages: stages.parquet rows (stage, name, flops, device_s).
+    Device-seconds include the work restarts threw away (`lost_device_s` of trials and stages, when
+    present): it was paid for."""
     import pandas as pd
 
     if ancestor not in ANCESTOR_RULES:
@@ -87,8 +89,9 @@ def method_costs(
     t = trials.copy()
     t["_arm"] = list(_arm_of(t)) if len(t) else []
     s = stages.copy()
-    for c in ("flops", "device_s"):
+    for c in ("flops", "device_s", "lost_device_s"):
         s[c] = s[c].astype(float).fillna(0.0) if c in s else 0.0
+    s["device_s"] += s.lost_device_s  # work thrown away by restarts was paid for too
     s["_arm"] = [stage_arm(a, b) for a, b in zip(s["stage"], s["name"])] if len(s) else []
     prec = _precisions(s, precision)
     s["_hours"] = [device_hours(f, device, run_dtype(p, tf32, on_gpu), table) for f, p in zip(s.flops, prec)]
@@ -102,7 +105,9 @@ def method_costs(
         cells = mine[[c for c in ("modality", "depth", "width") if c in mine]].drop_duplicates()
         share = 1 / len(readers) if ancestor == "charge" and a in readers else 0.0
         ff = float(mine["finetune_flops"].astype(float).sum()) if "finetune_flops" in mine else 0.0
-        fd = float(mine["finetune_device_s"].astype(float).sum()) if "finetune_device_s" in mine else 0.0
+        fd = sum(
+            float(mine[c].astype(float).fillna(0.0).sum()) for c in ("finetune_device_s", "lost_device_s") if c in mine
+        )
         r = {
             "method": a,
             "n_trials": len(mine),

@@ -92,16 +92,25 @@ def restart_kind(err: BaseException, drained: set[str]) -> str | None:
 class PretrainingWatch:
     """The pre-training tasks of a run: ready(name) for the searcher (polled at most once a second per
     shape), wait() at the end. `submit(name, restarts)` starts one attempt of a shape's task, passing
-    the restarts counted so far ({"preemptions": n, "retries": n}), and returns its ObjectRef."""
+    the restarts counted so far ({"preemptions": n, "retries": n, "losses": [[submitted at, lost at],
+    ...]}), and returns its ObjectRef."""
 
     def __init__(self, names: list[str], submit, names_of_cells: dict, max_failures: int, poll_s=DRAIN_POLL_S):
         self.submit, self.cells, self.max_failures = submit, names_of_cells, max_failures
         self.drained = DrainedNodes(poll_s).start()
         self.restarts = {n: dict.fromkeys(RESTART_KINDS, 0) for n in names}
-        self.refs = {n: submit(n, dict(self.restarts[n])) for n in names}
+        self.losses: dict[str, list[list[float]]] = {n: [] for n in names}  # [submitted at, lost at] per lost attempt
+        self.submitted: dict[str, float] = {}
+        self.refs = {n: self._submit(n) for n in names}
         self.done: dict = {}
         self.failed: dict = {}
         self.polled: dict[str, float] = {}
+
+    def _submit(self, name: str):
+        """One attempt, told the restarts so far and when each lost attempt was submitted and lost (from
+        which, and its checkpoint, it charges the work they threw away: engine.pretraining)."""
+        self.submitted[name] = time.time()
+        return self.submit(name, {**self.restarts[name], "losses": [list(x) for x in self.losses[name]]})
 
     def _settle(self, name: str) -> bool:
         """Read a finished attempt: True when the shape is done (written, or failed for good), False when
@@ -122,10 +131,11 @@ class PretrainingWatch:
                 self.failed[name] = err
                 return True
             n[kind] += 1
+            self.losses[name].append([self.submitted[name], time.time()])
             why = "its node was preempted" if kind == "preemptions" else "its worker or node was lost"
             spent = "" if kind == "preemptions" else f" ({n['retries']} of ray.max_failures={self.max_failures})"
             log.warning("pretrain %s: %s; started again from its checkpoint%s", name, why, spent)
-            self.refs[name] = self.submit(name, dict(n))
+            self.refs[name] = self._submit(name)
             return False
 
     def ready(self, name: str) -> bool:

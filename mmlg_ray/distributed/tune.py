@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 from mmlg_ray.config import Config
@@ -88,7 +89,7 @@ class PlanSearcher(Searcher):
         )
 
 
-_RESTARTS: dict = {}  # experiment name -> {trial id: {"preemptions": n, "retries": n}} in the driver's process
+_RESTARTS: dict = {}  # experiment name -> {trial id: {"preemptions": n, "retries": n, "lost_device_s": s}} (driver)
 
 
 class RestartCounter(Callback):
@@ -96,35 +97,63 @@ class RestartCounter(Callback):
     `run_metadata.num_failures` (what FailureConfig.max_failures bounds), except a RayActorError whose
     node was drained as preempted (ray/tune/experiment/trial.py, _handle_ray_actor_error; the spot
     watcher drains a spot node on AWS's notice). A recovery that left num_failures where it was at the
-    trial's start (or last result) is a preemption; one that added to it, a retry. Sweep trials keep their counts in
+    trial's start (or last result) is a preemption; one that added to it, a retry.
+
+    And the work each loss threw away, which was paid for: the seconds from the trial's start or last
+    result (each result comes with a checkpoint, where the restart resumes) to the error Tune handled,
+    times the trial's devices (`lost_device_s`; an error for good counts too). Sweep trials keep these in
     the plan's record (saved with the searcher: a resumed run keeps those saved before the driver
     stopped), a follow-up seeds round's only in this driver's _RESTARTS (a resumed round's rows count
     its restarts since the resume). Not counted: restarts inside a multi-worker trial's own Train run;
     and an actor preempted while Tune restored it from a checkpoint, which Tune counts as a failure."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, devices: int = 1, clock=time.time):
+        self.name, self.devices, self.clock = name, devices, clock
         self._at_start: dict[str, int] = {}
+        self._since: dict[str, float] = {}  # trial id -> when it last started or reported
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._at_start[trial.trial_id] = trial.run_metadata.num_failures
+        self._since[trial.trial_id] = self.clock()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):  # its count as of its latest report too
         self._at_start[trial.trial_id] = trial.run_metadata.num_failures
+        self._since[trial.trial_id] = self.clock()
+
+    def _counts(self, trial) -> tuple[dict, dict | None]:
+        counts = _RESTARTS.setdefault(self.name, {}).setdefault(
+            trial.trial_id, {**dict.fromkeys(RESTART_KINDS, 0), "lost_device_s": 0.0}
+        )
+        live = _LIVE.get(self.name)
+        return counts, live.plan.records.get(trial.trial_id) if live is not None else None
+
+    def _lost(self, trial) -> float:
+        """Charge the work since the trial's start or last result; returns its device-seconds."""
+        since = self._since.pop(trial.trial_id, None)
+        lost = max(0.0, self.clock() - since) * self.devices if since is not None else 0.0
+        counts, rec = self._counts(trial)
+        counts["lost_device_s"] += lost
+        if rec is not None:
+            rec["lost_device_s"] = rec.get("lost_device_s", 0.0) + lost
+        return lost
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         now = trial.run_metadata.num_failures
         before = self._at_start.get(trial.trial_id, now - 1 if now else 0)
         kind = "retries" if now > before else "preemptions"
         self._at_start[trial.trial_id] = now
-        counts = _RESTARTS.setdefault(self.name, {}).setdefault(trial.trial_id, dict.fromkeys(RESTART_KINDS, 0))
+        lost = self._lost(trial)
+        counts, rec = self._counts(trial)
         counts[kind] += 1
-        live = _LIVE.get(self.name)
-        rec = live.plan.records.get(trial.trial_id) if live is not None else None
         if rec is not None:
             rec[kind] = rec.get(kind, 0) + 1
         cause = "a preemption" if kind == "preemptions" else "a failure"
-        log.warning("trial %s: restarted after %s (so far: %s)", trial.trial_id, cause, counts)
+        log.warning(
+            "trial %s: restarted after %s, %.0f device-s lost (so far: %s)", trial.trial_id, cause, lost, counts
+        )
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._lost(trial)
 
 
 class PlanScheduler(FIFOScheduler):
@@ -184,7 +213,8 @@ def _tuner(cfg, name, storage, od, trainable, phase, **kw):
             name=name,
             verbose=1,
             progress_reporter=status_reporter(cfg, phase),
-            callbacks=tune_callbacks(cfg, od.target, phase) + [CheckpointPruner(), RestartCounter(name)],
+            callbacks=tune_callbacks(cfg, od.target, phase)
+            + [CheckpointPruner(), RestartCounter(name, max(1, cfg.ray.tune.trial_workers))],
             # num_to_keep=None: Tune deletes no checkpoint and forces no experiment sync per checkpoint
             # (it saves its state on its own period); CheckpointPruner keeps one full checkpoint per
             # trial, and a state older than its trial resumes from the newest (see .checkpoints)
@@ -504,6 +534,7 @@ def _rows(result_grid, plan, name: str = "") -> list[TrialRow]:
         restarts = rec if rec is not None else _RESTARTS.get(name, {}).get(trial_id, {})
         for k in RESTART_KINDS:
             row[k] = int(restarts.get(k, 0))
+        row["lost_device_s"] = float(restarts.get("lost_device_s", 0.0))
         rows.append(TrialRow.of(row, strict=False, trial_id=trial_id, history=hist))
     return rows
 

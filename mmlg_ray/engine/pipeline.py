@@ -506,5 +506,6 @@ def _cost_cols(c: dict) -> dict:
         "resumed_from_step": int(c.get("resumed_from_step", 0) or 0),  # restarted: the checkpoint step it went on from
         "preemptions": int(c.get("preemptions", 0) or 0),  # attempts lost with a preempted node (Ray's pre-training)
         "retries": int(c.get("retries", 0) or 0),  # attempts lost with a worker or node otherwise (ray.max_failures)
+        "lost_device_s": float(c.get("lost_device_s", 0.0) or 0.0),  # the work those attempts threw away
         "precision": str(c.get("precision") or ""),
     }  # the stage's precision ("": not recorded), priced by cost

@@ -78,8 +78,9 @@ def pretrain_and_write(
     descendants.pretrain_checkpoint_every steps) and, run again after its process or node was lost,
     resumes from there; the checkpoint is deleted once the shape is written. `kill_at` (tests): the
     process kills itself, as a reclaimed node ends it, after its first checkpoint at or past that step.
-    `restarts`: the earlier attempts lost to a preemption or a failure ({"preemptions": n, "retries": n},
-    counted by the Ray driver), kept in the cost."""
+    `restarts`: the earlier attempts lost to a preemption or a failure ({"preemptions": n, "retries": n,
+    "losses": [[submitted at, lost at], ...]}, from the Ray driver), kept in the cost with the work they
+    threw away (`lost_device_s`, lost_seconds)."""
     import torch
     from safetensors.torch import save_file
 
@@ -92,12 +93,15 @@ def pretrain_and_write(
             stor.remove(job.checkpoint)
         return done
     started = time.time()
-    ckpt = pretrain_checkpointing(cfg, job.checkpoint, kill_at)
+    losses = (restarts or {}).get("losses") or []
+    lost: dict = {}  # "s": the work earlier attempts threw away, charged when the checkpoint is read
+    ckpt = pretrain_checkpointing(cfg, job.checkpoint, kill_at, losses, lost)
     state, cost = pretrain_descendant(cfg, ancestor, job.method, job.spec, device, budget=job.budget, checkpoint=ckpt)
     if hold_s:  # tests (MMLG_HOLD_PRETRAIN_S, read by the driver): a shape that takes this much longer
         time.sleep(hold_s)
     cost = {**cost, "started_at": started, "ended_at": time.time()}  # wall clock: the job's stage timeline
     cost.update({k: int((restarts or {}).get(k, 0)) for k in ("preemptions", "retries")})
+    cost["lost_device_s"] = lost.get("s", lost_seconds(losses, None))  # one device per task, as device_s
     with stor.writing(job.weights) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
         sha = art.file_sha256(tmp)
@@ -111,10 +115,32 @@ def pretrain_and_write(
     return side
 
 
-def pretrain_checkpointing(cfg: Config, path: str, kill_at: int = 0):
+def lost_seconds(losses: list, snap: dict | None) -> float:
+    """Seconds of work that the lost attempts of a pre-training threw away. losses: [submitted at, lost at]
+    of each lost attempt, in order (wall clock, from the driver); snap: the checkpoint this attempt
+    resumes from, which says which attempt saved it (`attempt`), when (`saved_at`) and the loss it had
+    charged for the attempts before (`lost_s`). The attempt that saved it lost only what came after its
+    save; a later lost attempt (none of its checkpoints written) lost everything since its submission,
+    an upper bound that includes any wait for a node."""
+    m, done, saved = 0, 0.0, None
+    if snap:
+        m, done, saved = int(snap.get("attempt", 0)), float(snap.get("lost_s", 0.0)), snap.get("saved_at")
+    total = done
+    for i, (submitted, lost_at) in enumerate(losses):
+        if i < m:
+            continue  # charged by the attempt that saved the checkpoint
+        since = max(submitted, float(saved)) if (i == m and saved is not None) else submitted
+        total += max(0.0, lost_at - since)
+    return total
+
+
+def pretrain_checkpointing(cfg: Config, path: str, kill_at: int = 0, losses: list | None = None, lost=None):
     """A pre-training's checkpoints in one file of the output store (a path or a URI), replaced whole
     each time (written to a temporary name, then renamed or uploaded). One that does not load (another
-    version's) is set aside with a warning and the shape starts again."""
+    version's) is set aside with a warning and the shape starts again. losses, lost: the earlier
+    attempts' [submitted at, lost at] and a dict whose "s" is set, once the checkpoint is read, to the
+    seconds they threw away (lost_seconds); each checkpoint saved records this attempt, its time and
+    that loss, for a later attempt's count."""
     import io
 
     import torch
@@ -122,7 +148,10 @@ def pretrain_checkpointing(cfg: Config, path: str, kill_at: int = 0):
     from mmlg_ray import storage as stor
     from mmlg_ray.method.pretrain import Checkpointing
 
-    def load():
+    losses = list(losses or [])
+    lost = lost if lost is not None else {}
+
+    def read():
         if not stor.exists(path):
             return None
         raw = stor.read_bytes(path)  # a storage error raises: the task fails and is retried, the file kept
@@ -132,7 +161,13 @@ def pretrain_checkpointing(cfg: Config, path: str, kill_at: int = 0):
             log.warning("pretrain: checkpoint %s does not load (%s); starting from step 0", path, e)
             return None
 
+    def load():
+        snap = read()
+        lost["s"] = lost_seconds(losses, snap)
+        return snap
+
     def save(snap: dict):
+        snap = {**snap, "attempt": len(losses), "saved_at": time.time(), "lost_s": lost.get("s", 0.0)}
         with stor.writing(path) as tmp:
             torch.save(snap, str(tmp))
 

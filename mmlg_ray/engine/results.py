@@ -81,6 +81,7 @@ class TrialRow:
     resumed_from_step: int = 0
     preemptions: int = 0  # restarts after its node was preempted (drained as such): no failure counted
     retries: int = 0  # restarts after a failure (a node lost without notice, a crash): each spends ray.max_failures
+    lost_device_s: float = 0.0  # work thrown away by its restarts and final error (paid for: in the spend)
     started_at: float = _NAN
     ended_at: float = _NAN
     finetune_wall_s: float = 0.0

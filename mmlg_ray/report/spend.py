@@ -32,13 +32,21 @@ def spend_table(trials: pd.DataFrame, stages: pd.DataFrame, cfg: Config, table: 
     """What this sweep spent, per arm and stage (report_texts.yaml: sharing_rule): each stage's FLOPs (the run's count)
     and measured device-seconds, as device-hours and money on report.device at report.pricing;
     beside them the device-hours and money the cost model gives for the same FLOPs (priced_dtype).
-    Fine-tuning sums every trial of the arm (search, seeds and errored: all were paid for)."""
+    Fine-tuning sums every trial of the arm (search, seeds and errored: all were paid for), and the work
+    its restarts threw away (`lost_device_s`: from the last checkpoint to the loss, also paid for); so
+    does pre-training, where stages.parquet records it."""
     t = normalize(trials)
     dev, pricing, dtype = cfg.report.device, cfg.report.pricing, priced_dtype(cfg, table)
-    st = stages.assign(flops=_num(stages, "flops"), device_s=_num(stages, "device_s"), name=stages["name"].astype(str))
+    lost = _num(stages, "lost_device_s")
+    st = stages.assign(
+        flops=_num(stages, "flops"),
+        device_s=_num(stages, "device_s") + lost,
+        lost=lost,
+        name=stages["name"].astype(str),
+    )
     rows = []
 
-    def add(arm, method, stage, runs, flops, device_s):
+    def add(arm, method, stage, runs, flops, device_s, lost_s=0.0):
         h, ph = device_s / 3600, costmod.device_hours(flops, dev, dtype, table)
         rows.append(
             {
@@ -48,6 +56,7 @@ def spend_table(trials: pd.DataFrame, stages: pd.DataFrame, cfg: Config, table: 
                 "runs": int(runs),
                 "flops": float(flops),
                 "device_s": float(device_s),
+                "lost_device_s": float(lost_s),  # of device_s: thrown away by restarts
                 "device_h": h,
                 "money": costmod.money(h, dev, pricing, table),
                 "plan_device_h": ph,
@@ -72,9 +81,11 @@ def spend_table(trials: pd.DataFrame, stages: pd.DataFrame, cfg: Config, table: 
                 own &= pre.name.map(_budget_of) == float(r.pt_budget)
             g = pre[own]
             if len(g):
-                add(r.arm, r.method, "pretrain", len(g), g.flops.sum(), g.device_s.sum())
+                add(r.arm, r.method, "pretrain", len(g), g.flops.sum(), g.device_s.sum(), g.lost.sum())
         g = t[t.arm == r.arm]
-        add(r.arm, r.method, "finetune", len(g), _num(g, "finetune_flops").sum(), _num(g, "finetune_device_s").sum())
+        lost_ft = _num(g, "lost_device_s").sum()
+        ft_s = _num(g, "finetune_device_s").sum() + lost_ft
+        add(r.arm, r.method, "finetune", len(g), _num(g, "finetune_flops").sum(), ft_s, lost_ft)
     return pd.DataFrame(rows)
 
 
