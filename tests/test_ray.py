@@ -58,6 +58,9 @@ def test_bf16_zero3_offload_elastic_extraction_crashes_resumes_and_yields_an_fp3
     out = tmp_path / "lg.safetensors"
     cost = extract_on_ray(cfg, tiny_ancestor, out, storage=str(tmp_path / "ray"), mode="elastic")
     assert cost["resumed_from_step"] == 6
+    # the crash, counted by Ray Train's own cause (a worker group's error: a retry, not a preemption), and
+    # the work both workers did between the step-6 checkpoint and the crash, lost
+    assert (cost["retries"], cost["preemptions"]) == (1, 0) and 0 < cost["lost_device_s"] < 120
     assert cost["steps"] == 12 and cost["devices"] == 2 and cost["zero_stage"] == 3
     assert cost["precision"] == "bf16" and math.isfinite(cost["final_loss"])
     assert cost["extraction_mode"] == "elastic" and cost["elastic_flops"] > 0

@@ -126,6 +126,8 @@ def test_two_node_cluster_extracts_on_both_nodes_sweeps_to_s3_and_resumes_there(
     assert cost["steps"] == 12 and cost["zero_stage"] == 2
     # resumed on both nodes from the checkpoint in S3 (each rank its own ZeRO shard), not started again
     assert cost["resumed_from_step"] == 6
+    ext = stages.set_index("stage").loc["extraction"]  # stages.parquet has Ray Train's count: a crash, a retry
+    assert (ext.retries, ext.preemptions) == (1, 0) and ext.lost_device_s > 0
     assert cost["devices"] == 2 and {t.dtype for t in lg.tensors.values()} == {torch.float32}
 
     # the driver "dies" after the sweep but before its tables: an interrupted experiment in the bucket

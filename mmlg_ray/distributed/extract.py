@@ -21,6 +21,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -306,6 +307,7 @@ def extract_on_ray(
     from mmlg_ray.distributed.data import skipped_count, trainer_datasets
     from mmlg_ray.distributed.logs import train_logging
     from mmlg_ray.distributed.settings import check_storage, ensure_ray, worker_resources
+    from mmlg_ray.distributed.train_restarts import TrainRestarts, read_restarts
 
     rs = cfg.ray
     check_precision(cfg)
@@ -319,6 +321,7 @@ def extract_on_ray(
     name = name or (f"extract-{method}-{fp}" if mode == "fixed" else f"extract-{method}-{mode}-{fp}")
     resources = worker_resources(rs)  # CPUs, a GPU, ray.worker_resources (e.g. on-demand nodes only)
     datasets, data_kw, skips = trainer_datasets(cfg, ancestor)  # a streamed corpus only
+    restarts_key = f"train-restarts-{name}-{uuid.uuid4().hex[:8]}"
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={
@@ -336,6 +339,7 @@ def extract_on_ray(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=rs.max_failures),
             logging_config=train_logging(),
+            callbacks=[TrainRestarts(restarts_key, rs.num_workers)],  # restarts by cause, lost work
         ),
         datasets=datasets,
         **data_kw,
@@ -350,6 +354,9 @@ def extract_on_ray(
             ray.kill(skips)
         raise
     skipped = skipped_count(skips)
+    restarts = read_restarts(restarts_key)
+    if restarts["preemptions"] or restarts["retries"]:
+        log.warning("extraction %s: restarted after %s", method, restarts)
     if result.error:
         raise result.error
     metrics = result.metrics or {}
@@ -378,6 +385,7 @@ def extract_on_ray(
         precision=cfg.precision,
         final_lr=metrics.get("lr"),
         resumed_from_step=int(metrics.get("resumed_from_step", 0)),
+        **restarts,  # Ray Train's restarts by cause, and the device-seconds they threw away
     )
     if step_times:
         cost["step_s"] = list(metrics.get("step_s") or [])
