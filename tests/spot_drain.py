@@ -25,7 +25,7 @@ def main(url: str) -> None:
     from ray.exceptions import RayActorError
 
     from mmlg_ray.distributed import spot_watch as W
-    from mmlg_ray.distributed.pretraining import PretrainingWatch
+    from mmlg_ray.distributed.pretraining import PretrainingWatch, note_attempt
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
@@ -47,6 +47,7 @@ def main(url: str) -> None:
         # a pre-training-like task on each worker: runs until its first node is gone, then returns at once
         @ray.remote(num_cpus=0, max_retries=0)
         def shape(restarts, first_nodes):
+            note_attempt(restarts)  # as the pre-training task does first
             here = ray.get_runtime_context().get_node_id()
             while here in first_nodes:
                 time.sleep(0.2)

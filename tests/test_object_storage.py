@@ -86,10 +86,11 @@ def test_a_pretraining_task_lost_with_its_worker_is_retried_max_failures_times(r
 
     import ray
 
-    from mmlg_ray.distributed.pretraining import PretrainingWatch
+    from mmlg_ray.distributed.pretraining import PretrainingWatch, note_attempt
 
     @ray.remote(num_cpus=0, max_retries=0)
     def shape(name, restarts, log):
+        note_attempt(restarts)
         with open(log, "a") as f:
             f.write(f"{name} {restarts['retries']}\n")
         if name == "crashes" or (name == "crashes once" and restarts["retries"] == 0):
@@ -102,7 +103,8 @@ def test_a_pretraining_task_lost_with_its_worker_is_retried_max_failures_times(r
     names = ["crashes", "crashes once", "raises"]
     watch = PretrainingWatch(names, lambda n, r: shape.remote(n, r, str(log)), {}, max_failures=2)
     done, failed = watch.wait()
-    (last,) = done["crashes once"].pop("losses")  # when its lost attempt was submitted and lost, for the charge
+    (last,) = done["crashes once"].pop("losses")  # when its lost attempt started and was lost, for the charge
+    assert done["crashes once"].pop("attempt_key").startswith("pretrain-attempt-")
     assert done == {"crashes once": {"preemptions": 0, "retries": 1}} and last[0] <= last[1]
     assert {n: type(e).__name__ for n, e in failed} == {
         "crashes": "WorkerCrashedError",
@@ -236,16 +238,18 @@ def test_a_resumed_loop_starts_from_the_checkpoints_weights_optimizer_and_schedu
 
 def test_the_work_lost_attempts_threw_away_is_counted_once_from_their_checkpoint():
     """lost_seconds: the attempt that saved the checkpoint lost what it did after the save; an attempt
-    that saved none lost everything since its submission; losses an earlier checkpoint already charged
+    that saved none lost everything since its start; losses the checkpoint's own attempt had charged
     are not charged again."""
     from mmlg_ray.engine.pretraining import lost_seconds
 
-    losses = [[0.0, 50.0], [60.0, 70.0], [80.0, 95.0]]  # three lost attempts: [submitted at, lost at]
+    losses = [[0.0, 50.0], [60.0, 70.0], [80.0, 95.0]]  # three lost attempts: [started at, lost at]
     assert lost_seconds([], None) == 0.0
     assert lost_seconds(losses, None) == 50 + 10 + 15  # no checkpoint: every attempt lost all it did
-    # attempt 0 saved at 40 (nothing charged before it): it lost 10 s; attempts 1 and 2 all of theirs
-    assert lost_seconds(losses, {"attempt": 0, "saved_at": 40.0, "lost_s": 0.0}) == 10 + 10 + 15
-    # attempt 1 saved at 65 after charging attempt 0's 10 s: 10 + (70 - 65) + 15
-    assert lost_seconds(losses, {"attempt": 1, "saved_at": 65.0, "lost_s": 10.0}) == 10 + 5 + 15
-    # a checkpoint of the attempt now running (nothing lost since): only what it recorded
-    assert lost_seconds(losses, {"attempt": 3, "saved_at": 99.0, "lost_s": 35.0}) == 35
+    # the first attempt saved at 40 (nothing charged before it): it lost 10 s; the next two all of theirs
+    assert lost_seconds(losses, {"saved_at": 40.0, "lost_s": 0.0}) == 10 + 10 + 15
+    # the second saved at 65 after charging the first's 10 s: 10 + (70 - 65) + 15
+    assert lost_seconds(losses, {"saved_at": 65.0, "lost_s": 10.0}) == 10 + 5 + 15
+    # a checkpoint of the attempt now running (every loss before it, charged by it): only what it recorded
+    assert lost_seconds(losses, {"saved_at": 99.0, "lost_s": 35.0}) == 35
+    # a clock a little off never charges a negative time
+    assert lost_seconds([[10.0, 9.0]], None) == 0.0

@@ -62,7 +62,7 @@ def test_an_odd_notice_is_polled_again_and_a_failing_drain_is_retried_with_rays_
     monkeypatch.setattr(W, "time", SimpleNamespace(time=time.time, sleep=lambda s: time.sleep(min(s, 0.05))))
     with caplog.at_level("WARNING", logger="mmlg_ray.spot_watch"):
         notice = W.watch(W.Imds(imds.url), "x:1", node_id="n1", poll_s=0, ray_cli=str(ray), max_polls=5)
-    assert notice is not None and notice.action == "terminate"
+    assert notice is not None and notice.action == "terminate" and notice.drained
     assert len(calls.read_text().splitlines()) == 3  # two refusals, then the drain
     assert "no notice read" in caplog.text and caplog.text.count("GCS unavailable") == 2
     assert "node n1 drained" in caplog.text
@@ -79,6 +79,7 @@ def test_a_drained_spot_node_loses_its_actor_and_task_as_preempted(tmp_path):
     (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     res = json.loads(line[len("RESULT ") :])
     assert res["notice"]["action"] == "terminate" and 0 < res["notice"]["deadline_s"] <= 120
+    assert res["notice"]["drained"] is True  # `ray drain-node` accepted the drain
     assert res["actor_error"] == "ActorDiedError" and res["preempted"] is True
     assert res["control_preempted"] is False  # the same loss without the notice: a plain node death
     # the pre-training watch: the task on the drained node ran again without spending ray.max_failures (1), the

@@ -68,6 +68,8 @@ def main(argv=None) -> int:
         raise UserError(
             "--preempt", f"is {a.preempt!r}", "give drain, kill or both comma-separated (drain,kill), or none"
         )
+    if a.notice_s < 0:
+        raise UserError("--notice-s", "must not be negative", "give the seconds from a notice to the reclaim, e.g. 5")
     if a.idle_timeout_s <= 0:
         raise UserError("--idle-timeout-s", "must be positive", "give seconds, e.g. 20")
     from mmlg_ray.engine import preflight

@@ -353,10 +353,11 @@ def extract_on_ray(
         if skips is not None:  # the corpus's skip counter too (skipped_count ends it on success)
             ray.kill(skips)
         raise
+    finally:
+        restarts = read_restarts(restarts_key)  # read (and the key deleted) however the run ended
+        if restarts["preemptions"] or restarts["retries"]:
+            log.warning("extraction %s: restarted after %s", method, restarts)
     skipped = skipped_count(skips)
-    restarts = read_restarts(restarts_key)
-    if restarts["preemptions"] or restarts["retries"]:
-        log.warning("extraction %s: restarted after %s", method, restarts)
     if result.error:
         raise result.error
     metrics = result.metrics or {}

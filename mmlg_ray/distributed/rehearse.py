@@ -132,6 +132,7 @@ class Rehearsal:
         self.preemptions: list[dict] = []  # each preemption made: mode, node type and id, processes killed
         self._preempting = False  # a drained node waiting for its reclaim
         self._hit: set[str] = set()  # trial actors chosen for a preemption
+        self._drains: list[threading.Thread] = []  # drain-then-reclaim threads, joined before the checks
         self.t0 = time.time()
         self.head: subprocess.Popen | None = None
         self.tmp = Path(tempfile.mkdtemp(prefix="mmlg_rh."))  # short: Ray's socket paths live under it
@@ -286,7 +287,10 @@ class Rehearsal:
                         self.preempt(a.node_id, nt, "kill")
                     else:
                         self._preempting = True
-                        threading.Thread(target=self.drain_then_reclaim, args=(a.node_id, nt), daemon=True).start()
+                        self._drains.append(
+                            threading.Thread(target=self.drain_then_reclaim, args=(a.node_id, nt), daemon=True)
+                        )
+                        self._drains[-1].start()
         evs = [e for e in self.events if e.get("_sampled") is None]
         for e in evs:
             e["_sampled"] = True
@@ -327,7 +331,7 @@ class Rehearsal:
             notice = W.watch(
                 W.Imds(imds.url), f"{self.ip}:{self.port}", node_id=node_id, poll_s=0.2, ray_cli=ray_cli, max_polls=25
             )
-            if notice is None:
+            if notice is None or not notice.drained:  # no notice read, or `ray drain-node` refused: no drain made
                 self.event(f"spot notice for {node_type} …{node_id[-5:]}: not drained (see the log)", node_type)
                 return
             self.event(f"spot notice for {node_type} …{node_id[-5:]}: drained", node_type)
@@ -434,6 +438,8 @@ class Rehearsal:
             return None
 
     def finish(self, status: str, scaled_down: bool, wall: float, errors: list[str]) -> int:
+        for t in self._drains:
+            t.join(self.notice_s + 60)
         types = list(self.plan.types)
         tl = R.timeline_frame(self.samples, types)
         with atomic_path(self.out / "cluster_timeline.parquet") as tmp:

@@ -23,6 +23,7 @@ runs it against the Ray the tests run. The metadata it reads:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import subprocess
@@ -44,6 +45,7 @@ class Notice:
     action: str  # terminate | stop | hibernate
     time: str  # when AWS acts, ISO 8601 UTC
     deadline_s: int  # seconds left, at least 1
+    drained: bool = False  # watch(): the drain command succeeded
 
 
 def parse_notice(body: str, now: float) -> Notice:
@@ -169,6 +171,7 @@ def watch(
                         notice.deadline_s, node_id)  # fmt: skip
             if drain(cmd, notice, clock):
                 log.warning("spot watch: node %s drained", node_id)
+                return dataclasses.replace(notice, drained=True)
             return notice
         time.sleep(poll_s)
     return None

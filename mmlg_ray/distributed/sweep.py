@@ -49,6 +49,9 @@ def _pretrain_task(cfg_json, ancestor_ref, job: PretrainJob, restarts=None, fail
     from mmlg_ray.engine.pipeline import setup_runtime
     from safetensors.torch import load_file
 
+    from mmlg_ray.distributed.pretraining import note_attempt
+
+    note_attempt(restarts)  # where and when this attempt runs, for the driver's count of a loss
     if fail:  # fault injection for tests (MMLG_FAIL_PRETRAIN), like extraction's MMLG_FAIL_AT_STEP
         raise RuntimeError(f"injected failure of pre-training {job.name} (MMLG_FAIL_PRETRAIN)")
     cfg = config_from_dict(cfg_json)

@@ -1,17 +1,20 @@
 """The extraction's restarts by cause, and the work they threw away, as Ray Train itself tells them apart.
 
-Ray Train (v2) restarts a run after a failure decision: against FailureConfig.max_failures for a worker
-group's error, against max_preemption_failures (unbounded) for a PreemptionError, which it raises once a
-node of the run was drained (the spot watcher's `ray drain-node` on the interruption notice) and its ranks
-exited or the drain's deadline passed. `TrainRestarts` is a controller callback that sees each
-RestartingState with the error behind it, and every report (each comes with the run's checkpoint, where a
-restart resumes). It runs in the run's controller actor, so it keeps its counts in the GCS's internal
+Ray Train (v2) restarts a run after a failure decision. It charges max_preemption_failures (unbounded)
+when its own `_is_preemption_failure` says so: a PreemptionError (a node of the run was seen draining,
+e.g. the spot watcher's `ray drain-node` on the interruption notice, and its ranks exited or the drain's
+deadline passed) or a worker group's error with a worker lost as preempted. Anything else spends
+max_failures (a controller's error: controller_failure_limit). `TrainRestarts` is a controller callback
+that sees each RestartingState (or ReschedulingState, a failure while starting the workers) with the
+error behind it, classified by that same function, and every report (each comes with the run's
+checkpoint, where a restart resumes). It runs in the run's controller actor, so it keeps its counts in the GCS's internal
 key-value store, under a key of the driver's choosing, and the driver reads them after the run
 (`read_restarts`): {"preemptions": n, "retries": n, "lost_device_s": s}."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 from ray.train.v2._internal.execution.callback import ControllerCallback, ReportCallback
@@ -28,7 +31,10 @@ class TrainRestarts(ControllerCallback, ReportCallback):
     def _put(self) -> None:
         from ray.experimental.internal_kv import _internal_kv_put
 
-        _internal_kv_put(self.key, json.dumps(self.counts), overwrite=True, namespace=NAMESPACE)
+        try:  # never let a count turn into the controller's own error (Train would treat it as a failure)
+            _internal_kv_put(self.key, json.dumps(self.counts), overwrite=True, namespace=NAMESPACE)
+        except Exception as e:  # noqa: BLE001
+            logging.getLogger("mmlg_ray").warning("extraction: restart count not kept (%s)", e)
 
     def _lose(self) -> None:
         if self._since is not None:
@@ -41,15 +47,16 @@ class TrainRestarts(ControllerCallback, ReportCallback):
     def after_controller_state_update(self, previous_state, current_state):
         from ray.train.v2._internal.execution.controller.state import (
             ErroredState,
+            ReschedulingState,
             RestartingState,
             RunningState,
         )
-        from ray.train.v2.api.exceptions import PreemptionError
+        from ray.train.v2._internal.execution.failure_handling.default import _is_preemption_failure
 
         if isinstance(current_state, RunningState) and not isinstance(previous_state, RunningState):
             self._since = time.time()
-        elif isinstance(current_state, RestartingState):
-            preempted = isinstance(current_state.training_failed_error, PreemptionError)
+        elif isinstance(current_state, (RestartingState, ReschedulingState)):
+            preempted = _is_preemption_failure(current_state.training_failed_error)
             self.counts["preemptions" if preempted else "retries"] += 1
             self._lose()
             self._put()

@@ -107,10 +107,17 @@ class RestartCounter(Callback):
     its restarts since the resume). Not counted: restarts inside a multi-worker trial's own Train run;
     and an actor preempted while Tune restored it from a checkpoint, which Tune counts as a failure."""
 
+    devices, clock = 1, time.time  # also for a counter pickled (tuner.pkl) before they existed
+
     def __init__(self, name: str, devices: int = 1, clock=time.time):
         self.name, self.devices, self.clock = name, devices, clock
         self._at_start: dict[str, int] = {}
         self._since: dict[str, float] = {}  # trial id -> when it last started or reported
+
+    def __setstate__(self, state: dict):  # Tune's restore unpickles the callbacks without __init__
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_at_start", {})
+        self.__dict__.setdefault("_since", {})
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._at_start[trial.trial_id] = trial.run_metadata.num_failures

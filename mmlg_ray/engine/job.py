@@ -359,10 +359,15 @@ def run(cfg: Config, out_dir, executor: Executor, resume: bool = False, storage:
         f"{len(grid)} cells x {cfg.ray.tune.num_samples} search trials + "
         f"{len(cfg.descendants.seeds) - 1} seed re-runs each",
     )
-    rows = executor.run_trials(cfg, plan, ctx, pretraining, fp, storage, od)
+    try:
+        rows = executor.run_trials(cfg, plan, ctx, pretraining, fp, storage, od)
+    except BaseException:
+        getattr(pretraining, "close", lambda: None)()  # no task is waited for: stop watching them
+        raise
     st.done(f"{len(rows)} trials")
     running = plan.running()
     if running:  # interrupted (Ctrl-C, a stopped job): nothing is recorded, and no task is waited for
+        getattr(pretraining, "close", lambda: None)()
         raise JobFailed(
             f"the sweep was interrupted with {len(running)} trials unfinished; rerun with --resume to " "continue it"
         )

@@ -79,7 +79,7 @@ def pretrain_and_write(
     resumes from there; the checkpoint is deleted once the shape is written. `kill_at` (tests): the
     process kills itself, as a reclaimed node ends it, after its first checkpoint at or past that step.
     `restarts`: the earlier attempts lost to a preemption or a failure ({"preemptions": n, "retries": n,
-    "losses": [[submitted at, lost at], ...]}, from the Ray driver), kept in the cost with the work they
+    "losses": [[started at, lost at], ...]}, from the Ray driver), kept in the cost with the work they
     threw away (`lost_device_s`, lost_seconds)."""
     import torch
     from safetensors.torch import save_file
@@ -116,20 +116,19 @@ def pretrain_and_write(
 
 
 def lost_seconds(losses: list, snap: dict | None) -> float:
-    """Seconds of work that the lost attempts of a pre-training threw away. losses: [submitted at, lost at]
-    of each lost attempt, in order (wall clock, from the driver); snap: the checkpoint this attempt
-    resumes from, which says which attempt saved it (`attempt`), when (`saved_at`) and the loss it had
-    charged for the attempts before (`lost_s`). The attempt that saved it lost only what came after its
-    save; a later lost attempt (none of its checkpoints written) lost everything since its submission,
-    an upper bound that includes any wait for a node."""
-    m, done, saved = 0, 0.0, None
-    if snap:
-        m, done, saved = int(snap.get("attempt", 0)), float(snap.get("lost_s", 0.0)), snap.get("saved_at")
+    """Seconds of work that the lost attempts of a pre-training threw away. losses: [started at, lost at]
+    of each lost attempt this driver saw (wall clock); snap: the checkpoint this attempt resumes from,
+    which records when it was saved (`saved_at`) and the loss charged by the attempt that saved it
+    (`lost_s`, every loss before that attempt). A loss before the save was charged there; the attempt
+    that saved it (started before the save, lost after) lost what it did after the save; a later one
+    lost everything since its start. A driver's later run sees only its own losses: the ones before the
+    checkpoint are in it, the ones after, of an earlier driver, are not counted."""
+    done, saved = (float(snap.get("lost_s", 0.0)), snap.get("saved_at")) if snap else (0.0, None)
     total = done
-    for i, (submitted, lost_at) in enumerate(losses):
-        if i < m:
+    for started, lost_at in losses:
+        if saved is not None and lost_at <= saved:
             continue  # charged by the attempt that saved the checkpoint
-        since = max(submitted, float(saved)) if (i == m and saved is not None) else submitted
+        since = max(started, float(saved)) if saved is not None else started
         total += max(0.0, lost_at - since)
     return total
 
@@ -138,9 +137,9 @@ def pretrain_checkpointing(cfg: Config, path: str, kill_at: int = 0, losses: lis
     """A pre-training's checkpoints in one file of the output store (a path or a URI), replaced whole
     each time (written to a temporary name, then renamed or uploaded). One that does not load (another
     version's) is set aside with a warning and the shape starts again. losses, lost: the earlier
-    attempts' [submitted at, lost at] and a dict whose "s" is set, once the checkpoint is read, to the
-    seconds they threw away (lost_seconds); each checkpoint saved records this attempt, its time and
-    that loss, for a later attempt's count."""
+    attempts' [started at, lost at] and a dict whose "s" is set, once the checkpoint is read, to the
+    seconds they threw away (lost_seconds); each checkpoint saved records its time and that loss, for
+    a later attempt's count."""
     import io
 
     import torch
@@ -167,7 +166,7 @@ def pretrain_checkpointing(cfg: Config, path: str, kill_at: int = 0, losses: lis
         return snap
 
     def save(snap: dict):
-        snap = {**snap, "attempt": len(losses), "saved_at": time.time(), "lost_s": lost.get("s", 0.0)}
+        snap = {**snap, "saved_at": time.time(), "lost_s": lost.get("s", 0.0)}
         with stor.writing(path) as tmp:
             torch.save(snap, str(tmp))
 

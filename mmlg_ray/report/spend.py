@@ -73,7 +73,7 @@ def spend_table(trials: pd.DataFrame, stages: pd.DataFrame, cfg: Config, table: 
         if r.method in LEARNGENE_METHODS:
             g = st[(st.stage == "extraction") & (st.name == _extraction_name(r.method, r.extraction))]
             if len(g):
-                add(r.arm, r.method, "extraction", len(g), g.flops.sum(), g.device_s.sum())
+                add(r.arm, r.method, "extraction", len(g), g.flops.sum(), g.device_s.sum(), g.lost.sum())
         elif r.method in ("pt_ft", "csm"):
             pre = st[st.stage == "pretrain"]
             own = pre.name.str.split("/").str[0].str.split("@").str[0] == r.method
