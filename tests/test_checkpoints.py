@@ -154,3 +154,25 @@ def test_restarts_are_counted_by_cause_as_tune_counts_failures(ray_address, tmp_
     finally:
         T._LIVE.pop("restarts-test", None)
         T._RESTARTS.pop("restarts-test", None)
+
+
+def test_a_restart_counter_pickled_by_an_earlier_version_still_counts():
+    """Tune's restore unpickles the run's callbacks from tuner.pkl without __init__: a RestartCounter saved
+    before it had devices, clock and _since keeps working (as the OLD_HOMES shims keep old runs restorable)."""
+    import pickle
+    from types import SimpleNamespace
+
+    from mmlg_ray.distributed import tune as T
+
+    old = T.RestartCounter.__new__(T.RestartCounter)
+    old.__dict__.update({"name": "old-run", "_at_start": {}})  # all an earlier version's instance held
+    counter = pickle.loads(pickle.dumps(old))
+    trial = SimpleNamespace(trial_id="t1", run_metadata=SimpleNamespace(num_failures=0))
+    try:
+        counter.on_trial_start(0, [trial], trial)
+        trial.run_metadata.num_failures = 1
+        counter.on_trial_recover(0, [trial], trial)
+        counts = T._RESTARTS["old-run"]["t1"]
+        assert counts["retries"] == 1 and counts["preemptions"] == 0 and counts["lost_device_s"] >= 0
+    finally:
+        T._RESTARTS.pop("old-run", None)
