@@ -69,9 +69,13 @@ def read_restarts(key: str) -> dict:
     """The counts a run's TrainRestarts kept (zeros when it restarted never), and the key deleted."""
     from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get
 
-    raw = _internal_kv_get(key, namespace=NAMESPACE)
-    _internal_kv_del(key, namespace=NAMESPACE)
-    counts = json.loads(raw) if raw else {}
+    try:
+        raw = _internal_kv_get(key, namespace=NAMESPACE)
+        _internal_kv_del(key, namespace=NAMESPACE)
+        counts = json.loads(raw) if raw else {}
+    except Exception as e:  # noqa: BLE001 (a GCS hiccup must not hide how the run itself ended)
+        logging.getLogger("mmlg_ray").warning("extraction: restart count not read (%s)", e)
+        counts = {}
     return {
         "preemptions": int(counts.get("preemptions", 0)),
         "retries": int(counts.get("retries", 0)),
