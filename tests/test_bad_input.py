@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from jobs import descend as descend_job
 from jobs import extract as extract_job
+from jobs import rehearse as rehearse_job
 from jobs import report as report_job
 from jobs import sweep as sweep_job
 from mmlg_ray.engine import preflight
@@ -88,6 +89,14 @@ def finished_sweep(d, trials=True, report_file=False, bad_parquet=False):
 # (id, job, argv builder t -> list (t: the test's folder, files made there), the field the line must name)
 S = "--set"
 CASES = [
+    # the rehearsal's preemptions
+    (
+        "rehearse-preempt-mode",
+        "rehearse",
+        lambda t: ["--output", str(t / "r"), "--preempt", "drain,reboot"],
+        "--preempt",
+    ),
+    ("rehearse-negative-notice", "rehearse", lambda t: ["--output", str(t / "r"), "--notice-s", "-1"], "--notice-s"),
     # the cases
     ("negative-width", "sweep", lambda t: [S, "descendants.grid.width=[-64]"], "descendants.grid.width"),
     ("empty-seed-list", "sweep", lambda t: [S, "descendants.seeds=[]"], "descendants.seeds"),
@@ -395,7 +404,13 @@ CASES = [
     ("report-trials-not-parquet", "report", lambda t: [str(finished_sweep(t / "run", bad_parquet=True))], "OUTPUT"),
     ("report-folder-is-a-file", "report", lambda t: [str(finished_sweep(t / "run", report_file=True))], "OUTPUT"),
 ]
-JOBS = {"sweep": sweep_job, "extract": extract_job, "descend": descend_job, "report": report_job}
+JOBS = {
+    "sweep": sweep_job,
+    "extract": extract_job,
+    "descend": descend_job,
+    "report": report_job,
+    "rehearse": rehearse_job,
+}
 
 
 def _snapshot(root):

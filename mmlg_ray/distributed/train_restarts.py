@@ -19,7 +19,7 @@ import time
 
 from ray.train.v2._internal.execution.callback import ControllerCallback, ReportCallback
 
-NAMESPACE = "mmlg_ray"
+from mmlg_ray.distributed.pretraining import NAMESPACE  # the key-value store namespace the pre-training uses
 
 
 class TrainRestarts(ControllerCallback, ReportCallback):
